@@ -1,0 +1,111 @@
+"""Atomic reads and writes of the things a run directory holds.
+
+Everything is written to a temporary sibling and renamed into place, so a crash or kill leaves either the
+old state or the new one, never half a file. A stage folder is finished exactly when its `manifest.json`
+says `done: true`; the manifest is the last thing a stage writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+MANIFEST = "manifest.json"
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def append_jsonl(path: str | Path, obj: Any) -> None:
+    """Append one line; a line is written with one `write` so readers never see half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_rows(rows: list[dict], path: str | Path) -> None:
+    """Save rows as a Hugging Face dataset folder, atomically."""
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({})
+    save_dataset(dataset, path)
+
+
+def save_dataset(dataset, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    dataset.save_to_disk(str(tmp))
+    replace_dir(tmp, path)
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(path))
+    return dataset.to_list()
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move folder `tmp` to `path`, replacing whatever is there."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def checksum_dir(path: str | Path) -> str:
+    """sha256 over the relative names and bytes of every file under `path`, in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_files(paths: Iterable[str | Path]) -> dict[str, str]:
+    out = {}
+    for p in paths:
+        p = Path(p)
+        out[p.name] = checksum_dir(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def is_done(stage_dir: str | Path) -> bool:
+    manifest = Path(stage_dir) / MANIFEST
+    return manifest.exists() and read_json(manifest).get("done", False)

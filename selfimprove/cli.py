@@ -1,0 +1,121 @@
+"""Command line: `selfimprove run | eval | report | prepare | list`.
+
+    selfimprove run pipelines/star_arithmetic.yaml [key.sub=value ...]
+    selfimprove eval --model smollm2-135m-instruct --task gsm8k --num-problems 200
+    selfimprove report runs/star_arithmetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="selfimprove", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a pipeline", description=(
+        "Run a pipeline YAML for its rounds. Re-running the same command resumes: finished stages are skipped and "
+        "an interrupted generation continues from its last saved chunk."))
+    run.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/star_arithmetic.yaml")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. rounds=2 stages.generate.sampling.n=8")
+    run.add_argument("--run-dir", help="run directory (default: <runs_dir>/<name>)")
+    run.add_argument("--check", action="store_true", help="only load and check the config, then exit")
+
+    ev = sub.add_parser("eval", help="evaluate a model (and optionally an adapter) on a task", description=(
+        "Greedy or sampled evaluation with accuracy (strict and flexible), pass@k and maj@k, 95%% bootstrap "
+        "intervals; every generation is saved beside the metrics. Runs the pipeline's own evaluate stage."))
+    ev.add_argument("--model", default="smollm2-135m-instruct", help="registered model name or model folder")
+    ev.add_argument("--adapter", help="PEFT adapter folder trained on --model")
+    ev.add_argument("--task", default="gsm8k", help="task name (gsm8k, arithmetic, ...)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--num-problems", type=int, help="the first N problems of the split (default: all)")
+    ev.add_argument("--k", type=int, default=1, help="samples per problem (k > 1 reports pass@k and maj@k)")
+    ev.add_argument("--temperature", type=float, help="default 0 for k=1, 0.7 for k>1")
+    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--engine", default="vllm", help="vllm or hf")
+    ev.add_argument("--run-dir", help="where generations and metrics go (default runs/eval-<model>-<task>)")
+    ev.add_argument("overrides", nargs="*", help="extra key=value overrides, e.g. task.prompt_format=fewshot")
+
+    rep = sub.add_parser("report", help="print the per-round table of a run")
+    rep.add_argument("run_dir")
+
+    prep = sub.add_parser("prepare", help="prepare a registered model folder (GGUF → safetensors, once)")
+    prep.add_argument("model")
+
+    sub.add_parser("list", help="list registered models, tasks, critics, stages, engines and trainers")
+
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args) -> int:
+    from .pipeline import Runner, load_pipeline
+
+    pipeline = load_pipeline(args.pipeline, args.overrides)
+    if args.check:
+        print(f"{args.pipeline}: ok ({len(pipeline.stages)} stages x {pipeline.config.rounds} rounds)")
+        return 0
+    Runner(pipeline, args.run_dir).run()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .pipeline import Runner, load_pipeline
+
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 0.7)
+    model_tag = Path(args.model).name
+    data = {
+        "name": f"eval-{model_tag}-{args.task}" + (f"-{Path(args.adapter).parent.name}" if args.adapter else ""),
+        "model": args.model, "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
+        "rounds": 0, "evaluate_base": True,
+        "engine": {"name": args.engine}, "task": {"name": args.task},
+        "stages": {"evaluate": {
+            "problems": {"split": args.split, "num_problems": args.num_problems, "shuffle": False},
+            "sampling": {"n": args.k, "temperature": temperature, "max_tokens": args.max_tokens},
+            "weights": "policy",
+        }},
+    }
+    pipeline = load_pipeline(None, args.overrides, data=data)
+    Runner(pipeline, args.run_dir).run()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import render
+
+    print(render(args.run_dir))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .models import prepare_model
+
+    print(prepare_model(args.model))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from . import pipeline  # noqa: F401  (registers everything)
+    from .models import model_names
+    from .registry import CRITICS, ENGINES, STAGES, TASKS, TRAINERS
+
+    print("models:  ", ", ".join(model_names()))
+    for registry in (TASKS, CRITICS, STAGES, ENGINES, TRAINERS):
+        print(f"{registry.kind + 's:':9}", ", ".join(registry.names()))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "prepare": cmd_prepare, "list": cmd_list}
+
+if __name__ == "__main__":
+    sys.exit(main())

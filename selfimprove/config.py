@@ -1,0 +1,200 @@
+"""YAML files mapped onto typed dataclasses.
+
+Every config object in selfimprove is a dataclass whose field defaults are the only defaults. This module
+turns a YAML mapping into such an object strictly: an unknown key, a wrong type or a missing required field
+is a `ConfigError` that names the file, the dotted key and what would be accepted, raised before any model
+is loaded.
+
+Two conveniences on top of plain YAML:
+- `include: other.yaml` (or a list of files) in any mapping, resolved relative to the including file; the
+  mapping's own keys are deep-merged over the included ones (mappings merge, everything else replaces, and
+  keys keep the included file's order). At the top level it makes variants of a pipeline; inside `engine:` or
+  a stage's `trainer:` it pulls in a shared component file from `configs/`.
+- command-line overrides `key.sub=value`, whose value is parsed as YAML (`n=8`, `stages.train.lr=1e-4`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names file, key and fix."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, resolving `include:` keys (at any depth) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return _resolve_includes(data, path)
+
+
+def _resolve_includes(node: Any, path: Path) -> Any:
+    """Replace every mapping's `include:` (a file or list of files, relative to `path`) by the included
+    mappings, with the mapping's own keys merged over them."""
+    if isinstance(node, list):
+        return [_resolve_includes(v, path) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    includes = node.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = deep_merge(merged, load_yaml(path.parent / inc))
+    return deep_merge(merged, {k: _resolve_includes(v, path) for k, v in node.items()})
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base`; keys keep `base`'s order, new keys come after (stage order is key order)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
+    """Apply `a.b.c=value` strings to a nested mapping (copying, not mutating)."""
+    data = deep_merge({}, data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} is not of the form key.sub=value")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        keys = dotted.split(".")
+        node = data
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: override {dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
+            node[key] = child = dict(child)
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def build(cls: type, data: Any, where: str, key: str = "") -> Any:
+    """Build dataclass `cls` from `data`, checking every key and type.
+
+    `where` is the file (or other source) reported in errors; `key` the dotted path to `data` within it.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {key or '<top>'}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: {_join(key, unknown[0])}: unknown key; valid keys of {cls.__name__}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = convert(hints[name], data[name], where, _join(key, name))
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: {_join(key, name)}: required key is missing ({cls.__name__})")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {key or '<top>'}: {err}") from err
+
+
+def convert(tp: Any, value: Any, where: str, key: str) -> Any:
+    """Check `value` against type annotation `tp`, converting where YAML is looser than Python (int → float)."""
+    origin = typing.get_origin(tp) or (tp if tp in (list, dict, tuple) else None)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(arg, value, where, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"{where}: {key}: {value!r} does not match {_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            if origin is list and typing.get_args(tp) and typing.get_args(tp)[0] is str and isinstance(value, str):
+                return [value]  # `stop: "\n\n"` reads as a one-item list
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        items = [convert(arg, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp) or (str, Any)
+        return {str(k): convert(vt, v, where, _join(key, str(k))) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return build(tp, value, where, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: {key}: unsupported field type {tp!r}")
+
+
+def to_dict(obj: Any) -> Any:
+    """The plain-data form of a config object (what `config.yaml` in a run directory holds)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,0 +1,25 @@
+"""The answer check: the task's own grader against the gold answer (GSM8K, arithmetic, any task with answers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..registry import CRITICS
+from .base import Critic, Verdict
+
+
+@CRITICS.register("answer")
+class AnswerCritic(Critic):
+    @dataclass
+    class Config:
+        mode: Literal["strict", "flexible"] = "strict"  # strict: the task's answer format is required
+
+    def judge(self, samples: list[dict]) -> list[Verdict]:
+        verdicts = []
+        for sample in samples:
+            grade = self.context.task.grade(sample, sample["completion"])
+            ok = grade.strict if self.config.mode == "strict" else grade.flexible
+            got = grade.strict_answer if self.config.mode == "strict" else grade.flexible_answer
+            verdicts.append(Verdict(score=float(ok), label=ok, rationale=f"extracted {got!r}, gold {sample['answer']!r}"))
+        return verdicts

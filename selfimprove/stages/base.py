@@ -1,0 +1,58 @@
+"""The stage interface. A stage reads artifacts of earlier stages, writes one artifact, and nothing else.
+
+A stage class has a `Config` dataclass (its YAML parameters) and one entry method, `run()`. It finds its
+inputs and writes its output through a `StageContext`, which the pipeline runner provides: the runner is the
+only code that knows about rounds, resume and the run directory layout.
+
+Conventions for what a stage writes into `ctx.out_dir`:
+- `data/`: its dataset (Hugging Face `datasets` folder), when it produces rows;
+- `adapter/` + `weights.json`: when it produces weights (`produces_weights = True`);
+- anything else it needs for resuming (e.g. generation shards), written atomically.
+`run()` returns a flat dict of metrics/counts, which the runner stores in the manifest and `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..engines.base import Weights
+
+
+class StageContext(Protocol):
+    round: int
+    stage: str
+    out_dir: Path
+    task: Any
+    base_model: str
+
+    def seed(self, *parts: Any) -> int:
+        """A seed derived from (run seed, round, stage, *parts)."""
+
+    def engine(self) -> Any:
+        """The run's generation engine (built once per run, on first use)."""
+
+    def weights(self, which: str) -> Weights:
+        """`policy`: the weights this round starts from (previous round's trained weights, or the base);
+        `latest`: the newest weights in the run so far (this round's, if a stage produced some already);
+        `base`: the base model; or the name of a weights-producing stage of this round."""
+
+    def input_dir(self, stage: str) -> Path:
+        """The folder of a finished stage of this round."""
+
+
+class Stage:
+    produces_weights = False
+    Config: type
+
+    def __init__(self, config, ctx: StageContext):
+        self.config = config
+        self.ctx = ctx
+
+    def run(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def references(cls, config) -> list[str]:
+        """Names of the stages (of the same round) whose outputs this stage reads; checked at config load."""
+        return []

@@ -1,0 +1,83 @@
+"""Selection: turn judged samples into an SFT training set.
+
+`filter` keeps the samples a critic labelled correct (STaR's and ReST-EM's filter). Each source is a pair of
+a generate stage and the critique stage that judged it; a source generated with a hint (STaR's
+rationalization) is stored *without* the hint: its training prompt is the task's ordinary prompt, so the
+model learns to produce the rationale from the question alone, as STaR prescribes.
+
+Output rows: `prompt` (chat messages), `completion` (one assistant message), `problem_id`, `sample_ids`
+(lineage), `source` (the generate stage) and `rationalized`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ..artifacts import load_rows, save_rows
+from ..registry import STAGES
+from .base import Stage
+from .common import join_verdicts
+
+
+@dataclass
+class Source:
+    samples: str
+    verdicts: str
+
+
+@STAGES.register("filter")
+class Filter(Stage):
+    @dataclass
+    class Config:
+        sources: list[Source] = field(default_factory=lambda: [Source("generate", "critique")])
+        critic: str | None = None  # the critic id whose label decides; None = the only critic present
+        max_per_problem: int | None = None  # cap on kept samples per problem (None = keep all)
+        dedupe: bool = True  # drop a completion identical to one already kept for the same problem
+
+        def __post_init__(self):
+            if not self.sources:
+                raise ValueError("sources must name at least one {samples, verdicts} pair")
+
+    @classmethod
+    def references(cls, config) -> list[str]:
+        return [name for s in config.sources for name in (s.samples, s.verdicts)]
+
+    def run(self) -> dict:
+        ctx, c = self.ctx, self.config
+        kept: dict[str, list[dict]] = defaultdict(list)
+        texts: dict[str, set[str]] = defaultdict(set)
+        counts: dict[str, int] = defaultdict(int)
+        for source in c.sources:
+            samples = load_rows(ctx.input_dir(source.samples) / "data")
+            verdicts = load_rows(ctx.input_dir(source.verdicts) / "data")
+            for sample in join_verdicts(samples, verdicts):
+                verdict = _pick(sample["verdicts"], c.critic, source.verdicts)
+                if not (verdict and verdict["label"]):
+                    continue
+                pid = sample["problem_id"]
+                if c.dedupe and sample["completion"].strip() in texts[pid]:
+                    counts["duplicates"] += 1
+                    continue
+                if c.max_per_problem is not None and len(kept[pid]) >= c.max_per_problem:
+                    continue
+                texts[pid].add(sample["completion"].strip())
+                kept[pid].append({
+                    "prompt": ctx.task.prompt(sample, hint=False),  # rationalizations lose their hint here
+                    "completion": [{"role": "assistant", "content": sample["completion"]}],
+                    "problem_id": pid, "sample_ids": [sample["sample_id"]], "source": source.samples,
+                    "rationalized": bool(sample.get("hint", False)),
+                })
+                counts[f"kept/{source.samples}"] += 1
+        rows = [row for pid in sorted(kept) for row in kept[pid]]
+        save_rows(rows, ctx.out_dir / "data")
+        return {"examples": len(rows), "problems": len(kept),
+                "rationalized": sum(r["rationalized"] for r in rows), **counts}
+
+
+def _pick(verdicts: dict, critic: str | None, stage: str) -> dict | None:
+    if critic is not None:
+        return verdicts.get(critic)
+    if len(verdicts) > 1:
+        raise ValueError(f"critique stage {stage!r} ran {sorted(verdicts)}: set `critic:` to say which one decides")
+    return next(iter(verdicts.values()), None)

@@ -1,0 +1,155 @@
+"""n-digit addition with a scratchpad rationale: the testbed on which a small model can visibly improve.
+
+In the spirit of STaR's own arithmetic experiment (Zelikman et al., 2022, §4.1: n-digit sums with a
+scratchpad, difficulty by digit count). Problems are generated from a seed; the test set is drawn first and
+the train set excludes every test pair, so the two are disjoint. Both operands of an n-digit problem have
+exactly n digits (1-digit problems use 0-9).
+
+The rationale is a column-by-column scratchpad in plain words, which a 135M chat model can follow from
+three worked examples:
+
+    7 + 5 = 12, write 2, carry 1.
+    4 + 8 + 1 = 13, write 3, carry 1.
+    The carry 1 is the leading digit.
+    The answer is 132.
+
+Deviation from the paper: STaR's scratchpad is a compact symbolic trace for a model fine-tuned on it; ours is
+worded for an instruct model prompted few-shot.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+from ..engines.base import Prompt
+from ..registry import TASKS
+from .base import Grade, Task
+from .numeric import extract_flexible, extract_strict, same_number
+
+INSTRUCTION = (
+    "Add the two numbers digit by digit, from right to left, keeping track of the carry. "
+    'End with "The answer is <number>."'
+)
+HINT = "(The correct answer is {answer}. Show the digit-by-digit steps that reach it.)"
+
+
+def scratchpad(a: int, b: int) -> str:
+    """The gold rationale for a + b."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    lines, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+        total = x + y + carry
+        terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
+        carry_text = f", carry {total // 10}" if total >= 10 else ""
+        lines.append(f"{terms} = {total}, write {total % 10}{carry_text}.")
+        carry = total // 10
+    if carry:
+        lines.append(f"The carry {carry} is the leading digit.")
+    lines.append(f"The answer is {a + b}.")
+    return "\n".join(lines)
+
+
+@TASKS.register("arithmetic")
+class Arithmetic(Task):
+    @dataclass
+    class Config:
+        digits: list[int] = field(default_factory=lambda: [1, 2, 3])  # difficulty mix, equal shares
+        num_train: int = 6000
+        num_test: int = 150  # 50 per digit count by default: there are only 100 one-digit sums
+        seed: int = 1234  # problem generation; independent of the run seed
+        prompt_format: Literal["fewshot", "chat"] = "fewshot"
+        num_shots: int = 3
+
+        def __post_init__(self):
+            if not self.digits or any(d < 1 or d > 12 for d in self.digits):
+                raise ValueError(f"digits must be a non-empty list of integers in 1..12, got {self.digits}")
+            if len(set(self.digits)) != len(self.digits):
+                raise ValueError(f"digits must not repeat, got {self.digits}")
+
+    splits = ("train", "test", "shots")
+
+    def problems(self, split: str) -> list[dict]:
+        self.check_split(split)
+        c = self.config
+        return [dict(p) for p in _generate(tuple(c.digits), c.num_train, c.num_test, c.num_shots, c.seed)[split]]
+
+    def prompt(self, problem: dict, hint: bool = False) -> Prompt:
+        user = f"{INSTRUCTION}\n\nWhat is {problem['question']}?"
+        if hint:
+            user += "\n\n" + HINT.format(answer=problem["answer"])
+        messages = []
+        if self.config.prompt_format == "fewshot":
+            for shot in self.problems("shots"):
+                messages.append({"role": "user", "content": f"{INSTRUCTION}\n\nWhat is {shot['question']}?"})
+                messages.append({"role": "assistant", "content": shot["solution"]})
+        messages.append({"role": "user", "content": user})
+        return messages
+
+    def grade(self, problem: dict, completion: str) -> Grade:
+        strict, flexible = extract_strict(completion), extract_flexible(completion)
+        gold = problem["answer"]
+        return Grade(same_number(strict, gold), same_number(flexible, gold), strict, flexible)
+
+    def reference_solution(self, problem: dict) -> str | None:
+        return problem["solution"]
+
+
+def _capacity(digits: int) -> int:
+    return 100 if digits == 1 else (9 * 10 ** (digits - 1)) ** 2
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    return rng.randrange(10) if digits == 1 else rng.randrange(10 ** (digits - 1), 10 ** digits)
+
+
+def _shares(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+@lru_cache(maxsize=8)
+def _generate(digits: tuple[int, ...], num_train: int, num_test: int, num_shots: int, seed: int) -> dict:
+    """Per digit count: test first, then few-shot exemplars, then train, each excluding all drawn before.
+
+    Small digit counts have few distinct problems (100 one-digit sums): their train share is capped by what is
+    left after the test set, so the mix shifts toward longer problems rather than repeating or leaking.
+    """
+    rng = random.Random(seed)
+    per_digit: dict[int, dict[str, list[tuple[int, int]]]] = {}
+    wanted = {"test": _shares(num_test, len(digits)), "shots": _shares(num_shots, len(digits)),
+              "train": _shares(num_train, len(digits))}
+    for k, d in enumerate(digits):
+        seen: set[tuple[int, int]] = set()
+        per_digit[d] = {}
+        for split in ("test", "shots", "train"):
+            count = min(wanted[split][k], _capacity(d) - len(seen))
+            if split != "train" and count < wanted[split][k]:
+                raise ValueError(f"{d}-digit addition has only {_capacity(d)} distinct problems; "
+                                 f"lower num_test/num_shots")
+            pairs = []
+            if _capacity(d) <= 10_000:  # small pools: shuffle the whole pool, draw without rejection
+                pool = [p for p in ((a, b) for a in range(10 ** (d - 1) if d > 1 else 0, 10 ** d)
+                                    for b in range(10 ** (d - 1) if d > 1 else 0, 10 ** d)) if p not in seen]
+                rng.shuffle(pool)
+                pairs = pool[:count]
+            else:
+                while len(pairs) < count:
+                    pair = (_operand(rng, d), _operand(rng, d))
+                    if pair not in seen and pair not in pairs:
+                        pairs.append(pair)
+            seen.update(pairs)
+            per_digit[d][split] = pairs
+    out = {}
+    for split in ("test", "shots", "train"):
+        # Interleave digit counts so any prefix of a split has the same difficulty mix.
+        columns = [[(d, a, b) for a, b in per_digit[d][split]] for d in digits]
+        ordered = [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
+        out[split] = tuple(
+            {"problem_id": f"add-{split}-{i:05d}", "question": f"{a} + {b}", "answer": str(a + b),
+             "digits": d, "solution": scratchpad(a, b)}
+            for i, (d, a, b) in enumerate(ordered)
+        )
+    return out

@@ -1,0 +1,67 @@
+"""The task interface. A task owns its data, its prompts, its answer extraction and its grading.
+
+Nothing outside a task parses answers: critics and evaluation call `grade`.
+
+Problem rows (plain dicts, stored as dataset rows) always carry:
+- `problem_id`: stable across runs (derived from the source, never from a position in a shuffled list);
+- `question`: the problem text;
+- `answer`: the gold final answer as a string (`""` when the task has no gold answers);
+plus the task's own columns (digits, subject, level, reference solution, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engines.base import Prompt
+
+
+@dataclass
+class Grade:
+    """A completion judged against the gold answer.
+
+    `strict` requires the task's answer format ("The answer is N."); `flexible` accepts the last answer-like
+    span anywhere (lm-evaluation-harness reports both for GSM8K). `correct` is the one a method acts on.
+    """
+
+    strict: bool
+    flexible: bool
+    strict_answer: str | None
+    flexible_answer: str | None
+
+    @property
+    def correct(self) -> bool:
+        return self.strict
+
+    @property
+    def answer(self) -> str | None:
+        """The answer a completion commits to (for majority votes): the strict one, else the flexible one."""
+        return self.strict_answer if self.strict_answer is not None else self.flexible_answer
+
+
+class Task:
+    """Base class: subclasses set `Config` (a dataclass) and implement the methods below."""
+
+    splits: tuple[str, ...] = ("train", "test")
+
+    def __init__(self, config):
+        self.config = config
+
+    def problems(self, split: str) -> list[dict]:
+        """All problems of `split`, in a fixed order."""
+        raise NotImplementedError
+
+    def prompt(self, problem: dict, hint: bool = False) -> Prompt:
+        """The prompt for `problem`. With `hint`, the gold answer is shown (STaR's rationalization)."""
+        raise NotImplementedError
+
+    def grade(self, problem: dict, completion: str) -> Grade:
+        raise NotImplementedError
+
+    def reference_solution(self, problem: dict) -> str | None:
+        """A gold worked solution in the format the prompt asks for, when the task has one (SFT/SPIN data)."""
+        return None
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"task {type(self).__name__} has splits {', '.join(self.splits)}, not {split!r}")

@@ -1,0 +1,89 @@
+"""GSM8K (Cobbe et al., 2021): grade-school math word problems with integer answers.
+
+Data: `seeds/gsm8k/{train,test}.jsonl` (copied unchanged from openai/grade-school-math, MIT) or, for users with
+a network, any hub dataset with the same `question`/`answer` columns (`source: openai/gsm8k`).
+Gold answers follow `#### ` in the solution. Prompts ask for "The answer is <number>." (with
+"The answer is N." small models echo the letter N, PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from ..engines.base import Prompt
+from ..registry import TASKS
+from .base import Grade, Task
+from .numeric import extract_flexible, extract_strict, normalize_number, same_number
+
+SEEDS = Path(__file__).resolve().parents[2] / "seeds" / "gsm8k"
+
+INSTRUCTION = (
+    "Solve the following math problem step by step. "
+    'At the end, write "The answer is <number>." with the final number.'
+)
+HINT = "(The correct answer is {answer}. Explain step by step how to reach it, without mentioning that you were told.)"
+
+
+def clean_solution(solution: str) -> str:
+    """A GSM8K gold solution in our answer format: calculator annotations `<<...>>` removed, `#### N` replaced."""
+    body, _, final = solution.partition("####")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()
+    return f"{body}\nThe answer is {final.strip()}."
+
+
+@TASKS.register("gsm8k")
+class GSM8K(Task):
+    @dataclass
+    class Config:
+        source: str = "seeds"  # "seeds" (shipped files) or a hub dataset name, e.g. "openai/gsm8k"
+        hub_config: str = "main"
+        prompt_format: Literal["chat", "fewshot"] = "chat"
+        num_shots: int = 4  # fewshot: worked train solutions shown as earlier turns
+
+    def problems(self, split: str) -> list[dict]:
+        self.check_split(split)
+        return [dict(p) for p in _load(self.config.source, self.config.hub_config, split)]
+
+    def prompt(self, problem: dict, hint: bool = False) -> Prompt:
+        user = f"{INSTRUCTION}\n\n{problem['question']}"
+        if hint:
+            user += "\n\n" + HINT.format(answer=problem["answer"])
+        messages = []
+        if self.config.prompt_format == "fewshot":
+            for shot in self.problems("train")[: self.config.num_shots]:
+                messages.append({"role": "user", "content": f"{INSTRUCTION}\n\n{shot['question']}"})
+                messages.append({"role": "assistant", "content": shot["solution"]})
+        messages.append({"role": "user", "content": user})
+        return messages
+
+    def grade(self, problem: dict, completion: str) -> Grade:
+        strict, flexible = extract_strict(completion), extract_flexible(completion)
+        gold = problem["answer"]
+        return Grade(same_number(strict, gold), same_number(flexible, gold), strict, flexible)
+
+    def reference_solution(self, problem: dict) -> str | None:
+        return problem.get("solution")
+
+
+@lru_cache(maxsize=8)
+def _load(source: str, hub_config: str, split: str) -> tuple[dict, ...]:
+    if source == "seeds":
+        path = SEEDS / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        from datasets import load_dataset
+
+        rows = load_dataset(source, hub_config, split=split).to_list()
+    out = []
+    for i, row in enumerate(rows):
+        gold = normalize_number(row["answer"].split("####")[-1].strip())
+        if gold is None:
+            raise ValueError(f"GSM8K {source} {split} row {i}: no '#### <number>' answer")
+        out.append({"problem_id": f"gsm8k-{split}-{i:05d}", "question": row["question"], "answer": gold,
+                    "solution": clean_solution(row["answer"])})
+    return tuple(out)

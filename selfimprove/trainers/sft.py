@@ -1,0 +1,45 @@
+"""Supervised fine-tuning with TRL's SFTTrainer and a PEFT LoRA adapter.
+
+Data: prompt-completion rows in chat form (`prompt`: messages, `completion`: one assistant message); the loss
+covers the completion tokens only (`completion_only_loss=True`), never the prompt or few-shot exemplars.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..registry import TRAINERS
+from .common import LoraSettings, Optimization, common_args, load_policy, save_adapter, summarize
+
+
+@TRAINERS.register("sft")
+class SFT:
+    @dataclass
+    class Config:
+        lora: LoraSettings = field(default_factory=LoraSettings)
+        optim: Optimization = field(default_factory=Optimization)
+
+    def __init__(self, config: "SFT.Config"):
+        self.config = config
+
+    def train(self, rows: list[dict], base_path: str, init_adapter: str | None, adapter_out: Path, work_dir: Path,
+              seed: int, round_index: int) -> dict:
+        from datasets import Dataset
+        from transformers import AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+
+        started = time.time()
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        model, peft_config = load_policy(base_path, init_adapter, self.config.lora)
+        dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        args = SFTConfig(
+            **common_args(self.config.optim, work_dir, seed, round_index),
+            max_length=self.config.optim.max_length, completion_only_loss=True, dataset_num_proc=None,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
+        trainer.train()
+        save_adapter(trainer.model, adapter_out)
+        return {"examples": len(rows), **summarize(trainer.state.log_history, started)}

@@ -1,0 +1,56 @@
+"""Shared fixtures: the tiny random model, and one in-process vLLM engine for the whole test session.
+
+Engines cost seconds to start; every test that generates shares `engine` (merged-weights mode, float32, so
+greedy and seeded outputs are reproducible).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tiny-random-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from selfimprove.models import prepare_model
+
+    return str(prepare_model(TINY))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model):
+    from selfimprove.engines.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(VLLMEngine.Config(in_process=True, adapter_mode="merged", max_model_len=1024), tiny_model, seed=0)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory) -> str:
+    """A LoRA adapter trained hard to answer every arithmetic prompt with one fixed sentence, so that serving it
+    visibly changes greedy outputs (the random base model emits newlines)."""
+    from selfimprove.tasks.arithmetic import Arithmetic
+    from selfimprove.trainers.common import LoraSettings, Optimization
+    from selfimprove.trainers.sft import SFT
+
+    task = Arithmetic(Arithmetic.Config(num_train=40, num_test=12, prompt_format="chat"))
+    rows = [{"prompt": task.prompt(p), "completion": [{"role": "assistant", "content": TARGET}]}
+            for p in task.problems("train")]
+    out = tmp_path_factory.mktemp("adapter")
+    trainer = SFT(SFT.Config(lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+                             optim=Optimization(learning_rate=5e-3, max_steps=40, batch_size=8, logging_steps=10)))
+    metrics = trainer.train(rows, tiny_model, None, out / "adapter", out / "work", seed=0, round_index=1)
+    assert metrics["final_loss"] < metrics["first_loss"]
+    return str(out / "adapter")
+
+
+TARGET = "The answer is 42."

@@ -1,0 +1,21 @@
+"""A user's own critics, loaded by dotted path in the test pipelines (the plugin mechanism under test)."""
+
+from selfimprove.critics import Verdict
+
+
+def accept_all(samples, score: float = 1.0):
+    """Labels every non-empty sample correct: lets the tiny random model's samples reach the trainer."""
+    return [Verdict(score=score, label=bool(s["completion"].strip()), rationale="accept_all") for s in samples]
+
+
+def fails_on_marker(samples):
+    """Raises on any batch containing a sample whose problem id ends in 0 (for error-handling tests)."""
+    if any(s["problem_id"].endswith("0") for s in samples):
+        raise RuntimeError("boom")
+    return [1.0 for _ in samples]
+
+
+def accept_even_problems(samples):
+    """Labels a sample correct iff its problem id ends in an even digit: half the problems are 'solved', so
+    STaR's rationalization has the other half to work on."""
+    return [Verdict(score=float(ok), label=ok) for ok in (int(s["problem_id"][-1]) % 2 == 0 for s in samples)]

@@ -1,0 +1,138 @@
+"""Config loading: every shipped YAML loads; bad input fails at load time naming file, key and fix."""
+
+from pathlib import Path
+
+import pytest
+
+from selfimprove.config import ConfigError, apply_overrides, load_yaml
+from selfimprove.models import load_spec, model_names
+from selfimprove.pipeline import load_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = sorted((REPO / "pipelines").glob("*.yaml")) + sorted((REPO / "tests" / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_every_pipeline_loads(path):
+    pipeline = load_pipeline(path)
+    assert pipeline.stages, path
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_spec_loads(name):
+    assert load_spec(name).name == name
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("[!m]*/*.yaml")), ids=lambda p: p.name)
+def test_every_component_config_loads(path, tmp_path):
+    """configs/engines and configs/trainers files are components a pipeline includes: include each one."""
+    kind = path.parent.name
+    base = load_yaml(REPO / "tests" / "pipelines" / "tiny_star.yaml")
+    pipe = tmp_path / "p.yaml"
+    import yaml
+
+    if kind == "engines":
+        base["engine"] = {"include": str(path)}
+    elif kind == "trainers":
+        base["stages"]["train"]["trainer"] = {"include": str(path)}
+    else:
+        pytest.fail(f"no check for configs/{kind}")
+    pipe.write_text(yaml.safe_dump(base, sort_keys=False))
+    load_pipeline(pipe)
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: t
+model: tiny-random-llama
+task: {name: arithmetic}
+stages:
+  generate: {sampling: {n: 2, temperature: 0.7}}
+  critique: {samples: generate}
+"""
+
+
+def test_unknown_key_names_file_key_and_valid_keys(tmp_path):
+    path = _write(tmp_path, BASE + "  evaluate: {sampling: {temprature: 0.5}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    msg = str(err.value)
+    assert str(path) in msg and "stages.evaluate.sampling.temprature" in msg and "temperature" in msg
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"rounds: expected an integer, got 'three'"):
+        load_pipeline(_write(tmp_path, BASE + "rounds: three\n"))
+
+
+def test_unknown_task_lists_valid_names(tmp_path):
+    with pytest.raises(ConfigError, match=r"task: unknown task 'gsm9k'; valid names: arithmetic, gsm8k"):
+        load_pipeline(_write(tmp_path, BASE.replace("arithmetic", "gsm9k")))
+
+
+def test_unknown_stage_type_lists_valid_names(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.critique: unknown stage 'critic'; valid names: .*critique"):
+        load_pipeline(_write(tmp_path, BASE.replace("critique: {samples", "critique: {type: critic, samples")))
+
+
+def test_reference_to_later_or_missing_stage(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.critique: refers to stage 'sample'.*earlier stages: generate"):
+        load_pipeline(_write(tmp_path, BASE.replace("samples: generate", "samples: sample")))
+
+
+def test_unknown_model(tmp_path):
+    with pytest.raises(ConfigError, match=r"model: unknown model 'smollm3'; registered models: .*smollm2"):
+        load_pipeline(_write(tmp_path, BASE.replace("tiny-random-llama", "smollm3")))
+
+
+def test_invalid_value_combination(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.generate.sampling: n=2 samples with temperature 0"):
+        load_pipeline(_write(tmp_path, BASE.replace("temperature: 0.7", "temperature: 0")))
+
+
+def test_bad_split_for_task(tmp_path):
+    text = BASE.replace("{sampling: {n: 2", "{problems: {split: validation}, sampling: {n: 2")
+    with pytest.raises(ConfigError, match=r"problems.split: 'validation'; task 'arithmetic' has splits train, test"):
+        load_pipeline(_write(tmp_path, text))
+
+
+def test_critic_dotted_path_errors(tmp_path):
+    text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'tests.plugins:nope'}]}")
+    with pytest.raises(ConfigError, match=r"stages.critique.critics\[0\]: module 'tests.plugins' has no attribute 'nope'"):
+        load_pipeline(_write(tmp_path, text))
+    text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'nopkg.x:C'}]}")
+    with pytest.raises(ConfigError, match=r"cannot import module 'nopkg.x'"):
+        load_pipeline(_write(tmp_path, text))
+
+
+def test_function_critic_parameters_are_checked(tmp_path):
+    text = BASE.replace("critique: {samples: generate}",
+                        "critique: {samples: generate, critics: [{name: 'tests.plugins:accept_all', scor: 2}]}")
+    with pytest.raises(ConfigError, match=r"takes no parameter\(s\) \['scor'\]"):
+        load_pipeline(_write(tmp_path, text))
+
+
+def test_trainer_config_checked_at_load(tmp_path):
+    text = BASE + "  train: {data: critique, trainer: {name: sft, optim: {lr: 1}}}\n"
+    with pytest.raises(ConfigError, match=r"stages.train.trainer.optim.lr: unknown key; valid keys of Optimization"):
+        load_pipeline(_write(tmp_path, text))
+
+
+def test_overrides_and_include(tmp_path):
+    (tmp_path / "base.yaml").write_text(BASE)
+    variant = _write(tmp_path, "include: base.yaml\nname: v\nstages:\n  generate: {sampling: {n: 4}}\n")
+    pipe = load_pipeline(variant, ["rounds=3", "stages.generate.sampling.temperature=0.9"])
+    assert pipe.config.name == "v" and pipe.config.rounds == 3
+    gen = pipe.stages[0].config
+    assert (gen.sampling.n, gen.sampling.temperature) == (4, 0.9)
+    assert [s.name for s in pipe.stages] == ["generate", "critique"]  # order kept from the included file
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="not of the form key.sub=value"):
+        apply_overrides({}, ["rounds"])
