@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--temperature", type=float, help="default 0 for k=1, 0.7 for k>1")
     ev.add_argument("--max-tokens", type=int, default=512)
     ev.add_argument("--engine", default="vllm", help="vllm or hf")
-    ev.add_argument("--run-dir", help="where generations and metrics go (default runs/eval-<model>-<task>)")
+    ev.add_argument("--run-dir", help="where generations and metrics go (default runs/eval/<model>-<task>-<hash>)")
     ev.add_argument("overrides", nargs="*", help="extra key=value overrides, e.g. task.prompt_format=fewshot")
 
     rep = sub.add_parser("report", help="print the per-round table of a run")
@@ -68,6 +68,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import hashlib
+    import json
     from pathlib import Path
 
     from .pipeline import Runner, load_pipeline
@@ -75,18 +77,21 @@ def cmd_eval(args) -> int:
     temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 0.7)
     model_tag = Path(args.model).name
     data = {
-        "name": f"eval-{model_tag}-{args.task}" + (f"-{Path(args.adapter).parent.name}" if args.adapter else ""),
+        "name": f"{model_tag}-{args.task}" + (f"-{Path(args.adapter).parent.name}" if args.adapter else ""),
         "model": args.model, "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
         "rounds": 0, "evaluate_base": True,
         "engine": {"name": args.engine}, "task": {"name": args.task},
         "stages": {"evaluate": {
-            "problems": {"split": args.split, "num_problems": args.num_problems, "shuffle": False},
+            "problems": {"split": args.split, "num_problems": args.num_problems},
             "sampling": {"n": args.k, "temperature": temperature, "max_tokens": args.max_tokens},
             "weights": "policy",
         }},
     }
     pipeline = load_pipeline(None, args.overrides, data=data)
-    Runner(pipeline, args.run_dir).run()
+    # One folder per distinct evaluation, so re-running the same command resumes and a different one never
+    # collides with it.
+    tag = hashlib.sha256(json.dumps([data, args.overrides], sort_keys=True).encode()).hexdigest()[:8]
+    Runner(pipeline, args.run_dir or Path("runs") / "eval" / f"{data['name']}-{tag}").run()
     return 0
 
 

@@ -63,11 +63,17 @@ def deep_merge(base: dict, over: dict) -> dict:
     """`over` merged into `base`; keys keep `base`'s order, new keys come after (stage order is key order)."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not _other_component(out[key], value):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
+
+
+def _other_component(base: dict, over: dict) -> bool:
+    """A mapping naming another component (`name:` or `type:`) replaces the old one instead of merging into it:
+    a variant that switches task from arithmetic to gsm8k must not inherit arithmetic's parameters."""
+    return any(k in base and k in over and base[k] != over[k] for k in ("name", "type"))
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
@@ -106,7 +112,8 @@ def build(cls: type, data: Any, where: str, key: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: {_join(key, unknown[0])}: unknown key; valid keys of {cls.__name__}: {', '.join(sorted(fields))}"
+            f"{where}: {_join(key, unknown[0])}: unknown key; valid keys of {cls.__qualname__}: "
+            f"{', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, field in fields.items():

@@ -46,8 +46,10 @@ def tiny_adapter(tiny_model, tmp_path_factory) -> str:
     rows = [{"prompt": task.prompt(p), "completion": [{"role": "assistant", "content": TARGET}]}
             for p in task.problems("train")]
     out = tmp_path_factory.mktemp("adapter")
-    trainer = SFT(SFT.Config(lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-                             optim=Optimization(learning_rate=5e-3, max_steps=40, batch_size=8, logging_steps=10)))
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj"])
+    trainer = SFT(SFT.Config(lora=lora, optim=Optimization(learning_rate=1e-2, max_steps=40, batch_size=8,
+                                                           logging_steps=10)))
     metrics = trainer.train(rows, tiny_model, None, out / "adapter", out / "work", seed=0, round_index=1)
     assert metrics["final_loss"] < metrics["first_loss"]
     return str(out / "adapter")

@@ -20,15 +20,22 @@ from ..engines.base import SamplingConfig
 from ..metrics import majority_correct, pass_at_k, summarize
 from ..registry import STAGES
 from .base import Stage
-from .generate import ProblemSelection
 from .rollout import sample_problems
+
+
+@dataclass
+class EvalProblems:
+    """Evaluation always takes the first `num_problems` of the split, so every round sees the same problems."""
+
+    split: str = "test"
+    num_problems: int | None = None  # None = the whole split
 
 
 @STAGES.register("evaluate")
 class Evaluate(Stage):
     @dataclass
     class Config:
-        problems: ProblemSelection = field(default_factory=lambda: ProblemSelection(split="test", shuffle=False))
+        problems: EvalProblems = field(default_factory=EvalProblems)
         sampling: SamplingConfig = field(default_factory=SamplingConfig)
         weights: str = "latest"
         pass_k: list[int] = field(default_factory=list)  # default: [1, n] when n > 1

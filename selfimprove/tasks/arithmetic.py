@@ -61,7 +61,7 @@ class Arithmetic(Task):
         num_train: int = 6000
         num_test: int = 150  # 50 per digit count by default: there are only 100 one-digit sums
         seed: int = 1234  # problem generation; independent of the run seed
-        prompt_format: Literal["fewshot", "chat"] = "fewshot"
+        prompt_format: Literal["chat", "fewshot"] = "chat"
         num_shots: int = 3
 
         def __post_init__(self):

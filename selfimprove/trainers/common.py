@@ -35,7 +35,7 @@ class Optimization:
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 1024
-    warmup_ratio: float = 0.0
+    warmup: float = 0.0  # < 1: fraction of the steps; >= 1: number of steps (transformers warmup_steps)
     lr_scheduler: str = "constant"
     weight_decay: float = 0.0
     logging_steps: int = 5
@@ -59,7 +59,7 @@ def common_args(opt: Optimization, out_dir: Path, seed: int, round_index: int) -
     return dict(
         output_dir=str(out_dir), learning_rate=opt.learning_rate, num_train_epochs=opt.epochs,
         max_steps=opt.steps_for_round(round_index), per_device_train_batch_size=opt.batch_size,
-        gradient_accumulation_steps=opt.grad_accum, warmup_ratio=opt.warmup_ratio,
+        gradient_accumulation_steps=opt.grad_accum, warmup_steps=opt.warmup,
         lr_scheduler_type=opt.lr_scheduler, weight_decay=opt.weight_decay, logging_steps=opt.logging_steps,
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, disable_tqdm=False,
         **device_kwargs(),

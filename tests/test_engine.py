@@ -1,0 +1,96 @@
+"""The vLLM engine on the tiny model: sampling, seeds, and both ways an adapter reaches it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfimprove.engines.base import SamplingConfig, Weights
+from selfimprove.tasks.arithmetic import Arithmetic
+
+from .conftest import TARGET
+
+PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(6)]
+
+
+def texts(outputs):
+    return [[c.text for c in row] for row in outputs]
+
+
+def test_n_samples_and_seeds(engine, tiny_model):
+    w = Weights(tiny_model)
+    sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=12)
+    a = engine.generate(PROMPTS, sampling, w, seed=11)
+    b = engine.generate(PROMPTS, sampling, w, seed=11)
+    c = engine.generate(PROMPTS, sampling, w, seed=12)
+    assert len(a) == len(PROMPTS) and all(len(row) == 3 for row in a)
+    assert texts(a) == texts(b)
+    assert texts(a) != texts(c)
+    assert all(x.num_tokens <= 12 and x.finish_reason in ("stop", "length") for row in a for x in row)
+
+
+def test_stop_strings_and_raw_prompts(engine, tiny_model):
+    out = engine.generate(["1 2 3 4", "a b c"], SamplingConfig(n=2, temperature=1.0, max_tokens=30, stop=["e"]),
+                          Weights(tiny_model), seed=3)
+    assert all("e" not in c.text for row in out for c in row)
+
+
+def test_merged_adapter_is_served_without_restart(engine, tiny_model, tiny_adapter):
+    task = Arithmetic(Arithmetic.Config(num_train=40, num_test=12, prompt_format="chat"))
+    prompts = [task.prompt(p) for p in task.problems("test")]
+    greedy = SamplingConfig(max_tokens=10)
+    llm_before = id(engine.llm)
+    base = texts(engine.generate(prompts, greedy, Weights(tiny_model), seed=0))
+    tuned = texts(engine.generate(prompts, greedy, Weights(tiny_model, tiny_adapter, "tuned"), seed=0))
+    again = texts(engine.generate(prompts, greedy, Weights(tiny_model), seed=0))
+    assert id(engine.llm) == llm_before  # same engine object: weights were reloaded in place
+    assert all(row[0].startswith(TARGET[:10]) for row in tuned), tuned[:2]
+    assert not any(row[0].startswith(TARGET[:10]) for row in base)
+    assert again == base  # switching back to the base restores its outputs exactly
+    assert (Path(tiny_adapter).parent / "adapter-merged" / "merged.json").exists()
+
+
+LORA_SCRIPT = """
+import json, sys
+from selfimprove.engines.vllm_engine import VLLMEngine
+from selfimprove.engines.base import SamplingConfig, Weights
+from selfimprove.tasks.arithmetic import Arithmetic
+if __name__ == "__main__":
+    model, adapter = sys.argv[1], sys.argv[2]
+    task = Arithmetic(Arithmetic.Config(num_train=40, num_test=12, prompt_format="chat"))
+    eng = VLLMEngine(VLLMEngine.Config(in_process=True, adapter_mode="lora", max_model_len=1024), model)
+    prompts = [task.prompt(p) for p in task.problems("test")]
+    out = eng.generate(prompts, SamplingConfig(max_tokens=10), Weights(model, adapter, "tuned"), seed=0)
+    base = eng.generate(prompts, SamplingConfig(max_tokens=10), Weights(model), seed=0)
+    print("RESULT" + json.dumps({"tuned": [r[0].text for r in out], "base": [r[0].text for r in base]}))
+"""
+
+
+def test_per_request_lora_path(tiny_model, tiny_adapter, tmp_path):
+    """adapter_mode=lora (the GPU default) serves the adapter per request; it needs its own engine (enable_lora),
+    so it runs in a subprocess."""
+    script = tmp_path / "lora.py"
+    script.write_text(LORA_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), tiny_model, tiny_adapter], capture_output=True, text=True,
+                          timeout=600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
+    assert line, proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT"):])
+    assert all(t.startswith(TARGET[:10]) for t in result["tuned"]), result["tuned"][:2]
+    assert not any(t.startswith(TARGET[:10]) for t in result["base"])
+
+
+def test_hf_engine_agrees_on_adapter(tiny_model, tiny_adapter):
+    from selfimprove.engines.hf_engine import HFEngine
+
+    eng = HFEngine(HFEngine.Config(batch_size=4), tiny_model)
+    task = Arithmetic(Arithmetic.Config(num_train=40, num_test=12, prompt_format="chat"))
+    prompts = [task.prompt(p) for p in task.problems("test")[:4]]
+    tuned = eng.generate(prompts, SamplingConfig(max_tokens=10), Weights(tiny_model, tiny_adapter, "t"), seed=0)
+    base = eng.generate(prompts, SamplingConfig(max_tokens=10), Weights(tiny_model), seed=0)
+    assert all(r[0].text.startswith(TARGET[:10]) for r in tuned)
+    assert not any(r[0].text.startswith(TARGET[:10]) for r in base)
+    sampled = eng.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=8), Weights(tiny_model), seed=1)
+    assert all(len(r) == 2 for r in sampled)

@@ -1,0 +1,127 @@
+"""A real pipeline end to end on the tiny model (real vLLM, real TRL), and resume after a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfimprove.artifacts import load_rows, read_json, read_jsonl
+from selfimprove.pipeline import Runner, load_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_STAR = REPO / "tests" / "pipelines" / "tiny_star.yaml"
+STAGES = ["generate", "critique", "rationalize", "critique_rationalize", "filter", "train", "evaluate"]
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def star_run(engine, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("star") / "run"
+    results = Runner(load_pipeline(TINY_STAR), run_dir, engine=engine, log=quiet).run()
+    return run_dir, results
+
+
+def test_two_round_star_writes_every_artifact(star_run):
+    run_dir, results = star_run
+    assert (run_dir / "config.yaml").exists() and (run_dir / "versions.json").exists()
+    assert read_json(run_dir / "round_000" / "evaluate" / "manifest.json")["done"]
+    assert [r["round"] for r in results] == [0, 1, 2]
+    for r in (1, 2):
+        for stage in STAGES:
+            manifest = read_json(run_dir / f"round_{r:03d}" / stage / "manifest.json")
+            assert manifest["done"] and manifest["seconds"] > 0, (r, stage)
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    assert len(lines) == 1 + 2 * len(STAGES)
+    assert "accuracy_ci_low" in lines[0] and (run_dir / "report.md").read_text().count("\n") >= 5
+
+
+def test_samples_verdicts_and_selection(star_run):
+    run_dir, _ = star_run
+    r1 = run_dir / "round_001"
+    samples = load_rows(r1 / "generate" / "data")
+    assert len(samples) == 16 * 2 and len({s["sample_id"] for s in samples}) == 32
+    assert {s["weights"] for s in samples} == {"base"}
+    verdicts = load_rows(r1 / "critique" / "data")
+    assert len(verdicts) == 32 and {v["critic"] for v in verdicts} == {"tests.plugins:accept_even_problems"}
+    # rationalization covers exactly the problems the critic left unsolved, with the hint in the prompt
+    unsolved = {s["problem_id"] for s in samples if int(s["problem_id"][-1]) % 2}
+    rationalized = load_rows(r1 / "rationalize" / "data")
+    assert {s["problem_id"] for s in rationalized} == unsolved
+    assert all(s["hint"] and "The correct answer is" in s["prompt"][-1]["content"] for s in rationalized)
+    # the training set keeps both sources and drops the hint from rationalized prompts
+    train = load_rows(r1 / "filter" / "data")
+    assert {t["source"] for t in train} == {"generate", "rationalize"}
+    assert all("The correct answer is" not in t["prompt"][-1]["content"] for t in train)
+    assert all(len(t["sample_ids"]) == 1 for t in train)
+
+
+def test_rounds_chain_weights(star_run):
+    run_dir, _ = star_run
+    w1 = read_json(run_dir / "round_001" / "train" / "weights.json")
+    w2 = read_json(run_dir / "round_002" / "train" / "weights.json")
+    assert w1["trained"] and w2["trained"] and w1["adapter_hash"] != w2["adapter_hash"]
+    assert w2["init"]["adapter"] is None  # STaR: every round restarts from the base model
+    gen2 = load_rows(run_dir / "round_002" / "generate" / "data")
+    assert {s["weights"] for s in gen2} == {"round_001/train"}  # round 2 samples from round 1's model
+    ev2 = read_json(run_dir / "round_002" / "evaluate" / "manifest.json")
+    assert ev2["metrics"]["weights"] == "round_002/train"
+
+
+def test_rerun_skips_finished_stages(star_run, engine):
+    run_dir, _ = star_run
+    before = {p: p.stat().st_mtime for p in run_dir.glob("round_*/*/manifest.json")}
+    logs = []
+    Runner(load_pipeline(TINY_STAR), run_dir, engine=engine, log=logs.append).run()
+    after = {p: p.stat().st_mtime for p in run_dir.glob("round_*/*/manifest.json")}
+    assert before == after
+    assert sum("done, skipped" in str(line) for line in logs) == 1 + 2 * len(STAGES)
+
+
+def test_changed_config_is_refused(star_run, engine):
+    from selfimprove.config import ConfigError
+
+    run_dir, _ = star_run
+    with pytest.raises(ConfigError, match="different config.*seed"):
+        Runner(load_pipeline(TINY_STAR, ["seed=5"]), run_dir, engine=engine, log=quiet).run()
+
+
+def test_killed_run_resumes_to_the_same_result(engine, tmp_path):
+    """SIGKILL a run in the middle of round 1's generation, resume it, and compare with an uninterrupted run."""
+    overrides = ["rounds=1", "stages.generate.chunk_size=2"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "selfimprove.cli", "run", str(TINY_STAR), *overrides,
+                             "--run-dir", str(killed)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    shard = killed / "round_001" / "generate" / "shards" / "00001"
+    deadline = time.time() + 300
+    while not shard.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert shard.exists(), proc.stderr.read()[-3000:]
+    assert not (killed / "round_001" / "generate" / "manifest.json").exists(), "killed too late to test resume"
+    shards_before = sorted(p.name for p in shard.parent.iterdir() if not p.name.startswith("."))
+
+    Runner(load_pipeline(TINY_STAR, overrides), killed, engine=engine, log=quiet).run()
+    reference = tmp_path / "reference"
+    Runner(load_pipeline(TINY_STAR, overrides), reference, engine=engine, log=quiet).run()
+
+    def samples(run):
+        rows = load_rows(run / "round_001" / "generate" / "data")
+        return [(r["sample_id"], r["completion"], r["seed"]) for r in rows]
+
+    assert len(shards_before) >= 2 and len(samples(killed)) == 16 * 2
+    assert samples(killed) == samples(reference)
+    for stage in ("evaluate",):
+        got = read_json(killed / "round_001" / stage / "manifest.json")["metrics"]
+        want = read_json(reference / "round_001" / stage / "manifest.json")["metrics"]
+        assert got == want
+    assert load_rows(killed / "round_001" / "filter" / "data") == load_rows(reference / "round_001" / "filter" / "data")
