@@ -141,9 +141,11 @@ def _check_stages(specs: list[StageSpec], task_cls: type, where: str) -> None:
 
 
 def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (run seed, round, stage, chunk, ...), stable across runs and machines."""
+    """A 31-bit seed from any parts (run seed, round, stage, chunk, ...), stable across runs and machines.
+
+    31 bits because numpy and transformers.set_seed refuse seeds of 2**32 and above."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return int.from_bytes(digest[:4], "big") >> 1
 
 
 class StageRun:
