@@ -19,3 +19,8 @@ def accept_even_problems(samples):
     """Labels a sample correct iff its problem id ends in an even digit: half the problems are 'solved', so
     STaR's rationalization has the other half to work on."""
     return [Verdict(score=float(ok), label=ok) for ok in (int(s["problem_id"][-1]) % 2 == 0 for s in samples)]
+
+
+def length_score(samples):
+    """Scores a sample by its length in characters (no label): gives best_worst pairs on random text."""
+    return [Verdict(score=float(len(s["completion"]))) for s in samples]

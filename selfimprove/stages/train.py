@@ -48,7 +48,8 @@ class Train(Stage):
         trainer_cls, trainer_config = TRAINERS.build_config(params.pop("name"), params, "pipeline",
                                                             f"stages.{ctx.stage}.trainer")
         rows = load_rows(ctx.input_dir(c.data) / "data")
-        start = ctx.weights("policy") if c.init == "policy" else ctx.weights("base")
+        policy = ctx.weights("policy")
+        start = policy if c.init == "policy" else ctx.weights("base")
         adapter_dir = ctx.out_dir / "adapter"
         if not rows:
             record = {"base": start.base, "adapter": start.adapter, "label": start.label, "trained": False}
@@ -56,12 +57,13 @@ class Train(Stage):
             return {"examples": 0, "trained": False}
         work = ctx.out_dir / "trainer"
         metrics = trainer_cls(trainer_config).train(rows, ctx.base_model, start.adapter, adapter_dir, work,
-                                                    seed=ctx.seed("train"), round_index=ctx.round)
+                                                    seed=ctx.seed("train"), round_index=ctx.round,
+                                                    policy_adapter=policy.adapter)
         shutil.rmtree(work, ignore_errors=True)  # TRL's scratch folder; the adapter is what we keep
         write_json(ctx.out_dir / "weights.json", {
             "base": ctx.base_model, "base_identity": model_identity(ctx.base_model), "adapter": str(adapter_dir),
             "adapter_hash": adapter_hash(adapter_dir), "label": f"round_{ctx.round:03d}/{ctx.stage}",
-            "init": start.to_dict(), "trained": True,
+            "init": start.to_dict(), "policy": policy.to_dict(), "trained": True,
         })
         return {**metrics, "trained": True}
 

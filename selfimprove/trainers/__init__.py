@@ -1,3 +1,8 @@
 """Trainers: TRL-based fitting of LoRA adapters."""
 
-from . import sft  # noqa: F401  (register)
+from . import dpo, sft  # noqa: F401  (register)
+
+# A trainer is a class with a `Config` dataclass and
+#   train(rows, base_path, init_adapter, adapter_out, work_dir, seed, round_index, policy_adapter) -> metrics
+# that writes a PEFT adapter to `adapter_out`. `init_adapter` is what training starts from (None = a fresh
+# adapter on the base); `policy_adapter` is the adapter the round's policy used (for reference models).

@@ -25,7 +25,8 @@ class SFT:
         self.config = config
 
     def train(self, rows: list[dict], base_path: str, init_adapter: str | None, adapter_out: Path, work_dir: Path,
-              seed: int, round_index: int) -> dict:
+              seed: int, round_index: int, policy_adapter: str | None = None) -> dict:
+        """Fit an adapter on `rows`; `policy_adapter` (the round's starting policy) is unused: SFT has no reference."""
         from datasets import Dataset
         from transformers import AutoTokenizer
         from trl import SFTConfig, SFTTrainer

@@ -1,0 +1,149 @@
+"""Preference pairs for DPO-style trainers.
+
+- `pairs` builds (chosen, rejected) pairs from the k samples per problem and their verdicts:
+  `correct_incorrect` pairs a sample the critic labelled correct with one it labelled incorrect;
+  `best_worst` pairs the highest-scored with the lowest-scored sample when their scores differ by at least
+  `min_margin` (then the second best with the second worst, ...). Identical texts are never paired and
+  duplicates are dropped before pairing; `max_pairs_per_problem` caps each problem's pairs.
+- `spin_pairs` builds SPIN's pairs (Chen et al., 2024): the task's gold solution is "chosen", the current
+  model's own generation for the same prompt is "rejected".
+
+Rows: `prompt` (chat messages), `chosen` / `rejected` (one assistant message each), `problem_id`,
+`chosen_sample_id` / `rejected_sample_id` (lineage; None for a gold solution), `chosen_score` /
+`rejected_score`, `round`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+from ..artifacts import load_rows, save_rows
+from ..registry import STAGES
+from .base import Stage
+from .common import join_verdicts
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+@STAGES.register("pairs")
+class Pairs(Stage):
+    @dataclass
+    class Config:
+        samples: str = "generate"
+        verdicts: str = "critique"
+        critic: str | None = None  # the critic whose verdicts rank samples; None = the only one present
+        rule: Literal["correct_incorrect", "best_worst"] = "correct_incorrect"
+        min_margin: float = 0.0  # best_worst: chosen score - rejected score must be >= this (and > 0)
+        max_pairs_per_problem: int = 1
+
+        def __post_init__(self):
+            if self.max_pairs_per_problem < 1:
+                raise ValueError("max_pairs_per_problem must be >= 1")
+            if self.min_margin < 0:
+                raise ValueError("min_margin must be >= 0")
+
+    @classmethod
+    def references(cls, config) -> list[str]:
+        return [config.samples, config.verdicts]
+
+    def run(self) -> dict:
+        c, ctx = self.config, self.ctx
+        samples = join_verdicts(load_rows(ctx.input_dir(c.samples) / "data"),
+                                load_rows(ctx.input_dir(c.verdicts) / "data"))
+        by_problem: dict[str, list[dict]] = defaultdict(list)
+        for s in samples:
+            by_problem[s["problem_id"]].append(s)
+        rows, skipped = [], defaultdict(int)
+        for pid, group in by_problem.items():
+            judged = []
+            seen_texts = set()
+            for s in sorted(group, key=lambda s: s["index"]):
+                verdict = _verdict(s["verdicts"], c.critic, c.verdicts)
+                text = s["completion"].strip()
+                if verdict is None or verdict["score"] is None or not text:
+                    skipped["unjudged_or_empty"] += 1
+                    continue
+                if text in seen_texts:
+                    skipped["duplicate"] += 1
+                    continue
+                seen_texts.add(text)
+                judged.append((s, verdict))
+            pairs = build_pairs(judged, c.rule, c.min_margin, c.max_pairs_per_problem)
+            if not pairs:
+                skipped["problems_without_pair"] += 1
+            for (good, gv), (bad, bv) in pairs:
+                rows.append({
+                    "prompt": ctx.task.prompt(good, hint=False), "chosen": _assistant(good["completion"]),
+                    "rejected": _assistant(bad["completion"]), "problem_id": pid,
+                    "chosen_sample_id": good["sample_id"], "rejected_sample_id": bad["sample_id"],
+                    "chosen_score": float(gv["score"]), "rejected_score": float(bv["score"]), "round": ctx.round,
+                })
+        save_rows(rows, ctx.out_dir / "data")
+        return {"pairs": len(rows), "problems": len(by_problem),
+                "problems_with_pairs": len({r["problem_id"] for r in rows}), **skipped}
+
+
+def build_pairs(judged: list[tuple[dict, dict]], rule: str, min_margin: float, cap: int) -> list[tuple]:
+    """Pairs from one problem's (sample, verdict) list, best pairs first; each sample is used at most once."""
+    if rule == "correct_incorrect":
+        good = sorted([x for x in judged if x[1]["label"] is True], key=lambda x: -x[1]["score"])
+        bad = sorted([x for x in judged if x[1]["label"] is False], key=lambda x: x[1]["score"])
+        return list(zip(good, bad))[:cap]
+    ranked = sorted(judged, key=lambda x: -x[1]["score"])
+    pairs = []
+    i, j = 0, len(ranked) - 1
+    while i < j and len(pairs) < cap:
+        margin = ranked[i][1]["score"] - ranked[j][1]["score"]
+        if margin <= 0 or margin < min_margin:
+            break
+        pairs.append((ranked[i], ranked[j]))
+        i, j = i + 1, j - 1
+    return pairs
+
+
+def _verdict(verdicts: dict, critic: str | None, stage: str) -> dict | None:
+    if critic is not None:
+        return verdicts.get(critic)
+    if len(verdicts) > 1:
+        raise ValueError(f"critique stage {stage!r} ran {sorted(verdicts)}: set `critic:` to say which one ranks")
+    return next(iter(verdicts.values()), None)
+
+
+@STAGES.register("spin_pairs")
+class SpinPairs(Stage):
+    """SPIN: chosen = the task's gold solution, rejected = the model's generation for the same prompt."""
+
+    @dataclass
+    class Config:
+        samples: str = "generate"
+
+    @classmethod
+    def references(cls, config) -> list[str]:
+        return [config.samples]
+
+    def run(self) -> dict:
+        ctx = self.ctx
+        samples = load_rows(ctx.input_dir(self.config.samples) / "data")
+        rows, identical, no_gold = [], 0, 0
+        for s in samples:
+            gold = ctx.task.reference_solution(s)
+            if gold is None:
+                no_gold += 1
+                continue
+            if s["completion"].strip() == gold.strip():
+                identical += 1  # the model already reproduces the gold response: nothing to contrast
+                continue
+            rows.append({
+                "prompt": ctx.task.prompt(s, hint=False), "chosen": _assistant(gold),
+                "rejected": _assistant(s["completion"]), "problem_id": s["problem_id"],
+                "chosen_sample_id": None, "rejected_sample_id": s["sample_id"],
+                "chosen_score": None, "rejected_score": None, "round": ctx.round,
+            })
+        if no_gold == len(samples) and samples:
+            raise ValueError(f"task {type(ctx.task).__name__} has no reference solutions: SPIN needs gold responses")
+        save_rows(rows, ctx.out_dir / "data")
+        return {"pairs": len(rows), "identical_to_gold": identical, "without_gold": no_gold}

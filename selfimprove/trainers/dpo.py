@@ -1,0 +1,97 @@
+"""Direct Preference Optimization with TRL's DPOTrainer and a PEFT LoRA adapter.
+
+Data: rows with `prompt` (chat messages), `chosen` and `rejected` (one assistant message each).
+
+The reference model, by `reference`:
+- `base`: the base model. When the policy is a fresh adapter, TRL disables the adapter to get it (no second
+  copy in memory); when the policy continues an earlier adapter, a plain copy of the base is loaded.
+- `policy`: the weights the round started from (the previous round's policy). When the policy continues that
+  adapter, TRL keeps a frozen copy of the adapter as the reference ("ref" adapter; no second base model);
+  when it starts a fresh adapter, the previous policy is merged into a separate reference model.
+  SPIN's opponent is exactly this: iteration t trains against iteration t-1.
+`loss_type` and `beta` pass through to TRL (`sigmoid` is the original logistic DPO loss, which SPIN uses too).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..registry import TRAINERS
+from .common import LoraSettings, Optimization, common_args, load_policy, save_adapter, summarize
+
+
+@TRAINERS.register("dpo")
+class DPO:
+    @dataclass
+    class Config:
+        lora: LoraSettings = field(default_factory=LoraSettings)
+        optim: Optimization = field(default_factory=lambda: Optimization(learning_rate=5e-5))
+        beta: float = 0.1
+        loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+        loss_weights: list[float] | None = None  # with several loss types, e.g. [sigmoid, sft] (RPO)
+        reference: Literal["base", "policy"] = "base"
+
+        def __post_init__(self):
+            if self.beta <= 0:
+                raise ValueError("beta must be > 0")
+            if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+                raise ValueError("loss_weights needs one weight per loss_type")
+
+    def __init__(self, config: "DPO.Config"):
+        self.config = config
+
+    def train(self, rows: list[dict], base_path: str, init_adapter: str | None, adapter_out: Path, work_dir: Path,
+              seed: int, round_index: int, policy_adapter: str | None = None) -> dict:
+        from datasets import Dataset
+        from transformers import AutoTokenizer
+        from trl import DPOConfig, DPOTrainer
+
+        c = self.config
+        started = time.time()
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        model, peft_config = load_policy(base_path, init_adapter, c.lora)
+        ref_model, reference = self._reference(base_path, init_adapter, policy_adapter)
+        dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                     for r in rows])
+        args = DPOConfig(
+            **common_args(c.optim, work_dir, seed, round_index), max_length=c.optim.max_length, beta=c.beta,
+            loss_type=list(c.loss_type), loss_weights=c.loss_weights, dataset_num_proc=None,
+        )
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config)
+        trainer.train()
+        save_adapter(trainer.model, adapter_out)
+        history = trainer.state.log_history
+        margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
+        return {"pairs": len(rows), "reference": reference, **summarize(history, started),
+                "final_reward_margin": margins[-1] if margins else None}
+
+    def _reference(self, base_path: str, init_adapter: str | None, policy_adapter: str | None):
+        """(ref_model to hand TRL or None, a description of the reference)."""
+        if self.config.reference == "base":
+            if init_adapter is None:
+                return None, "base (adapter disabled)"
+            return _plain_model(base_path, None), "base (separate copy)"
+        if policy_adapter is None:
+            # Round 1, or a policy that is the base model: the previous policy *is* the base.
+            return (None, "policy = base (adapter disabled)") if init_adapter is None else \
+                (_plain_model(base_path, None), "policy = base (separate copy)")
+        if init_adapter == policy_adapter:
+            return None, f"policy {policy_adapter} (frozen adapter copy)"
+        return _plain_model(base_path, policy_adapter), f"policy {policy_adapter} (merged copy)"
+
+
+def _plain_model(base_path: str, adapter: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if not torch.cuda.is_available() else "auto"
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()

@@ -1,0 +1,136 @@
+"""Preference pairs (rules on hand-made verdicts), and DPO / SPIN rounds on the tiny model."""
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from selfimprove.artifacts import load_rows, read_json, save_rows
+from selfimprove.pipeline import Runner, load_pipeline
+from selfimprove.stages.pairs import Pairs, SpinPairs, build_pairs
+from selfimprove.tasks.arithmetic import Arithmetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def v(score, label=None):
+    return {"score": score, "label": label}
+
+
+def s(i):
+    return {"sample_id": f"s{i}", "index": i}
+
+
+def test_correct_incorrect_pairs_best_correct_with_worst_incorrect():
+    judged = [(s(0), v(0.0, False)), (s(1), v(1.0, True)), (s(2), v(0.2, False)), (s(3), v(0.9, True))]
+    pairs = build_pairs(judged, "correct_incorrect", 0.0, cap=5)
+    assert [(a["sample_id"], b["sample_id"]) for (a, _), (b, _) in pairs] == [("s1", "s0"), ("s3", "s2")]
+    assert len(build_pairs(judged, "correct_incorrect", 0.0, cap=1)) == 1
+    assert build_pairs([(s(0), v(1.0, True)), (s(1), v(1.0, True))], "correct_incorrect", 0.0, 3) == []
+
+
+def test_best_worst_respects_margin_and_never_pairs_ties():
+    judged = [(s(0), v(0.5)), (s(1), v(0.9)), (s(2), v(0.1)), (s(3), v(0.6))]
+    pairs = build_pairs(judged, "best_worst", 0.0, cap=5)
+    assert [(a["sample_id"], b["sample_id"]) for (a, _), (b, _) in pairs] == [("s1", "s2"), ("s3", "s0")]
+    assert len(build_pairs(judged, "best_worst", 0.5, cap=5)) == 1  # 0.6 - 0.5 < 0.5 stops the second pair
+    assert build_pairs([(s(0), v(0.5)), (s(1), v(0.5))], "best_worst", 0.0, 5) == []
+
+
+def _ctx(tmp_path, task, samples, verdicts):
+    for name, rows in (("generate", samples), ("critique", verdicts)):
+        save_rows(rows, tmp_path / name / "data")
+    out = tmp_path / "pairs"
+    out.mkdir()
+    return SimpleNamespace(input_dir=lambda n: tmp_path / n, task=task, out_dir=out, round=1, stage="pairs")
+
+
+def test_pairs_stage_dedupes_and_keeps_lineage(tmp_path):
+    task = Arithmetic(Arithmetic.Config(num_train=20, num_test=3))
+    p = task.problems("train")[0]
+    texts = ["The answer is 1.", "The answer is 1.", p["solution"], " "]
+    samples = [{**p, "sample_id": f"x/{k}", "index": k, "completion": t, "hint": False} for k, t in enumerate(texts)]
+    verdicts = [{"sample_id": f"x/{k}", "problem_id": p["problem_id"], "critic": "answer", "score": float(ok),
+                 "label": ok, "rationale": None, "error": None} for k, ok in enumerate([False, False, True, False])]
+    ctx = _ctx(tmp_path, task, samples, verdicts)
+    metrics = Pairs(Pairs.Config(max_pairs_per_problem=3), ctx).run()
+    rows = load_rows(ctx.out_dir / "data")
+    # the duplicate incorrect text and the empty completion never form pairs: one pair is all there is
+    assert metrics["pairs"] == 1 and metrics["duplicate"] == 1 and metrics["unjudged_or_empty"] == 1
+    (row,) = rows
+    assert (row["chosen_sample_id"], row["rejected_sample_id"]) == ("x/2", "x/0")
+    assert row["chosen"][0]["content"] == p["solution"] and row["prompt"] == task.prompt(p)
+
+
+def test_spin_pairs_use_gold_as_chosen(tmp_path):
+    task = Arithmetic(Arithmetic.Config(num_train=20, num_test=3))
+    probs = task.problems("train")[:2]
+    samples = [{**probs[0], "sample_id": "a", "index": 0, "completion": "The answer is 0."},
+               {**probs[1], "sample_id": "b", "index": 0, "completion": probs[1]["solution"]}]
+    ctx = _ctx(tmp_path, task, samples, [])
+    metrics = SpinPairs(SpinPairs.Config(), ctx).run()
+    rows = load_rows(ctx.out_dir / "data")
+    assert metrics == {"pairs": 1, "identical_to_gold": 1, "without_gold": 0}
+    assert rows[0]["chosen"][0]["content"] == probs[0]["solution"] and rows[0]["rejected_sample_id"] == "a"
+
+
+def quiet(*_):
+    pass
+
+
+def test_spin_iteration_trains_against_the_previous_iteration(engine, tmp_path):
+    run = tmp_path / "spin"
+    Runner(load_pipeline(REPO / "tests" / "pipelines" / "tiny_spin.yaml"), run, engine=engine, log=quiet).run()
+    w1 = read_json(run / "round_001" / "train" / "weights.json")
+    w2 = read_json(run / "round_002" / "train" / "weights.json")
+    m2 = read_json(run / "round_002" / "train" / "manifest.json")["metrics"]
+    # the opponent of iteration 2 is iteration 1: it generated the rejected responses...
+    assert {r["weights"] for r in load_rows(run / "round_002" / "generate" / "data")} == {"round_001/train"}
+    # ...it is where the policy starts and it is the reference
+    assert w2["init"]["adapter"] == w1["adapter"] == w2["policy"]["adapter"]
+    assert m2["reference"] == f"policy {w1['adapter']} (frozen adapter copy)"
+    # policy == reference before the first update, so the first DPO loss is exactly log 2
+    assert m2["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert w2["adapter_hash"] != w1["adapter_hash"]  # training changed the adapter
+    ev = read_json(run / "round_002" / "evaluate" / "manifest.json")["metrics"]
+    assert ev["weights"] == "round_002/train" and ev["problems"] == 6  # and the engine served it
+
+
+def test_dpo_reference_choice_is_real(tiny_model, tiny_adapter, tmp_path):
+    """Starting from a strongly trained adapter, reference=policy gives loss log 2 at step one, reference=base
+    does not: the reference model is what the config says."""
+    from selfimprove.trainers.common import LoraSettings, Optimization
+    from selfimprove.trainers.dpo import DPO
+
+    task = Arithmetic(Arithmetic.Config(num_train=8, num_test=3, prompt_format="chat"))
+    rows = [{"prompt": task.prompt(p), "chosen": [{"role": "assistant", "content": p["solution"]}],
+             "rejected": [{"role": "assistant", "content": "The answer is 42."}]} for p in task.problems("train")]
+    losses = {}
+    for reference in ("policy", "base"):
+        cfg = DPO.Config(lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+                         optim=Optimization(max_steps=1, batch_size=4, logging_steps=1, learning_rate=1e-4),
+                         reference=reference)
+        m = DPO(cfg).train(rows, tiny_model, tiny_adapter, tmp_path / reference / "adapter", tmp_path / reference / "w",
+                           seed=0, round_index=2, policy_adapter=tiny_adapter)
+        losses[reference] = m["first_loss"]
+    assert losses["policy"] == pytest.approx(math.log(2), abs=1e-4)
+    # the tuned adapter prefers "The answer is 42." (rejected) far more than the base does: loss well above log 2
+    assert losses["base"] > math.log(2) + 0.05
+
+
+def test_iterative_dpo_round_changes_and_serves_the_adapter(engine, tmp_path):
+    run = tmp_path / "dpo"
+    Runner(load_pipeline(REPO / "tests" / "pipelines" / "tiny_dpo.yaml"), run, engine=engine, log=quiet).run()
+    pairs = load_rows(run / "round_001" / "pairs" / "data")
+    assert pairs and all(p["chosen_score"] - p["rejected_score"] >= 1.0 for p in pairs)
+    assert all(len(p["chosen"][0]["content"]) > len(p["rejected"][0]["content"]) for p in pairs)
+    w1 = read_json(run / "round_001" / "train" / "weights.json")
+    w2 = read_json(run / "round_002" / "train" / "weights.json")
+    assert w1["trained"] and w2["trained"] and w1["adapter_hash"] != w2["adapter_hash"]
+    assert w2["init"]["adapter"] == w1["adapter"]  # iterative: round 2 continues round 1's policy
+    from safetensors.torch import load_file
+
+    tensors = load_file(Path(w1["adapter"]) / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in tensors.items())  # B starts at zero: it moved
+    assert read_json(run / "round_002" / "evaluate" / "manifest.json")["metrics"]["weights"] == "round_002/train"
