@@ -49,11 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list registered models, tasks, critics, stages, engines and trainers")
 
     args = parser.parse_args(argv)
+    quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our own progress and tables: vLLM's INFO lines and datasets' save bars drown them."""
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 def cmd_run(args) -> int:

@@ -68,8 +68,7 @@ class Engine:
     completions on the same engine configuration (bitwise in float32 on CPU; see PLATFORM notes).
     """
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int,
-                 progress: str | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int) -> list[list[Completion]]:
         raise NotImplementedError
 
     def close(self) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 from ..registry import ENGINES
 from .base import Completion, Engine, Prompt, SamplingConfig, Weights
 
@@ -47,8 +45,7 @@ class HFEngine(Engine):
         self._adapter = weights.adapter
         return self._model
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int,
-                 progress: str | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int) -> list[list[Completion]]:
         import torch
 
         model = self._use(weights)
@@ -59,7 +56,7 @@ class HFEngine(Engine):
         torch.manual_seed(seed)
         results: list[list[Completion]] = []
         batches = range(0, len(texts), self.config.batch_size)
-        for start in tqdm(batches, desc=progress, disable=not progress):
+        for start in batches:
             batch = texts[start:start + self.config.batch_size]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             kwargs = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n,

@@ -110,8 +110,7 @@ class VLLMEngine(Engine):
         self._lora_ids: dict[str, int] = {}
         self.weight_loads = 0  # how many times new weights were loaded into the running engine
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int,
-                 progress: str | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         if not prompts:
@@ -124,11 +123,10 @@ class VLLMEngine(Engine):
             stop=list(sampling.stop) or None,
         )
         self.llm.collective_rpc(_reseed_worker, args=(seed,))
-        use_tqdm = bool(progress)
         if all(isinstance(p, str) for p in prompts):
-            outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
         elif all(isinstance(p, list) for p in prompts):
-            outputs = self.llm.chat(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
+            outputs = self.llm.chat(prompts, params, use_tqdm=False, lora_request=lora_request)
         else:
             raise TypeError("prompts must be all chat message lists or all strings")
         return [

@@ -8,8 +8,11 @@ seed), a resumed run's samples equal an uninterrupted run's.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
+
+from tqdm import tqdm
 
 from ..artifacts import load_rows, save_rows
 from ..engines.base import Engine, SamplingConfig, Weights
@@ -21,14 +24,17 @@ def sample_problems(*, engine: Callable[[], Engine], task, problems: list[dict],
     """Sample rows (problem columns + sample columns) for `problems`, resuming from `shard_dir`."""
     rows: list[dict] = []
     chunks = [problems[i:i + chunk_size] for i in range(0, len(problems), chunk_size)]
+    bar = tqdm(total=len(problems), desc=f"round {round_index} {stage}", unit="problem", leave=False)
+    tokens, started = 0, time.time()
     for index, chunk in enumerate(chunks):
         shard = shard_dir / f"{index:05d}"
         if shard.exists():  # finished before an interruption
             rows.extend(load_rows(shard))
+            bar.update(len(chunk))
             continue
         seed = chunk_seed(index)
         prompts = [task.prompt(p, hint=hint) for p in chunk]
-        outputs = engine().generate(prompts, sampling, weights, seed=seed, progress=f"{stage} {index + 1}/{len(chunks)}")
+        outputs = engine().generate(prompts, sampling, weights, seed=seed)
         chunk_rows = []
         for problem, prompt, completions in zip(chunk, prompts, outputs):
             for k, completion in enumerate(completions):
@@ -43,4 +49,8 @@ def sample_problems(*, engine: Callable[[], Engine], task, problems: list[dict],
                 })
         save_rows(chunk_rows, shard)
         rows.extend(chunk_rows)
+        tokens += sum(r["num_tokens"] for r in chunk_rows)
+        bar.set_postfix_str(f"{tokens / (time.time() - started):.0f} tok/s")
+        bar.update(len(chunk))
+    bar.close()
     return rows
