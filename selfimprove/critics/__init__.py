@@ -1,4 +1,10 @@
-"""Critics: samples in, verdicts out. Built-in ones register themselves here; see base.py for the protocol."""
+"""Critics: samples in, verdicts out. Built-in ones register themselves here; see base.py for the protocol.
+
+Built in, one module each: `answer` (the task's grader against the gold answer: GSM8K, arithmetic, MATH through
+Math-Verify), `majority` (label-free vote), `self_verify` (P(yes) from the policy), `llm_judge` (template + score
+parser on the policy, another local model or an OpenAI-compatible endpoint), `reward_model` (a sequence
+classifier's score) and `combine` (weights and gates over the critics before it).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from dataclasses import dataclass
 
 from ..config import ConfigError
 from ..registry import CRITICS
-from . import answer  # noqa: F401  (registers)
+from . import answer, combine, llm_judge, majority, reward_model, self_verify  # noqa: F401  (register)
 from .base import Critic, CriticContext, FunctionCritic, Verdict
 
 

@@ -1,17 +1,29 @@
 """The critic protocol: a batch of samples in, one verdict per sample out.
 
 A sample is a dict holding every column of the samples dataset: `prompt` (chat messages), `completion`,
-`problem_id`, the task's problem columns (`question`, `answer`, ...), and the sampling metadata.
+`problem_id`, the task's problem columns (`question`, `answer`, `subject`, ...), the sampling metadata, and
+`verdicts`: {critic id: verdict row} of the critics that ran before it in the same critique stage (what
+`combine` reads).
 
 A critic is either
 - a class with a `Config` dataclass (its YAML parameters), built as `Critic(config, context)`, whose
   `judge(samples)` returns one `Verdict` per sample; or
 - a plain function `fn(samples, **params)` returning, per sample, a `Verdict`, a float score, a bool label,
-  or a dict with `score`/`label`/`rationale` keys.
+  or a dict with `score`/`label`/`rationale`/`error` keys.
 
 Either is named in YAML by its registered name, by a dotted path `package.module:Name`, or by an entry point in
-the `selfimprove.critics` group. A critic that raises on a batch has every sample of that batch recorded
-with the error rather than stopping the run (see the critique stage).
+the `selfimprove.critics` group.
+
+How the critique stage calls a critic depends on two class attributes (a function may set them as attributes):
+- `batched = False` (the default): called with one sample at a time (one problem's samples at a time when
+  `per_problem`), each call under the stage's per-sample `timeout`; a call that raises or times out fails
+  exactly those samples' verdicts.
+- `batched = True` (critics that query a model and want large batches): called with `batch_size` samples,
+  without a time limit (interrupting an engine mid-call could corrupt it; their own calls are bounded by
+  max_tokens and request timeouts). They report per-sample failures themselves as `Verdict(error=...)`;
+  if the call raises, the whole batch fails.
+- `per_problem = True`: every call holds all samples of the problems it covers (majority voting needs them).
+Failed verdicts are recorded and counted; the stage fails only past its `max_error_rate`.
 """
 
 from __future__ import annotations
@@ -42,12 +54,18 @@ class CriticContext:
 class Critic:
     """Base class for class-based critics."""
 
+    batched = False  # see the module docstring
+    per_problem = False
+
     def __init__(self, config, context: CriticContext):
         self.config = config
         self.context = context
 
     def judge(self, samples: list[dict]) -> list[Verdict]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the critic holds (a judge's own engine, a reward model); called after the stage."""
 
 
 def as_verdict(value: Any) -> Verdict:
@@ -74,6 +92,8 @@ class FunctionCritic(Critic):
     def __init__(self, fn: Callable, params: dict, context: CriticContext):
         super().__init__(params, context)
         self.fn = fn
+        self.batched = bool(getattr(fn, "batched", False))
+        self.per_problem = bool(getattr(fn, "per_problem", False))
         accepted = inspect.signature(fn).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
         unknown = [k for k in params if k not in accepted and not takes_any]

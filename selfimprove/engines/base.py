@@ -71,6 +71,15 @@ class Engine:
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int) -> list[list[Completion]]:
         raise NotImplementedError
 
+    def choice_logprobs(self, prompts: list[Prompt], choices: list[str], weights: Weights) -> list[dict[str, float]]:
+        """Per prompt, {choice: log-probability that the model continues the prompt with exactly that text}.
+
+        A choice's tokens are appended to the prompt's tokens (chat prompts get the chat template with the
+        generation prompt, so a choice is scored as the start of the assistant's reply) and their log-probabilities
+        are summed. Critics read P("Yes") from it (self-verification, yes/no judges); nothing is sampled.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement choice_logprobs")
+
     def close(self) -> None:
         pass
 

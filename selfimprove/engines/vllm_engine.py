@@ -133,6 +133,39 @@ class VLLMEngine(Engine):
             [Completion(c.text, c.finish_reason or "stop", len(c.token_ids)) for c in out.outputs] for out in outputs
         ]
 
+    def choice_logprobs(self, prompts: list[Prompt], choices: list[str], weights: Weights) -> list[dict[str, float]]:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        if not choices or not all(choices):
+            raise ValueError(f"choices must be non-empty strings, got {choices!r}")
+        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
+            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
+        lora_request = self._use(weights)
+        tokenizer = self.llm.get_tokenizer()
+        choice_ids = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
+        requests, spans = [], []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                ids = tokenizer.encode(prompt)  # as llm.generate tokenizes a text prompt
+            else:
+                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                ids = tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
+            for c in choice_ids:
+                requests.append({"prompt_token_ids": ids + c})
+                spans.append(range(len(ids), len(ids) + len(c)))
+        # prompt_logprobs=0: the log-probability of each prompt token itself, no alternatives. One generated token
+        # is the least vLLM allows.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
+        scores = []
+        for out, span in zip(outputs, spans):
+            ids = out.prompt_token_ids
+            scores.append(sum(out.prompt_logprobs[t][ids[t]].logprob for t in span))
+        k = len(choices)
+        return [dict(zip(choices, scores[i * k:(i + 1) * k])) for i in range(len(prompts))]
+
     def _use(self, weights: Weights):
         """Make `weights` the ones the next call generates with; return the LoRARequest if any."""
         if self.adapter_mode == "lora":

@@ -5,7 +5,8 @@ Metrics (each with a 95% percentile-bootstrap interval over problems):
   problem (the greedy one when temperature is 0);
 - with n > 1 samples: unbiased `pass@k` for each k in `pass_k` (default 1 and n) and `maj@n`
   (majority vote over extracted answers);
-- `by/<column>=<value>/accuracy` for each column in `breakdown` (e.g. digits for arithmetic).
+- `by/<column>=<value>/accuracy` for each column in `breakdown` (e.g. digits for arithmetic); an empty
+  `breakdown` uses the task's own `breakdown` attribute when it has one (MATH: subject and level).
 
 This is the code `selfimprove eval` runs too (as a pipeline with only this stage).
 """
@@ -39,7 +40,7 @@ class Evaluate(Stage):
         sampling: SamplingConfig = field(default_factory=SamplingConfig)
         weights: str = "latest"
         pass_k: list[int] = field(default_factory=list)  # default: [1, n] when n > 1
-        breakdown: list[str] = field(default_factory=list)  # problem columns to break accuracy down by
+        breakdown: list[str] = field(default_factory=list)  # problem columns to break accuracy down by; [] = the task's
         bootstrap_resamples: int = 1000
         chunk_size: int = 64
 
@@ -63,12 +64,13 @@ class Evaluate(Stage):
             grade = ctx.task.grade(row, row["completion"])
             row.update(correct=grade.strict, correct_flexible=grade.flexible, extracted=grade.answer)
         save_rows(rows, ctx.out_dir / "data")
-        metrics = score(rows, c, seed=ctx.seed("bootstrap"))
+        breakdown = c.breakdown or list(getattr(ctx.task, "breakdown", ()))
+        metrics = score(rows, c, seed=ctx.seed("bootstrap"), breakdown=breakdown)
         return {"weights": weights.label, **metrics}
 
 
-def score(rows: list[dict], config: "Evaluate.Config", seed: int) -> dict:
-    """Statistics over graded sample rows (one or more per problem)."""
+def score(rows: list[dict], config: "Evaluate.Config", seed: int, breakdown: list[str] | None = None) -> dict:
+    """Statistics over graded sample rows (one or more per problem); `breakdown` defaults to config.breakdown."""
     by_problem: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_problem[row["problem_id"]].append(row)
@@ -86,7 +88,7 @@ def score(rows: list[dict], config: "Evaluate.Config", seed: int) -> dict:
             out.update(summarize(f"pass@{k}", values, seed, resamples))
         values = [float(majority_correct([r["extracted"] for r in g], [r["correct"] for r in g])) for g in groups]
         out.update(summarize(f"maj@{n}", values, seed, resamples))
-    for column in config.breakdown:
+    for column in config.breakdown if breakdown is None else breakdown:
         buckets: dict[str, list[float]] = defaultdict(list)
         for g in groups:
             buckets[str(g[0].get(column))].append(float(g[0]["correct"]))
