@@ -390,3 +390,10 @@ def test_precision_recall_by_hand():
     assert q["auroc"] == pytest.approx(0.5)  # scored: pos {0.9, 0.1}, neg {0.8, 0.2} → 2 of 4 pairs
     empty = critic_quality(labels=[False, False], scores=[0.1, 0.2], gold=[False, False])
     assert (empty["precision"], empty["recall"], empty["auroc"]) == (None, None, None)
+
+
+def test_benchmark_pipeline_loads():
+    """benchmarks/critic_quality.yaml is a pipeline too: it must load (and its MATH variant as well)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "critic_quality.yaml"
+    assert [s.name for s in load_pipeline(path).stages] == ["generate", "critique"]
+    assert load_pipeline(path, ["task={name: math500}"]).task_cls is MATH500
