@@ -1,12 +1,26 @@
-"""Selection: turn judged samples into an SFT training set.
+"""Selection: turn judged samples into an SFT training set (STaR's and ReST-EM's filter).
 
-`filter` keeps the samples a critic labelled correct (STaR's and ReST-EM's filter). Each source is a pair of
-a generate stage and the critique stage that judged it; a source generated with a hint (STaR's
-rationalization) is stored *without* the hint: its training prompt is the task's ordinary prompt, so the
-model learns to produce the rationale from the question alone, as STaR prescribes.
+`filter` keeps the samples a critic labelled correct. Each source is a pair of a generate stage and the
+critique stage that judged it; a source generated with a hint (STaR's rationalization) is stored *without*
+the hint: its training prompt is the task's ordinary prompt, so the model learns to produce the rationale
+from the question alone.
 
 Output rows: `prompt` (chat messages), `completion` (one assistant message), `problem_id`, `sample_ids`
 (lineage), `source` (the generate stage) and `rationalized`.
+
+STaR as `pipelines/star_arithmetic.yaml` arranges it (generate → critique → rationalize → critique → filter →
+train from the base → evaluate) deviates from Zelikman et al. (2022) in these ways, each a config choice:
+- a LoRA adapter is trained (the paper fine-tunes all of GPT-J's weights);
+- each iteration samples `n` rationales per problem at temperature 0.8 (the paper: one per problem) and
+  rationalizes with `n` hinted samples (the paper: one), keeping at most `max_per_problem` distinct correct
+  rationales per problem (the paper keeps its single one);
+- each iteration draws a fresh random subset of `num_problems` training problems (the paper: the whole set);
+- the training length is `epochs` over the kept examples; the paper's schedule (40 steps, +20% per
+  iteration) is `optim: {max_steps: 40, steps_growth: 1.2}`;
+- the hint is a sentence in the user turn ("The correct answer is N") rather than an answer placed in
+  few-shot exemplars, and prompts are zero-shot chat rather than few-shot (see tasks/arithmetic.py).
+Everything else follows the paper: only correct rationales are kept, rationalizations lose their hint, and
+every iteration restarts training from the base model on the data that iteration's model generated.
 """
 
 from __future__ import annotations

@@ -1,20 +1,26 @@
 """n-digit addition with a scratchpad rationale: the testbed on which a small model can visibly improve.
 
 In the spirit of STaR's own arithmetic experiment (Zelikman et al., 2022, §4.1: n-digit sums with a
-scratchpad, difficulty by digit count). Problems are generated from a seed; the test set is drawn first and
-the train set excludes every test pair, so the two are disjoint. Both operands of an n-digit problem have
-exactly n digits (1-digit problems use 0-9).
+scratchpad, difficulty by digit count). Problems are generated from a seed; per digit count the test set is
+drawn first, then the few-shot exemplars, then the train set, each excluding what came before, so the splits
+are disjoint. Both operands of an n-digit problem have exactly n digits (1-digit problems use 0-9).
 
-The rationale is a column-by-column scratchpad in plain words, which a 135M chat model can follow from
-three worked examples:
+Prompt formats:
+- `chat` (default): an instruction to add digit by digit and end with "The answer is <number>."; the model
+  writes its own rationale. The embedded SmolLM2-135M gets 30% / 7% / 0% of 1 / 2 / 3-digit sums right greedily
+  and 57% / 13% / 0% within 4 samples (90 test problems), so STaR has correct samples to learn from.
+- `fewshot`: three worked column-by-column scratchpads as earlier turns:
 
-    7 + 5 = 12, write 2, carry 1.
-    4 + 8 + 1 = 13, write 3, carry 1.
-    The carry 1 is the leading digit.
-    The answer is 132.
+      7 + 5 = 12, write 2, carry 1.
+      4 + 8 + 1 = 13, write 3, carry 1.
+      The carry 1 is the leading digit.
+      The answer is 132.
+
+  Closer to the paper's scratchpad, but the 135M model copies the exemplars' digits (2% greedy on 1 digit).
+The gold scratchpad is every problem's `solution` (reference rationale for SFT/SPIN).
 
 Deviation from the paper: STaR's scratchpad is a compact symbolic trace for a model fine-tuned on it; ours is
-worded for an instruct model prompted few-shot.
+worded for an instruct model, and by default the model's own wording is what STaR reinforces.
 """
 
 from __future__ import annotations

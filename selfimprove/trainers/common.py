@@ -68,12 +68,12 @@ def common_args(opt: Optimization, out_dir: Path, seed: int, round_index: int) -
 
 def load_policy(base_path: str, init_adapter: str | None, lora: LoraSettings):
     """The model to train and the peft_config to hand TRL (None when the model already carries the adapter)."""
-    import torch
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if not torch.cuda.is_available() else "auto"
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    # The frozen base stays in the folder's dtype (bf16 for the embedded model: ~1.4x faster per step on this
+    # CPU than fp32); PEFT keeps the trainable adapter weights in fp32 (autocast_adapter_dtype).
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
     if init_adapter:
         return PeftModel.from_pretrained(model, init_adapter, is_trainable=True), None
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
