@@ -18,6 +18,7 @@ interrupted one from what it had written (generation resumes chunk by chunk). Se
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import resource
 import subprocess
@@ -242,8 +243,6 @@ class Runner:
                     lines.append({"round": m["round"], "stage": m["stage"], "type": m["type"],
                                   "seconds": m["seconds"], **m["metrics"]})
         tmp = self.run_dir / ".metrics.jsonl.tmp"
-        import json
-
         tmp.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
         tmp.replace(self.run_dir / "metrics.jsonl")
 

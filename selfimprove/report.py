@@ -21,7 +21,7 @@ def collect(run_dir: str | Path) -> dict[int, list[dict]]:
 
 
 def table(run_dir: str | Path) -> tuple[list[str], list[list[str]]]:
-    header = ["round", "weights", "accuracy [95% CI]", "flexible", "kept", "rationalized", "train loss",
+    header = ["round", "weights", "accuracy [95% CI]", "flexible", "kept", "rationalized", "trained on", "train loss",
               "seconds per stage", "peak RSS MiB"]
     rows = []
     for round_index, stages in collect(run_dir).items():
@@ -39,11 +39,18 @@ def table(run_dir: str | Path) -> tuple[list[str], list[list[str]]]:
             f"{ev['accuracy_flexible']:.1%}" if "accuracy_flexible" in ev else "-",
             str(filt["metrics"]["examples"]) if filt else "-",
             str(filt["metrics"]["rationalized"]) if filt else "-",
+            _trained_on(train["metrics"]) if train else "-",
             loss,
             " ".join(f"{m['stage']}={m['seconds']:.0f}" for m in stages),
             f"{max(m.get('peak_rss_mib', 0) for m in stages):.0f}",
         ])
     return header, rows
+
+
+def _trained_on(metrics: dict) -> str:
+    if not metrics.get("trained"):
+        return "nothing"
+    return f"{metrics['pairs']} pairs" if "pairs" in metrics else f"{metrics.get('examples', 0)} examples"
 
 
 def render(run_dir: str | Path) -> str:

@@ -1,0 +1,39 @@
+"""The command line: config checks, errors, and `selfimprove eval` end to end on the tiny model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from selfimprove.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_check_and_config_error(capsys, tmp_path):
+    assert main(["run", str(REPO / "pipelines" / "star_arithmetic.yaml"), "--check"]) == 0
+    assert "ok (7 stages x 3 rounds)" in capsys.readouterr().out
+    assert main(["run", str(REPO / "pipelines" / "star_arithmetic.yaml"), "stages.generate.samplng.n=3"]) == 2
+    err = capsys.readouterr().err
+    assert "star_arithmetic.yaml: stages.generate.samplng: unknown key; valid keys of Generate.Config" in err
+
+
+def test_list_names_components(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "arithmetic, gsm8k" in out and "filter" in out and "dpo, sft" in out
+
+
+def test_eval_with_adapter_on_tiny_model(tiny_model, tiny_adapter, tmp_path):
+    run_dir = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "selfimprove.cli", "eval", "--model", "tiny-random-llama", "--task", "arithmetic",
+           "--adapter", tiny_adapter, "--num-problems", "6", "--k", "3", "--max-tokens", "8", "--run-dir",
+           str(run_dir), "engine.in_process=true", "engine.max_model_len=1024", "task.num_test=12",
+           "task.prompt_format=chat"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert line["weights"] == "initial adapter" and line["problems"] == 6 and line["samples"] == 18
+    for key in ("accuracy", "accuracy_ci_low", "pass@1", "pass@3", "maj@3", "pass@3_ci_high"):
+        assert key in line, key
+    assert "accuracy [95% CI]" in proc.stdout  # the table is printed
