@@ -65,10 +65,14 @@ def gsm8k_harness(rows: list[dict]) -> dict[str, list[bool]]:
 
 
 def minerva_utils():
-    """lm-eval's minerva_math/utils.py refuses to import unless antlr4-python3-runtime is 4.11, which sympy's
-    `parse_latex` (its exact_match metric) wants; Math-Verify (its math_verify metric, the one compared here)
-    runs on latex2sympy2_extended, which needs antlr4 4.13. So the module is imported with that one version
-    check answered "4.11"; the math_verify metric is the harness's code unchanged."""
+    """lm-eval's minerva_math/utils.py, set up to compute its math_verify metric here.
+
+    The module refuses to import unless antlr4-python3-runtime is 4.11, which sympy's `parse_latex` (behind its
+    *exact_match* metric, `is_equiv`) wants; Math-Verify (its *math_verify* metric, the one compared here) runs on
+    latex2sympy2_extended, which needs antlr4 4.13. So the module is imported with that one version check
+    answered "4.11", and `is_equiv` (which would then raise) is replaced by a stub: `process_results` runs
+    unchanged, its math_verify result is the harness's own, and its exact_match (which also needs Minerva's
+    "Final Answer: The final answer is" format) is ignored."""
     import importlib.metadata as metadata
 
     real = metadata.version
@@ -77,6 +81,7 @@ def minerva_utils():
         from lm_eval.tasks.minerva_math import utils
     finally:
         metadata.version = real
+    utils.is_equiv = lambda x1, x2: False
     return utils
 
 
