@@ -135,9 +135,6 @@ def _check_stages(specs: list[StageSpec], task_cls: type, where: str) -> None:
         check = getattr(spec.cls, "check", None)
         if check:
             check(spec.config, where, key)
-        if spec.type == "critique":
-            for i, critic in enumerate(spec.config.critics):
-                critics.resolve_critic(critic, where, f"{key}.critics[{i}]")
         earlier[spec.name] = spec
 
 
