@@ -75,6 +75,11 @@ def minerva_utils():
     "Final Answer: The final answer is" format) is ignored."""
     import importlib.metadata as metadata
 
+    # Imported first, under the real version: latex2sympy2_extended picks its generated ANTLR parser by the
+    # installed runtime's version when it is imported.
+    import latex2sympy2_extended.latex2sympy2  # noqa: F401
+    import math_verify  # noqa: F401
+
     real = metadata.version
     metadata.version = lambda name: "4.11.0" if name == "antlr4-python3-runtime" else real(name)
     try:
