@@ -34,7 +34,8 @@ class RewardModelCritic(Critic):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model, truncation_side="left")
+        # Right padding: the head pools the last non-pad token, and left padding would shift position ids.
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, truncation_side="left", padding_side="right")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(config.model, dtype=config.dtype)
