@@ -64,7 +64,7 @@ class Evaluate(Stage):
             grade = ctx.task.grade(row, row["completion"])
             row.update(correct=grade.strict, correct_flexible=grade.flexible, extracted=grade.answer)
         save_rows(rows, ctx.out_dir / "data")
-        breakdown = c.breakdown or list(getattr(ctx.task, "breakdown", ()))
+        breakdown = c.breakdown or list(ctx.task.breakdown)
         metrics = score(rows, c, seed=ctx.seed("bootstrap"), breakdown=breakdown)
         return {"weights": weights.label, **metrics}
 

@@ -77,6 +77,7 @@ class Arithmetic(Task):
                 raise ValueError(f"digits must not repeat, got {self.digits}")
 
     splits = ("train", "test", "shots")
+    breakdown = ("digits",)
 
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)

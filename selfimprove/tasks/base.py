@@ -43,6 +43,7 @@ class Task:
     """Base class: subclasses set `Config` (a dataclass) and implement the methods below."""
 
     splits: tuple[str, ...] = ("train", "test")
+    breakdown: tuple[str, ...] = ()  # problem columns the evaluate stage breaks accuracy down by, by default
 
     def __init__(self, config):
         self.config = config
