@@ -21,7 +21,9 @@ def test_run_check_and_config_error(capsys, tmp_path):
 def test_list_names_components(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "arithmetic, gsm8k" in out and "filter" in out and "dpo, sft" in out
+    lines = {line.split(":")[0].strip(): line.split(":", 1)[1] for line in out.splitlines()}
+    assert {"arithmetic", "gsm8k"} <= {n.strip() for n in lines["tasks"].split(",")}
+    assert "filter" in lines["stages"] and {"dpo", "sft"} <= {n.strip() for n in lines["trainers"].split(",")}
 
 
 def test_eval_with_adapter_on_tiny_model(tiny_model, tiny_adapter, tmp_path):
