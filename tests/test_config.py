@@ -136,3 +136,9 @@ def test_overrides_and_include(tmp_path):
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="not of the form key.sub=value"):
         apply_overrides({}, ["rounds"])
+
+
+def test_online_trainer_in_train_stage_is_refused(tmp_path):
+    text = BASE + "  train: {data: critique, trainer: {name: policy_gradient}}\n"
+    with pytest.raises(ConfigError, match=r"stages.train.trainer.name: 'policy_gradient' is an online RL trainer"):
+        load_pipeline(_write(tmp_path, text))

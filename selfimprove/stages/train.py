@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..artifacts import load_rows, write_json
+from ..config import ConfigError
 from ..engines.base import adapter_hash
 from ..models import model_identity
 from ..registry import STAGES, TRAINERS
@@ -40,7 +41,11 @@ class Train(Stage):
     @classmethod
     def check(cls, config, where: str, key: str) -> None:
         params = dict(config.trainer)
-        TRAINERS.build_config(params.pop("name"), params, where, f"{key}.trainer")
+        name = params.pop("name")
+        trainer_cls, _ = TRAINERS.build_config(name, params, where, f"{key}.trainer")
+        if getattr(trainer_cls, "online", False):
+            raise ConfigError(f"{where}: {key}.trainer.name: {name!r} is an online RL trainer; use it in a stage of "
+                              f"type `rl`, which samples from the policy as it trains")
 
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
