@@ -32,7 +32,7 @@ from typing import Literal
 
 from ..engines.base import Prompt
 from ..registry import TASKS
-from .base import Grade, Task
+from .base import Grade, Task, chat_prompt
 from .numeric import extract_flexible, extract_strict, same_number
 
 INSTRUCTION = (
@@ -85,16 +85,10 @@ class Arithmetic(Task):
         return [dict(p) for p in _generate(tuple(c.digits), c.num_train, c.num_test, c.num_shots, c.seed)[split]]
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
-        user = f"{INSTRUCTION}\n\nWhat is {problem['question']}?"
-        if hint:
-            user += "\n\n" + HINT.format(answer=problem["answer"])
-        messages = []
-        if self.config.prompt_format == "fewshot":
-            for shot in self.problems("shots"):
-                messages.append({"role": "user", "content": f"{INSTRUCTION}\n\nWhat is {shot['question']}?"})
-                messages.append({"role": "assistant", "content": shot["solution"]})
-        messages.append({"role": "user", "content": user})
-        return messages
+        shots = [(f"What is {s['question']}?", s["solution"]) for s in self.problems("shots")] \
+            if self.config.prompt_format == "fewshot" else []
+        return chat_prompt(INSTRUCTION, f"What is {problem['question']}?", shots,
+                           HINT.format(answer=problem["answer"]) if hint else None)
 
     def grade(self, problem: dict, completion: str) -> Grade:
         strict, flexible = extract_strict(completion), extract_flexible(completion)

@@ -39,6 +39,18 @@ class Grade:
         return self.strict_answer if self.strict_answer is not None else self.flexible_answer
 
 
+def chat_prompt(instruction: str, question: str, shots: list[tuple[str, str]] = (), hint: str | None = None) -> Prompt:
+    """`instruction` + `question` as the last user turn (plus `hint` when given), after `shots` as earlier
+    (question, worked solution) turns: the prompt shape every built-in task uses."""
+    messages = []
+    for shot_question, solution in shots:
+        messages.append({"role": "user", "content": f"{instruction}\n\n{shot_question}"})
+        messages.append({"role": "assistant", "content": solution})
+    user = f"{instruction}\n\n{question}" + (f"\n\n{hint}" if hint else "")
+    messages.append({"role": "user", "content": user})
+    return messages
+
+
 class Task:
     """Base class: subclasses set `Config` (a dataclass) and implement the methods below."""
 

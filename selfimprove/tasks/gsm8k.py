@@ -17,7 +17,7 @@ from typing import Literal
 
 from ..engines.base import Prompt
 from ..registry import TASKS
-from .base import Grade, Task
+from .base import Grade, Task, chat_prompt
 from .numeric import extract_flexible, extract_strict, normalize_number, same_number
 
 SEEDS = Path(__file__).resolve().parents[2] / "seeds" / "gsm8k"
@@ -50,16 +50,9 @@ class GSM8K(Task):
         return [dict(p) for p in _load(self.config.source, self.config.hub_config, split)]
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
-        user = f"{INSTRUCTION}\n\n{problem['question']}"
-        if hint:
-            user += "\n\n" + HINT.format(answer=problem["answer"])
-        messages = []
-        if self.config.prompt_format == "fewshot":
-            for shot in self.problems("train")[: self.config.num_shots]:
-                messages.append({"role": "user", "content": f"{INSTRUCTION}\n\n{shot['question']}"})
-                messages.append({"role": "assistant", "content": shot["solution"]})
-        messages.append({"role": "user", "content": user})
-        return messages
+        shots = [(s["question"], s["solution"]) for s in self.problems("train")[: self.config.num_shots]] \
+            if self.config.prompt_format == "fewshot" else []
+        return chat_prompt(INSTRUCTION, problem["question"], shots, HINT.format(answer=problem["answer"]) if hint else None)
 
     def grade(self, problem: dict, completion: str) -> Grade:
         strict, flexible = extract_strict(completion), extract_flexible(completion)

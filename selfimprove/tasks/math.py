@@ -34,7 +34,7 @@ from typing import Literal
 from ..engines.base import Prompt
 from ..registry import TASKS
 from ..timeouts import TimedOut, call_with_timeout
-from .base import Grade, Task
+from .base import Grade, Task, chat_prompt
 
 SEEDS = Path(__file__).resolve().parents[2] / "seeds" / "math"
 
@@ -104,16 +104,8 @@ class MathTask(Task):
                                        self.test_file, split)]
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
-        user = f"{INSTRUCTION}\n\n{problem['question']}"
-        if hint:
-            user += "\n\n" + HINT.format(answer=problem["answer"])
-        messages = []
-        if self.config.prompt_format == "fewshot":
-            for shot in self._shots():
-                messages.append({"role": "user", "content": f"{INSTRUCTION}\n\n{shot['question']}"})
-                messages.append({"role": "assistant", "content": shot["solution"]})
-        messages.append({"role": "user", "content": user})
-        return messages
+        shots = [(s["question"], s["solution"]) for s in self._shots()] if self.config.prompt_format == "fewshot" else []
+        return chat_prompt(INSTRUCTION, problem["question"], shots, HINT.format(answer=problem["answer"]) if hint else None)
 
     def _shots(self) -> list[dict]:
         # Short solutions only: a 2k-token context holds four of them plus the problem.
