@@ -42,7 +42,8 @@ from ..critics import CriticContext, resolve_critic
 from ..engines.base import SamplingConfig, Weights, adapter_hash
 from ..engines.merge import merged_folder
 from ..models import model_identity
-from ..registry import STAGES, TRAINERS
+from ..registry import STAGES
+from ..trainers import resolve_trainer
 from ..selfcorrection import INSTRUCTION, TURNS, Objective, turn_rewards
 from ..trainers.rl import Rollout, group_advantages
 from .base import Stage
@@ -90,17 +91,14 @@ class RL(Stage):
     @classmethod
     def check(cls, config, where: str, key: str) -> None:
         resolve_critic(config.critic, where, f"{key}.critic")
-        params = dict(config.trainer)
-        trainer_cls, _ = TRAINERS.build_config(params.pop("name"), params, where, f"{key}.trainer")
+        trainer_cls, _ = resolve_trainer(config.trainer, where, f"{key}.trainer")
         if not getattr(trainer_cls, "online", False):
             raise ConfigError(f"{where}: {key}.trainer: {trainer_cls.registered_name!r} is an offline trainer; "
                               f"an rl stage needs an online one (policy_gradient)")
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
-        params = dict(c.trainer)
-        trainer_cls, trainer_config = TRAINERS.build_config(params.pop("name"), params, "pipeline",
-                                                            f"stages.{ctx.stage}.trainer")
+        trainer_cls, trainer_config = resolve_trainer(c.trainer, "pipeline", f"stages.{ctx.stage}.trainer")
         trainer = trainer_cls(trainer_config)
         versions = ctx.out_dir / "versions"
         start = ctx.weights(c.weights)

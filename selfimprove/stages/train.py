@@ -16,7 +16,8 @@ from ..artifacts import load_rows, write_json
 from ..config import ConfigError
 from ..engines.base import adapter_hash
 from ..models import model_identity
-from ..registry import STAGES, TRAINERS
+from ..registry import STAGES
+from ..trainers import resolve_trainer
 from .base import Stage
 
 
@@ -40,18 +41,15 @@ class Train(Stage):
 
     @classmethod
     def check(cls, config, where: str, key: str) -> None:
-        params = dict(config.trainer)
-        name = params.pop("name")
-        trainer_cls, _ = TRAINERS.build_config(name, params, where, f"{key}.trainer")
+        trainer_cls, _ = resolve_trainer(config.trainer, where, f"{key}.trainer")
         if getattr(trainer_cls, "online", False):
-            raise ConfigError(f"{where}: {key}.trainer.name: {name!r} is an online RL trainer; use it in a stage of "
+            raise ConfigError(f"{where}: {key}.trainer.name: {config.trainer['name']!r} is an online RL trainer; "
+                              f"use it in a stage of "
                               f"type `rl`, which samples from the policy as it trains")
 
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
-        params = dict(c.trainer)
-        trainer_cls, trainer_config = TRAINERS.build_config(params.pop("name"), params, "pipeline",
-                                                            f"stages.{ctx.stage}.trainer")
+        trainer_cls, trainer_config = resolve_trainer(c.trainer, "pipeline", f"stages.{ctx.stage}.trainer")
         rows = load_rows(ctx.input_dir(c.data) / "data")
         policy = ctx.weights("policy")
         start = policy if c.init == "policy" else ctx.weights("base")
