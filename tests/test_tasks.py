@@ -28,6 +28,14 @@ def test_numeric_extraction(text, strict, flexible):
     assert extract_flexible(text) == flexible
 
 
+def test_strict_pick_first_matches_the_harness():
+    text = "The answer is 5. Wait, no. The answer is 6."
+    assert extract_strict(text, "first") == "5"
+    task = GSM8K(GSM8K.Config(strict_pick="first"))
+    p = next(x for x in task.problems("test") if x["answer"] == "5")
+    assert task.grade(p, text).strict and not GSM8K(GSM8K.Config()).grade(p, text).strict
+
+
 def test_normalize_number():
     assert normalize_number("1,000,000") == "1000000"
     assert normalize_number("3.140") == "3.14"

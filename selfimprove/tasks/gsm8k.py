@@ -44,6 +44,9 @@ class GSM8K(Task):
         hub_config: str = "main"
         prompt_format: Literal["chat", "fewshot"] = "chat"
         num_shots: int = 4  # fewshot: worked train solutions shown as earlier turns
+        # Which "The answer is N" counts when a completion states several: the last (the model's final answer)
+        # or the first (lm-evaluation-harness's strict-match, for numbers comparable with its GSM8K scores).
+        strict_pick: Literal["last", "first"] = "last"
 
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)
@@ -55,7 +58,7 @@ class GSM8K(Task):
         return chat_prompt(INSTRUCTION, problem["question"], shots, HINT.format(answer=problem["answer"]) if hint else None)
 
     def grade(self, problem: dict, completion: str) -> Grade:
-        strict, flexible = extract_strict(completion), extract_flexible(completion)
+        strict, flexible = extract_strict(completion, self.config.strict_pick), extract_flexible(completion)
         gold = problem["answer"]
         return Grade(same_number(strict, gold), same_number(flexible, gold), strict, flexible)
 

@@ -1,6 +1,7 @@
 """Numeric answer extraction shared by the tasks whose answers are numbers (GSM8K, arithmetic).
 
-Strict: the number after "The answer is" (or GSM8K's own "#### N"), the last such statement winning.
+Strict: the number after "The answer is" (or GSM8K's own "#### N"), the last such statement winning (or the
+first, as lm-evaluation-harness does, with `pick="first"`).
 Flexible: the last number anywhere in the completion. Both normalise thousands commas, a leading `$`,
 signs, trailing periods and decimals ("1,080" == "1080", "12.50" == "12.5", "-3" == "-3.0").
 """
@@ -35,14 +36,15 @@ def normalize_number(text: str | None) -> str | None:
     return format(value.normalize(), "f")
 
 
-def extract_strict(completion: str) -> str | None:
-    found = None
-    best = -1
-    for pattern in STRICT_PATTERNS:
-        for match in pattern.finditer(completion):
-            if match.start() > best:
-                best, found = match.start(), match.group(1)
-    return normalize_number(found)
+def extract_strict(completion: str, pick: str = "last") -> str | None:
+    """The number of the last (default: the model's final commitment) or first answer statement.
+
+    lm-evaluation-harness's GSM8K strict-match takes the first "The answer is N."; `pick="first"` reproduces it.
+    """
+    matches = sorted((m.start(), m.group(1)) for pattern in STRICT_PATTERNS for m in pattern.finditer(completion))
+    if not matches:
+        return None
+    return normalize_number(matches[-1][1] if pick == "last" else matches[0][1])
 
 
 def extract_flexible(completion: str) -> str | None:
