@@ -61,6 +61,7 @@ def common_args(opt: Optimization, out_dir: Path, seed: int, round_index: int) -
         max_steps=opt.steps_for_round(round_index), per_device_train_batch_size=opt.batch_size,
         gradient_accumulation_steps=opt.grad_accum, warmup_steps=opt.warmup,
         lr_scheduler_type=opt.lr_scheduler, weight_decay=opt.weight_decay, logging_steps=opt.logging_steps,
+        logging_first_step=True,  # so a run shorter than logging_steps still reports its starting loss
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, disable_tqdm=False,
         **device_kwargs(),
     )
