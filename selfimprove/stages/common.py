@@ -32,3 +32,12 @@ def join_verdicts(samples: list[dict], verdicts: list[dict]) -> list[dict]:
     for v in verdicts:
         by_sample[v["sample_id"]][v["critic"]] = v
     return [{**s, "verdicts": by_sample.get(s["sample_id"], {})} for s in samples]
+
+
+def pick_verdict(verdicts: dict, critic: str | None, stage: str) -> dict | None:
+    """The verdict of `critic` among a sample's verdicts; with no critic named, the only one there is."""
+    if critic is not None:
+        return verdicts.get(critic)
+    if len(verdicts) > 1:
+        raise ValueError(f"critique stage {stage!r} ran {sorted(verdicts)}: set `critic:` to say which one decides")
+    return next(iter(verdicts.values()), None)

@@ -22,7 +22,7 @@ from typing import Literal
 from ..artifacts import load_rows, save_rows
 from ..registry import STAGES
 from .base import Stage
-from .common import join_verdicts
+from .common import join_verdicts, pick_verdict
 
 
 def _assistant(text: str) -> list[dict]:
@@ -62,7 +62,7 @@ class Pairs(Stage):
             judged = []
             seen_texts = set()
             for s in sorted(group, key=lambda s: s["index"]):
-                verdict = _verdict(s["verdicts"], c.critic, c.verdicts)
+                verdict = pick_verdict(s["verdicts"], c.critic, c.verdicts)
                 text = s["completion"].strip()
                 if verdict is None or verdict["score"] is None or not text:
                     skipped["unjudged_or_empty"] += 1
@@ -103,14 +103,6 @@ def build_pairs(judged: list[tuple[dict, dict]], rule: str, min_margin: float, c
         pairs.append((ranked[i], ranked[j]))
         i, j = i + 1, j - 1
     return pairs
-
-
-def _verdict(verdicts: dict, critic: str | None, stage: str) -> dict | None:
-    if critic is not None:
-        return verdicts.get(critic)
-    if len(verdicts) > 1:
-        raise ValueError(f"critique stage {stage!r} ran {sorted(verdicts)}: set `critic:` to say which one ranks")
-    return next(iter(verdicts.values()), None)
 
 
 @STAGES.register("spin_pairs")

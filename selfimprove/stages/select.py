@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from ..artifacts import load_rows, save_rows
 from ..registry import STAGES
 from .base import Stage
-from .common import join_verdicts
+from .common import join_verdicts, pick_verdict
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Filter(Stage):
             samples = load_rows(ctx.input_dir(source.samples) / "data")
             verdicts = load_rows(ctx.input_dir(source.verdicts) / "data")
             for sample in join_verdicts(samples, verdicts):
-                verdict = _pick(sample["verdicts"], c.critic, source.verdicts)
+                verdict = pick_verdict(sample["verdicts"], c.critic, source.verdicts)
                 if not (verdict and verdict["label"]):
                     continue
                 pid = sample["problem_id"]
@@ -87,11 +87,3 @@ class Filter(Stage):
         save_rows(rows, ctx.out_dir / "data")
         return {"examples": len(rows), "problems": len(kept),
                 "rationalized": sum(r["rationalized"] for r in rows), **counts}
-
-
-def _pick(verdicts: dict, critic: str | None, stage: str) -> dict | None:
-    if critic is not None:
-        return verdicts.get(critic)
-    if len(verdicts) > 1:
-        raise ValueError(f"critique stage {stage!r} ran {sorted(verdicts)}: set `critic:` to say which one decides")
-    return next(iter(verdicts.values()), None)
