@@ -108,9 +108,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import render
+    from .report import write_report
 
-    print(render(args.run_dir))
+    write_report(args.run_dir)  # prints the table; rewrites report.md and plots/
     return 0
 
 

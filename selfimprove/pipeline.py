@@ -4,7 +4,7 @@
 runs/<name>/
   config.yaml        the resolved config, exactly what ran
   versions.json      package versions, device, git revision
-  round_000/         the base model's evaluation (evaluate stages only), when evaluate_base is true
+  round_000/         the base model's evaluation (the evaluating stages only), when evaluate_base is true
   round_001/<stage>/ one folder per stage: its artifact(s) + manifest.json (done, metrics, seconds, checksums)
   metrics.jsonl      one line per finished stage, rebuilt from the manifests
   report.md          the per-round table
@@ -44,7 +44,7 @@ class PipelineConfig:
     adapter: str | None = None  # a PEFT adapter on `model` that round 1 starts from (and round 0 evaluates)
     seed: int = 0
     rounds: int = 1
-    evaluate_base: bool = True  # round 0: run the evaluate stages on the base model
+    evaluate_base: bool = True  # round 0: run the evaluating stages (evaluate, evaluate_self_correction) on the base
     runs_dir: str = "runs"
     description: str = ""
     engine: dict = field(default_factory=lambda: {"name": "vllm"})
@@ -204,7 +204,7 @@ class Runner:
 
     def stages_of(self, round_index: int) -> list[StageSpec]:
         if round_index == 0:
-            return [s for s in self.pipeline.stages if s.type == "evaluate"]
+            return [s for s in self.pipeline.stages if s.cls.evaluates]
         return self.pipeline.stages
 
     def stage_dir(self, round_index: int, stage: str) -> Path:
@@ -223,7 +223,8 @@ class Runner:
         seconds = time.time() - started
         outputs = [p for p in (folder / "data", folder / "adapter", folder / "weights.json") if p.exists()]
         write_json(folder / MANIFEST, {
-            "done": True, "round": round_index, "stage": spec.name, "type": spec.type, "seconds": round(seconds, 2),
+            "done": True, "round": round_index, "stage": spec.name, "type": spec.type,
+            "evaluates": spec.cls.evaluates, "seconds": round(seconds, 2),
             "metrics": metrics, "checksums": checksum_files(outputs), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "peak_rss_mib": _peak_rss_mib(),
         })

@@ -24,3 +24,9 @@ def accept_even_problems(samples):
 def length_score(samples):
     """Scores a sample by its length in characters (no label): gives best_worst pairs on random text."""
     return [Verdict(score=float(len(s["completion"]))) for s in samples]
+
+
+def length_score_odd_problems(samples):
+    """Length score on problems whose id ends in an odd digit, 0 on the others: even problems' groups carry no
+    reward signal (for the rl stage's group filter)."""
+    return [Verdict(score=float(len(s["completion"])) if int(s["problem_id"][-1]) % 2 else 0.0) for s in samples]

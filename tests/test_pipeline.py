@@ -40,6 +40,8 @@ def test_two_round_star_writes_every_artifact(star_run):
     lines = read_jsonl(run_dir / "metrics.jsonl")
     assert len(lines) == 1 + 2 * len(STAGES)
     assert "accuracy_ci_low" in lines[0] and (run_dir / "report.md").read_text().count("\n") >= 5
+    assert "![accuracy](plots/accuracy.png)" in (run_dir / "report.md").read_text()
+    assert (run_dir / "plots" / "accuracy.png").stat().st_size > 0
 
 
 def test_samples_verdicts_and_selection(star_run):

@@ -154,6 +154,27 @@ def test_grpo_pipeline_chains_versions_and_rounds(grpo_run):
     assert read_json(run_dir / "round_002" / "evaluate" / "manifest.json")["metrics"]["weights"] == "round_002/rl"
 
 
+def test_filter_groups_trains_only_on_groups_whose_rewards_differ(engine, tmp_path):
+    overrides = ["rounds=1", "evaluate_base=false", "stages.rl.steps=1", "stages.rl.problems_per_step=6",
+                 "stages.rl.filter_groups=true", "stages.rl.critic={name: 'tests.plugins:length_score_odd_problems'}"]
+    Runner(load_pipeline(TINY_GRPO, overrides), tmp_path / "run", engine=engine, log=quiet).run()
+    rl = tmp_path / "run" / "round_001" / "rl"
+    step = read_json(rl / "versions" / "00001" / "step.json")
+    rows = load_rows(rl / "data")
+    odd = {r["problem_id"] for r in rows if int(r["problem_id"][-1]) % 2}
+    varied = {p for p in odd if len({len(r["turns"][0]["completion"]) for r in rows if r["problem_id"] == p}) > 1}
+    assert varied, "no odd problem's samples differed in length: nothing to keep"
+    assert step["samples"] == len(rows) and step["trained_samples"] == 3 * len(varied) < len(rows)
+    assert step["grad_norm"] > 0
+
+    # every group uniform: no update, and the next version is the same policy
+    overrides[-1] = "stages.rl.critic={name: 'tests.plugins:accept_even_problems'}"
+    Runner(load_pipeline(TINY_GRPO, overrides), tmp_path / "uniform", engine=engine, log=quiet).run()
+    rl = tmp_path / "uniform" / "round_001" / "rl"
+    assert read_json(rl / "versions" / "00001" / "step.json")["trained_samples"] == 0
+    assert adapter_hash(rl / "versions" / "00000" / "adapter") == adapter_hash(rl / "versions" / "00001" / "adapter")
+
+
 def test_rl_stage_refuses_an_offline_trainer():
     from selfimprove.config import ConfigError
 

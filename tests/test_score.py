@@ -1,5 +1,5 @@
 """SCoRe: the shaping bonus, the five self-correction metrics against a hand-made transition table, and the
-tiny pipeline end to end (baseline, stage I, stage II, evaluation) on the shared engine, with resume."""
+tiny pipeline end to end (round 0 baseline, stage I, stage II, evaluation) on the shared engine, with resume."""
 
 import shutil
 from pathlib import Path
@@ -13,7 +13,7 @@ from selfimprove.selfcorrection import INSTRUCTION, second_prompt, self_correcti
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCORE = REPO / "tests" / "pipelines" / "tiny_score.yaml"
-STAGES = ["baseline", "stage1", "stage2", "evaluate"]
+STAGES = ["stage1", "stage2", "evaluate"]
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
@@ -71,6 +71,7 @@ def score_run(engine, tmp_path_factory):
 def test_score_pipeline_writes_both_attempts_and_rewards(score_run):
     run_dir, results, _ = score_run
     r1 = run_dir / "round_001"
+    assert sorted(p.name for p in (run_dir / "round_000").iterdir()) == ["evaluate"]  # round 0: evaluating stages
     for stage in STAGES:
         assert read_json(r1 / stage / "manifest.json")["done"], stage
     for stage, objective in (("stage1", "score_stage1"), ("stage2", "score_stage2")):
@@ -120,7 +121,7 @@ def test_score_stages_change_the_policy_and_the_engine_serves_it(score_run, engi
 
 def test_self_correction_metrics_in_both_evaluations(score_run):
     run_dir, _, _ = score_run
-    base = read_json(run_dir / "round_001" / "baseline" / "manifest.json")["metrics"]
+    base = read_json(run_dir / "round_000" / "evaluate" / "manifest.json")["metrics"]
     after = read_json(run_dir / "round_001" / "evaluate" / "manifest.json")["metrics"]
     assert base["weights"] == "base" and after["weights"] == "round_001/stage2"
     for m in (base, after):
@@ -149,6 +150,26 @@ def test_interrupted_rl_stage_resumes_without_repeating_steps(score_run, engine,
     logs = []
     Runner(load_pipeline(TINY_SCORE), copy, engine=engine, log=logs.append).run()
     assert (stage2 / "versions" / "00001" / "step.json").stat().st_mtime == kept
-    assert sum("done, skipped" in str(line) for line in logs) == 2  # baseline, stage1
+    assert sum("done, skipped" in str(line) for line in logs) == 2  # round 0's evaluate, stage1
     assert adapter_hash(stage2 / "adapter") == want
     assert len(load_rows(stage2 / "data")) == 12
+
+
+def test_report_shows_self_correction_metrics_and_rl_steps(score_run):
+    from selfimprove.report import render, rl_steps
+
+    run_dir, _, _ = score_run
+    text = render(run_dir)
+    header = text.splitlines()[0]
+    for column in ("Acc@t1", "Acc@t2", "Δ(t1,t2)", "Δi→c", "Δc→i", "RL reward"):
+        assert column in header, column
+    assert "accuracy [95% CI]" not in header  # no single-attempt evaluation in this run: its columns are dropped
+    rows = text.splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["0", "1"]
+    assert "2 RL steps, 2 RL steps" in rows[1]
+    steps = rl_steps(run_dir)
+    assert [(s["round"], s["stage"], s["step"]) for s in steps] == [
+        (1, "stage1", 0), (1, "stage1", 1), (1, "stage2", 0), (1, "stage2", 1)]
+    report = (run_dir / "report.md").read_text()
+    assert "plots/accuracy.png" in report and "plots/rl.png" in report
+    assert (run_dir / "plots" / "rl.png").stat().st_size > 0

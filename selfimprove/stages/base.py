@@ -7,6 +7,7 @@ only code that knows about rounds, resume and the run directory layout.
 Conventions for what a stage writes into `ctx.out_dir`:
 - `data/`: its dataset (Hugging Face `datasets` folder), when it produces rows;
 - `adapter/` + `weights.json`: when it produces weights (`produces_weights = True`);
+A stage that only measures weights (`evaluates = True`) also runs in round 0, on the base model.
 - anything else it needs for resuming (e.g. generation shards), written atomically.
 `run()` returns a flat dict of metrics/counts, which the runner stores in the manifest and `metrics.jsonl`.
 """
@@ -43,6 +44,7 @@ class StageContext(Protocol):
 
 class Stage:
     produces_weights = False
+    evaluates = False  # round 0 (the base model's evaluation) runs exactly these stages
     Config: type
 
     def __init__(self, config, ctx: StageContext):

@@ -34,6 +34,7 @@ class EvalProblems:
 
 @STAGES.register("evaluate")
 class Evaluate(Stage):
+    evaluates = True
     @dataclass
     class Config:
         problems: EvalProblems = field(default_factory=EvalProblems)

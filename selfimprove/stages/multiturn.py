@@ -6,9 +6,9 @@ problem, the first prompt, every attempt (`turns`: completion, finish_reason, nu
 reads single-turn samples, `completion` = the last attempt. The `rl` stage samples its rollouts with it.
 
 `evaluate_self_correction` samples the test problems that way, grades both attempts with the task's grader and
-reports Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c and Δc→i with bootstrap intervals. With `weights: base` it is
-the prompting-only baseline (two attempts, no training): SCoRe pipelines run it first in round 1, since the
-runner's round 0 runs only stages of type `evaluate`. Generation is chunked and resumable like rollout.py.
+reports Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c and Δc→i with bootstrap intervals. It is an evaluating stage,
+so round 0 (`evaluate_base: true`) runs it on the base model: the prompting-only baseline (two attempts, no
+training), measured by the same code as every trained round. Generation is chunked and resumable like rollout.py.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def attempt_prompts(row: dict) -> list:
 
 @STAGES.register("evaluate_self_correction")
 class EvaluateSelfCorrection(Stage):
+    evaluates = True
     @dataclass
     class Config:
         problems: EvalProblems = field(default_factory=EvalProblems)

@@ -73,6 +73,11 @@ class RL(Stage):
         alpha: float = 10.0  # stage II shaping bonus α·(r(y2) − r(y1))
         beta1: float = 0.01  # KL to the base on every attempt
         beta2: float = 0.1  # stage I: KL to the base on attempt 1
+        # Drop groups (problems) whose every attempt got the same reward: their advantages are all zero, so they
+        # would add only the KL term to the update while costing a full forward/backward. DAPO's filter (Yu et al.,
+        # 2025) without its resampling to refill the batch: a step updates on the groups that remain, or makes no
+        # update at all when none does. Off by default (GRPO and SCoRe as published keep every group).
+        filter_groups: bool = False
 
         def __post_init__(self):
             if self.steps < 1 or self.problems_per_step < 1:
@@ -171,9 +176,13 @@ class RL(Stage):
                             eos=[t["finish_reason"] == "stop" and not stop_strings for t in row["turns"]],
                             advantages=[a[i] for a in advantages], version=row["policy_version"])
                     for i, row in enumerate(rows)]
+        if c.filter_groups:
+            informative = {r.group for r in rollouts if any(a != 0 for a in r.advantages)}
+            rollouts = [r for r in rollouts if r.group in informative]
         scored = time.time()
         update = trainer.step(rollouts, c.betas(), temperature=c.sampling.temperature)
         metrics = {"step": step, "policy_version": version, "samples": len(rows), "reward_errors": errors,
+                   "trained_samples": len(rollouts),
                    **{f"reward@t{t + 1}": sum(r[t][0] for r in rewards) / len(rows) for t in range(TURNS[c.objective])},
                    **update, "merge_seconds": round(merge_seconds, 2),
                    "generate_seconds": round(generated - started - merge_seconds, 2),

@@ -207,7 +207,9 @@ class PolicyGradient:
         return self.version
 
     def step(self, rollouts: list[Rollout], betas: list[float], temperature: float = 1.0) -> dict:
-        """One optimizer step on `rollouts`; `betas[t]` is the KL coefficient on attempt t+1's tokens."""
+        """One optimizer step on `rollouts`; `betas[t]` is the KL coefficient on attempt t+1's tokens.
+
+        No rollouts (every group filtered out) makes no update: the policy and its version stay as they are."""
         import torch
 
         if self.version is None:
@@ -217,6 +219,9 @@ class PolicyGradient:
             raise StalePolicyError(f"rollouts sampled with policy version(s) {stale}, but the policy being "
                                    f"updated is {self.version}: resample with the current weights")
         started = time.time()
+        if not rollouts:
+            return {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(betas))}, "grad_norm": 0.0,
+                    "tokens": 0, "update_seconds": 0.0}
         c = self.config
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
