@@ -5,8 +5,10 @@
 
 In one process, on one engine, over the same arithmetic prompts (greedy, so the work is identical):
 1. raw `vllm.LLM.chat` — the floor;
-2. selfimprove's rollout (`sample_problems`: reseed RPC, chunking, rows, atomic shards on disk);
-3. the same rollout after loading an adapter as merged weights into the running engine (reload, no restart);
+2. selfimprove's rollout (`sample_problems`: reseed RPC, rows, atomic shards on disk) in one chunk: the
+   pipeline's own overhead at the same batch;
+3. the same in chunks of `--chunk-size`: what resumability costs (each chunk's tail runs a shrinking batch);
+4. the one-chunk rollout after loading an adapter as merged weights into the running engine (reload, no restart);
 and it times the in-place weight reload against a fresh engine start. With `--lora`, a second engine with
 `enable_lora=True` then serves the same adapter per request (the GPU default), for the CPU comparison.
 Prints tokens/s and the ratios; nothing here is a pass/fail threshold.
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--problems", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--chunk-size", type=int, default=32, help="chunk size of the chunked pipeline run")
     parser.add_argument("--lora", action="store_true", help="also measure per-request LoRA serving")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -71,15 +74,18 @@ def main() -> None:
         outs = engine.llm.chat(prompts, params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
-    def pipeline(weights, tag) -> int:
+    def pipeline(weights, tag, chunk_size) -> int:
         out = sample_problems(engine=lambda: engine, task=task, problems=problems, sampling=sampling, weights=weights,
-                              hint=False, chunk_size=64, shard_dir=work / tag, chunk_seed=lambda i: i,
+                              hint=False, chunk_size=chunk_size, shard_dir=work / tag, chunk_seed=lambda i: i,
                               round_index=1, stage=tag)
         return sum(r["num_tokens"] for r in out)
 
     results = {}
-    for name, fn in (("raw vLLM", raw), ("pipeline, base", lambda: pipeline(Weights(model), "base")),
-                     ("pipeline, merged adapter", lambda: pipeline(adapter, "merged"))):
+    one = len(problems)
+    for name, fn in (("raw vLLM", raw), ("pipeline, base", lambda: pipeline(Weights(model), "base", one)),
+                     (f"pipeline, chunks of {args.chunk_size}",
+                      lambda: pipeline(Weights(model), "chunked", args.chunk_size)),
+                     ("pipeline, merged adapter", lambda: pipeline(adapter, "merged", one))):
         t = time.time()
         tokens = fn()
         results[name] = tokens / (time.time() - t)

@@ -159,10 +159,11 @@ def plot(run_dir: str | Path) -> list[Path]:
         folder.mkdir(exist_ok=True)
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         xs = list(range(1, len(steps) + 1))
+        nan = float("nan")  # a step without an update has no KL: a gap in the line, not a 0
         for key in sorted({k for s in steps for k in s if k.startswith("reward@")}):
-            top.plot(xs, [s.get(key) for s in steps], marker=".", label=f"mean {key}")
+            top.plot(xs, [nan if s.get(key) is None else s[key] for s in steps], marker=".", label=f"mean {key}")
         for key in sorted({k for s in steps for k in s if k.startswith("kl/")}):
-            bottom.plot(xs, [s.get(key) for s in steps], marker=".", label=key)
+            bottom.plot(xs, [nan if s.get(key) is None else s[key] for s in steps], marker=".", label=key)
         for i in range(1, len(steps)):
             if (steps[i]["round"], steps[i]["stage"]) != (steps[i - 1]["round"], steps[i - 1]["stage"]):
                 for ax in (top, bottom):

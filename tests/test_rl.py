@@ -171,7 +171,8 @@ def test_filter_groups_trains_only_on_groups_whose_rewards_differ(engine, tmp_pa
     overrides[-1] = "stages.rl.critic={name: 'tests.plugins:accept_even_problems'}"
     Runner(load_pipeline(TINY_GRPO, overrides), tmp_path / "uniform", engine=engine, log=quiet).run()
     rl = tmp_path / "uniform" / "round_001" / "rl"
-    assert read_json(rl / "versions" / "00001" / "step.json")["trained_samples"] == 0
+    step = read_json(rl / "versions" / "00001" / "step.json")
+    assert step["trained_samples"] == 0 and step["grad_norm"] is None and step["kl/attempt1"] is None
     assert adapter_hash(rl / "versions" / "00000" / "adapter") == adapter_hash(rl / "versions" / "00001" / "adapter")
 
 

@@ -43,7 +43,7 @@ class Evaluate(Stage):
         pass_k: list[int] = field(default_factory=list)  # default: [1, n] when n > 1
         breakdown: list[str] = field(default_factory=list)  # problem columns to break accuracy down by; [] = the task's
         bootstrap_resamples: int = 1000
-        chunk_size: int = 64
+        chunk_size: int = 256  # problems per engine call and per resume point (small chunks starve the batch)
 
         def __post_init__(self):
             bad = [k for k in self.pass_k if not 1 <= k <= self.sampling.n]

@@ -33,7 +33,7 @@ class Generate(Stage):
         # Only the problems of `problems.split` that have no sample labelled correct in this critique stage
         # (of this round), e.g. STaR's rationalization of the problems it failed.
         unsolved_in: str | None = None
-        chunk_size: int = 64
+        chunk_size: int = 256  # problems per engine call and per resume point (small chunks starve the batch)
 
         def __post_init__(self):
             if self.chunk_size < 1:

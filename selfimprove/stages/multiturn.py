@@ -74,7 +74,7 @@ class EvaluateSelfCorrection(Stage):
         instruction: str = INSTRUCTION
         grade: Literal["strict", "flexible"] = "strict"  # which of the task's grades counts as correct
         bootstrap_resamples: int = 1000
-        chunk_size: int = 64
+        chunk_size: int = 256  # problems per engine call and per resume point (small chunks starve the batch)
 
         def __post_init__(self):
             if self.chunk_size < 1:

@@ -209,7 +209,8 @@ class PolicyGradient:
     def step(self, rollouts: list[Rollout], betas: list[float], temperature: float = 1.0) -> dict:
         """One optimizer step on `rollouts`; `betas[t]` is the KL coefficient on attempt t+1's tokens.
 
-        No rollouts (every group filtered out) makes no update: the policy and its version stay as they are."""
+        No rollouts (every group filtered out) makes no update: the policy and its version stay as they are, and
+        the loss, KL and gradient norm are None (not measured), not 0."""
         import torch
 
         if self.version is None:
@@ -220,7 +221,7 @@ class PolicyGradient:
                                    f"updated is {self.version}: resample with the current weights")
         started = time.time()
         if not rollouts:
-            return {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(betas))}, "grad_norm": 0.0,
+            return {"loss": None, **{f"kl/attempt{t + 1}": None for t in range(len(betas))}, "grad_norm": None,
                     "tokens": 0, "update_seconds": 0.0}
         c = self.config
         self.model.train()
