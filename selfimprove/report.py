@@ -126,59 +126,68 @@ def plot(run_dir: str | Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
-    folder = run_dir / "plots"
-    written = []
+    return [p for p in (_plot_accuracy(run_dir), _plot_rl(run_dir)) if p is not None]
+
+
+def _plot_accuracy(run_dir: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
     per_round = [(r, evaluations(stages)[-1]["metrics"]) for r, stages in collect(run_dir).items() if evaluations(stages)]
     series = [(k, label) for k, label in (("accuracy", "accuracy (strict)"), ("accuracy_flexible", "accuracy (flexible)"),
                                           ("accuracy@t1", "Acc@t1"), ("accuracy@t2", "Acc@t2"))
               if any(k in m for _, m in per_round)]
-    if per_round and series:
-        folder.mkdir(exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in series:
-            points = [(r, m) for r, m in per_round if key in m]
-            xs = [r for r, _ in points]
-            ys = [m[key] for _, m in points]
-            low = [m[key] - m.get(f"{key}_ci_low", m[key]) for _, m in points]
-            high = [m.get(f"{key}_ci_high", m[key]) - m[key] for _, m in points]
-            ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
-        ax.set(xlabel="round (0 = base model)", ylabel="accuracy", title=f"{run_dir.name}: evaluation per round")
-        ax.set_xticks(sorted({r for r, _ in per_round}))
-        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in series:
+        points = [(r, m) for r, m in per_round if key in m]
+        low = [m[key] - m.get(f"{key}_ci_low", m[key]) for _, m in points]
+        high = [m.get(f"{key}_ci_high", m[key]) - m[key] for _, m in points]
+        ax.errorbar([r for r, _ in points], [m[key] for _, m in points], yerr=[low, high], marker="o", capsize=3,
+                    label=label)
+    ax.set(xlabel="round (0 = base model)", ylabel="accuracy", title=f"{run_dir.name}: evaluation per round")
+    ax.set_xticks(sorted({r for r, _ in per_round}))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    return _save(fig, [ax], run_dir / "plots" / "accuracy.png")
+
+
+def _plot_rl(run_dir: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = rl_steps(run_dir)
+    if not steps:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    xs = list(range(1, len(steps) + 1))
+    for ax, prefix in ((top, "reward@"), (bottom, "kl/")):
+        for key in sorted({k for s in steps for k in s if k.startswith(prefix)}):
+            # a step without an update has no KL (None): a gap in the line, not a 0
+            ax.plot(xs, [float("nan") if s.get(key) is None else s[key] for s in steps], marker=".",
+                    label=f"mean {key}" if prefix == "reward@" else key)
+    for i in range(1, len(steps)):
+        if (steps[i]["round"], steps[i]["stage"]) != (steps[i - 1]["round"], steps[i - 1]["stage"]):
+            for ax in (top, bottom):
+                ax.axvline(i + 0.5, color="grey", linestyle="--", linewidth=0.8)
+    top.set(ylabel="reward", title=f"{run_dir.name}: RL steps ({', '.join(_stage_spans(steps))})")
+    bottom.set(xlabel="RL step (all rounds and stages, in order)", ylabel="KL to base (k3)")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, [top, bottom], run_dir / "plots" / "rl.png")
+
+
+def _save(fig, axes, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / "accuracy.png", dpi=100)
-        plt.close(fig)
-        written.append(folder / "accuracy.png")
-    steps = rl_steps(run_dir)
-    if steps:
-        folder.mkdir(exist_ok=True)
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-        xs = list(range(1, len(steps) + 1))
-        nan = float("nan")  # a step without an update has no KL: a gap in the line, not a 0
-        for key in sorted({k for s in steps for k in s if k.startswith("reward@")}):
-            top.plot(xs, [nan if s.get(key) is None else s[key] for s in steps], marker=".", label=f"mean {key}")
-        for key in sorted({k for s in steps for k in s if k.startswith("kl/")}):
-            bottom.plot(xs, [nan if s.get(key) is None else s[key] for s in steps], marker=".", label=key)
-        for i in range(1, len(steps)):
-            if (steps[i]["round"], steps[i]["stage"]) != (steps[i - 1]["round"], steps[i - 1]["stage"]):
-                for ax in (top, bottom):
-                    ax.axvline(i + 0.5, color="grey", linestyle="--", linewidth=0.8)
-        top.set(ylabel="reward", title=f"{run_dir.name}: RL steps ({', '.join(_stage_spans(steps))})")
-        bottom.set(xlabel="RL step (all rounds and stages, in order)", ylabel="KL to base (k3)")
-        bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        for ax in (top, bottom):
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / "rl.png", dpi=100)
-        plt.close(fig)
-        written.append(folder / "rl.png")
-    return written
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _stage_spans(steps: list[dict]) -> list[str]:
