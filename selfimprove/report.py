@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 from .artifacts import MANIFEST, read_json
 
 
@@ -108,17 +110,13 @@ def render(run_dir: str | Path) -> str:
 
 def rl_steps(run_dir: str | Path) -> list[dict]:
     """Every finished RL step of the run (also of a stage still running), in training order, with its round and
-    stage: the records the rl stage writes as versions/<k>/step.json."""
-    out = []
-    for round_dir in sorted(Path(run_dir).glob("round_*")):
-        stage_dirs = [d for d in round_dir.iterdir() if (d / "versions").is_dir()]
-        records = {d.name: [read_json(p) for p in sorted((d / "versions").glob("[0-9]*/step.json"))] for d in stage_dirs}
-        # stages of one round ran one after the other: order them by when their first step finished
-        first = {d.name: min((p.stat().st_mtime for p in (d / "versions").glob("[0-9]*/step.json")), default=0.0)
-                 for d in stage_dirs}
-        for name in sorted(records, key=first.__getitem__):
-            out += [{"round": int(round_dir.name.split("_")[1]), "stage": name, **step} for step in records[name]]
-    return out
+    stage: the records the rl stage writes as versions/<k>/step.json. Within a round, stages ran in the order
+    the run's config.yaml lists them."""
+    run_dir = Path(run_dir)
+    order = list(yaml.safe_load((run_dir / "config.yaml").read_text())["stages"])
+    return [{"round": int(round_dir.name.split("_")[1]), "stage": name, **read_json(path)}
+            for round_dir in sorted(run_dir.glob("round_*")) for name in order
+            for path in sorted((round_dir / name / "versions").glob("[0-9]*/step.json"))]
 
 
 def plot(run_dir: str | Path) -> list[Path]:
