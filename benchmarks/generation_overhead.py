@@ -38,7 +38,7 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from selfimprove.engines.base import SamplingConfig, Weights
+    from selfimprove.records import SamplingConfig, Weights
     from selfimprove.engines.merge import merged_folder
     from selfimprove.engines.vllm_engine import VLLMEngine
     from selfimprove.models import prepare_model

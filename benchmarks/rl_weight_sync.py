@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-    from selfimprove.engines.base import SamplingConfig, Weights
+    from selfimprove.records import SamplingConfig, Weights
     from selfimprove.engines.merge import merged_folder
     from selfimprove.engines.vllm_engine import VLLMEngine
     from selfimprove.models import prepare_model

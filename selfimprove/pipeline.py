@@ -32,7 +32,7 @@ import yaml
 from . import critics, engines, stages, tasks, trainers  # noqa: F401  (register components)
 from .artifacts import MANIFEST, checksum_files, is_done, read_json, write_json
 from .config import ConfigError, apply_overrides, build, load_yaml, to_dict
-from .engines.base import Weights
+from .records import Weights
 from .models import check_model_ref, prepare_model
 from .registry import ENGINES, STAGES, TASKS
 

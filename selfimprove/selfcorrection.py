@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .engines.base import Prompt
+from .records import Prompt
 from .metrics import summarize
 
 INSTRUCTION = (

@@ -10,7 +10,7 @@ import pytest
 
 from selfimprove.artifacts import load_rows, read_json
 from selfimprove.critics import CriticContext, resolve_critic
-from selfimprove.engines.base import Weights
+from selfimprove.records import Weights
 from selfimprove.pipeline import Runner, load_pipeline
 from selfimprove.tasks.arithmetic import INSTRUCTION, Arithmetic
 

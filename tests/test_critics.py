@@ -18,7 +18,7 @@ from selfimprove.config import ConfigError
 from selfimprove.critics import CriticContext, Verdict, resolve_critic
 from selfimprove.critics.quality import auroc, critic_quality
 from selfimprove.critics.self_verify import yes_probability
-from selfimprove.engines.base import Completion, Weights
+from selfimprove.records import Completion, Weights
 from selfimprove.pipeline import load_pipeline
 from selfimprove.stages.critique import Critique
 from selfimprove.tasks.gsm8k import GSM8K

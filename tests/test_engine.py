@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.engines.base import SamplingConfig, Weights
+from selfimprove.records import SamplingConfig, Weights
 from selfimprove.tasks.arithmetic import Arithmetic
 
 from .conftest import TARGET
@@ -55,7 +55,7 @@ def test_merged_adapter_is_served_without_restart(engine, tiny_model, tiny_adapt
 LORA_SCRIPT = """
 import json, sys
 from selfimprove.engines.vllm_engine import VLLMEngine
-from selfimprove.engines.base import SamplingConfig, Weights
+from selfimprove.records import SamplingConfig, Weights
 from selfimprove.tasks.arithmetic import Arithmetic
 if __name__ == "__main__":
     model, adapter = sys.argv[1], sys.argv[2]

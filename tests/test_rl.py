@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from selfimprove.artifacts import load_rows, read_json
-from selfimprove.engines.base import SamplingConfig, Weights, adapter_hash
+from selfimprove.records import SamplingConfig, Weights, adapter_hash
 from selfimprove.pipeline import Runner, load_pipeline
 from selfimprove.selfcorrection import second_prompt
 from selfimprove.trainers.rl import PolicyGradient, Rollout, StalePolicyError, encode_rollout, group_advantages, kl_k3

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from selfimprove.artifacts import load_rows, read_json
-from selfimprove.engines.base import Weights, adapter_hash
+from selfimprove.records import Weights, adapter_hash
 from selfimprove.pipeline import Runner, load_pipeline
 from selfimprove.selfcorrection import INSTRUCTION, second_prompt, self_correction_metrics, turn_rewards
 

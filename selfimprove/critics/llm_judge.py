@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..engines.base import SamplingConfig, Weights
+from ..records import SamplingConfig, Weights
 from ..registry import CRITICS
 from .base import Critic, Verdict
 

@@ -1,6 +1,6 @@
 """Generation engines. vLLM is imported only when its engine is built, so configs load without it."""
 
 from . import hf_engine, vllm_engine  # noqa: F401  (register)
-from .base import Completion, Engine, SamplingConfig, Weights
+from .base import Engine
 
-__all__ = ["Completion", "Engine", "SamplingConfig", "Weights"]
+__all__ = ["Engine"]

@@ -7,65 +7,16 @@ running engine) is the engine's business, chosen by its config with a per-device
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Union
+from ..records import Completion, Prompt, SamplingConfig, Weights
 
-Message = dict  # {"role": ..., "content": ...}
-Prompt = Union[list[Message], str]  # chat messages (the chat template is applied) or raw text
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A policy: the base model folder plus, optionally, a PEFT adapter folder trained on it."""
-
-    base: str
-    adapter: str | None = None
-    label: str = "base"  # human-readable lineage, e.g. "round_001/train"
-
-    @property
-    def key(self) -> str:
-        return self.adapter or self.base
-
-    def to_dict(self) -> dict:
-        return {"base": self.base, "adapter": self.adapter, "label": self.label}
-
-
-@dataclass
-class SamplingConfig:
-    """How to sample; the fields every generating stage exposes."""
-
-    n: int = 1  # samples per prompt
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    max_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.temperature == 0 and self.n > 1:
-            raise ValueError(f"n={self.n} samples with temperature 0 would be {self.n} copies of one greedy answer")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str  # "stop" or "length"
-    num_tokens: int
+__all__ = ["Engine"]
 
 
 class Engine:
     """Base class of engines. `generate` returns, per prompt, `sampling.n` completions.
 
     `seed` makes sampled generations reproducible: the same prompts, sampling, weights and seed give the same
-    completions on the same engine configuration (bitwise in float32 on CPU; see PLATFORM notes).
+    completions on the same engine configuration (bitwise in float32 on CPU; docs/cpu.md).
     """
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int) -> list[list[Completion]]:
@@ -82,14 +33,3 @@ class Engine:
 
     def close(self) -> None:
         pass
-
-
-def adapter_hash(adapter_dir: str | Path) -> str:
-    """Short content hash of an adapter's weights, to tell versions apart and to name merged folders."""
-    digest = hashlib.sha256()
-    for file in sorted(Path(adapter_dir).glob("*.safetensors")):
-        digest.update(file.read_bytes())
-    cfg = Path(adapter_dir) / "adapter_config.json"
-    if cfg.exists():
-        digest.update(json.dumps(json.loads(cfg.read_text()), sort_keys=True).encode())
-    return digest.hexdigest()[:16]

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import ENGINES
-from .base import Completion, Engine, Prompt, SamplingConfig, Weights
+from .base import Engine
+from ..records import Completion, Prompt, SamplingConfig, Weights
 
 
 @ENGINES.register("hf")

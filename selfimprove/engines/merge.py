@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..artifacts import read_json, replace_dir, write_json
-from .base import Weights, adapter_hash
+from ..records import Weights, adapter_hash
 
 
 def merged_folder(weights: Weights) -> Path:

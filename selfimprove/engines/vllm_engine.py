@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..registry import ENGINES
-from .base import Completion, Engine, Prompt, SamplingConfig, Weights
+from .base import Engine
+from ..records import Completion, Prompt, SamplingConfig, Weights
 from .merge import merged_folder
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..engines.base import Weights
+from ..records import Weights
 
 
 class StageContext(Protocol):

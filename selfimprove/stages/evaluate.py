@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..artifacts import save_rows
-from ..engines.base import SamplingConfig
+from ..records import SamplingConfig
 from ..metrics import majority_correct, pass_at_k, summarize
 from ..registry import STAGES
 from .base import Stage

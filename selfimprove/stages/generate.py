@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..artifacts import load_rows, save_rows
-from ..engines.base import SamplingConfig
+from ..records import SamplingConfig
 from ..registry import STAGES
 from .base import Stage
 from .common import problem_subset, unsolved_problem_ids

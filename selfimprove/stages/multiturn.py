@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..artifacts import load_rows, save_rows
-from ..engines.base import SamplingConfig, Weights
+from ..records import SamplingConfig, Weights
 from ..registry import STAGES
 from ..selfcorrection import INSTRUCTION, second_prompt, self_correction_metrics
 from .base import Stage

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from ..artifacts import load_rows, read_json, replace_dir, save_rows, write_json
 from ..config import ConfigError
 from ..critics import CriticContext, resolve_critic
-from ..engines.base import SamplingConfig, Weights, adapter_hash
+from ..records import SamplingConfig, Weights, adapter_hash
 from ..engines.merge import merged_folder
 from ..models import model_identity
 from ..registry import STAGES

@@ -15,7 +15,8 @@ from typing import Callable
 from tqdm import tqdm
 
 from ..artifacts import load_rows, save_rows
-from ..engines.base import Engine, SamplingConfig, Weights
+from ..engines.base import Engine
+from ..records import SamplingConfig, Weights
 
 
 def sample_problems(*, engine: Callable[[], Engine], task, problems: list[dict], sampling: SamplingConfig,

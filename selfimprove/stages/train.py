@@ -14,7 +14,7 @@ from typing import Literal
 
 from ..artifacts import load_rows, write_json
 from ..config import ConfigError
-from ..engines.base import adapter_hash
+from ..records import adapter_hash
 from ..models import model_identity
 from ..registry import STAGES
 from ..trainers import resolve_trainer

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from ..engines.base import Prompt
+from ..records import Prompt
 from ..registry import TASKS
 from .base import Grade, Task, chat_prompt
 from .numeric import extract_flexible, extract_strict, same_number

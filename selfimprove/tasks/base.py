@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engines.base import Prompt
+from ..records import Prompt
 
 
 @dataclass

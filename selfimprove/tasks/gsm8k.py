@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from ..engines.base import Prompt
+from ..records import Prompt
 from ..registry import TASKS
 from .base import Grade, Task, chat_prompt
 from .numeric import extract_flexible, extract_strict, normalize_number, same_number

@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from ..engines.base import Prompt
+from ..records import Prompt
 from ..registry import TASKS
 from ..timeouts import TimedOut, call_with_timeout
 from .base import Grade, Task, chat_prompt

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..engines.base import Prompt, adapter_hash
+from ..records import Prompt, adapter_hash
 from ..registry import TRAINERS
 from .common import LoraSettings, save_adapter
 
