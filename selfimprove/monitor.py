@@ -1,0 +1,140 @@
+"""The B-STaR monitor (Zeng et al., 2024): how much a round explores and how well its selection exploits.
+
+Self-improvement stalls when the model stops producing varied correct solutions (exploration) or when the
+critic stops separating good samples from bad ones (exploitation). B-STaR measures both on a round's training
+prompts and folds them into one number, the balance score, which it uses to pick the next round's sampling
+temperature and reward threshold. These are pure functions over rows, so a stage, the report or a notebook can
+call them on what a run already saved.
+
+Inputs of `monitor_round`:
+- `samples`: one round's sampled rows (a generate stage's data) with `sample_id`, `problem_id`, `completion`
+  and `extracted` (the task's extracted answer, `task.grade(row, row["completion"]).answer`; None when the
+  sample has none); the caller adds `extracted`, as the evaluate stage does for its rows;
+- `gold`: per sample, in the order of `samples`, the gold correctness (`task.grade(...).correct`), None where
+  the sample has no gold answer or grading failed (the critique stage's `_gold` computes exactly this list);
+- `kept_ids`: the sample ids selection kept (the filter's rows' `sample_ids`); ids of samples not in `samples`
+  (e.g. rationalizations from another generate stage) are ignored, so the metrics describe the selection of
+  these samples.
+
+Metrics (names as `monitor_round` returns them):
+- exploration, over the prompts all of whose samples have gold (`bstar/prompts_with_gold` of them):
+  `bstar/pass@k`, the unbiased pass@k of Chen et al. (2021) per prompt (metrics.pass_at_k) with k = `bstar/k`,
+  the fewest samples any such prompt has (normally every prompt's n), averaged over prompts;
+  `bstar/correct_per_prompt`, the mean number of correct samples per prompt;
+  `bstar/distinct_correct_answers`, the mean number of distinct extracted answers among a prompt's correct
+  samples (answers are compared as strings; a correct sample without an extracted answer adds none);
+  `bstar/distinct_correct_completions`, the mean number of distinct correct completions per prompt (the paper's
+  notion of diversity: different correct solutions, not only different answers);
+- over all prompts (`bstar/prompts`): `bstar/distinct_completions`, the mean number of distinct completions per
+  prompt. Completions are compared after stripping surrounding whitespace, as the filter's dedupe does;
+- exploitation: `bstar/kept` (kept samples), `bstar/precision` (the share of kept samples with gold that are
+  correct; NaN when none has gold), and `bstar/balance` (below), with `bstar/balance_queries` the number of
+  queries it averages over and `bstar/n_star` the n* used.
+
+The balance score, exactly as the authors' `cal_modi_acc_soft` (hkust-nlp/B-STaR, train_code/determine_hyper.py)
+computes it: for each query i with n_i >= 1 samples kept after selection, of which n'_i are correct,
+bs_i = min(n'_i / n*, 1) · (n'_i / n_i), and the score is the mean of bs_i over those queries. Queries with
+n_i = 0 (nothing kept) are left out of the mean, not counted as 0: the authors' code enumerates the queries
+present in the selected data only. With no query kept at all the score is NaN (the authors' `np.mean([])`).
+Two choices here where the authors had no equivalent: a kept sample without gold is left out of n_i and n'_i
+(their code always has a reference answer), and n'_i uses gold correctness, as theirs compares each kept
+answer to the reference. n* defaults to 8, the authors' value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .metrics import pass_at_k
+
+N_STAR = 8  # the authors' n*: a query needs this many correct kept samples to count fully
+
+
+def balance_score(kept_correct: Mapping[str, Sequence[bool]], n_star: int = N_STAR) -> float:
+    """B-STaR's balance score from each query's kept samples' correctness (query id → [correct, ...]).
+
+    Mean over queries with at least one kept sample of min(n'/n*, 1) · (n'/n); NaN when no query has any."""
+    if n_star < 1:
+        raise ValueError(f"n_star must be >= 1, got {n_star}")
+    scores = [min(sum(c) / n_star, 1.0) * (sum(c) / len(c)) for c in kept_correct.values() if c]
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+def exploration(samples: Sequence[dict], gold: Sequence[bool | None]) -> dict:
+    """The exploration metrics of the module docstring, from sampled rows and their gold correctness."""
+    _check_aligned(samples, gold)
+    groups: dict[str, list[tuple[dict, bool | None]]] = defaultdict(list)
+    for row, g in zip(samples, gold):
+        groups[row["problem_id"]].append((row, g))
+    out: dict = {"bstar/prompts": len(groups),
+                 "bstar/distinct_completions": _mean([len({r["completion"].strip() for r, _ in g})
+                                                      for g in groups.values()])}
+    graded = [g for g in groups.values() if all(ok is not None for _, ok in g)]
+    out["bstar/prompts_with_gold"] = len(graded)
+    if not graded:
+        return out
+    k = min(len(g) for g in graded)
+    correct = [[r for r, ok in g if ok] for g in graded]
+    out.update({
+        "bstar/k": k,
+        "bstar/pass@k": _mean([pass_at_k(len(g), len(c), k) for g, c in zip(graded, correct)]),
+        "bstar/correct_per_prompt": _mean([len(c) for c in correct]),
+        "bstar/distinct_correct_answers": _mean([len({str(r["extracted"]) for r in c if r["extracted"] is not None})
+                                                 for c in correct]),
+        "bstar/distinct_correct_completions": _mean([len({r["completion"].strip() for r in c}) for c in correct]),
+    })
+    return out
+
+
+def exploitation(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids: Iterable[str],
+                 n_star: int = N_STAR) -> dict:
+    """Precision of the kept samples against gold, and the balance score (module docstring)."""
+    _check_aligned(samples, gold)
+    kept_ids = set(kept_ids)
+    kept = [(row, g) for row, g in zip(samples, gold) if row["sample_id"] in kept_ids]
+    judged = [g for _, g in kept if g is not None]
+    per_query: dict[str, list[bool]] = defaultdict(list)
+    for row, g in kept:
+        if g is not None:
+            per_query[row["problem_id"]].append(bool(g))
+    return {"bstar/kept": len(kept),
+            "bstar/precision": sum(judged) / len(judged) if judged else float("nan"),
+            "bstar/balance": balance_score(per_query, n_star),
+            "bstar/balance_queries": len(per_query), "bstar/n_star": n_star}
+
+
+def monitor_round(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids: Iterable[str],
+                  n_star: int = N_STAR) -> dict:
+    """Every B-STaR metric of one round, as one flat dict (names in the module docstring)."""
+    return {**exploration(samples, gold), **exploitation(samples, gold, kept_ids, n_star)}
+
+
+def choose_setting(results: Mapping[Any, float] | Iterable[tuple[Any, float]]) -> Any:
+    """The candidate setting with the highest balance score, from a sweep: {setting: score} or (setting, score)
+    pairs, e.g. [(0.7, 0.31), (1.0, 0.42)] over temperatures, or [((t, threshold), score), ...].
+
+    Ties go to the candidate listed first, as the authors' `combinations[effect_values.index(max(...))]` does, so
+    the choice depends only on the order the sweep lists its candidates. A NaN score (a setting whose selection
+    kept nothing) never wins; a sweep with no finite score is an error."""
+    pairs = list(results.items() if isinstance(results, Mapping) else results)
+    best = None
+    for setting, score in pairs:
+        if math.isnan(score):
+            continue
+        if best is None or score > best[1]:
+            best = (setting, score)
+    if best is None:
+        raise ValueError(f"no candidate setting has a balance score (got {len(pairs)} candidates, none finite)")
+    return best[0]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _check_aligned(samples: Sequence[dict], gold: Sequence[bool | None]) -> None:
+    if len(samples) != len(gold):
+        raise ValueError(f"gold has {len(gold)} entries for {len(samples)} samples: give one per sample, in order")
