@@ -1,8 +1,9 @@
-"""Command line: `selfimprove run | eval | report | prepare | list`.
+"""Command line: `selfimprove run | eval | report | compare | prepare | list`.
 
-    selfimprove run pipelines/star_arithmetic.yaml [key.sub=value ...]
+    selfimprove run pipelines/star_arithmetic.yaml [key.sub=value ...] [--check]
     selfimprove eval --model smollm2-135m-instruct --task gsm8k --num-problems 200
     selfimprove report runs/star_arithmetic
+    selfimprove compare runs/star_arithmetic runs/grpo_arithmetic --out compare.html
 """
 
 from __future__ import annotations
@@ -27,28 +28,39 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = sub.add_parser("eval", help="evaluate a model (and optionally an adapter) on a task", description=(
         "Greedy or sampled evaluation with accuracy (strict and flexible), pass@k and maj@k, 95%% bootstrap "
-        "intervals; every generation is saved beside the metrics. Runs the pipeline's own evaluate stage."))
-    ev.add_argument("--model", default="smollm2-135m-instruct", help="registered model name or model folder")
+        "intervals; every generation is saved beside the metrics. Runs the pipeline's own evaluate stage; "
+        "unset options take the pipeline's and the evaluate stage's defaults."))
+    ev.add_argument("--model", help="registered model name or model folder (default: the pipeline default)")
     ev.add_argument("--adapter", help="PEFT adapter folder trained on --model")
-    ev.add_argument("--task", default="gsm8k", help="task name (gsm8k, arithmetic, ...)")
-    ev.add_argument("--split", default="test")
+    ev.add_argument("--task", help="task name (gsm8k, arithmetic, ...; default: the pipeline default)")
+    ev.add_argument("--split", help="default: the evaluate stage's")
     ev.add_argument("--num-problems", type=int, help="the first N problems of the split (default: all)")
     ev.add_argument("--k", type=int, default=1, help="samples per problem (k > 1 reports pass@k and maj@k)")
     ev.add_argument("--temperature", type=float, help="default 0 for k=1, 0.7 for k>1")
-    ev.add_argument("--max-tokens", type=int, default=512)
-    ev.add_argument("--engine", default="vllm", help="vllm or hf")
+    ev.add_argument("--max-tokens", type=int, help="default: the sampling default")
+    ev.add_argument("--engine", help="vllm or hf (default: the pipeline default)")
     ev.add_argument("--run-dir", help="where generations and metrics go (default runs/eval/<model>-<task>-<hash>)")
     ev.add_argument("overrides", nargs="*", help="extra key=value overrides, e.g. task.prompt_format=fewshot")
 
     rep = sub.add_parser("report", help="print the per-round table of a run")
     rep.add_argument("run_dir")
 
+    cmp = sub.add_parser("compare", help="compare finished runs: accuracy curves, config differences, paired test")
+    cmp.add_argument("run_dirs", nargs="+")
+    cmp.add_argument("--out", help="also write a self-contained HTML page here")
+
     prep = sub.add_parser("prepare", help="prepare a registered model folder (GGUF → safetensors, once)")
     prep.add_argument("model")
 
     sub.add_parser("list", help="list registered models, tasks, critics, stages, engines and trainers")
 
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options: `run X.yaml --check key=value` and `run X.yaml key=value --check`
+    # (argparse leaves positionals after an option unparsed when nargs="*" already matched).
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     quiet_libraries()
     try:
         return COMMANDS[args.command](args)
@@ -62,7 +74,6 @@ def quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
     datasets.disable_progress_bars()
@@ -87,24 +98,26 @@ def cmd_eval(args) -> int:
     from .pipeline import Runner, load_pipeline
 
     temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 0.7)
-    model_tag = Path(args.model).name
-    data = {
-        "name": f"{model_tag}-{args.task}" + (f"-{Path(args.adapter).parent.name}" if args.adapter else ""),
-        "model": args.model, "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
-        "rounds": 0, "evaluate_base": True,
-        "engine": {"name": args.engine}, "task": {"name": args.task},
-        "stages": {"evaluate": {
-            "problems": {"split": args.split, "num_problems": args.num_problems},
-            "sampling": {"n": args.k, "temperature": temperature, "max_tokens": args.max_tokens},
-            "weights": "policy",
-        }},
-    }
+    sampling = {"n": args.k, "temperature": temperature,
+                **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {})}
+    problems = {"num_problems": args.num_problems, **({"split": args.split} if args.split else {})}
+    data = {"rounds": 0, "evaluate_base": True, "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
+            "stages": {"evaluate": {"problems": problems, "sampling": sampling, "weights": "policy"}}}
+    data.update({k: v for k, v in (("model", args.model), ("engine", args.engine), ("task", args.task)) if v})
+    data["name"] = "-".join([Path(args.model or "default").name, args.task or "default-task",
+                             *([Path(args.adapter).parent.name] if args.adapter else [])])
     pipeline = load_pipeline(None, args.overrides, data=data)
     # One folder per distinct evaluation, so re-running the same command resumes and a different one never
     # collides with it.
     tag = hashlib.sha256(json.dumps([data, args.overrides], sort_keys=True).encode()).hexdigest()[:8]
     Runner(pipeline, args.run_dir or Path("runs") / "eval" / f"{data['name']}-{tag}").run()
     return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import main as compare
+
+    return compare(args.run_dirs, args.out)
 
 
 def cmd_report(args) -> int:
@@ -122,17 +135,17 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from . import pipeline  # noqa: F401  (registers everything)
     from .models import model_names
-    from .registry import CRITICS, ENGINES, STAGES, TASKS, TRAINERS
+    from .registry import BASELINES, CRITICS, ENGINES, OBJECTIVES, STAGES, TASKS, TRAINERS
 
-    print("models:  ", ", ".join(model_names()))
-    for registry in (TASKS, CRITICS, STAGES, ENGINES, TRAINERS):
-        print(f"{registry.kind + 's:':9}", ", ".join(registry.names()))
+    print(f"{'models:':11}", ", ".join(model_names()))
+    for registry in (TASKS, CRITICS, STAGES, ENGINES, TRAINERS, OBJECTIVES, BASELINES):
+        print(f"{registry.kind + 's:':11}", ", ".join(registry.names()))
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "prepare": cmd_prepare, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "compare": cmd_compare, "prepare": cmd_prepare,
+            "list": cmd_list}
 
 if __name__ == "__main__":
     sys.exit(main())

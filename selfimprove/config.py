@@ -18,45 +18,11 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, Union
-
-import yaml
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names file, key and fix."""
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, resolving `include:` keys (at any depth) recursively."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return _resolve_includes(data, path)
-
-
-def _resolve_includes(node: Any, path: Path) -> Any:
-    """Replace every mapping's `include:` (a file or list of files, relative to `path`) by the included
-    mappings, with the mapping's own keys merged over them."""
-    if isinstance(node, list):
-        return [_resolve_includes(v, path) for v in node]
-    if not isinstance(node, dict):
-        return node
-    node = dict(node)
-    includes = node.pop("include", [])
-    if isinstance(includes, str):
-        includes = [includes]
-    merged: dict = {}
-    for inc in includes:
-        merged = deep_merge(merged, load_yaml(path.parent / inc))
-    return deep_merge(merged, {k: _resolve_includes(v, path) for k, v in node.items()})
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -78,12 +44,14 @@ def _other_component(base: dict, over: dict) -> bool:
 
 def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
     """Apply `a.b.c=value` strings to a nested mapping (copying, not mutating)."""
+    from .yamlio import parse_value  # here, not at the top: yamlio imports this module
+
     data = deep_merge({}, data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{source}: override {item!r} is not of the form key.sub=value")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_value(raw, f"{source}: override {dotted!r}") if raw != "" else ""
         keys = dotted.split(".")
         node = data
         for i, key in enumerate(keys[:-1]):
@@ -118,7 +86,7 @@ def build(cls: type, data: Any, where: str, key: str = "") -> Any:
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = convert(hints[name], data[name], where, _join(key, name))
+            kwargs[name] = convert(hints[name], _over_default(field, data[name]), where, _join(key, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: {_join(key, name)}: required key is missing ({cls.__name__})")
     try:
@@ -129,11 +97,26 @@ def build(cls: type, data: Any, where: str, key: str = "") -> Any:
         raise ConfigError(f"{where}: {key or '<top>'}: {err}") from err
 
 
+def _over_default(field: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a field whose default is a config object (a nested dataclass or a component) is merged
+    over that default, not over the class's bare defaults: `sampling: {max_tokens: 96}` on a stage whose sampling
+    default is `n: 4, temperature: 1.0` keeps n and temperature. A component of another name replaces it."""
+    if not isinstance(value, dict) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    if not (dataclasses.is_dataclass(default) or hasattr(default, "as_config")):
+        return value
+    base = to_dict(default)
+    return value if _other_component(base, value) else deep_merge(base, value)
+
+
 def convert(tp: Any, value: Any, where: str, key: str) -> Any:
     """Check `value` against type annotation `tp`, converting where YAML is looser than Python (int → float)."""
     origin = typing.get_origin(tp) or (tp if tp in (list, dict, tuple) else None)
     if tp is Any:
         return value
+    if isinstance(tp, type) and hasattr(tp, "from_config"):  # a component (registry.Component): resolved here
+        return value if isinstance(value, tp) else tp.from_config(value, where, key)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -190,6 +173,8 @@ def convert(tp: Any, value: Any, where: str, key: str) -> Any:
 
 def to_dict(obj: Any) -> Any:
     """The plain-data form of a config object (what `config.yaml` in a run directory holds)."""
+    if hasattr(obj, "as_config"):
+        return obj.as_config()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

@@ -33,7 +33,7 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return any(ok for a, ok in zip(answers, correct) if a == winner)
 
 
-def bootstrap_ci(values: list[float], seed: int = 0, resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: list[float], seed: int, resamples: int, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values`."""
     if not values:
         return (float("nan"), float("nan"))

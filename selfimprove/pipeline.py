@@ -29,12 +29,12 @@ from typing import Any
 
 import yaml
 
-from . import critics, engines, stages, tasks, trainers  # noqa: F401  (register components)
 from .artifacts import MANIFEST, checksum_files, is_done, read_json, write_json
-from .config import ConfigError, apply_overrides, build, load_yaml, to_dict
+from .config import ConfigError, apply_overrides, build, to_dict
+from .yamlio import load_yaml
 from .records import Weights
 from .models import check_model_ref, prepare_model
-from .registry import ENGINES, STAGES, TASKS
+from .registry import EngineSpec, StageSpec, TaskSpec
 
 
 @dataclass
@@ -47,9 +47,9 @@ class PipelineConfig:
     evaluate_base: bool = True  # round 0: run the evaluating stages (evaluate, evaluate_self_correction) on the base
     runs_dir: str = "runs"
     description: str = ""
-    engine: dict = field(default_factory=lambda: {"name": "vllm"})
-    task: dict = field(default_factory=lambda: {"name": "gsm8k"})
-    stages: dict[str, dict] = field(default_factory=dict)  # stage name → {type: ..., parameters}; run in order
+    engine: EngineSpec = field(default_factory=lambda: EngineSpec.named("vllm"))
+    task: TaskSpec = field(default_factory=lambda: TaskSpec.named("gsm8k"))
+    stages: dict[str, StageSpec] = field(default_factory=dict)  # stage name → {type: ..., parameters}; run in order
 
     def __post_init__(self):
         if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").exists():
@@ -60,15 +60,24 @@ class PipelineConfig:
             raise ValueError("stages: a pipeline needs at least one stage")
 
 
-@dataclass
-class StageSpec:
+@dataclass(frozen=True)
+class PlannedStage:
+    """A stage of the pipeline: its name (its key under `stages:`) and its resolved spec."""
+
     name: str
-    cls: type
-    config: Any
+    spec: StageSpec
+
+    @property
+    def cls(self) -> type:
+        return self.spec.target
+
+    @property
+    def config(self) -> Any:
+        return self.spec.config
 
     @property
     def type(self) -> str:
-        return self.cls.registered_name
+        return self.spec.name
 
 
 @dataclass
@@ -77,11 +86,10 @@ class Pipeline:
 
     config: PipelineConfig
     source: str
-    engine_cls: type
-    engine_config: Any
-    task_cls: type
-    task_config: Any
-    stages: list[StageSpec]
+
+    @property
+    def stages(self) -> list[PlannedStage]:
+        return [PlannedStage(name, spec) for name, spec in self.config.stages.items()]
 
 
 def load_pipeline(path: str | Path | None, overrides: list[str] = (), data: dict | None = None) -> Pipeline:
@@ -91,33 +99,18 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), data: dict
     raw = apply_overrides(raw, list(overrides))
     config = build(PipelineConfig, raw, where)
     check_model_ref(config.model, where, "model")
-    engine_cls, engine_config = _component(ENGINES, config.engine, where, "engine")
-    task_cls, task_config = _component(TASKS, config.task, where, "task")
-    specs: list[StageSpec] = []
-    for name, params in config.stages.items():
-        key = f"stages.{name}"
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}: {key}: expected a mapping of stage parameters, got {params!r}")
-        params = dict(params)
-        stage_type = params.pop("type", name)
-        cls, stage_config = STAGES.build_config(stage_type, params, where, key)
-        specs.append(StageSpec(name, cls, stage_config))
-    _check_stages(specs, task_cls, where)
-    return Pipeline(config, where, engine_cls, engine_config, task_cls, task_config, specs)
+    _check_stages(config, where)
+    return Pipeline(config, where)
 
 
-def _component(registry, spec: dict, where: str, key: str):
-    params = dict(spec)
-    if "name" not in params:
-        raise ConfigError(f"{where}: {key}.name: required; valid names: {', '.join(registry.names())}")
-    return registry.build_config(params.pop("name"), params, where, key)
-
-
-def _check_stages(specs: list[StageSpec], task_cls: type, where: str) -> None:
+def _check_stages(config: PipelineConfig, where: str) -> None:
+    """Cross-references between stages: what a stage reads must come earlier in the round and be of the right
+    kind (each stage's own `check` says what it needs of the stages it names)."""
+    task_cls = config.task.target
     earlier: dict[str, StageSpec] = {}
-    for spec in specs:
-        key = f"stages.{spec.name}"
-        for ref in spec.cls.references(spec.config):
+    for name, spec in config.stages.items():
+        key = f"stages.{name}"
+        for ref in spec.target.references(spec.config):
             if ref not in earlier:
                 raise ConfigError(
                     f"{where}: {key}: refers to stage {ref!r}, which is not an earlier stage of the round; "
@@ -125,17 +118,18 @@ def _check_stages(specs: list[StageSpec], task_cls: type, where: str) -> None:
                 )
         which = getattr(spec.config, "weights", None)
         if which is not None and which not in ("policy", "latest", "base"):
-            if which not in earlier or not earlier[which].cls.produces_weights:
+            if which not in earlier or not earlier[which].target.produces_weights:
                 raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or an earlier "
                                   f"weights-producing stage")
         problems = getattr(spec.config, "problems", None)
         if problems is not None and problems.split not in task_cls.splits:
             raise ConfigError(f"{where}: {key}.problems.split: {problems.split!r}; task "
-                              f"{task_cls.registered_name!r} has splits {', '.join(task_cls.splits)}")
-        check = getattr(spec.cls, "check", None)
-        if check:
-            check(spec.config, where, key)
-        earlier[spec.name] = spec
+                              f"{config.task.name!r} has splits {', '.join(task_cls.splits)}")
+        try:
+            spec.target.check(spec.config, earlier)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {key}: {err}") from err
+        earlier[name] = spec
 
 
 def derive_seed(*parts: Any) -> int:
@@ -149,9 +143,9 @@ def derive_seed(*parts: Any) -> int:
 class StageRun:
     """The `StageContext` a stage sees: its round, its folder, and the run's shared services."""
 
-    def __init__(self, runner: "Runner", round_index: int, spec: StageSpec):
-        self.runner, self.round, self.stage, self.spec = runner, round_index, spec.name, spec
-        self.out_dir = runner.stage_dir(round_index, spec.name)
+    def __init__(self, runner: "Runner", round_index: int, planned: PlannedStage):
+        self.runner, self.round, self.stage = runner, round_index, planned.name
+        self.out_dir = runner.stage_dir(round_index, planned.name)
         self.task = runner.task
         self.base_model = runner.base_model
 
@@ -181,7 +175,7 @@ class Runner:
         self.log = log
         self._engine = engine
         self._owns_engine = engine is None
-        self.task = pipeline.task_cls(pipeline.task_config)
+        self.task = cfg.task.build()
         self.base_model = ""
 
     # -- the run ------------------------------------------------------------------------------------------
@@ -189,9 +183,10 @@ class Runner:
         self._prepare_run_dir()
         self.base_model = str(prepare_model(self.pipeline.config.model))
         try:
+            self._distrust_damaged_stages()
             for round_index in self.rounds():
-                for spec in self.stages_of(round_index):
-                    self._run_stage(round_index, spec)
+                for stage in self.stages_of(round_index):
+                    self._run_stage(round_index, stage)
         finally:
             self.close()
         from .report import write_report
@@ -202,7 +197,7 @@ class Runner:
         cfg = self.pipeline.config
         return range(0 if cfg.evaluate_base else 1, cfg.rounds + 1)
 
-    def stages_of(self, round_index: int) -> list[StageSpec]:
+    def stages_of(self, round_index: int) -> list[PlannedStage]:
         if round_index == 0:
             return [s for s in self.pipeline.stages if s.cls.evaluates]
         return self.pipeline.stages
@@ -210,32 +205,57 @@ class Runner:
     def stage_dir(self, round_index: int, stage: str) -> Path:
         return self.run_dir / f"round_{round_index:03d}" / stage
 
-    def _run_stage(self, round_index: int, spec: StageSpec) -> None:
-        folder = self.stage_dir(round_index, spec.name)
+    def _run_stage(self, round_index: int, planned: PlannedStage) -> None:
+        folder = self.stage_dir(round_index, planned.name)
         if is_done(folder):
-            self.log(f"[round {round_index}] {spec.name}: done, skipped")
+            self.log(f"[round {round_index}] {planned.name}: done, skipped")
             return
         folder.mkdir(parents=True, exist_ok=True)
-        self.log(f"[round {round_index}] {spec.name} ({spec.type}) ...")
+        self.log(f"[round {round_index}] {planned.name} ({planned.type}) ...")
         started = time.time()
-        stage = spec.cls(spec.config, StageRun(self, round_index, spec))
+        stage = planned.cls(planned.config, StageRun(self, round_index, planned))
         metrics = stage.run()
         seconds = time.time() - started
-        outputs = [p for p in (folder / "data", folder / "adapter", folder / "weights.json") if p.exists()]
+        outputs = [name for name in planned.cls.outputs if (folder / name).exists()]
         write_json(folder / MANIFEST, {
-            "done": True, "round": round_index, "stage": spec.name, "type": spec.type,
-            "evaluates": spec.cls.evaluates, "seconds": round(seconds, 2),
-            "metrics": metrics, "checksums": checksum_files(outputs), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "peak_rss_mib": _peak_rss_mib(),
+            "done": True, "round": round_index, "stage": planned.name, "type": planned.type,
+            "evaluates": planned.cls.evaluates, "seconds": round(seconds, 2), "metrics": metrics,
+            "report": planned.cls.report(metrics), "outputs": outputs,
+            "checksums": checksum_files(folder / name for name in outputs),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "peak_rss_mib": _peak_rss_mib(),
         })
         self._rebuild_metrics()
-        self.log(f"[round {round_index}] {spec.name}: {seconds:.1f}s {_brief(metrics)}")
+        self.log(f"[round {round_index}] {planned.name}: {seconds:.1f}s {_brief(metrics)}")
+
+    def _distrust_damaged_stages(self) -> None:
+        """A finished stage whose outputs no longer match its manifest's checksums (a truncated file, a
+        corrupted disk, a hand edit) is redone, with every stage after it: later stages were built on it."""
+        order = [(r, s.name) for r in self.rounds() for s in self.stages_of(r)]
+        damaged = None
+        for index, (round_index, name) in enumerate(order):
+            folder = self.stage_dir(round_index, name)
+            if not is_done(folder):
+                continue
+            manifest = read_json(folder / MANIFEST)
+            outputs = manifest["outputs"]
+            if checksum_files(folder / o for o in outputs if (folder / o).exists()) != manifest["checksums"] or \
+                    not all((folder / o).exists() for o in outputs):
+                damaged = index
+                self.log(f"[round {round_index}] {name}: its outputs do not match their checksums; redoing it and "
+                         f"every stage after it")
+                break
+        if damaged is None:
+            return
+        for round_index, name in order[damaged:]:
+            manifest = self.stage_dir(round_index, name) / MANIFEST
+            if manifest.exists():
+                manifest.replace(manifest.with_name("manifest.distrusted.json"))
 
     def _rebuild_metrics(self) -> None:
         lines = []
         for round_dir in sorted(self.run_dir.glob("round_*")):
-            for spec in self.pipeline.stages:
-                manifest = round_dir / spec.name / MANIFEST
+            for planned in self.pipeline.stages:
+                manifest = round_dir / planned.name / MANIFEST
                 if manifest.exists():
                     m = read_json(manifest)
                     lines.append({"round": m["round"], "stage": m["stage"], "type": m["type"],
@@ -247,9 +267,9 @@ class Runner:
     # -- shared services ----------------------------------------------------------------------------------
     def engine(self):
         if self._engine is None:
-            self.log(f"starting engine {self.pipeline.engine_cls.registered_name} on {self.base_model}")
-            self._engine = self.pipeline.engine_cls(self.pipeline.engine_config, self.base_model,
-                                                    seed=self.pipeline.config.seed)
+            spec = self.pipeline.config.engine
+            self.log(f"starting engine {spec.name} on {self.base_model}")
+            self._engine = spec.build(self.base_model, seed=self.pipeline.config.seed)
         return self._engine
 
     def close(self) -> None:
@@ -275,12 +295,11 @@ class Runner:
                     if is_done(self.stage_dir(r, name)):
                         return self._read_weights(r, name)
             adapter = self.pipeline.config.adapter
-            return Weights(self.base_model, str(Path(adapter).resolve()), "initial adapter") if adapter else base
+            return Weights.of(self.base_model, str(Path(adapter).resolve()), "initial adapter") if adapter else base
         return self._read_weights(round_index, which)
 
     def _read_weights(self, round_index: int, stage: str) -> Weights:
-        record = read_json(self.stage_dir(round_index, stage) / "weights.json")
-        return Weights(record["base"], record["adapter"], record["label"])
+        return Weights.from_dict(read_json(self.stage_dir(round_index, stage) / "weights.json"))
 
     # -- the run directory --------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:

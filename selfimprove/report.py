@@ -1,5 +1,9 @@
-"""The run report: a per-round table and plots, built from the stage manifests and the RL stages' step records
-(so it works on partial and finished runs, and `selfimprove report <run dir>` redraws it at any time).
+"""The run report: a per-round table and plots, built from the stage manifests alone (so it works on partial
+and finished runs, for any stage a user writes, and `selfimprove report <run dir>` redraws it at any time).
+
+Each stage's manifest carries the cells the stage contributes to its round's row (`report`, from the stage's
+`report(metrics)`), its metrics, whether it evaluates, and the outputs it wrote; stages are read in the order
+the run's config.yaml lists them.
 
     report.md            the table (only the columns some round has values for) and the plots below
     plots/accuracy.png   per round: accuracy (strict, flexible) and, for two-attempt evaluations, Acc@t1 and
@@ -9,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,90 +21,61 @@ import yaml
 
 from .artifacts import MANIFEST, read_json
 
+# The columns in the order they are shown; a stage's cells for other columns are appended after these.
+COLUMNS = ["round", "weights", "accuracy [95% CI]", "flexible", "Acc@t1 [95% CI]", "Acc@t2 [95% CI]",
+           "Δ(t1,t2) [95% CI]", "Δi→c", "Δc→i", "kept", "rationalized", "trained on", "train loss", "RL reward",
+           "seconds per stage", "peak RSS MiB"]
+
+
+def stage_order(run_dir: str | Path) -> list[str]:
+    """The stages of the run, in the order its config.yaml lists them (the order they run in a round)."""
+    return list(yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["stages"])
+
 
 def collect(run_dir: str | Path) -> dict[int, list[dict]]:
-    """Round → the manifests of its finished stages, in the order they finished."""
+    """Round → the manifests of its finished stages, in config order."""
+    run_dir = Path(run_dir)
     rounds: dict[int, list[dict]] = defaultdict(list)
-    for manifest in Path(run_dir).glob(f"round_*/*/{MANIFEST}"):
-        m = read_json(manifest)
-        if m.get("done"):
-            rounds[m["round"]].append(m)
-    for stages in rounds.values():
-        stages.sort(key=lambda m: m["finished_at"])
+    order = stage_order(run_dir)
+    for round_dir in sorted(run_dir.glob("round_*")):
+        for name in order:
+            path = round_dir / name / MANIFEST
+            if path.exists():
+                m = read_json(path)
+                if m.get("done"):
+                    rounds[m["round"]].append(m)
     return dict(sorted(rounds.items()))
 
 
 def evaluations(stages: list[dict]) -> list[dict]:
     """The manifests of a round's evaluating stages (evaluate, evaluate_self_correction, a user's own)."""
-    return [m for m in stages if m.get("evaluates", m["type"] == "evaluate")]
+    return [m for m in stages if m.get("evaluates")]
 
 
-def _interval(m: dict, key: str, signed: bool = False) -> str:
-    if key not in m:
-        return "-"
-    fmt = "+.1%" if signed else ".1%"
-    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    text = format(m[key], fmt)
-    return f"{text} [{low:.1%}, {high:.1%}]" if low is not None and high is not None else text
-
-
-def _rl_rewards(stages: list[dict]) -> str:
-    """Per rl stage: the last attempt's mean reward at its first and last step, and over all steps."""
-    parts = []
-    for m in (s for s in stages if s["type"] == "rl"):
-        keys = sorted(k[: -len("/mean")] for k in m["metrics"] if k.startswith("reward@") and k.endswith("/mean"))
-        if keys:
-            k = keys[-1]
-            mm = m["metrics"]
-            parts.append(f"{m['stage']} {k}: {mm[k + '/first']:.3f}→{mm[k + '/last']:.3f} (mean {mm[k + '/mean']:.3f})")
-    return "; ".join(parts) or "-"
-
-
-def _trained_on(stages: list[dict]) -> str:
-    parts = []
-    for m in stages:
-        metrics = m["metrics"]
-        if m["type"] == "rl":
-            parts.append(f"{metrics['steps']} RL steps")
-        elif m["type"] == "train":
-            if not metrics.get("trained"):
-                parts.append("nothing")
-            else:
-                parts.append(f"{metrics['pairs']} pairs" if "pairs" in metrics else f"{metrics.get('examples', 0)} examples")
-    return ", ".join(parts) or "-"
+def _joined(cells: list[dict], column: str) -> str:
+    values = [c[column] for c in cells if column in c]
+    return ", ".join(values) if values else "-"
 
 
 def table(run_dir: str | Path) -> tuple[list[str], list[list[str]]]:
-    columns = {
-        "round": lambda r, s, ev: str(r),
-        "weights": lambda r, s, ev: ev.get("weights", "-"),
-        "accuracy [95% CI]": lambda r, s, ev: _interval(ev, "accuracy"),
-        "flexible": lambda r, s, ev: f"{ev['accuracy_flexible']:.1%}" if "accuracy_flexible" in ev else "-",
-        "Acc@t1 [95% CI]": lambda r, s, ev: _interval(ev, "accuracy@t1"),
-        "Acc@t2 [95% CI]": lambda r, s, ev: _interval(ev, "accuracy@t2"),
-        "Δ(t1,t2) [95% CI]": lambda r, s, ev: _interval(ev, "delta_t1_t2", signed=True),
-        "Δi→c": lambda r, s, ev: _interval(ev, "delta_i_to_c"),
-        "Δc→i": lambda r, s, ev: _interval(ev, "delta_c_to_i"),
-        "kept": lambda r, s, ev: next((str(m["metrics"]["examples"]) for m in s if m["type"] == "filter"), "-"),
-        "rationalized": lambda r, s, ev: next((str(m["metrics"]["rationalized"]) for m in s if m["type"] == "filter"), "-"),
-        "trained on": lambda r, s, ev: _trained_on(s),
-        "train loss": lambda r, s, ev: next((f"{m['metrics']['first_loss']:.3f}→{m['metrics']['final_loss']:.3f}"
-                                             for m in s if m["type"] == "train"
-                                             and m["metrics"].get("final_loss") is not None), "-"),
-        "RL reward": lambda r, s, ev: _rl_rewards(s),
-        "seconds per stage": lambda r, s, ev: " ".join(f"{m['stage']}={m['seconds']:.0f}" for m in s),
-        "peak RSS MiB": lambda r, s, ev: f"{max(m.get('peak_rss_mib', 0) for m in s):.0f}",
-    }
-    rows = []
+    rows: list[dict[str, str]] = []
     for round_index, stages in collect(run_dir).items():
         evals = evaluations(stages)
-        ev = evals[-1]["metrics"] if evals else {}
-        rows.append([cell(round_index, stages, ev) for cell in columns.values()])
-    keep = [i for i, name in enumerate(columns) if name == "round" or any(row[i] != "-" for row in rows)]
-    return [list(columns)[i] for i in keep], [[row[i] for i in keep] for row in rows]
+        others = [m.get("report", {}) for m in stages if not m.get("evaluates")]
+        row = {"round": str(round_index)}
+        if evals:
+            row.update(evals[-1].get("report", {}))
+        for column in {k for cells in others for k in cells}:
+            row[column] = _joined(others, column)
+        row["seconds per stage"] = " ".join(f"{m['stage']}={m['seconds']:.0f}" for m in stages)
+        row["peak RSS MiB"] = f"{max(m.get('peak_rss_mib', 0) for m in stages):.0f}"
+        rows.append(row)
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    header = [c for c in COLUMNS + extra if c == "round" or any(r.get(c, "-") != "-" for r in rows)]
+    return header, [[r.get(c, "-") for c in header] for r in rows]
 
 
-def render(run_dir: str | Path) -> str:
+def markdown_table(run_dir: str | Path) -> str:
     header, rows = table(run_dir)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -109,14 +85,17 @@ def render(run_dir: str | Path) -> str:
 
 
 def rl_steps(run_dir: str | Path) -> list[dict]:
-    """Every finished RL step of the run (also of a stage still running), in training order, with its round and
-    stage: the records the rl stage writes as versions/<k>/step.json. Within a round, stages ran in the order
-    the run's config.yaml lists them."""
+    """Every RL step of the run's finished rl stages, in training order, with its round and stage: the
+    `steps.jsonl` each such stage lists among its outputs."""
     run_dir = Path(run_dir)
-    order = list(yaml.safe_load((run_dir / "config.yaml").read_text())["stages"])
-    return [{"round": int(round_dir.name.split("_")[1]), "stage": name, **read_json(path)}
-            for round_dir in sorted(run_dir.glob("round_*")) for name in order
-            for path in sorted((round_dir / name / "versions").glob("[0-9]*/step.json"))]
+    out = []
+    for round_index, stages in collect(run_dir).items():
+        for m in stages:
+            if "steps.jsonl" in m.get("outputs", []):
+                path = run_dir / f"round_{round_index:03d}" / m["stage"] / "steps.jsonl"
+                out += [{"round": round_index, "stage": m["stage"], **json.loads(line)}
+                        for line in path.read_text().splitlines() if line.strip()]
+    return out
 
 
 def plot(run_dir: str | Path) -> list[Path]:
@@ -160,11 +139,11 @@ def _plot_rl(run_dir: Path) -> Path | None:
         return None
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     xs = list(range(1, len(steps) + 1))
-    for ax, prefix in ((top, "reward@"), (bottom, "kl/")):
+    for ax, prefix in ((top, "reward/"), (bottom, "kl/")):
         for key in sorted({k for s in steps for k in s if k.startswith(prefix)}):
             # a step without an update has no KL (None): a gap in the line, not a 0
             ax.plot(xs, [float("nan") if s.get(key) is None else s[key] for s in steps], marker=".",
-                    label=f"mean {key}" if prefix == "reward@" else key)
+                    label=f"mean {key}" if prefix == "reward/" else key)
     for i in range(1, len(steps)):
         if (steps[i]["round"], steps[i]["stage"]) != (steps[i - 1]["round"], steps[i - 1]["stage"]):
             for ax in (top, bottom):
@@ -202,7 +181,7 @@ def _stage_spans(steps: list[dict]) -> list[str]:
 def write_report(run_dir: str | Path, log=print) -> list[dict]:
     """Write `report.md` and its plots, print the table, and return the evaluating stages' metrics per round."""
     run_dir = Path(run_dir)
-    text = render(run_dir)
+    text = markdown_table(run_dir)
     images = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plot(run_dir))
     (run_dir / "report.md").write_text(f"# {run_dir.name}\n\n{text}\n{images}")
     log(text)

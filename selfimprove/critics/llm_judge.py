@@ -6,7 +6,8 @@ raw score, mapped linearly from `scale` onto [0, 1]; label = score >= `threshold
 request that fails, fails that sample's verdict only.
 
 Backends (`backend`):
-- `policy`: the run's own engine and the weights that generated the samples (the model judges itself);
+- `policy`: the run's own engine and the weights that generated the samples (the model judges itself: with
+  the weights of the round's policy, this is Self-Rewarding's LLM-as-a-judge);
 - `vllm`: another local model (`model`: a registered model or a model folder) in an engine of its own, built on
   first use with `engine` and closed after the stage;
 - `openai`: any OpenAI-compatible endpoint (`base_url`, `model`), the API key read from the environment
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..records import SamplingConfig, Weights
-from ..registry import CRITICS
+from ..registry import CRITICS, EngineSpec
 from .base import Critic, Verdict
 
 TEMPLATE = (
@@ -46,7 +47,7 @@ class LLMJudgeCritic(Critic):
         threshold: float = 0.7
         backend: Literal["policy", "vllm", "openai"] = "policy"
         model: str | None = None  # vllm: registered model or folder; openai: the endpoint's model name
-        engine: dict = field(default_factory=lambda: {"name": "vllm"})  # vllm backend: the judge's engine
+        engine: EngineSpec = field(default_factory=lambda: EngineSpec.named("vllm"))  # vllm backend: the judge's engine
         base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1 (None = the client's default)
         api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable that holds the key
         request_timeout: float = 60.0
@@ -65,13 +66,6 @@ class LLMJudgeCritic(Critic):
                 raise ValueError(f"score_pattern is not a regular expression: {err}") from err
             if self.backend in ("vllm", "openai") and not self.model:
                 raise ValueError(f"backend {self.backend} needs model")
-            if self.backend == "vllm":
-                from ..registry import ENGINES
-
-                params = dict(self.engine)
-                if "name" not in params:
-                    raise ValueError("engine needs a name, e.g. {name: vllm}")
-                ENGINES.build_config(params.pop("name"), params, "llm_judge", "engine")  # checked at config load
             if self.sampling.n != 1:
                 raise ValueError("sampling.n must be 1: the judge replies once per sample")
             if self.concurrency < 1:
@@ -135,12 +129,10 @@ class LLMJudgeCritic(Critic):
             return self.context.engine(), self.context.weights
         if self._engine is None:
             from ..models import prepare_model
-            from ..registry import ENGINES
 
-            params = dict(self.config.engine)
-            cls, engine_config = ENGINES.build_config(params.pop("name"), params, "llm_judge", "engine")
             path = str(prepare_model(self.config.model))
-            self._engine, self._weights = cls(engine_config, path, seed=self.config.seed), Weights(path, None, "judge")
+            self._engine = self.config.engine.build(path, seed=self.config.seed)
+            self._weights = Weights(path, None, "judge")
         return self._engine, self._weights
 
     def close(self) -> None:

@@ -31,5 +31,10 @@ class Engine:
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement choice_logprobs")
 
+    def prepare(self, weights: Weights) -> None:
+        """Get `weights` ready to serve before the next call needs them (an engine that merges adapters merges
+        here), so that a caller can time the weight update apart from generation. Optional: `generate` does
+        whatever is still needed."""
+
     def close(self) -> None:
         pass

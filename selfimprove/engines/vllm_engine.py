@@ -167,6 +167,10 @@ class VLLMEngine(Engine):
         k = len(choices)
         return [dict(zip(choices, scores[i * k:(i + 1) * k])) for i in range(len(prompts))]
 
+    def prepare(self, weights: Weights) -> None:
+        if self.adapter_mode == "merged":
+            merged_folder(weights)
+
     def _use(self, weights: Weights):
         """Make `weights` the ones the next call generates with; return the LoRARequest if any."""
         if self.adapter_mode == "lora":

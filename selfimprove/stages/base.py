@@ -1,14 +1,20 @@
-"""The stage interface. A stage reads artifacts of earlier stages, writes one artifact, and nothing else.
+"""The stage interface. A stage reads artifacts of earlier stages, writes its own, and nothing else.
 
-A stage class has a `Config` dataclass (its YAML parameters) and one entry method, `run()`. It finds its
-inputs and writes its output through a `StageContext`, which the pipeline runner provides: the runner is the
-only code that knows about rounds, resume and the run directory layout.
+A stage class has a `Config` dataclass (its YAML parameters; component fields such as a trainer or critics
+arrive resolved, see registry.py) and one entry method, `run()`. It finds its inputs and writes its output
+through a `StageContext`, which the pipeline runner provides: the runner is the only code that knows about
+rounds, resume and the run directory layout.
 
-Conventions for what a stage writes into `ctx.out_dir`:
-- `data/`: its dataset (Hugging Face `datasets` folder), when it produces rows;
-- `adapter/` + `weights.json`: when it produces weights (`produces_weights = True`);
-A stage that only measures weights (`evaluates = True`) also runs in round 0, on the base model.
-- anything else it needs for resuming (e.g. generation shards), written atomically.
+What a stage declares, for the runner and the report:
+- `outputs`: the files and folders it writes into `ctx.out_dir` (`data/`: its dataset; `adapter/` +
+  `weights.json` when it produces weights). The runner lists them, with checksums, in the stage's manifest and
+  verifies them before a finished stage is reused. Anything else it keeps for resuming (generation shards) is
+  written atomically and is not an output.
+- `produces_weights`: it writes `adapter/` + `weights.json`, which later stages can name.
+- `evaluates`: it only measures weights, so it also runs in round 0, on the base model.
+- `references(config)`: the earlier stages of the round whose outputs it reads; `check(config, earlier)`:
+  further checks against those stages' specs (raise ValueError); both run at config load.
+- `report(metrics)`: the cells it adds to its round's row of the run report ({column: text}).
 `run()` returns a flat dict of metrics/counts, which the runner stores in the manifest and `metrics.jsonl`.
 """
 
@@ -45,6 +51,7 @@ class StageContext(Protocol):
 class Stage:
     produces_weights = False
     evaluates = False  # round 0 (the base model's evaluation) runs exactly these stages
+    outputs: tuple[str, ...] = ("data",)
     Config: type
 
     def __init__(self, config, ctx: StageContext):
@@ -58,3 +65,12 @@ class Stage:
     def references(cls, config) -> list[str]:
         """Names of the stages (of the same round) whose outputs this stage reads; checked at config load."""
         return []
+
+    @classmethod
+    def check(cls, config, earlier: dict) -> None:
+        """Checks against the round's earlier stages (`earlier`: name → registry.StageSpec) at config load."""
+
+    @classmethod
+    def report(cls, metrics: dict) -> dict[str, str]:
+        """Cells this stage adds to its round's row of the run report, from its metrics."""
+        return {}

@@ -1,9 +1,59 @@
-"""Helpers shared by stages: problem subsets and joining samples with verdicts."""
+"""What stages share: problem selection, chunking, bootstrap settings, and joining samples with verdicts."""
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
+from dataclasses import dataclass
+
+
+@dataclass
+class ProblemSelection:
+    """Training problems: a subset of a split, drawn afresh each round unless `shuffle` is off."""
+
+    split: str = "train"
+    num_problems: int | None = None  # None = the whole split
+    # Draw a fresh random subset each round (seeded by run seed and round); false = the first num_problems.
+    shuffle: bool = True
+
+    def select(self, problems: list[dict], seed: int) -> list[dict]:
+        rng = random.Random(seed) if self.shuffle else None
+        return problem_subset(problems, self.num_problems, rng)
+
+
+@dataclass
+class EvalProblems:
+    """Evaluation always takes the first `num_problems` of the split, so every round sees the same problems."""
+
+    split: str = "test"
+    num_problems: int | None = None  # None = the whole split
+
+
+@dataclass
+class Chunking:
+    """Problems per engine call (or critic pass) and per resume point. Large chunks keep the engine's batch full
+    (small ones starve it: each chunk's tail runs a shrinking batch); each finished chunk is saved, so a killed
+    stage redoes at most one chunk."""
+
+    size: int = 256
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError("size must be >= 1")
+
+    def split(self, items: list) -> list[list]:
+        return [items[i:i + self.size] for i in range(0, len(items), self.size)]
+
+
+@dataclass
+class Bootstrap:
+    """Percentile-bootstrap intervals over problems (metrics.summarize)."""
+
+    resamples: int = 1000
+
+    def __post_init__(self):
+        if self.resamples < 10:
+            raise ValueError("resamples must be >= 10")
 
 
 def problem_subset(problems: list[dict], num: int | None, rng: random.Random | None) -> list[dict]:
@@ -16,14 +66,19 @@ def problem_subset(problems: list[dict], num: int | None, rng: random.Random | N
     return [problems[i] for i in chosen]
 
 
-def unsolved_problem_ids(verdicts: list[dict]) -> set[str]:
-    """Problems none of whose samples any critic labelled correct."""
-    solved, seen = set(), set()
+def unsolved_problem_ids(verdicts: list[dict], critic: str | None, stage: str) -> set[str]:
+    """Problems none of whose samples the deciding critic (`pick_verdict`) labelled correct, from verdict rows."""
+    by_sample: dict[str, dict] = defaultdict(dict)
+    problem_of: dict[str, str] = {}
     for v in verdicts:
-        seen.add(v["problem_id"])
-        if v["label"]:
-            solved.add(v["problem_id"])
-    return seen - solved
+        by_sample[v["sample_id"]][v["critic"]] = v
+        problem_of[v["sample_id"]] = v["problem_id"]
+    solved = set()
+    for sample_id, sample_verdicts in by_sample.items():
+        verdict = pick_verdict(sample_verdicts, critic, stage)
+        if verdict and verdict["label"]:
+            solved.add(problem_of[sample_id])
+    return set(problem_of.values()) - solved
 
 
 def join_verdicts(samples: list[dict], verdicts: list[dict]) -> list[dict]:
@@ -35,9 +90,26 @@ def join_verdicts(samples: list[dict], verdicts: list[dict]) -> list[dict]:
 
 
 def pick_verdict(verdicts: dict, critic: str | None, stage: str) -> dict | None:
-    """The verdict of `critic` among a sample's verdicts; with no critic named, the only one there is."""
+    """The verdict of `critic` among a sample's verdicts; with no critic named, the only one there is (a
+    critique stage running several critics needs `critic:` to say which decides: checked at config load)."""
     if critic is not None:
         return verdicts.get(critic)
     if len(verdicts) > 1:
         raise ValueError(f"critique stage {stage!r} ran {sorted(verdicts)}: set `critic:` to say which one decides")
     return next(iter(verdicts.values()), None)
+
+
+def check_critic_choice(critic: str | None, verdicts: str, earlier: dict) -> None:
+    """Config-time check of a `critic:` choice against the critics that stage `verdicts` runs (`earlier`: the
+    specs of the round's earlier stages by name): the stage must judge samples, the id must be one of its
+    critics, and with several critics one must be named."""
+    spec = earlier[verdicts]
+    critic_ids = getattr(spec.target, "critic_ids", None)
+    if critic_ids is None:
+        raise ValueError(f"stage {verdicts!r} ({spec.name}) writes no verdicts; name a critique stage")
+    ids = critic_ids(spec.config)
+    if critic is None and len(ids) > 1:
+        raise ValueError(f"stage {verdicts!r} runs critics {', '.join(ids)}: set `critic:` to the id of the one "
+                         f"that decides")
+    if critic is not None and critic not in ids:
+        raise ValueError(f"critic {critic!r} is not run by stage {verdicts!r}; its critic ids: {', '.join(ids)}")

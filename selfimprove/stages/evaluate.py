@@ -9,27 +9,28 @@ Metrics (each with a 95% percentile-bootstrap interval over problems):
   `breakdown` uses the task's own `breakdown` attribute when it has one (MATH: subject and level).
 
 This is the code `selfimprove eval` runs too (as a pipeline with only this stage).
+
+`evaluate_self_correction` samples the test problems twice — attempt 1, then attempt 2 after the
+self-correction instruction (selfcorrection.py) — grades both attempts with the task's grader and reports
+Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c and Δc→i with bootstrap intervals (t = attempt, the paper's names). Being
+an evaluating stage, round 0 runs it on the base model: SCoRe's prompting-only baseline, measured by the same code
+as every trained round.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..artifacts import save_rows
-from ..records import SamplingConfig
 from ..metrics import majority_correct, pass_at_k, summarize
+from ..records import SamplingConfig
 from ..registry import STAGES
+from ..selfcorrection import INSTRUCTION, second_prompt, self_correction_metrics
 from .base import Stage
+from .common import Bootstrap, Chunking, EvalProblems
 from .rollout import sample_problems
-
-
-@dataclass
-class EvalProblems:
-    """Evaluation always takes the first `num_problems` of the split, so every round sees the same problems."""
-
-    split: str = "test"
-    num_problems: int | None = None  # None = the whole split
 
 
 @STAGES.register("evaluate")
@@ -42,8 +43,8 @@ class Evaluate(Stage):
         weights: str = "latest"
         pass_k: list[int] = field(default_factory=list)  # default: [1, n] when n > 1
         breakdown: list[str] = field(default_factory=list)  # problem columns to break accuracy down by; [] = the task's
-        bootstrap_resamples: int = 1000
-        chunk_size: int = 256  # problems per engine call and per resume point (small chunks starve the batch)
+        bootstrap: Bootstrap = field(default_factory=Bootstrap)
+        chunking: Chunking = field(default_factory=Chunking)
 
         def __post_init__(self):
             bad = [k for k in self.pass_k if not 1 <= k <= self.sampling.n]
@@ -57,9 +58,9 @@ class Evaluate(Stage):
             problems = problems[: c.problems.num_problems]
         weights = ctx.weights(c.weights)
         rows = sample_problems(
-            engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=weights, hint=False,
-            chunk_size=c.chunk_size, shard_dir=ctx.out_dir / "shards", chunk_seed=lambda i: ctx.seed("chunk", i),
-            round_index=ctx.round, stage=ctx.stage,
+            engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=weights,
+            chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed, round_index=ctx.round,
+            stage=ctx.stage,
         )
         for row in rows:
             grade = ctx.task.grade(row, row["completion"])
@@ -69,6 +70,11 @@ class Evaluate(Stage):
         metrics = score(rows, c, seed=ctx.seed("bootstrap"), breakdown=breakdown)
         return {"weights": weights.label, **metrics}
 
+    @classmethod
+    def report(cls, metrics: dict) -> dict[str, str]:
+        return {"weights": metrics["weights"], "accuracy [95% CI]": interval(metrics, "accuracy"),
+                "flexible": f"{metrics['accuracy_flexible']:.1%}"}
+
 
 def score(rows: list[dict], config: "Evaluate.Config", seed: int, breakdown: list[str] | None = None) -> dict:
     """Statistics over graded sample rows (one or more per problem); `breakdown` defaults to config.breakdown."""
@@ -76,7 +82,7 @@ def score(rows: list[dict], config: "Evaluate.Config", seed: int, breakdown: lis
     for row in rows:
         by_problem[row["problem_id"]].append(row)
     groups = [sorted(g, key=lambda r: r["index"]) for g in by_problem.values()]
-    resamples = config.bootstrap_resamples
+    resamples = config.bootstrap.resamples
     n = config.sampling.n
     out: dict = {"problems": len(groups), "samples": len(rows),
                  "mean_tokens": sum(r["num_tokens"] for r in rows) / len(rows) if rows else 0.0,
@@ -97,3 +103,59 @@ def score(rows: list[dict], config: "Evaluate.Config", seed: int, breakdown: lis
             out[f"by/{column}={value}/accuracy"] = sum(values) / len(values)
             out[f"by/{column}={value}/problems"] = len(values)
     return out
+
+
+@STAGES.register("evaluate_self_correction")
+class EvaluateSelfCorrection(Stage):
+    evaluates = True
+
+    @dataclass
+    class Config:
+        problems: EvalProblems = field(default_factory=EvalProblems)
+        sampling: SamplingConfig = field(default_factory=SamplingConfig)  # greedy by default, as in the paper
+        weights: str = "latest"
+        instruction: str = INSTRUCTION
+        grade: Literal["strict", "flexible"] = "strict"  # which of the task's grades counts as correct
+        bootstrap: Bootstrap = field(default_factory=Bootstrap)
+        chunking: Chunking = field(default_factory=Chunking)
+
+    def run(self) -> dict:
+        c, ctx = self.config, self.ctx
+        problems = ctx.task.problems(c.problems.split)[: c.problems.num_problems]
+        weights = ctx.weights(c.weights)
+        rows = sample_problems(
+            engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=weights,
+            chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed, round_index=ctx.round,
+            stage=ctx.stage, attempts=2, follow_up=lambda prompt, answer: second_prompt(prompt, answer, c.instruction),
+        )
+        for row in rows:
+            for attempt in row["attempts"]:
+                g = ctx.task.grade(row, attempt["completion"])
+                attempt.update(correct=bool(g.strict if c.grade == "strict" else g.flexible), extracted=g.answer)
+        save_rows(rows, ctx.out_dir / "data")
+        metrics = self_correction_metrics([(r["attempts"][0]["correct"], r["attempts"][1]["correct"]) for r in rows],
+                                          seed=ctx.seed("bootstrap"), resamples=c.bootstrap.resamples,
+                                          groups=[r["problem_id"] for r in rows])
+        tokens = defaultdict(list)
+        for r in rows:
+            for t, attempt in enumerate(r["attempts"], start=1):
+                tokens[t].append(attempt["num_tokens"])
+        return {"weights": weights.label, **metrics, "samples": len(rows),
+                **{f"mean_tokens@t{t}": sum(v) / len(v) for t, v in tokens.items()}}
+
+    @classmethod
+    def report(cls, metrics: dict) -> dict[str, str]:
+        return {"weights": metrics["weights"], "Acc@t1 [95% CI]": interval(metrics, "accuracy@t1"),
+                "Acc@t2 [95% CI]": interval(metrics, "accuracy@t2"),
+                "Δ(t1,t2) [95% CI]": interval(metrics, "delta_t1_t2", signed=True),
+                "Δi→c": interval(metrics, "delta_i_to_c"), "Δc→i": interval(metrics, "delta_c_to_i")}
+
+
+def interval(m: dict, key: str, signed: bool = False) -> str:
+    """`m[key]` as a percentage with its bootstrap interval, e.g. `52.0% [44.0%, 60.7%]`."""
+    if key not in m:
+        return "-"
+    fmt = "+.1%" if signed else ".1%"
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    text = format(m[key], fmt)
+    return f"{text} [{low:.1%}, {high:.1%}]" if low is not None and high is not None else text

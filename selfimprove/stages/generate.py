@@ -1,24 +1,15 @@
-"""Generate: k samples per problem from the current policy (resumable: see rollout.py)."""
+"""Generate: k samples per problem from the current policy (chunked and resumable: see rollout.py)."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 from ..artifacts import load_rows, save_rows
 from ..records import SamplingConfig
 from ..registry import STAGES
 from .base import Stage
-from .common import problem_subset, unsolved_problem_ids
+from .common import Chunking, ProblemSelection, check_critic_choice, unsolved_problem_ids
 from .rollout import sample_problems
-
-
-@dataclass
-class ProblemSelection:
-    split: str = "train"
-    num_problems: int | None = None  # None = the whole split
-    # Draw a fresh random subset each round (seeded by run seed and round); false = the first num_problems.
-    shuffle: bool = True
 
 
 @STAGES.register("generate")
@@ -31,25 +22,32 @@ class Generate(Stage):
         # STaR rationalization: show the gold answer in the prompt (samples keep `hint: true`).
         hint: bool = False
         # Only the problems of `problems.split` that have no sample labelled correct in this critique stage
-        # (of this round), e.g. STaR's rationalization of the problems it failed.
+        # (of this round), e.g. STaR's rationalization of the problems it failed; `critic` names the critic
+        # whose label decides when that stage runs several.
         unsolved_in: str | None = None
-        chunk_size: int = 256  # problems per engine call and per resume point (small chunks starve the batch)
+        critic: str | None = None
+        chunking: Chunking = field(default_factory=Chunking)
 
         def __post_init__(self):
-            if self.chunk_size < 1:
-                raise ValueError("chunk_size must be >= 1")
+            if self.critic is not None and self.unsolved_in is None:
+                raise ValueError("critic: only decides which problems count as solved in `unsolved_in`; set both")
 
     @classmethod
     def references(cls, config) -> list[str]:
         return [config.unsolved_in] if config.unsolved_in else []
+
+    @classmethod
+    def check(cls, config, earlier: dict) -> None:
+        if config.unsolved_in:
+            check_critic_choice(config.critic, config.unsolved_in, earlier)
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
         problems = self._problems()
         rows = sample_problems(
             engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=ctx.weights(c.weights),
-            hint=c.hint, chunk_size=c.chunk_size, shard_dir=ctx.out_dir / "shards",
-            chunk_seed=lambda i: ctx.seed("chunk", i), round_index=ctx.round, stage=ctx.stage,
+            hint=c.hint, chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed,
+            round_index=ctx.round, stage=ctx.stage,
         )
         save_rows(rows, ctx.out_dir / "data")
         return {"problems": len(problems), "samples": len(rows), "tokens": sum(r["num_tokens"] for r in rows)}
@@ -58,7 +56,7 @@ class Generate(Stage):
         c, ctx = self.config, self.ctx
         problems = ctx.task.problems(c.problems.split)
         if c.unsolved_in:
-            unsolved = unsolved_problem_ids(load_rows(ctx.input_dir(c.unsolved_in) / "data"))
+            verdicts = load_rows(ctx.input_dir(c.unsolved_in) / "data")
+            unsolved = unsolved_problem_ids(verdicts, c.critic, c.unsolved_in)
             return [p for p in problems if p["problem_id"] in unsolved]
-        rng = random.Random(ctx.seed("problems")) if c.problems.shuffle else None
-        return problem_subset(problems, c.problems.num_problems, rng)
+        return c.problems.select(problems, ctx.seed("problems"))

@@ -22,7 +22,7 @@ from typing import Literal
 from ..artifacts import load_rows, save_rows
 from ..registry import STAGES
 from .base import Stage
-from .common import join_verdicts, pick_verdict
+from .common import check_critic_choice, join_verdicts, pick_verdict
 
 
 def _assistant(text: str) -> list[dict]:
@@ -49,6 +49,10 @@ class Pairs(Stage):
     @classmethod
     def references(cls, config) -> list[str]:
         return [config.samples, config.verdicts]
+
+    @classmethod
+    def check(cls, config, earlier: dict) -> None:
+        check_critic_choice(config.critic, config.verdicts, earlier)
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx

@@ -1,13 +1,22 @@
-"""Chunked, resumable sampling shared by every stage that generates (generate, evaluate).
+"""Sampling problems from the engine: one or several attempts per trajectory, chunked and resumable.
 
-Problems are cut into fixed chunks; each chunk is one engine call with its own derived seed and is saved
-atomically as a shard before the next starts. A resumed run loads the finished shards and generates only the
-rest, so nothing is repeated or lost; since a chunk's samples depend only on (its problems, sampling, weights,
-seed), a resumed run's samples equal an uninterrupted run's.
+Every stage that samples (generate, evaluate, evaluate_self_correction, rl) goes through `sample_chunk`:
+attempt 1 answers the task's prompt (`sampling.n` samples per problem); each later attempt continues one
+trajectory (n = 1) with the prompt `follow_up(previous prompt, previous completion)` builds — SCoRe's
+self-correction turn, for instance — in one more batched engine call, with the same weights.
+
+`sample_problems` cuts the problems into chunks; each chunk is one call per attempt with its own derived seeds
+and is saved atomically as a shard before the next starts. A resumed run loads the finished shards and samples
+only the rest, so nothing is repeated or lost; since a chunk's samples depend only on (its problems, sampling,
+weights, seeds), a resumed run's samples equal an uninterrupted run's.
+
+Rows follow the sample schema in records.py; a multi-attempt row also has `attempts`, one
+{prompt, completion, finish_reason, num_tokens, seed} per attempt, with `completion` = the last attempt's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,39 +24,66 @@ from typing import Callable
 from tqdm import tqdm
 
 from ..artifacts import load_rows, save_rows
-from ..engines.base import Engine
-from ..records import SamplingConfig, Weights
+from ..records import Prompt, SamplingConfig, Weights
+from .common import Chunking
+
+FollowUp = Callable[[Prompt, str], Prompt]  # (previous attempt's prompt, its completion) → the next prompt
 
 
-def sample_problems(*, engine: Callable[[], Engine], task, problems: list[dict], sampling: SamplingConfig,
-                    weights: Weights, hint: bool, chunk_size: int, shard_dir: Path,
-                    chunk_seed: Callable[[int], int], round_index: int, stage: str) -> list[dict]:
-    """Sample rows (problem columns + sample columns) for `problems`, resuming from `shard_dir`."""
+def sample_chunk(*, engine, task, problems: list[dict], sampling: SamplingConfig, weights: Weights,
+                 seeds: list[int], id_prefix: str, hint: bool = False, follow_up: FollowUp | None = None,
+                 extra: dict | None = None) -> list[dict]:
+    """`sampling.n` trajectories of `len(seeds)` attempts per problem (attempt t sampled with `seeds[t-1]`)."""
+    if len(seeds) > 1 and follow_up is None:
+        raise ValueError("several attempts need a follow_up prompt builder")
+    prompts = [task.prompt(p, hint=hint) for p in problems]
+    first = engine.generate(prompts, sampling, weights, seed=seeds[0])
+    rows = []
+    for problem, prompt, completions in zip(problems, prompts, first):
+        for k, c in enumerate(completions):
+            rows.append({
+                **problem, **(extra or {}),
+                "sample_id": f"{id_prefix}/{problem['problem_id']}/{k}", "index": k, "weights": weights.to_dict(),
+                "seed": seeds[0], "hint": hint, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens, "prompt": prompt, "completion": c.text,
+                "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
+            })
+    if len(seeds) == 1:
+        return rows
+    for r in rows:
+        r["attempts"] = [{"prompt": r["prompt"], "completion": r["completion"], "finish_reason": r["finish_reason"],
+                          "num_tokens": r["num_tokens"], "seed": seeds[0]}]
+    once = dataclasses.replace(sampling, n=1)  # one continuation per trajectory keeps trajectories independent
+    for seed in seeds[1:]:
+        follow = [follow_up(r["attempts"][-1]["prompt"], r["attempts"][-1]["completion"]) for r in rows]
+        for r, prompt, (c,) in zip(rows, follow, engine.generate(follow, once, weights, seed=seed)):
+            r["attempts"].append({"prompt": prompt, "completion": c.text, "finish_reason": c.finish_reason,
+                                  "num_tokens": c.num_tokens, "seed": seed})
+    for r in rows:
+        last = r["attempts"][-1]
+        r.update(completion=last["completion"], finish_reason=last["finish_reason"],
+                 num_tokens=sum(a["num_tokens"] for a in r["attempts"]))
+    return rows
+
+
+def sample_problems(*, engine: Callable, task, problems: list[dict], sampling: SamplingConfig, weights: Weights,
+                    chunking: Chunking, shard_dir: Path, seed: Callable[..., int], round_index: int, stage: str,
+                    hint: bool = False, attempts: int = 1, follow_up: FollowUp | None = None) -> list[dict]:
+    """Sample rows for `problems`, resuming from `shard_dir`. `engine` is called (to build it) only when a
+    chunk is left to sample; `seed(*parts)` derives the chunk's seeds (ctx.seed)."""
     rows: list[dict] = []
-    chunks = [problems[i:i + chunk_size] for i in range(0, len(problems), chunk_size)]
     bar = tqdm(total=len(problems), desc=f"round {round_index} {stage}", unit="problem", leave=False)
     tokens, started = 0, time.time()
-    for index, chunk in enumerate(chunks):
+    for index, chunk in enumerate(chunking.split(problems)):
         shard = shard_dir / f"{index:05d}"
         if shard.exists():  # finished before an interruption
             rows.extend(load_rows(shard))
             bar.update(len(chunk))
             continue
-        seed = chunk_seed(index)
-        prompts = [task.prompt(p, hint=hint) for p in chunk]
-        outputs = engine().generate(prompts, sampling, weights, seed=seed)
-        chunk_rows = []
-        for problem, prompt, completions in zip(chunk, prompts, outputs):
-            for k, completion in enumerate(completions):
-                chunk_rows.append({
-                    **problem,
-                    "sample_id": f"r{round_index:03d}/{stage}/{problem['problem_id']}/{k}",
-                    "round": round_index, "stage": stage, "index": k,
-                    "weights": weights.label, "seed": seed, "hint": hint,
-                    "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens,
-                    "prompt": prompt, "completion": completion.text,
-                    "finish_reason": completion.finish_reason, "num_tokens": completion.num_tokens,
-                })
+        seeds = [seed("chunk", index)] + [seed("chunk", index, "attempt", t) for t in range(2, attempts + 1)]
+        chunk_rows = sample_chunk(engine=engine(), task=task, problems=chunk, sampling=sampling, weights=weights,
+                                  seeds=seeds, id_prefix=f"r{round_index:03d}/{stage}", hint=hint,
+                                  follow_up=follow_up, extra={"round": round_index, "stage": stage})
         save_rows(chunk_rows, shard)
         rows.extend(chunk_rows)
         tokens += sum(r["num_tokens"] for r in chunk_rows)

@@ -1,9 +1,10 @@
-"""Train: fit a LoRA adapter on a training set with a registered trainer (TRL SFT, ...).
+"""Train: fit a LoRA adapter on a training set with a registered trainer (TRL SFT, DPO, or a user's own).
 
 Writes `adapter/` (a standard PEFT folder) and `weights.json` (base identity, adapter hash, lineage).
 `init: base` starts a fresh adapter from the base model every round (STaR); `init: policy` continues the
-adapter the round started from. With no examples (nothing passed the filter) there is nothing to learn: the
-stage records that and hands on the weights it would have started from.
+adapter the round started from. With no examples (nothing passed the filter) there is nothing to learn:
+`on_empty: stop` (the default) stops the run with a message naming the data stage and what it reported;
+`on_empty: skip` records that nothing was trained and hands on the weights it would have started from.
 """
 
 from __future__ import annotations
@@ -12,57 +13,59 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..artifacts import load_rows, write_json
-from ..config import ConfigError
-from ..records import adapter_hash
+from ..artifacts import load_rows, read_json, write_json
 from ..models import model_identity
-from ..registry import STAGES
-from ..trainers import resolve_trainer
+from ..records import adapter_hash
+from ..registry import STAGES, TrainerSpec
 from .base import Stage
+
+
+class NothingToTrain(RuntimeError):
+    """The training set is empty."""
 
 
 @STAGES.register("train")
 class Train(Stage):
     produces_weights = True
+    outputs = ("adapter", "weights.json")
 
     @dataclass
     class Config:
         data: str = "filter"  # the stage whose dataset is trained on
-        trainer: dict = field(default_factory=lambda: {"name": "sft"})
+        trainer: TrainerSpec = field(default_factory=lambda: TrainerSpec.named("sft"))
         init: Literal["base", "policy"] = "base"
+        on_empty: Literal["stop", "skip"] = "stop"  # what an empty training set does
 
         def __post_init__(self):
-            if "name" not in self.trainer:
-                raise ValueError("trainer needs a name, e.g. {name: sft}")
+            if getattr(self.trainer.target, "online", False):
+                raise ValueError(f"trainer {self.trainer.name!r} is an online RL trainer; use it in a stage of "
+                                 f"type `rl`, which samples from the policy as it trains")
 
     @classmethod
     def references(cls, config) -> list[str]:
         return [config.data]
 
-    @classmethod
-    def check(cls, config, where: str, key: str) -> None:
-        trainer_cls, _ = resolve_trainer(config.trainer, where, f"{key}.trainer")
-        if getattr(trainer_cls, "online", False):
-            raise ConfigError(f"{where}: {key}.trainer.name: {config.trainer['name']!r} is an online RL trainer; "
-                              f"use it in a stage of "
-                              f"type `rl`, which samples from the policy as it trains")
-
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
-        trainer_cls, trainer_config = resolve_trainer(c.trainer, "pipeline", f"stages.{ctx.stage}.trainer")
         rows = load_rows(ctx.input_dir(c.data) / "data")
         policy = ctx.weights("policy")
         start = policy if c.init == "policy" else ctx.weights("base")
-        adapter_dir = ctx.out_dir / "adapter"
         if not rows:
-            record = {"base": start.base, "adapter": start.adapter, "label": start.label, "trained": False}
-            write_json(ctx.out_dir / "weights.json", record)
+            if c.on_empty == "stop":
+                reported = read_json(ctx.input_dir(c.data) / "manifest.json")["metrics"]
+                raise NothingToTrain(
+                    f"stage {ctx.stage} (round {ctx.round}): stage {c.data!r} produced no training rows "
+                    f"(it reported {reported}). Check what selects the rows (its critic's verdicts, labels and "
+                    f"errors in the critique stage's metrics), or set stages.{ctx.stage}.on_empty=skip to go on "
+                    f"without training this round.")
+            write_json(ctx.out_dir / "weights.json", {**start.to_dict(), "trained": False})
             return {"examples": 0, "trained": False}
-        work = ctx.out_dir / "trainer"
-        metrics = trainer_cls(trainer_config).train(rows, ctx.base_model, start.adapter, adapter_dir, work,
-                                                    seed=ctx.seed("train"), round_index=ctx.round,
-                                                    policy_adapter=policy.adapter)
-        shutil.rmtree(work, ignore_errors=True)  # TRL's scratch folder; the adapter is what we keep
+        adapter_dir = ctx.out_dir / "adapter"
+        work = ctx.out_dir / "trainer"  # the trainer's checkpoints: kept until the adapter is written
+        metrics = c.trainer.build().train(rows, ctx.base_model, start.adapter, adapter_dir, work,
+                                          seed=ctx.seed("train"), round_index=ctx.round,
+                                          policy_adapter=policy.adapter)
+        shutil.rmtree(work, ignore_errors=True)
         write_json(ctx.out_dir / "weights.json", {
             "base": ctx.base_model, "base_identity": model_identity(ctx.base_model), "adapter": str(adapter_dir),
             "adapter_hash": adapter_hash(adapter_dir), "label": f"round_{ctx.round:03d}/{ctx.stage}",
@@ -70,3 +73,11 @@ class Train(Stage):
         })
         return {**metrics, "trained": True}
 
+    @classmethod
+    def report(cls, metrics: dict) -> dict[str, str]:
+        if not metrics.get("trained"):
+            return {"trained on": "nothing"}
+        cells = {"trained on": f"{metrics['pairs']} pairs" if "pairs" in metrics else f"{metrics.get('examples', 0)} examples"}
+        if metrics.get("final_loss") is not None:
+            cells["train loss"] = f"{metrics['first_loss']:.3f}→{metrics['final_loss']:.3f}"
+        return cells

@@ -1,17 +1,10 @@
-"""Trainers: TRL-based fitting of LoRA adapters."""
+"""Trainers: TRL-based fitting of LoRA adapters (offline: sft, dpo) and the online policy-gradient trainer (rl).
 
-from . import dpo, sft  # noqa: F401  (register)
-from . import rl  # noqa: F401  (register: the online policy-gradient trainer)
+An offline trainer is a class with a `Config` dataclass and
+    train(rows, base_path, init_adapter, adapter_out, work_dir, seed, round_index, policy_adapter) -> metrics
+that writes a PEFT adapter to `adapter_out`. `init_adapter` is what training starts from (None = a fresh
+adapter on the base); `policy_adapter` is the adapter the round's policy used (for reference models).
+An online trainer (`online = True`) is driven step by step by the rl stage instead: see rl.py.
+"""
 
-# A trainer is a class with a `Config` dataclass and
-#   train(rows, base_path, init_adapter, adapter_out, work_dir, seed, round_index, policy_adapter) -> metrics
-# that writes a PEFT adapter to `adapter_out`. `init_adapter` is what training starts from (None = a fresh
-# adapter on the base); `policy_adapter` is the adapter the round's policy used (for reference models).
-
-
-def resolve_trainer(spec: dict, where: str, key: str):
-    """(trainer class, its Config) for a `{name: ..., parameters}` mapping, checked strictly."""
-    from ..registry import TRAINERS
-
-    params = dict(spec)
-    return TRAINERS.build_config(params.pop("name"), params, where, key)
+from . import dpo, rl, sft  # noqa: F401  (register)

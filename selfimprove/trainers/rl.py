@@ -1,8 +1,9 @@
 """On-policy policy-gradient updates on a PEFT LoRA policy: GRPO or RLOO baselines, KL to the base model.
 
 The `rl` stage (stages/rl.py) drives the loop: it samples rollouts from the engine with the policy's *current*
-saved adapter, scores them with a critic, turns rewards into per-attempt advantages with `group_advantages`,
-and calls `PolicyGradient.step` once per batch, then `save` so the engine can serve the new version.
+saved adapter, scores them with a critic, turns scores into per-attempt rewards with its objective
+(objectives/), and calls `PolicyGradient.step` once per batch — which turns rewards into advantages with its
+baseline (baselines/: GRPO, RLOO, Dr. GRPO, REINFORCE++) — then `save` so the engine can serve the new version.
 
 Why a small trainer of our own and not TRL 1.16's GRPOTrainer (read in trl/trainer/grpo_trainer.py):
 - GRPOTrainer generates itself (HF `generate`, or vLLM in `server`/`colocate` mode, which needs `trl[vllm]` and
@@ -20,14 +21,17 @@ importance ratio or clipping is needed):
 
     loss = mean over sequences of Σ_t [ mean over attempt-t tokens of ( −A_t·log π(y) + β_t·KL_k3 ) ]
 
+(with a baseline that is not length-normalised, Dr. GRPO, the per-attempt mean over tokens becomes the sum
+divided by the sampling budget `max_tokens`)
 with KL_k3 = exp(ref − logp) − (ref − logp) − 1 per token (Schulman's k3 estimator, what TRL uses: unbiased,
 non-negative), `ref` the log-probability under the base model (adapter disabled). Log-probabilities use
 logits / sampling temperature, the distribution the engine sampled from (as TRL does).
 
 Deviations and approximations:
 - Completions are re-tokenized from their text (the engine interface returns text, not token ids); a BPE split
-  that differs from the sampled one makes a token slightly off-policy. Rare, and harmless in expectation.
+  that differs from the sampled one makes a token slightly off-policy.
 - Sequences longer than `max_length` tokens are cut; the cut tokens get no gradient.
+- With every KL weight 0 the reference forward is skipped.
 - Stale rollouts are refused: every rollout carries the content hash of the adapter it was sampled with, and
   `step` raises `StalePolicyError` unless it equals the hash of the adapter this trainer last saved or loaded
   (after a step the policy is unsaved and every rollout is stale until `save`).
@@ -35,14 +39,12 @@ Deviations and approximations:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from ..records import Prompt, adapter_hash
-from ..registry import TRAINERS
+from ..registry import TRAINERS, BaselineSpec
 from .common import LoraSettings, save_adapter
 
 
@@ -58,37 +60,8 @@ class Rollout:
     prompts: list[Prompt]  # the prompt of each attempt; attempt t's prompt contains the attempts before it
     completions: list[str]
     eos: list[bool]  # whether each attempt ended with the end-of-sequence token (the text does not hold it)
-    advantages: list[float]  # per attempt
+    rewards: list[float | None]  # per attempt, from the objective (None: no reward term on that attempt)
     version: str  # hash of the adapter the rollout was sampled with
-
-
-def group_advantages(rewards: list[float | None], groups: list[str], baseline: Literal["grpo", "rloo"],
-                     scale: bool = True, eps: float = 1e-4) -> list[float]:
-    """Advantages of one attempt's rewards against the other samples of the same group (problem).
-
-    - `grpo` (Shao et al., 2024): r − mean(group), divided by the group's standard deviation (unbiased, as TRL
-      computes it) + eps when `scale`; Dr. GRPO (Liu et al., 2025) turns the division off.
-    - `rloo` (Ahmadian et al., 2024): r − mean of the *other* samples of the group (leave-one-out); `scale` unused.
-    A None reward (the objective trains that attempt on the KL term alone) has advantage 0; a group of one has
-    nothing to compare with and gets 0.
-    """
-    members: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    out = [0.0] * len(rewards)
-    for idx in members.values():
-        values = [rewards[i] for i in idx]
-        if any(v is None for v in values) or len(idx) < 2:
-            continue
-        n, total = len(values), sum(values)
-        mean = total / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        for i, v in zip(idx, values):
-            if baseline == "rloo":
-                out[i] = v - (total - v) / (n - 1)
-            else:
-                out[i] = (v - mean) / (std + eps) if scale else v - mean
-    return out
 
 
 def kl_k3(logp, ref_logp):
@@ -99,7 +72,7 @@ def kl_k3(logp, ref_logp):
     return torch.exp(diff) - diff - 1
 
 
-def render(tokenizer, prompt: Prompt) -> str:
+def render_prompt(tokenizer, prompt: Prompt) -> str:
     """The text the engine continues: the chat template with the generation prompt, or the text prompt itself."""
     if isinstance(prompt, str):
         return prompt
@@ -118,7 +91,7 @@ def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos
     so_far = ""
     eos_id = tokenizer.eos_token_id
     for t, (prompt, text, ended) in enumerate(zip(prompts, completions, eos, strict=True), start=1):
-        rendered = render(tokenizer, prompt)
+        rendered = render_prompt(tokenizer, prompt)
         if not rendered.startswith(so_far):
             raise ValueError(f"attempt {t}'s prompt does not continue the conversation so far; the chat template "
                              f"rewrites earlier turns, which multi-turn RL cannot train on")
@@ -147,8 +120,7 @@ class PolicyGradient:
         # No dropout: the policy that is differentiated must be the one the engine sampled from.
         lora: LoraSettings = field(default_factory=lambda: LoraSettings(dropout=0.0))
         learning_rate: float = 1e-5
-        baseline: Literal["grpo", "rloo"] = "grpo"
-        scale_rewards: bool = True  # grpo: divide by the group's std (false = Dr. GRPO)
+        baseline: BaselineSpec = field(default_factory=lambda: BaselineSpec.named("grpo"))
         micro_batch_size: int = 4  # sequences per forward/backward; gradients accumulate over the batch
         max_grad_norm: float = 1.0
         max_length: int = 2048  # tokens per trajectory (prompt and every attempt)
@@ -159,14 +131,14 @@ class PolicyGradient:
                 raise ValueError("learning_rate must be > 0")
             if self.micro_batch_size < 1:
                 raise ValueError("micro_batch_size must be >= 1")
+            if self.lora.dropout != 0:
+                raise ValueError("lora.dropout must be 0: on-policy updates differentiate the policy that sampled")
 
     def __init__(self, config: "PolicyGradient.Config"):
         self.config = config
         self.model = None
+        self.baseline = config.baseline.build()
         self.version: str | None = None  # hash of the adapter last saved/loaded; None while unsaved
-
-    def train(self, *args, **kwargs) -> dict:
-        raise TypeError("trainer policy_gradient is online: use it in a stage of type `rl`, not `train`")
 
     def setup(self, base_path: str, adapter: str | None, seed: int, state: Path | None = None) -> None:
         """Load the policy: `adapter` to continue (trainable), or a fresh LoRA (seeded) on the base; `state`: a
@@ -206,8 +178,9 @@ class PolicyGradient:
         self.version = adapter_hash(folder / "adapter")
         return self.version
 
-    def step(self, rollouts: list[Rollout], betas: list[float], temperature: float = 1.0) -> dict:
-        """One optimizer step on `rollouts`; `betas[t]` is the KL coefficient on attempt t+1's tokens.
+    def step(self, rollouts: list[Rollout], kl_weights: list[float], temperature: float, max_tokens: int) -> dict:
+        """One optimizer step on `rollouts`; `kl_weights[t]` is the KL coefficient on attempt t+1's tokens,
+        `max_tokens` the sampling budget per attempt (the constant a non-length-normalised baseline divides by).
 
         No rollouts (every group filtered out) makes no update: the policy and its version stay as they are, and
         the loss, KL and gradient norm are None (not measured), not 0."""
@@ -221,29 +194,36 @@ class PolicyGradient:
                                    f"updated is {self.version}: resample with the current weights")
         started = time.time()
         if not rollouts:
-            return {"loss": None, **{f"kl/attempt{t + 1}": None for t in range(len(betas))}, "grad_norm": None,
+            return {"loss": None, **{f"kl/attempt{t + 1}": None for t in range(len(kl_weights))}, "grad_norm": None,
                     "tokens": 0, "update_seconds": 0.0}
         c = self.config
+        groups = [r.group for r in rollouts]
+        advantages = [self.baseline.advantages([r.rewards[t] for r in rollouts], groups) for t in range(len(kl_weights))]
+        need_reference = any(beta > 0 for beta in kl_weights)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         encoded = [encode_rollout(self.tokenizer, r.prompts, r.completions, r.eos) for r in rollouts]
-        sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(betas))}}
+        sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(kl_weights))}}
         tokens = 0
         for start in range(0, len(rollouts), c.micro_batch_size):
-            batch = rollouts[start:start + c.micro_batch_size]
-            ids, attention, owner = self._pad(encoded[start:start + c.micro_batch_size])
+            end = min(start + c.micro_batch_size, len(rollouts))
+            ids, attention, owner = self._pad(encoded[start:end])
             logp = self._logps(ids, attention, temperature)  # (B, T-1): log π of token i+1 given tokens ≤ i
-            with torch.no_grad(), self.model.disable_adapter():
-                ref = self._logps(ids, attention, temperature)
+            if need_reference:
+                with torch.no_grad(), self.model.disable_adapter():
+                    ref = self._logps(ids, attention, temperature)
+                kl = kl_k3(logp, ref)
+            else:
+                kl = torch.zeros_like(logp)
             owner = owner[:, 1:]  # which attempt produced each predicted token
-            kl = kl_k3(logp, ref)
             loss = torch.zeros((), dtype=logp.dtype)
-            for t, beta in enumerate(betas):
+            for t, beta in enumerate(kl_weights):
                 mask = (owner == t + 1).to(logp.dtype)
                 count = mask.sum(-1).clamp(min=1.0)
-                adv = torch.tensor([r.advantages[t] for r in batch], dtype=logp.dtype)[:, None]
+                norm = count if self.baseline.length_normalized else torch.full_like(count, float(max_tokens))
+                adv = torch.tensor(advantages[t][start:end], dtype=logp.dtype)[:, None]
                 per_token = -adv * logp + beta * kl
-                loss = loss + ((per_token * mask).sum(-1) / count).sum()
+                loss = loss + ((per_token * mask).sum(-1) / norm).sum()
                 sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / count).sum().item()
             tokens += int((owner > 0).sum())
             (loss / len(rollouts)).backward()
@@ -253,8 +233,10 @@ class PolicyGradient:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version = None  # the weights changed: unsaved until `save`
-        return {**{k: v / len(rollouts) for k, v in sums.items()}, "grad_norm": grad_norm, "tokens": tokens,
-                "update_seconds": round(time.time() - started, 2)}
+        out = {k: v / len(rollouts) for k, v in sums.items()}
+        if not need_reference:  # no reference forward ran: the KL was not measured
+            out.update({k: None for k in out if k.startswith("kl/")})
+        return {**out, "grad_norm": grad_norm, "tokens": tokens, "update_seconds": round(time.time() - started, 2)}
 
     def _pad(self, encoded: list[tuple[list[int], list[int]]]):
         import torch

@@ -11,7 +11,7 @@ Output rows: `prompt` (chat messages), `completion` (one assistant message), `pr
 STaR as `pipelines/star_arithmetic.yaml` arranges it (generate → critique → rationalize → critique → filter →
 train from the base → evaluate) deviates from Zelikman et al. (2022) in these ways, each a config choice:
 - a LoRA adapter is trained (the paper fine-tunes all of GPT-J's weights);
-- each iteration samples `n` rationales per problem at temperature 0.8 (the paper: one per problem) and
+- each iteration samples `n` rationales per problem at a temperature > 0 (the paper: one per problem) and
   rationalizes with `n` hinted samples (the paper: one), keeping at most `max_per_problem` distinct correct
   rationales per problem (the paper keeps its single one);
 - each iteration draws a fresh random subset of `num_problems` training problems (the paper: the whole set);
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from ..artifacts import load_rows, save_rows
 from ..registry import STAGES
 from .base import Stage
-from .common import join_verdicts, pick_verdict
+from .common import check_critic_choice, join_verdicts, pick_verdict
 
 
 @dataclass
@@ -45,7 +45,8 @@ class Filter(Stage):
     @dataclass
     class Config:
         sources: list[Source] = field(default_factory=lambda: [Source("generate", "critique")])
-        critic: str | None = None  # the critic id whose label decides; None = the only critic present
+        # The critic id (in the sources' critique stages) whose label decides; None = the only critic there.
+        critic: str | None = None
         max_per_problem: int | None = None  # cap on kept samples per problem (None = keep all)
         dedupe: bool = True  # drop a completion identical to one already kept for the same problem
 
@@ -56,6 +57,11 @@ class Filter(Stage):
     @classmethod
     def references(cls, config) -> list[str]:
         return [name for s in config.sources for name in (s.samples, s.verdicts)]
+
+    @classmethod
+    def check(cls, config, earlier: dict) -> None:
+        for source in config.sources:
+            check_critic_choice(config.critic, source.verdicts, earlier)
 
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
@@ -87,3 +93,7 @@ class Filter(Stage):
         save_rows(rows, ctx.out_dir / "data")
         return {"examples": len(rows), "problems": len(kept),
                 "rationalized": sum(r["rationalized"] for r in rows), **counts}
+
+    @classmethod
+    def report(cls, metrics: dict) -> dict[str, str]:
+        return {"kept": str(metrics["examples"]), "rationalized": str(metrics["rationalized"])}

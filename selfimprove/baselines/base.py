@@ -1,0 +1,39 @@
+"""The baseline protocol: one attempt's rewards over a batch of trajectories → one advantage per trajectory.
+
+`advantages(rewards, groups)`: `rewards[i]` is trajectory i's reward for this attempt (None: the objective
+gives this attempt no reward term, so its advantage is 0), `groups[i]` its group (the problem it answers: a
+problem's samples are compared with each other). `length_normalized` says how the trainer aggregates an
+attempt's per-token losses: the mean over its tokens (True: GRPO's 1/|o|), or the sum divided by the sampling
+budget `max_tokens`, the same constant for every trajectory (False: Dr. GRPO's fix for the length bias).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+class Baseline:
+    length_normalized: bool = True
+    Config: type
+
+    def __init__(self, config):
+        self.config = config
+
+    def advantages(self, rewards: list[float | None], groups: list[str]) -> list[float]:
+        raise NotImplementedError
+
+
+def by_group(rewards: list[float | None], groups: list[str]) -> list[list[int]]:
+    """Positions of each group's trajectories, for groups whose every reward is known and that have at least two
+    members (a group of one has nothing to compare with: its advantage stays 0)."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    return [idx for idx in members.values() if len(idx) >= 2 and all(rewards[i] is not None for i in idx)]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and unbiased (n − 1) standard deviation, as torch.std computes it (what TRL's GRPO uses)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0

@@ -1,0 +1,41 @@
+"""REINFORCE++ with a group baseline (Hu, 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
+Language Models"; OpenRLHF's `reinforce_baseline` estimator): each reward minus its group's mean, then the
+advantages of the whole batch normalised together — minus their batch mean, divided by their batch standard
+deviation (+ eps). Normalising over the batch instead of per group is the method's point: a group whose
+samples differ by a hair is not blown up to unit variance as in GRPO.
+
+Deviations: the KL to the reference is the trainer's k3 loss term on each token (OpenRLHF's `use_kl_loss`
+option for this estimator), not a penalty folded into the token rewards; trajectories whose reward is None (an
+attempt the objective does not reward) and groups of one take no part in the batch statistics and get 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import BASELINES
+from .base import Baseline, by_group, mean_std
+
+
+@BASELINES.register("reinforce_pp")
+class ReinforcePlusPlus(Baseline):
+    @dataclass
+    class Config:
+        eps: float = 1e-8  # added to the batch's std (OpenRLHF's whitening constant)
+
+        def __post_init__(self):
+            if self.eps <= 0:
+                raise ValueError("eps must be > 0")
+
+    def advantages(self, rewards: list[float | None], groups: list[str]) -> list[float]:
+        out = [0.0] * len(rewards)
+        centred: dict[int, float] = {}
+        for idx in by_group(rewards, groups):
+            mean = sum(rewards[i] for i in idx) / len(idx)
+            centred.update({i: rewards[i] - mean for i in idx})
+        if len(centred) < 2:
+            return out
+        mean, std = mean_std(list(centred.values()))
+        for i, a in centred.items():
+            out[i] = (a - mean) / (std + self.config.eps)
+        return out
