@@ -1,7 +1,10 @@
 """Answer extraction and grading: the only place answers are parsed."""
 
+import re
+
 import pytest
 
+from selfimprove.config import ConfigError
 from selfimprove.tasks.arithmetic import Arithmetic, scratchpad
 from selfimprove.tasks.gsm8k import GSM8K, clean_solution
 from selfimprove.tasks.numeric import extract_flexible, extract_strict, normalize_number
@@ -95,5 +98,60 @@ def test_scratchpad():
 
 
 def test_arithmetic_capacity_errors():
-    with pytest.raises(ValueError, match="only 100 distinct problems"):
-        Arithmetic(Arithmetic.Config(digits=[1], num_test=101)).problems("test")
+    with pytest.raises(ValueError, match="1-digit addition has only 100 distinct problems, but num_test=101"):
+        Arithmetic.Config(digits=[1], num_train=0, num_test=101)
+    # the few-shot exemplars come out of the same pool as the test set
+    with pytest.raises(ValueError, match="give it 98 test and 3 few-shot problems"):
+        Arithmetic.Config(digits=[1], num_train=0, num_test=98)
+    Arithmetic.Config(digits=[1], num_train=0, num_test=97)
+
+
+def test_arithmetic_digits_too_few_problems_fail_at_config_load():
+    """`digits: [1]` with the default sizes (150 test, 6000 train) used to pass the config and fail mid-run."""
+    from selfimprove.pipeline import load_pipeline
+
+    data = {"name": "t", "model": "tiny-random-llama", "task": {"name": "arithmetic", "digits": [1]},
+            "stages": {"evaluate": {"type": "evaluate"}}}
+    with pytest.raises(ConfigError, match=r"<pipeline>: task: digits: 1-digit addition has only 100 distinct "
+                                          r"problems, but num_test=150"):
+        load_pipeline(None, data=data)
+    data["task"]["num_test"] = 50
+    with pytest.raises(ConfigError, match=re.escape(
+            "digits: [1] allow only 100 distinct problems, fewer than num_train + num_test + num_shots = "
+            "6000 + 50 + 3 = 6053; lower num_train to at most 47 or add longer digit counts (e.g. digits: [1, 2])")):
+        load_pipeline(None, data=data)
+    data["task"]["num_train"] = 47
+    load_pipeline(None, data=data)
+    task = Arithmetic(Arithmetic.Config(digits=[1], num_train=47, num_test=50))
+    everything = [p["question"] for split in Arithmetic.splits for p in task.problems(split)]
+    assert len(everything) == len(set(everything)) == 100  # the whole pool, each problem once
+
+
+def test_a_users_task_class_loads_by_dotted_path():
+    """A Task subclass in the user's own module goes through the same config checks as a built-in task."""
+    from selfimprove.config import to_dict
+    from selfimprove.pipeline import load_pipeline
+
+    from .task_plugins import WordLength
+
+    def pipeline(task: dict, split: str = "test") -> dict:
+        return {"name": "plugin", "model": "tiny-random-llama",
+                "task": {"name": "tests.task_plugins:WordLength", **task},
+                "stages": {"evaluate": {"type": "evaluate", "problems": {"split": split}}}}
+
+    loaded = load_pipeline(None, data=pipeline({"num_test": 3}))
+    assert to_dict(loaded.config)["task"]["num_test"] == 3
+    with pytest.raises(ConfigError, match=r"task.num_tests: unknown key; valid keys of WordLength.Config: "
+                                          r"num_test, words"):
+        load_pipeline(None, data=pipeline({"num_tests": 3}))
+    with pytest.raises(ConfigError, match=r"<pipeline>: task: num_test must be in 1..4"):  # the plugin's own check
+        load_pipeline(None, data=pipeline({"num_test": 5}))
+    with pytest.raises(ConfigError, match=r"stages.evaluate.problems.split: 'validation'; task "
+                                          r"'tests.task_plugins:WordLength' has splits train, test"):
+        load_pipeline(None, data=pipeline({}, split="validation"))
+    with pytest.raises(ConfigError, match=r"module 'tests.task_plugins' has no attribute 'WordCount'"):
+        load_pipeline(None, data={**pipeline({}), "task": {"name": "tests.task_plugins:WordCount"}})
+    task = WordLength(WordLength.Config(num_test=3))
+    (problem,) = [p for p in task.problems("test") if p["question"] == "moon"]
+    assert task.grade(problem, "m-o-o-n: The answer is 4.").strict
+    assert not task.grade(problem, "The answer is 5.").strict

@@ -75,6 +75,9 @@ class Arithmetic(Task):
                 raise ValueError(f"digits must be a non-empty list of integers in 1..12, got {self.digits}")
             if len(set(self.digits)) != len(self.digits):
                 raise ValueError(f"digits must not repeat, got {self.digits}")
+            if min(self.num_train, self.num_test, self.num_shots) < 0:
+                raise ValueError("num_train, num_test and num_shots must be >= 0")
+            _check_capacity(self.digits, self.num_train, self.num_test, self.num_shots)
 
     splits = ("train", "test", "shots")
     breakdown = ("digits",)
@@ -103,6 +106,34 @@ def _capacity(digits: int) -> int:
     return 100 if digits == 1 else (9 * 10 ** (digits - 1)) ** 2
 
 
+def _check_capacity(digits: list[int], num_train: int, num_test: int, num_shots: int) -> None:
+    """Refuse, at config load, split sizes the digit counts cannot fill with distinct problems.
+
+    Each digit count gets an equal share of every split. A test or few-shot share larger than its digit count's
+    pool could only be met by repeating problems, so it is refused here rather than mid-run. A train share that
+    does not fit is capped (`_generate`: the mix shifts toward longer problems), but digit counts that hold fewer
+    distinct problems in all than num_train + num_test + num_shots are refused: nothing longer can take up the
+    slack, and the run would silently train on far fewer problems than it asked for.
+    """
+    shares = zip(digits, _shares(num_test, len(digits)), _shares(num_shots, len(digits)))
+    for d, test, shots in shares:
+        if test + shots > _capacity(d):
+            raise ValueError(
+                f"digits: {d}-digit addition has only {_capacity(d)} distinct problems, but num_test={num_test} "
+                f"and num_shots={num_shots} give it {test} test and {shots} few-shot problems (each of the "
+                f"{len(digits)} digit counts gets an equal share); lower num_test or add digit counts to share it"
+            )
+    total = sum(_capacity(d) for d in digits)
+    wanted = num_train + num_test + num_shots
+    if wanted > total:
+        left = total - num_test - num_shots
+        raise ValueError(
+            f"digits: {digits} allow only {total} distinct problems, fewer than num_train + num_test + num_shots "
+            f"= {num_train} + {num_test} + {num_shots} = {wanted}; lower num_train to at most {left} or add "
+            f"longer digit counts (e.g. digits: {sorted(set(digits) | {max(digits) + 1})})"
+        )
+
+
 def _operand(rng: random.Random, digits: int) -> int:
     return rng.randrange(10) if digits == 1 else rng.randrange(10 ** (digits - 1), 10 ** digits)
 
@@ -126,10 +157,7 @@ def _generate(digits: tuple[int, ...], num_train: int, num_test: int, num_shots:
         seen: set[tuple[int, int]] = set()
         per_digit[d] = {}
         for split in ("test", "shots", "train"):
-            count = min(wanted[split][k], _capacity(d) - len(seen))
-            if split != "train" and count < wanted[split][k]:
-                raise ValueError(f"{d}-digit addition has only {_capacity(d)} distinct problems; "
-                                 f"lower num_test/num_shots")
+            count = min(wanted[split][k], _capacity(d) - len(seen))  # only train is ever capped (_check_capacity)
             pairs = []
             if _capacity(d) <= 10_000:  # small pools: shuffle the whole pool, draw without rejection
                 pool = [p for p in ((a, b) for a in range(10 ** (d - 1) if d > 1 else 0, 10 ** d)
