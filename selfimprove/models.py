@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .artifacts import read_json, replace_dir, write_json
-from .config import ConfigError, build, load_yaml, to_dict
+from .config import ConfigError, build, to_dict
+from .yamlio import load_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO_ROOT / "configs" / "models"

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.config import ConfigError, apply_overrides, load_yaml
+from selfimprove.config import ConfigError, apply_overrides
+from selfimprove.yamlio import load_yaml
 from selfimprove.models import load_spec, model_names
 from selfimprove.pipeline import load_pipeline
 

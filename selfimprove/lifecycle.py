@@ -1,0 +1,382 @@
+"""One writer per run directory, and no engine process outliving its run.
+
+Two ways one run used to harm another:
+- Two `selfimprove run` commands on one run directory (a resumed run started while the first still ran)
+  interleave their chunk files and manifests. `RunLock` refuses the second at once. It holds `fcntl.flock` on
+  `run.lock` in the run directory, which the kernel releases when the holder dies however it dies, so a lock
+  left by a killed run is never stale: the next run simply gets it.
+- vLLM runs its engine in subprocesses (VLLM::EngineCore, VLLM::Worker). When the main process is SIGKILLed
+  (the OOM killer, `kill -9`, a scheduler's time limit) no Python cleanup runs; the engine processes are
+  reparented and keep their GPU memory, so the next run cannot allocate. Nothing inside a SIGKILLed process
+  runs, so `reap_children_on_exit` starts a watchdog process in its own session that remembers the run's
+  descendants while the run lives and SIGKILLs them once it is gone. Descendants are remembered by pid and
+  create time (a reused pid is never killed); those started by exec (subprocess, multiprocessing's spawn) also
+  carry an environment variable, which finds the ones started in the last moments before the run died.
+  `kill_stale_processes` is the second line: a new run of the same directory kills what an earlier run left
+  there if even the watchdog was killed.
+
+The watchdog runs as `python -m selfimprove.lifecycle`, which imports only this module, the config module and
+psutil.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from .config import ConfigError
+
+LOCK_FILE = "run.lock"
+PROCESS_FILE = "processes.json"  # the watchdog's record of the run's descendants
+RUN_TOKEN = "SELFIMPROVE_RUN_TOKEN"  # inherited by every process a guarded run starts
+
+
+class RunLocked(ConfigError):
+    """Another run is writing the run directory (printed by the CLI as a config error, without a traceback)."""
+
+
+class RunLock:
+    """Exclusive use of a run directory for as long as the `with` block runs.
+
+    The lock file holds the owner's pid, host, start time and command, which the refusal quotes. It is never
+    deleted: removing a flock'ed file lets a second run lock a new file of the same name while the first still
+    holds the old one.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already held by this RunLock")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not _flock(fd):
+                owner = _read_json_fd(fd)
+                if owner and not _owner_alive(owner):
+                    # The run that locked it is gone, so what holds the lock is a process that inherited the
+                    # descriptor from it (a forked engine worker): a leftover, and killing leftovers is our job.
+                    kill_stale_processes(self.run_dir)
+                    if not _flock(fd, wait_s=3.0):
+                        raise RunLocked(f"{self.run_dir}: the run that locked it (pid {owner.get('pid')}) has "
+                                        f"ended, but a process it started still holds {self.path}; find it with "
+                                        f"`fuser -v {self.path}` and stop it, then run again")
+                else:
+                    raise RunLocked(_refusal(self.run_dir, owner))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_identity(), indent=1).encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # still held here: an empty file means nobody is writing the directory
+        finally:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _flock(fd: int, wait_s: float = 0.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+def _refusal(run_dir: Path, owner: dict | None) -> str:
+    if not owner:  # locked, but the owner has not written its identity yet (it has just started)
+        return (f"{run_dir}: another run has just started writing this run directory; wait for it to finish, or "
+                f"give this run another directory (--run-dir, or name=...)")
+    pid = owner.get("pid")
+    return (f"{run_dir}: another run is writing this run directory: pid {pid} on {owner.get('host')}, started "
+            f"{owner.get('started')} ({owner.get('command')}). Wait for it to finish, stop it (kill {pid}), or give "
+            f"this run another directory (--run-dir, or name=...)")
+
+
+def _identity() -> dict:
+    me = psutil.Process()
+    return {"pid": me.pid, "create_time": me.create_time(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+
+
+def _owner_alive(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine sharing the directory: we cannot tell, so it counts as alive
+    return _process(owner.get("pid"), owner.get("create_time")) is not None
+
+
+def _process(pid, create_time) -> psutil.Process | None:
+    """The live (not zombie) process with this pid and create time, or None: a pid alone may have been reused."""
+    if not isinstance(pid, int) or not isinstance(create_time, (int, float)):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def _read_json_fd(fd: int) -> dict | None:
+    try:
+        data = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- engine processes never outlive the run ----------------------------------------------------------------------
+
+class ChildReaper:
+    """While started, a watchdog kills this process's descendants if this process dies (SIGKILL included).
+
+    `stop()` (or leaving the `with` block) ends the watchdog without killing anything: the run ended normally
+    and closed its engine. A process that exits without stopping it has its remaining descendants killed.
+    With `run_dir`, the watchdog records the descendants in `processes.json` there, and starting first kills
+    whatever an earlier run of that directory left alive (`kill_stale_processes`).
+    """
+
+    def __init__(self, run_dir: str | Path | None = None, interval_s: float = 0.5):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.interval_s = interval_s
+        self.watchdog: subprocess.Popen | None = None
+        self._token_before: str | None = None
+
+    def __enter__(self) -> "ChildReaper":
+        if self.watchdog is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "ChildReaper":
+        if self.watchdog is not None:
+            raise RuntimeError("this ChildReaper is already started")
+        record = None
+        if self.run_dir is not None:
+            kill_stale_processes(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            record = self.run_dir / PROCESS_FILE
+        token = secrets.token_hex(8)
+        me = psutil.Process()
+        args = [sys.executable, "-m", "selfimprove.lifecycle", "--pid", str(me.pid),
+                "--create-time", repr(me.create_time()), "--token", token, "--interval", str(self.interval_s)]
+        if record is not None:
+            args += ["--record", str(record)]
+        env = {k: v for k, v in os.environ.items() if k != RUN_TOKEN}
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # Its own session: a Ctrl-C or a kill of the run's process group must not take the watchdog with it.
+        self.watchdog = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL)
+        # Set after the watchdog started, so it does not carry the token it hunts for.
+        self._token_before = os.environ.get(RUN_TOKEN)
+        os.environ[RUN_TOKEN] = token
+        return self
+
+    def stop(self) -> None:
+        if self.watchdog is None:
+            return
+        watchdog, self.watchdog = self.watchdog, None
+        if self._token_before is None:
+            os.environ.pop(RUN_TOKEN, None)
+        else:
+            os.environ[RUN_TOKEN] = self._token_before
+        watchdog.terminate()  # SIGTERM: exit without killing
+        try:
+            watchdog.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
+
+
+def reap_children_on_exit(run_dir: str | Path | None = None, interval_s: float = 0.5) -> ChildReaper:
+    """Start a `ChildReaper` for this process (see there); use it as `with reap_children_on_exit(run_dir):`."""
+    return ChildReaper(run_dir, interval_s).start()
+
+
+def kill_stale_processes(run_dir: str | Path) -> list[int]:
+    """Kill the processes an earlier, now dead, run of `run_dir` started and left alive; return their pids.
+
+    Nothing is killed while the recorded run is alive (it may be this very process, or a run that finished and
+    went on with other work), nor this process, its ancestors or its descendants, nor any process whose create
+    time differs from the recorded one (its pid was reused).
+    """
+    record = _read_json(Path(run_dir) / PROCESS_FILE)
+    if not record or _process(record.get("pid"), record.get("create_time")) is not None:
+        return []
+    children = record.get("children")
+    remembered = {int(pid): ct for pid, ct in children.items()} if isinstance(children, dict) else {}
+    return _kill_all(remembered, record.get("token"), spare=_own_family())
+
+
+def _own_family() -> set[int]:
+    me = psutil.Process()
+    family = {me.pid} | {p.pid for p in me.parents()}
+    try:
+        family |= {p.pid for p in me.children(recursive=True)}
+    except psutil.Error:
+        pass
+    return family
+
+
+def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int]) -> list[int]:
+    """SIGKILL the remembered processes that are still the same processes, their descendants, and every process
+    carrying `token` in its environment; repeated while a pass finds new ones (a child forked meanwhile)."""
+    killed: set[int] = set()
+    for _ in range(3):
+        targets: dict[int, psutil.Process] = {}
+        for pid, create_time in remembered.items():
+            proc = _process(pid, create_time)
+            if proc is not None:
+                targets[pid] = proc
+        if token:
+            for proc in psutil.process_iter():
+                if proc.pid in targets or proc.pid in spare:
+                    continue
+                try:
+                    if proc.environ().get(RUN_TOKEN) == token:
+                        targets[proc.pid] = proc
+                except psutil.Error:  # another user's process, or gone
+                    continue
+        for proc in list(targets.values()):
+            try:
+                targets.update({child.pid: child for child in proc.children(recursive=True)})
+            except psutil.Error:
+                pass
+        fresh = [proc for pid, proc in targets.items() if pid not in spare and pid not in killed]
+        if not fresh:
+            break
+        for proc in fresh:
+            try:
+                proc.kill()  # psutil refuses if the pid now belongs to another process
+                killed.add(proc.pid)
+            except psutil.Error:
+                pass
+    return sorted(killed)
+
+
+# -- the watchdog process -----------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _watch(pid: int, create_time: float, token: str, record: Path | None, interval_s: float) -> list[int]:
+    """Remember `pid`'s descendants until it is gone, then kill those still alive; a SIGTERM ends the watch
+    without killing. Returns the pids killed."""
+
+    def on_term(signum, frame):
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    remembered: dict[int, float] = {}
+    me = os.getpid()
+    if record is not None:  # at once, so that the token is on record before any descendant exists
+        _write_record(record, pid, create_time, token, remembered)
+    try:
+        while (parent := _process(pid, create_time)) is not None:
+            changed = False
+            try:
+                current = {p.pid: p for p in parent.children(recursive=True) if p.pid != me}
+            except psutil.Error:
+                current = {}
+            for child_pid, child in current.items():
+                try:
+                    child_time = child.create_time()
+                except psutil.Error:
+                    continue
+                if remembered.get(child_pid) != child_time:
+                    remembered[child_pid] = child_time
+                    changed = True
+            # Forget the ones that ended; keep the ones that are only reparented (their parent exited).
+            for old in [p for p in remembered if p not in current and _process(p, remembered[p]) is None]:
+                del remembered[old]
+                changed = True
+            if changed and record is not None:
+                _write_record(record, pid, create_time, token, remembered)
+            time.sleep(interval_s)
+    except _Stop:
+        return []
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # from here on, finish the job
+    killed = _kill_all(remembered, token, spare={me})
+    if killed:
+        print(f"selfimprove: run pid {pid} ended; killed {len(killed)} process(es) it left: "
+              f"{', '.join(map(str, killed))}", file=sys.stderr)
+    if record is not None:
+        _write_record(record, pid, create_time, token, {})
+    return killed
+
+
+def _write_record(path: Path, pid: int, create_time: float, token: str, children: dict[int, float]) -> None:
+    """Atomically, so that `kill_stale_processes` never reads half a record."""
+    data = {"pid": pid, "create_time": create_time, "token": token, "watchdog": os.getpid(),
+            "children": {str(p): t for p, t in sorted(children.items())}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a stop() waits until the record is whole
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError:  # the run directory was removed: the watch goes on, unrecorded
+        tmp.unlink(missing_ok=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m selfimprove.lifecycle",
+                                     description="watchdog: kill a process's descendants once it is gone")
+    parser.add_argument("--pid", type=int, required=True)
+    parser.add_argument("--create-time", type=float, required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--record", type=Path)
+    args = parser.parse_args(argv)
+    _watch(args.pid, args.create_time, args.token, args.record, args.interval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
