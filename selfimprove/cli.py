@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "unset options take the pipeline's and the evaluate stage's defaults."))
     ev.add_argument("--model", help="registered model name or model folder (default: the pipeline default)")
     ev.add_argument("--adapter", help="PEFT adapter folder trained on --model")
-    ev.add_argument("--task", help="task name (gsm8k, arithmetic, ...; default: the pipeline default)")
+    ev.add_argument("--task", required=True, help="task name (gsm8k, arithmetic, math500, ...)")
     ev.add_argument("--split", help="default: the evaluate stage's")
     ev.add_argument("--num-problems", type=int, help="the first N problems of the split (default: all)")
     ev.add_argument("--k", type=int, default=1, help="samples per problem (k > 1 reports pass@k and maj@k)")
@@ -62,11 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     quiet_libraries()
+    from .pipeline import StageFailed
+
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def quiet_libraries() -> None:
@@ -103,8 +108,9 @@ def cmd_eval(args) -> int:
     problems = {"num_problems": args.num_problems, **({"split": args.split} if args.split else {})}
     data = {"rounds": 0, "evaluate_base": True, "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
             "stages": {"evaluate": {"problems": problems, "sampling": sampling, "weights": "policy"}}}
-    data.update({k: v for k, v in (("model", args.model), ("engine", args.engine), ("task", args.task)) if v})
-    data["name"] = "-".join([Path(args.model or "default").name, args.task or "default-task",
+    data.update({k: v for k, v in (("model", args.model), ("engine", {"name": args.engine}),
+                                   ("task", {"name": args.task})) if v and v != {"name": None}})
+    data["name"] = "-".join([Path(args.model or "default").name, args.task,
                              *([Path(args.adapter).parent.name] if args.adapter else [])])
     pipeline = load_pipeline(None, args.overrides, data=data)
     # One folder per distinct evaluation, so re-running the same command resumes and a different one never

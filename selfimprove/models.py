@@ -182,3 +182,52 @@ def model_identity(folder: Path) -> dict:
     info = read_json(marker) if marker.exists() else {}
     return {"path": str(folder), "fingerprint": info.get("fingerprint"), "name": info.get("spec", {}).get("name")}
 
+
+
+def check_chat_template(folder: Path, model: str) -> None:
+    """A task that builds chat prompts needs a model whose tokenizer has a chat template (transformers keeps it in
+    chat_template.jinja, or in tokenizer_config.json for older folders). Read from files: nothing is loaded."""
+    if (folder / "chat_template.jinja").exists():
+        return
+    config = folder / "tokenizer_config.json"
+    if config.exists() and json.loads(config.read_text()).get("chat_template"):
+        return
+    raise ConfigError(f"model {model!r} ({folder}) has no chat template, but the task builds chat prompts: set the "
+                      f"task's `prompt_format` to a text format (e.g. fewshot), or use an instruct model")
+
+
+def check_adapter_fits(adapter: str | Path, folder: Path, where: str, key: str) -> None:
+    """An adapter trained for another base model is refused before any model loads: every LoRA A matrix must read
+    the base's hidden size where it reads the residual stream (q/k/v, gate/up projections), and name a layer the
+    base has. Shapes come from the safetensors header and config.json only."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
+    files = sorted(Path(adapter).glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{where}: {key}: {adapter} holds no *.safetensors adapter weights")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                parts = name.split(".")
+                if "lora_A" not in parts:
+                    continue
+                layer = next((int(p) for p in parts if p.isdigit()), None)
+                module = parts[parts.index("lora_A") - 1]
+                in_features = f.get_slice(name).get_shape()[-1]
+                if (layers is not None and layer is not None and layer >= layers) or (
+                        hidden is not None and module in READS_RESIDUAL and in_features != hidden):
+                    raise ConfigError(
+                        f"{where}: {key}: adapter {adapter} was trained for another base model: its {name} has "
+                        f"{in_features} inputs (layer {layer}), but {folder.name} has hidden size {hidden} and {layers} "
+                        f"layers. Use an adapter trained on this model, or set `model:` to the adapter's base "
+                        f"({_adapter_base(adapter)})")
+
+
+READS_RESIDUAL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+
+
+def _adapter_base(adapter: str | Path) -> str:
+    cfg = Path(adapter) / "adapter_config.json"
+    return json.loads(cfg.read_text()).get("base_model_name_or_path", "unknown") if cfg.exists() else "unknown"

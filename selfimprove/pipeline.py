@@ -33,7 +33,8 @@ from .artifacts import MANIFEST, checksum_files, is_done, read_json, write_json
 from .config import ConfigError, apply_overrides, build, to_dict
 from .yamlio import load_yaml
 from .records import Weights
-from .models import check_model_ref, prepare_model
+from .lifecycle import RunLock, reap_children_on_exit
+from .models import check_adapter_fits, check_chat_template, check_model_ref, prepare_model
 from .registry import EngineSpec, StageSpec, TaskSpec
 
 
@@ -48,7 +49,7 @@ class PipelineConfig:
     runs_dir: str = "runs"
     description: str = ""
     engine: EngineSpec = field(default_factory=lambda: EngineSpec.named("vllm"))
-    task: TaskSpec = field(default_factory=lambda: TaskSpec.named("gsm8k"))
+    task: TaskSpec | None = None  # required: what the pipeline's problems are (None only to name it in the error)
     stages: dict[str, StageSpec] = field(default_factory=dict)  # stage name → {type: ..., parameters}; run in order
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class PipelineConfig:
             raise ValueError(f"adapter: {self.adapter} is not a PEFT adapter folder (no adapter_config.json)")
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0")
+        if self.task is None:
+            raise ValueError("task: required, e.g. `task: {name: arithmetic}` (selfimprove list names the tasks)")
         if not self.stages:
             raise ValueError("stages: a pipeline needs at least one stage")
 
@@ -106,7 +109,7 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), data: dict
 def _check_stages(config: PipelineConfig, where: str) -> None:
     """Cross-references between stages: what a stage reads must come earlier in the round and be of the right
     kind (each stage's own `check` says what it needs of the stages it names)."""
-    task_cls = config.task.target
+    splits = config.task.target.available_splits(config.task.config)
     earlier: dict[str, StageSpec] = {}
     for name, spec in config.stages.items():
         key = f"stages.{name}"
@@ -122,14 +125,18 @@ def _check_stages(config: PipelineConfig, where: str) -> None:
                 raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or an earlier "
                                   f"weights-producing stage")
         problems = getattr(spec.config, "problems", None)
-        if problems is not None and problems.split not in task_cls.splits:
+        if problems is not None and problems.split not in splits:
             raise ConfigError(f"{where}: {key}.problems.split: {problems.split!r}; task "
-                              f"{config.task.name!r} has splits {', '.join(task_cls.splits)}")
+                              f"{config.task.name!r} has splits {', '.join(splits)}")
         try:
             spec.target.check(spec.config, earlier)
         except ValueError as err:
             raise ConfigError(f"{where}: {key}: {err}") from err
         earlier[name] = spec
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; the message names the round, the stage and what to do (the CLI prints it alone)."""
 
 
 def derive_seed(*parts: Any) -> int:
@@ -180,18 +187,34 @@ class Runner:
 
     # -- the run ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        self._prepare_run_dir()
-        self.base_model = str(prepare_model(self.pipeline.config.model))
-        try:
-            self._distrust_damaged_stages()
-            for round_index in self.rounds():
-                for stage in self.stages_of(round_index):
-                    self._run_stage(round_index, stage)
-        finally:
-            self.close()
-        from .report import write_report
+        # One run per run directory (a second is refused, naming the first's pid); every process the run starts
+        # (vLLM's engine core and workers) dies with it, however it dies.
+        with RunLock(self.run_dir), reap_children_on_exit(self.run_dir):
+            self._prepare_run_dir()
+            self.base_model = str(prepare_model(self.pipeline.config.model))
+            self._check_model()
+            try:
+                self._distrust_damaged_stages()
+                for round_index in self.rounds():
+                    for stage in self.stages_of(round_index):
+                        self._run_stage(round_index, stage)
+            finally:
+                self.close()
+            from .report import write_report
 
-        return write_report(self.run_dir, log=self.log)
+            return write_report(self.run_dir, log=self.log)
+
+    def _check_model(self) -> None:
+        """What can only be checked once the model folder exists, still before any model loads: the initial
+        adapter fits the base, and chat prompts have a chat template to go through."""
+        cfg = self.pipeline.config
+        folder = Path(self.base_model)
+        if cfg.adapter:
+            check_adapter_fits(cfg.adapter, folder, self.pipeline.source, "adapter")
+        split = next(iter(cfg.task.target.available_splits(cfg.task.config)), None)
+        problems = self.task.problems(split) if split else []
+        if problems and not isinstance(self.task.prompt(problems[0]), str):
+            check_chat_template(folder, cfg.model)
 
     def rounds(self) -> range:
         cfg = self.pipeline.config
@@ -214,7 +237,10 @@ class Runner:
         self.log(f"[round {round_index}] {planned.name} ({planned.type}) ...")
         started = time.time()
         stage = planned.cls(planned.config, StageRun(self, round_index, planned))
-        metrics = stage.run()
+        try:
+            metrics = stage.run()
+        except Exception as err:  # noqa: BLE001 - named, logged and re-raised for the user
+            raise StageFailed(self._failure(round_index, planned, err)) from err
         seconds = time.time() - started
         outputs = [name for name in planned.cls.outputs if (folder / name).exists()]
         write_json(folder / MANIFEST, {
@@ -226,6 +252,18 @@ class Runner:
         })
         self._rebuild_metrics()
         self.log(f"[round {round_index}] {planned.name}: {seconds:.1f}s {_brief(metrics)}")
+
+    def _failure(self, round_index: int, planned: PlannedStage, err: Exception) -> str:
+        """What the user reads when a stage raises; the full traceback goes to a file in the run directory."""
+        import traceback
+
+        path = self.run_dir / "logs" / f"error-round_{round_index:03d}-{planned.name}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(err)))
+        return (f"round {round_index}, stage {planned.name} ({planned.type}) failed: {type(err).__name__}: {err}\n"
+                f"Nothing it had not finished was kept as done: earlier stages, and this stage's finished chunks or "
+                f"steps, are reused when you run the same command again after fixing the cause. "
+                f"Traceback: {path}")
 
     def _distrust_damaged_stages(self) -> None:
         """A finished stage whose outputs no longer match its manifest's checksums (a truncated file, a

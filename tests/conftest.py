@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import selfimprove  # noqa: E402,F401  (sets HF_HUB_OFFLINE before any test imports huggingface_hub)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]

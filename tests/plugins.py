@@ -1,6 +1,6 @@
 """A user's own critics, loaded by dotted path in the test pipelines (the plugin mechanism under test)."""
 
-from selfimprove.critics import Verdict
+from selfimprove.critics import Critic, Verdict
 
 
 def accept_all(samples, score: float = 1.0):
@@ -30,3 +30,20 @@ def length_score_odd_problems(samples):
     """Length score on problems whose id ends in an odd digit, 0 on the others: even problems' groups carry no
     reward signal (for the rl stage's group filter)."""
     return [Verdict(score=float(len(s["completion"])) if int(s["problem_id"][-1]) % 2 else 0.0) for s in samples]
+
+
+def reject_all(samples):
+    """Labels every sample incorrect: a selection that keeps nothing."""
+    return [Verdict(score=0.0, label=False) for _ in samples]
+
+
+def no_samples_argument():
+    """A plugin written without the samples parameter (refused at config load)."""
+    return []
+
+
+class CallableCritic(Critic):
+    """A class critic that implemented __call__ instead of judge (refused at config load)."""
+
+    def __call__(self, samples):
+        return [1.0 for _ in samples]

@@ -72,7 +72,7 @@ def test_wrong_type_is_an_error(tmp_path):
 
 
 def test_unknown_task_lists_valid_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"task: unknown task 'gsm9k'; valid names: arithmetic, gsm8k"):
+    with pytest.raises(ConfigError, match=r"task: unknown task 'gsm9k'; valid names: arithmetic, dataset, gsm8k"):
         load_pipeline(_write(tmp_path, BASE.replace("arithmetic", "gsm9k")))
 
 
@@ -114,8 +114,43 @@ def test_critic_dotted_path_errors(tmp_path):
 def test_function_critic_parameters_are_checked(tmp_path):
     text = BASE.replace("critique: {samples: generate}",
                         "critique: {samples: generate, critics: [{name: 'tests.plugins:accept_all', scor: 2}]}")
-    with pytest.raises(ConfigError, match=r"takes no parameter\(s\) \['scor'\]"):
+    with pytest.raises(ConfigError, match=r"critics\[0\]: accept_all\(samples, score: float = 1.0\) cannot be called as "
+                                          r"accept_all\(samples, scor=...\)"):
         load_pipeline(_write(tmp_path, text))
+    # a parameter of the wrong type (the function's annotation says float)
+    text = BASE.replace("critique: {samples: generate}",
+                        "critique: {samples: generate, critics: [{name: 'tests.plugins:accept_all', score: one}]}")
+    with pytest.raises(ConfigError, match=r"critics\[0\].score: expected a number, got 'one'"):
+        load_pipeline(_write(tmp_path, text))
+    # a function that cannot take the samples
+    text = BASE.replace("critique: {samples: generate}",
+                        "critique: {samples: generate, critics: [{name: 'tests.plugins:no_samples_argument'}]}")
+    with pytest.raises(ConfigError, match=r"cannot be called as no_samples_argument\(samples\)"):
+        load_pipeline(_write(tmp_path, text))
+
+
+def test_class_critic_must_implement_judge(tmp_path):
+    text = BASE.replace("critique: {samples: generate}",
+                        "critique: {samples: generate, critics: [{name: 'tests.plugins:CallableCritic'}]}")
+    with pytest.raises(ConfigError, match=r"critic class 'tests.plugins:CallableCritic' must implement "
+                                          r"judge\(self, samples"):
+        load_pipeline(_write(tmp_path, text))
+
+
+def test_critic_ids_named_by_filter_pairs_and_unsolved_in_are_checked_at_load(tmp_path):
+    two = BASE.replace("critique: {samples: generate}",
+                       "critique: {samples: generate, critics: [{name: answer}, {name: majority}]}")
+    with pytest.raises(ConfigError, match=r"stages.filter: critic 'anwser' is not run by stage 'critique'; "
+                                          r"its critic ids: answer, majority"):
+        load_pipeline(_write(tmp_path, two + "  filter: {critic: anwser}\n"))
+    with pytest.raises(ConfigError, match=r"stages.filter: stage 'critique' runs critics answer, majority: set `critic:`"):
+        load_pipeline(_write(tmp_path, two + "  filter: {}\n"))
+    load_pipeline(_write(tmp_path, two + "  filter: {critic: majority}\n"))
+    with pytest.raises(ConfigError, match=r"stages.pairs: critic 'x' is not run by stage 'critique'"):
+        load_pipeline(_write(tmp_path, two + "  pairs: {critic: x}\n"))
+    with pytest.raises(ConfigError, match=r"stages.again: stage 'generate' \(generate\) writes no verdicts"):
+        load_pipeline(_write(tmp_path, two + "  again: {type: generate, unsolved_in: generate}\n"))
+    load_pipeline(_write(tmp_path, two + "  again: {type: generate, unsolved_in: critique, critic: answer}\n"))
 
 
 def test_trainer_config_checked_at_load(tmp_path):
@@ -141,5 +176,5 @@ def test_override_syntax_error():
 
 def test_online_trainer_in_train_stage_is_refused(tmp_path):
     text = BASE + "  train: {data: critique, trainer: {name: policy_gradient}}\n"
-    with pytest.raises(ConfigError, match=r"stages.train.trainer.name: 'policy_gradient' is an online RL trainer"):
+    with pytest.raises(ConfigError, match=r"stages.train: trainer 'policy_gradient' is an online RL trainer"):
         load_pipeline(_write(tmp_path, text))

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from selfimprove.artifacts import load_rows, read_json
-from selfimprove.critics import CriticContext, resolve_critic
+from selfimprove.critics import CriticContext
+from selfimprove.registry import CriticSpec
 from selfimprove.records import Weights
 from selfimprove.pipeline import Runner, load_pipeline
 from selfimprove.tasks.arithmetic import INSTRUCTION, Arithmetic
@@ -23,7 +24,8 @@ CHOICES = ["Yes", "No", " The answer is"]
 
 
 def build(spec: dict, engine, weights, task=None):
-    return resolve_critic(spec, "test", "critic").build(CriticContext(task=task, engine=lambda: engine, weights=weights))
+    return CriticSpec.from_config(spec, "test", "critic").build(CriticContext(task=task, engine=lambda: engine,
+                                                                             weights=weights))
 
 
 def test_choice_logprobs_vllm_agrees_with_transformers(engine, tiny_model, tiny_adapter):
@@ -114,13 +116,14 @@ def test_reward_model_critic(tmp_path, tiny_model):
 
 JUDGE_SCRIPT = """
 import json, sys
-from selfimprove.critics import CriticContext, resolve_critic
+from selfimprove.critics import CriticContext
+from selfimprove.registry import CriticSpec
 from selfimprove.tasks.arithmetic import INSTRUCTION
 if __name__ == "__main__":
     spec = {"name": "llm_judge", "backend": "vllm", "model": sys.argv[1], "score_pattern": r"answer is (\\d+)",
             "scale": [0, 100], "template": INSTRUCTION + "\\n\\nWhat is {question}?", "sampling": {"max_tokens": 12},
             "engine": {"name": "vllm", "in_process": True, "max_model_len": 512}}
-    critic = resolve_critic(spec, "test", "critic").build(CriticContext(task=None))
+    critic = CriticSpec.from_config(spec, "test", "critic").build(CriticContext(task=None))
     verdicts = critic.judge([{"question": "12 + 30", "completion": "42"}, {"question": "7 + 8", "completion": "5"}])
     engine_started = critic._engine is not None
     critic.close()
@@ -174,5 +177,17 @@ def test_math_pipeline_on_the_tiny_model(engine, tiny_model, tmp_path):
     assert len(rows) == 12 and {"completion", "correct", "correct_flexible", "subject", "level"} <= set(rows[0])
     assert sum(v for k, v in evaluate.items() if k.startswith("by/subject=") and k.endswith("/problems")) == 6
     assert sum(v for k, v in evaluate.items() if k.startswith("by/level=") and k.endswith("/problems")) == 6
-    for key in ("accuracy", "accuracy_flexible", "pass@2", "maj@2"):
-        assert evaluate[f"{key}_ci_low"] <= evaluate[key] <= evaluate[f"{key}_ci_high"]
+    # the statistics are those of the graded rows the stage saved, recomputed here from scratch
+    from selfimprove.metrics import pass_at_k, summarize
+    from selfimprove.pipeline import derive_seed
+
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["problem_id"], []).append(row)
+    firsts = [float(min(g, key=lambda r: r["index"])["correct"]) for g in groups.values()]
+    passes = [pass_at_k(len(g), sum(r["correct"] for r in g), 2) for g in groups.values()]
+    seed = derive_seed(0, 1, "evaluate", "bootstrap")
+    assert {k: evaluate[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high")} == summarize(
+        "accuracy", firsts, seed, 1000)
+    assert {k: evaluate[k] for k in ("pass@2", "pass@2_ci_low", "pass@2_ci_high")} == summarize(
+        "pass@2", passes, seed, 1000)

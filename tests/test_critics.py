@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from selfimprove.artifacts import load_rows, save_rows, write_json
-from selfimprove.config import ConfigError
-from selfimprove.critics import CriticContext, Verdict, resolve_critic
+from selfimprove.config import ConfigError, build
+from selfimprove.critics import CriticContext, Verdict
+from selfimprove.registry import CriticSpec
 from selfimprove.critics.quality import auroc, critic_quality
 from selfimprove.critics.self_verify import yes_probability
 from selfimprove.records import Completion, Weights
@@ -35,9 +36,8 @@ def sample(pid: str, completion: str, answer: str = "", k: int = 0, **extra) -> 
 
 
 def judge(spec: dict, samples: list[dict], task=GSM, engine=None) -> list[Verdict]:
-    resolved = resolve_critic(spec, "test", "critic")
     context = CriticContext(task=task, engine=(lambda: engine), weights=Weights("model"))
-    return resolved.build(context).judge(samples)
+    return CriticSpec.from_config(spec, "test", "critic").build(context).judge(samples)
 
 
 # -- answer ------------------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_llm_judge_parser_and_template():
 ])
 def test_llm_judge_config_errors(params, message):
     with pytest.raises(ConfigError, match=message):
-        resolve_critic({"name": "llm_judge", **params}, "test", "critic")
+        CriticSpec.from_config({"name": "llm_judge", **params}, "test", "critic")
 
 
 class JudgeEndpoint(BaseHTTPRequestHandler):
@@ -203,7 +203,7 @@ def test_combine_gates_and_weights():
     assert [v.label for v in weighted] == [True, True, False]
     assert judge({"name": "combine", "weights": {"judge": 1}}, samples[:1])[0].label is None  # no gate, no threshold
     with pytest.raises(ConfigError, match="needs weights or gates"):
-        resolve_critic({"name": "combine"}, "test", "critic")
+        CriticSpec.from_config({"name": "combine"}, "test", "critic")
 
 
 BASE = """
@@ -223,7 +223,8 @@ def load_critique(tmp_path, critics: str):
 
 def test_combine_references_are_checked_at_load(tmp_path):
     load_critique(tmp_path, "[{name: answer}, {name: majority}, {name: combine, gates: {answer: 1, majority: 0.5}}]")
-    with pytest.raises(ConfigError, match=r"critics\[1\]: refers to critic 'judge', which does not run before it"):
+    with pytest.raises(ConfigError, match=r"stages.critique: critic 'combine' refers to critic 'judge', which does not "
+                                          r"run before it"):
         load_critique(tmp_path, "[{name: answer}, {name: combine, gates: {judge: 0.7}}, {name: llm_judge, id: judge}]")
     with pytest.raises(ConfigError, match=r"critic id 'answer' is used twice"):
         load_critique(tmp_path, "[{name: answer}, {name: answer, mode: flexible}]")
@@ -233,20 +234,20 @@ def test_combine_references_are_checked_at_load(tmp_path):
 def test_plugin_by_dotted_path_function_and_class():
     out = judge({"name": "tests.plugins:accept_all", "score": 0.5}, [sample("a", "x"), sample("b", "")])
     assert [(v.score, v.label) for v in out] == [(0.5, True), (0.5, False)]
-    resolved = resolve_critic({"name": "selfimprove.critics.answer:AnswerCritic", "mode": "flexible"}, "test", "c")
-    assert resolved.id == "selfimprove.critics.answer:AnswerCritic" and resolved.params.mode == "flexible"
+    resolved = CriticSpec.from_config({"name": "selfimprove.critics.answer:AnswerCritic", "mode": "flexible"}, "test", "c")
+    assert resolved.id == "selfimprove.critics.answer:AnswerCritic" and resolved.config.mode == "flexible"
 
 
 @pytest.mark.parametrize("name, message", [
     ("tests.plugins:nope", "module 'tests.plugins' has no attribute 'nope'"),
     ("nopkg.critics:C", "cannot import module 'nopkg.critics'"),
-    ("selfimprove.tasks.math:MATH500", "is a class but not a selfimprove Critic subclass"),
+    ("selfimprove.tasks.math:MATH500", "is a class but not a subclass of selfimprove.critics.Critic"),
     ("selfimprove.tasks.math:INSTRUCTION", "is neither a Critic class nor a function"),
     ("no_such_critic", "unknown critic 'no_such_critic'; valid names: answer, combine, llm_judge, majority"),
 ])
 def test_wrong_plugin_names_fail_with_the_reason(name, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        resolve_critic({"name": name}, "pipe.yaml", "stages.critique.critics[0]")
+        CriticSpec.from_config({"name": name}, "pipe.yaml", "stages.critique.critics[0]")
 
 
 def test_plugin_by_entry_point(tmp_path, monkeypatch):
@@ -265,8 +266,8 @@ def test_plugin_by_entry_point(tmp_path, monkeypatch):
     assert "shouting" in CRITICS.names()
     out = judge({"name": "shouting", "min_bangs": 2}, [sample("a", "hi!!"), sample("b", "hi!")])
     assert [v.score for v in out] == [1.0, 0.0]
-    with pytest.raises(ConfigError, match=r"takes no parameter\(s\) \['max_bangs'\]"):
-        resolve_critic({"name": "shouting", "max_bangs": 2}, "test", "critic")
+    with pytest.raises(ConfigError, match=r"cannot be called as shouting\(samples, max_bangs=...\).*unexpected keyword"):
+        CriticSpec.from_config({"name": "shouting", "max_bangs": 2}, "test", "critic")
     monkeypatch.delitem(sys.modules, "myplugin_critics", raising=False)
 
 
@@ -294,8 +295,10 @@ class FakeContext:
         return self._root / stage
 
 
-def run_critique(tmp_path, samples, task=GSM, **config):
-    stage = Critique(Critique.Config(**config), FakeContext(tmp_path, samples, task))
+def run_critique(tmp_path, samples, task=GSM, critics=({"name": "answer"},), quality=True, **calls):
+    """The critique stage over `samples`; `calls`: batch_size, timeout, max_error_rate (CriticCalls)."""
+    config = build(Critique.Config, {"critics": list(critics), "quality": quality, "calls": calls}, "test")
+    stage = Critique(config, FakeContext(tmp_path, samples, task))
     metrics = stage.run()
     return metrics, load_rows(tmp_path / "critique" / "data")
 
@@ -396,4 +399,27 @@ def test_benchmark_pipeline_loads():
     """benchmarks/critic_quality.yaml is a pipeline too: it must load (and its MATH variant as well)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "critic_quality.yaml"
     assert [s.name for s in load_pipeline(path).stages] == ["generate", "critique"]
-    assert load_pipeline(path, ["task={name: math500}"]).task_cls is MATH500
+    assert load_pipeline(path, ["task={name: math500}"]).config.task.target is MATH500
+
+
+def test_model_critics_judge_each_sample_with_the_weights_that_wrote_it():
+    """Samples written by two different adapters are judged with those adapters, not with the round's policy."""
+    from selfimprove.critics.calls import CriticCalls, judge_all
+
+    class RecordingEngine:
+        def __init__(self):
+            self.calls = []
+
+        def choice_logprobs(self, prompts, choices, weights):
+            self.calls.append((weights.adapter_hash, len(prompts)))
+            return [{choices[0]: -0.1, choices[1]: -2.0} for _ in prompts]
+
+    engine = RecordingEngine()
+    a = Weights.from_dict({"base": "m", "adapter": "/a", "label": "round_001/train", "adapter_hash": "aaaa"})
+    b = Weights.from_dict({"base": "m", "adapter": "/b", "label": "round_002/train", "adapter_hash": "bbbb"})
+    samples = [sample(f"p{i}", "The answer is 4.", "4", weights=w.to_dict()) for i, w in enumerate([a, b, a, b, b])]
+    critic = CriticSpec.from_config("self_verify", "test", "critic").build(
+        CriticContext(task=GSM, engine=lambda: engine, weights=Weights("m", "/policy", "policy", "pppp")))
+    verdicts, _ = judge_all(critic, samples, CriticCalls())
+    assert len(verdicts) == 5 and all(v.label for v in verdicts)
+    assert sorted(engine.calls) == [("aaaa", 2), ("bbbb", 3)]  # never the policy's "pppp"

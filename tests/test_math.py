@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from selfimprove.stages.common import Bootstrap
 from selfimprove.stages.evaluate import Evaluate, score
 from selfimprove.tasks.math import MATH, MATH500, last_boxed
 from selfimprove.timeouts import TimedOut, call_with_timeout
@@ -148,7 +149,7 @@ def test_breakdown_by_subject_and_level():
         for i, (subject, level, ok) in enumerate([("Algebra", 1, True), ("Algebra", 2, False),
                                                   ("Geometry", 1, True), ("Geometry", 1, True)])
     ]
-    config = Evaluate.Config(bootstrap_resamples=50)
+    config = Evaluate.Config(bootstrap=Bootstrap(resamples=50))
     out = score(rows, config, seed=0, breakdown=list(MATH500.breakdown))
     assert out["by/subject=Algebra/accuracy"] == 0.5 and out["by/subject=Geometry/accuracy"] == 1.0
     assert out["by/level=1/accuracy"] == 1.0 and out["by/level=2/problems"] == 1

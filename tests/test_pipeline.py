@@ -49,7 +49,7 @@ def test_samples_verdicts_and_selection(star_run):
     r1 = run_dir / "round_001"
     samples = load_rows(r1 / "generate" / "data")
     assert len(samples) == 16 * 2 and len({s["sample_id"] for s in samples}) == 32
-    assert {s["weights"] for s in samples} == {"base"}
+    assert {(s["weights"]["label"], s["weights"]["adapter_hash"]) for s in samples} == {("base", None)}
     verdicts = load_rows(r1 / "critique" / "data")
     assert len(verdicts) == 32 and {v["critic"] for v in verdicts} == {"tests.plugins:accept_even_problems"}
     # rationalization covers exactly the problems the critic left unsolved, with the hint in the prompt
@@ -62,6 +62,11 @@ def test_samples_verdicts_and_selection(star_run):
     assert {t["source"] for t in train} == {"generate", "rationalize"}
     assert all("The correct answer is" not in t["prompt"][-1]["content"] for t in train)
     assert all(len(t["sample_ids"]) == 1 for t in train)
+    # the B-STaR monitor on the round's own samples: what was kept of them, graded by the task (the random model
+    # is never right, so nothing kept is correct and the balance score is 0)
+    monitor = read_json(r1 / "filter" / "manifest.json")["metrics"]
+    assert monitor["bstar/kept"] == sum(t["source"] == "generate" for t in train) > 0
+    assert monitor["bstar/prompts"] == 16 and monitor["bstar/balance"] == 0.0 and monitor["bstar/precision"] == 0.0
 
 
 def test_rounds_chain_weights(star_run):
@@ -71,7 +76,8 @@ def test_rounds_chain_weights(star_run):
     assert w1["trained"] and w2["trained"] and w1["adapter_hash"] != w2["adapter_hash"]
     assert w2["init"]["adapter"] is None  # STaR: every round restarts from the base model
     gen2 = load_rows(run_dir / "round_002" / "generate" / "data")
-    assert {s["weights"] for s in gen2} == {"round_001/train"}  # round 2 samples from round 1's model
+    # round 2 samples from round 1's model, and every sample carries that model's identity
+    assert {(s["weights"]["label"], s["weights"]["adapter_hash"]) for s in gen2} == {("round_001/train", w1["adapter_hash"])}
     ev2 = read_json(run_dir / "round_002" / "evaluate" / "manifest.json")
     assert ev2["metrics"]["weights"] == "round_002/train"
 
@@ -96,7 +102,7 @@ def test_changed_config_is_refused(star_run, engine):
 
 def test_killed_run_resumes_to_the_same_result(engine, tmp_path):
     """SIGKILL a run in the middle of round 1's generation, resume it, and compare with an uninterrupted run."""
-    overrides = ["rounds=1", "stages.generate.chunk_size=2"]
+    overrides = ["rounds=1", "stages.generate.chunking.size=2"]
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "selfimprove.cli", "run", str(TINY_STAR), *overrides,
@@ -127,3 +133,37 @@ def test_killed_run_resumes_to_the_same_result(engine, tmp_path):
         want = read_json(reference / "round_001" / stage / "manifest.json")["metrics"]
         assert got == want
     assert load_rows(killed / "round_001" / "filter" / "data") == load_rows(reference / "round_001" / "filter" / "data")
+
+
+def test_a_damaged_artifact_is_redone_not_trusted(star_run, engine, tmp_path):
+    """Truncate a finished stage's data: the rerun finds the checksum mismatch and redoes that stage and every stage
+    after it, to the same result."""
+    import shutil
+
+    run_dir, _ = star_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    want = read_json(copy / "round_002" / "evaluate" / "manifest.json")["metrics"]
+    data = next((copy / "round_002" / "evaluate" / "data").glob("*.arrow"))
+    data.write_bytes(data.read_bytes()[:100])
+    logs = []
+    Runner(load_pipeline(TINY_STAR), copy, engine=engine, log=logs.append).run()
+    assert any("do not match their checksums" in str(line) for line in logs)
+    assert sum("done, skipped" in str(line) for line in logs) == 1 + 2 * len(STAGES) - 1
+    assert read_json(copy / "round_002" / "evaluate" / "manifest.json")["metrics"] == want
+
+
+def test_an_empty_selection_stops_with_the_reason_or_skips_training(engine, tmp_path):
+    from selfimprove.pipeline import StageFailed
+
+    overrides = ["rounds=1", "evaluate_base=false", "stages.critique.critics=[{name: 'tests.plugins:reject_all'}]",
+                 "stages.critique_rationalize.critics=[{name: 'tests.plugins:reject_all'}]"]
+    with pytest.raises(StageFailed, match=r"round 1, stage train \(train\) failed: NothingToTrain: stage train \(round 1\): "
+                                          r"stage 'filter' produced no training rows.*'examples': 0.*on_empty=skip"):
+        Runner(load_pipeline(TINY_STAR, overrides), tmp_path / "stop", engine=engine, log=quiet).run()
+    assert not (tmp_path / "stop" / "round_001" / "train" / "manifest.json").exists()
+    Runner(load_pipeline(TINY_STAR, [*overrides, "stages.train.on_empty=skip"]), tmp_path / "skip", engine=engine,
+           log=quiet).run()
+    weights = read_json(tmp_path / "skip" / "round_001" / "train" / "weights.json")
+    assert weights["trained"] is False and weights["adapter"] is None
+    assert read_json(tmp_path / "skip" / "round_001" / "evaluate" / "manifest.json")["metrics"]["weights"] == "base"

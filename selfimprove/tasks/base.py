@@ -60,6 +60,11 @@ class Task:
     def __init__(self, config):
         self.config = config
 
+    @classmethod
+    def available_splits(cls, config) -> tuple[str, ...]:
+        """The splits a task with this config has (checked against the stages' `problems.split` at load)."""
+        return cls.splits
+
     def problems(self, split: str) -> list[dict]:
         """All problems of `split`, in a fixed order."""
         raise NotImplementedError

@@ -116,6 +116,10 @@ class DatasetTask(Task):
 
     splits = ("train", "test")
 
+    @classmethod
+    def available_splits(cls, config) -> tuple[str, ...]:
+        return tuple(split for split in cls.splits if getattr(config, split) is not None)
+
     @dataclass
     class Config:
         train: Source | None = None

@@ -3,7 +3,7 @@
 Data: `seeds/gsm8k/{train,test}.jsonl` (copied unchanged from openai/grade-school-math, MIT) or, for users with
 a network, any hub dataset with the same `question`/`answer` columns (`source: openai/gsm8k`).
 Gold answers follow `#### ` in the solution. Prompts ask for "The answer is <number>." (with
-"The answer is N." small models echo the letter N, PLATFORM.md).
+"The answer is N." small models echo the letter N, docs/cpu.md).
 """
 
 from __future__ import annotations

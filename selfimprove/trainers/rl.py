@@ -39,6 +39,7 @@ Deviations and approximations:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,8 @@ class PolicyGradient:
             model = get_peft_model(model, LoraConfig(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=0.0,
                                                      target_modules=list(c.lora.target_modules), task_type="CAUSAL_LM"))
         disable_dropout_in_model(model)
-        self.model = model
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
         if state is not None and (state / "optimizer.pt").exists():
@@ -207,7 +209,7 @@ class PolicyGradient:
         tokens = 0
         for start in range(0, len(rollouts), c.micro_batch_size):
             end = min(start + c.micro_batch_size, len(rollouts))
-            ids, attention, owner = self._pad(encoded[start:end])
+            ids, attention, owner = (t.to(self.device) for t in self._pad(encoded[start:end]))
             logp = self._logps(ids, attention, temperature)  # (B, T-1): log π of token i+1 given tokens ≤ i
             if need_reference:
                 with torch.no_grad(), self.model.disable_adapter():
@@ -216,12 +218,12 @@ class PolicyGradient:
             else:
                 kl = torch.zeros_like(logp)
             owner = owner[:, 1:]  # which attempt produced each predicted token
-            loss = torch.zeros((), dtype=logp.dtype)
+            loss = torch.zeros((), dtype=logp.dtype, device=self.device)
             for t, beta in enumerate(kl_weights):
                 mask = (owner == t + 1).to(logp.dtype)
                 count = mask.sum(-1).clamp(min=1.0)
                 norm = count if self.baseline.length_normalized else torch.full_like(count, float(max_tokens))
-                adv = torch.tensor(advantages[t][start:end], dtype=logp.dtype)[:, None]
+                adv = torch.tensor(advantages[t][start:end], dtype=logp.dtype, device=self.device)[:, None]
                 per_token = -adv * logp + beta * kl
                 loss = loss + ((per_token * mask).sum(-1) / norm).sum()
                 sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / count).sum().item()
@@ -230,6 +232,11 @@ class PolicyGradient:
             sums["loss"] += loss.item()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm).item()
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            # Checked before the optimizer step: the saved policy stays the last finite one.
+            raise FloatingPointError(f"policy-gradient loss {sums['loss']} / gradient norm {grad_norm} is not finite; "
+                                     f"lower the learning rate ({c.learning_rate}) or max_grad_norm, or check the "
+                                     f"critic's rewards for huge values")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version = None  # the weights changed: unsaved until `save`

@@ -1,0 +1,79 @@
+"""Defaults live in code, once: a shipped YAML (pipelines, component files, benchmark pipelines) states only what
+differs. For every parameter a file sets, the file is loaded again without it; if the resolved config does not
+change, the file restates a default (or a value it already inherits) and this test names it."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfimprove.config import ConfigError, to_dict
+from selfimprove.pipeline import load_pipeline
+from selfimprove.registry import EngineSpec, TrainerSpec
+from selfimprove.yamlio import load_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = sorted([*REPO.glob("pipelines/*.yaml"), *REPO.glob("benchmarks/*.yaml")])
+COMPONENTS = {**{p: TrainerSpec for p in REPO.glob("configs/trainers/*.yaml")},
+              **{p: EngineSpec for p in REPO.glob("configs/engines/*.yaml")}}
+# Naming a component (or a stage's type, a file to include) is not restating a parameter's default.
+NOT_PARAMETERS = {"name", "type", "include", "description"}
+
+
+def key_paths(node: dict, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a mapping, mappings descended into (a list is one value)."""
+    out = []
+    for key, value in node.items():
+        path = (*prefix, key)
+        if key not in NOT_PARAMETERS:
+            out.append(path)
+        if isinstance(value, dict):
+            out += key_paths(value, path)
+    return out
+
+
+def without(node: dict, path: tuple) -> dict:
+    out = dict(node)
+    if len(path) == 1:
+        del out[path[0]]
+    else:
+        out[path[0]] = without(out[path[0]], path[1:])
+    return out
+
+
+def resolved(path: Path, raw: dict, component=None) -> dict | None:
+    """The resolved config of `raw` read as if it were the file at `path` (includes relative to it); None when it
+    does not load without the key (a required key is not a restated default)."""
+    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex}.yaml"
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        if component is not None:
+            return to_dict(component.from_config(load_yaml(tmp), str(path), "component"))
+        return to_dict(load_pipeline(tmp).config)
+    except ConfigError:
+        return None
+    finally:
+        tmp.unlink()
+
+
+@pytest.mark.parametrize("path", [*PIPELINES, *COMPONENTS], ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_yaml_states_only_what_differs(path):
+    raw = yaml.safe_load(path.read_text())
+    component = COMPONENTS.get(path)
+    full = resolved(path, raw, component)
+    restated = [".".join(map(str, key)) for key in key_paths(raw)
+                if resolved(path, without(raw, key), component) == full]
+    assert not restated, f"{path.relative_to(REPO)} restates defaults (delete them): {', '.join(restated)}"
+
+
+def test_the_check_catches_a_restated_default(tmp_path):
+    """The test above can fail: a pipeline restating `seed: 0` and the generate stage's default split is caught."""
+    path = tmp_path / "p.yaml"
+    raw = {"name": "p", "seed": 0, "model": "tiny-random-llama", "task": {"name": "arithmetic"},
+           "stages": {"generate": {"problems": {"split": "train", "num_problems": 4}}}}
+    full = resolved(path, raw)
+    restated = [key for key in key_paths(raw) if resolved(path, without(raw, key)) == full]
+    assert restated == [("seed",), ("stages", "generate", "problems", "split")]
