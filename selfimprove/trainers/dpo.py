@@ -15,12 +15,13 @@ The reference model, by `reference`:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..registry import TRAINERS
-from .common import LoraSettings, Optimization, common_args, load_policy, save_adapter, summarize
+from .common import (LoraSettings, Optimization, common_args, fit, load_policy, make_trainer, save_adapter,
+                     training_metrics)
 
 
 @TRAINERS.register("dpo")
@@ -60,13 +61,15 @@ class DPO:
             **common_args(c.optim, work_dir, seed, round_index), max_length=c.optim.max_length, beta=c.beta,
             loss_type=list(c.loss_type), loss_weights=c.loss_weights, dataset_num_proc=None,
         )
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config)
-        trainer.train()
+        trainer = make_trainer(DPOTrainer, model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                               processing_class=tokenizer, peft_config=peft_config)
+        resumed_from = fit(trainer, {"trainer": "dpo", "config": asdict(c), "rows": rows, "base": base_path,
+                                     "init": init_adapter, "policy": policy_adapter, "seed": seed,
+                                     "round": round_index})
         save_adapter(trainer.model, adapter_out)
         history = trainer.state.log_history
         margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
-        return {"pairs": len(rows), "reference": reference, **summarize(history, started),
+        return {"pairs": len(rows), "reference": reference, **training_metrics(history, started, resumed_from),
                 "final_reward_margin": margins[-1] if margins else None}
 
     def _reference(self, base_path: str, init_adapter: str | None, policy_adapter: str | None):

@@ -7,11 +7,12 @@ covers the completion tokens only (`completion_only_loss=True`), never the promp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..registry import TRAINERS
-from .common import LoraSettings, Optimization, common_args, load_policy, save_adapter, summarize
+from .common import (LoraSettings, Optimization, common_args, fit, load_policy, make_trainer, save_adapter,
+                     training_metrics)
 
 
 @TRAINERS.register("sft")
@@ -39,8 +40,9 @@ class SFT:
             **common_args(self.config.optim, work_dir, seed, round_index),
             max_length=self.config.optim.max_length, completion_only_loss=True, dataset_num_proc=None,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config)
-        trainer.train()
+        trainer = make_trainer(SFTTrainer, model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                               peft_config=peft_config)
+        resumed_from = fit(trainer, {"trainer": "sft", "config": asdict(self.config), "rows": rows, "base": base_path,
+                                     "init": init_adapter, "seed": seed, "round": round_index})
         save_adapter(trainer.model, adapter_out)
-        return {"examples": len(rows), **summarize(trainer.state.log_history, started)}
+        return {"examples": len(rows), **training_metrics(trainer.state.log_history, started, resumed_from)}
