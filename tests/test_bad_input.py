@@ -103,6 +103,28 @@ ROWS = [
                                             "critique: {samples: generate, critics: [{name: 'nopkg.x:C'}]}"),
      "cannot import module 'nopkg.x'", None),
     ("later-stage-reference", BASE.replace("samples: generate", "samples: train"), "refers to stage 'train'", None),
+    ("missing-task", BASE.replace("task: {name: arithmetic}\n", ""), "task: required", None),
+    ("too-few-problems", BASE.replace("{name: arithmetic}", "{name: arithmetic, digits: [1]}"),
+     "1-digit addition has only 100 distinct problems", None),
+    ("out-of-range-sampling", BASE.replace("temperature: 0.7", "temperature: -1"), "temperature must be >= 0", None),
+    ("critic-wrong-signature", BASE.replace("critique: {samples: generate}", "critique: {samples: generate, "
+                                            "critics: [{name: 'tests.plugins:no_samples_argument'}]}"),
+     "cannot be called as no_samples_argument(samples)", None),
+    ("critic-parameter-type", BASE.replace("critique: {samples: generate}", "critique: {samples: generate, "
+                                           "critics: [{name: 'tests.plugins:accept_all', score: one}]}"),
+     "critics[0].score: expected a number, got 'one'", None),
+    ("class-critic-without-judge", BASE.replace("critique: {samples: generate}", "critique: {samples: generate, "
+                                                "critics: [{name: 'tests.plugins:CallableCritic'}]}"),
+     "must implement judge(self, samples", None),
+    ("filter-unknown-critic-id", BASE + "  filter: {critic: anwser}\n",
+     "critic 'anwser' is not run by stage 'critique'; its critic ids: answer", None),
+    ("filter-ambiguous-critic", BASE.replace("critique: {samples: generate}", "critique: {samples: generate, "
+                                             "critics: [{name: answer}, {name: majority}]}") + "  filter: {}\n",
+     "runs critics answer, majority: set `critic:`", None),
+    ("unknown-objective", BASE + "  rl: {objective: score_stage3}\n", "unknown objective 'score_stage3'", None),
+    ("unknown-baseline", BASE + "  rl: {trainer: {baseline: ppo}}\n", "unknown baseline 'ppo'", None),
+    ("rl-dropout", BASE + "  rl: {trainer: {lora: {dropout: 0.1}}}\n", "lora.dropout must be 0", None),
+    ("offline-trainer-in-rl", BASE + "  rl: {trainer: {name: sft}}\n", "an rl stage needs an online one", None),
 ]
 
 
@@ -166,3 +188,33 @@ def test_bad_override_is_refused_cleanly(override, fragment, tmp_path, capsys):
     err = capsys.readouterr().err
     assert fragment in err and "command line" in err and "Traceback" not in err, err
     assert time.monotonic() - started < 5
+
+
+def test_model_mismatches_are_refused_before_any_model_loads(tiny_model, tmp_path, capsys):
+    """Checked once the model folder exists, before an engine starts: an adapter trained for another base (its
+    LoRA shapes do not fit), and chat prompts for a model without a chat template."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "other-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "some/bigger-model", "r": 4}')
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 128)},
+              str(adapter / "adapter_model.safetensors"))
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE + f"adapter: {adapter}\nruns_dir: {tmp_path / 'runs'}\n")
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "adapter: adapter" in err and "was trained for another base model" in err and "128 inputs" in err
+    assert "hidden size 64" in err and "some/bigger-model" in err and "Traceback" not in err
+
+    no_template = tmp_path / "no-template-model"
+    shutil.copytree(tiny_model, no_template)
+    (no_template / "chat_template.jinja").unlink()
+    path.write_text(BASE.replace("tiny-random-llama", str(no_template)) + f"runs_dir: {tmp_path / 'runs'}\n")
+    assert main(["run", str(path), "name=t2"]) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template, but the task builds chat prompts" in err and "prompt_format" in err

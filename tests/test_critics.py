@@ -423,3 +423,32 @@ def test_model_critics_judge_each_sample_with_the_weights_that_wrote_it():
     verdicts, _ = judge_all(critic, samples, CriticCalls())
     assert len(verdicts) == 5 and all(v.label for v in verdicts)
     assert sorted(engine.calls) == [("aaaa", 2), ("bbbb", 3)]  # never the policy's "pppp"
+
+
+def test_a_judge_key_never_reaches_the_run_directory(engine, tmp_path, monkeypatch):
+    """A pipeline whose critic calls a (local, fake) OpenAI-compatible endpoint with a key from the environment:
+    the key reaches the endpoint, and no file the run writes (configs, samples, verdicts, manifests, logs, report)
+    holds it."""
+    from selfimprove.pipeline import Runner
+
+    canary = "sk-selfimprove-canary-7f3a9c"
+    monkeypatch.setenv("CANARY_JUDGE_KEY", canary)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    JudgeEndpoint.seen = []
+    data = {"name": "secrets", "model": "tiny-random-llama", "evaluate_base": False,
+            "engine": {"name": "vllm", "in_process": True, "adapter_mode": "merged", "max_model_len": 1024},
+            "task": {"name": "arithmetic", "num_train": 40, "num_test": 6},
+            "stages": {"generate": {"problems": {"num_problems": 3}, "sampling": {"max_tokens": 8}},
+                       "critique": {"critics": [{
+                           "name": "llm_judge", "backend": "openai", "model": "judge-1", "max_retries": 0,
+                           "api_key_env": "CANARY_JUDGE_KEY", "template": "{completion} right",
+                           "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1"}]}}}
+    try:
+        Runner(load_pipeline(None, data=data), tmp_path / "run", engine=engine, log=lambda *a: None).run()
+    finally:
+        server.shutdown()
+    assert {s[1] for s in JudgeEndpoint.seen} == {f"Bearer {canary}"} and len(JudgeEndpoint.seen) == 3
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert len(files) > 10
+    assert not [p for p in files if canary.encode() in p.read_bytes()]
