@@ -39,17 +39,18 @@ def adapter_hash(adapter_dir: str | Path) -> str:
         digest.update(file.read_bytes())
     cfg = Path(adapter_dir) / "adapter_config.json"
     if cfg.exists():
-        digest.update(json.dumps(_canonical(json.loads(cfg.read_text())), sort_keys=True).encode())
+        digest.update(json.dumps(canonical(json.loads(cfg.read_text())), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
-def _canonical(value):
+def canonical(value):
+    """A JSON value with every list of strings sorted (PEFT's `target_modules` is written in set order)."""
     if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
+        return {k: canonical(v) for k, v in value.items()}
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return sorted(value)
     if isinstance(value, list):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     return value
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import replace_dir
+from ..records import canonical
 
 
 @dataclass
@@ -235,6 +236,10 @@ def save_adapter(model, out: Path) -> None:
     try:
         # Only the trained adapter: DPO against its starting policy also holds a frozen copy of it ("ref").
         model.save_pretrained(tmp, selected_adapters=[model.active_adapter])
+        # The same weights must give the same files (manifest checksums, resume comparisons): PEFT writes
+        # target_modules in set order, which changes from process to process.
+        config = tmp / "adapter_config.json"
+        config.write_text(json.dumps(canonical(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
