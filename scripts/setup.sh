@@ -10,7 +10,7 @@ py=.venv/bin/python
 stamp=".venv/.selfimprove-$flavour-$(sha256sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   $py -m pip install -q --upgrade pip
-  $py -m pip install -q -e ".[$flavour,test,bench]"
+  $py -m pip install -q -e ".[$flavour,test,bench,track]"
   if [ "$flavour" = cpu ]; then
     # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` and `import peft` next to
     # torch 2.13.0+cpu; triton is only wanted by xgrammar. None of them is needed.

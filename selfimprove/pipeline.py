@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from . import trackers
 from .artifacts import MANIFEST, checksum_files, is_done, read_json, write_json
 from .config import ConfigError, apply_overrides, build, to_dict
 from .yamlio import load_yaml
@@ -51,8 +52,10 @@ class PipelineConfig:
     engine: EngineSpec = field(default_factory=lambda: EngineSpec.named("vllm"))
     task: TaskSpec | None = None  # required: what the pipeline's problems are (None only to name it in the error)
     stages: dict[str, StageSpec] = field(default_factory=dict)  # stage name → {type: ..., parameters}; run in order
+    report_to: list[str] = field(default_factory=list)  # experiment trackers (trackers.py): trackio, tensorboard, ...
 
     def __post_init__(self):
+        trackers.check(self.report_to)
         if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").exists():
             raise ValueError(f"adapter: {self.adapter} is not a PEFT adapter folder (no adapter_config.json)")
         if self.rounds < 0:
@@ -195,9 +198,10 @@ class Runner:
             self._check_model()
             try:
                 self._distrust_damaged_stages()
-                for round_index in self.rounds():
-                    for stage in self.stages_of(round_index):
-                        self._run_stage(round_index, stage)
+                with trackers.Trackers(self.pipeline.config.report_to, self.run_dir, to_dict(self.pipeline.config)):
+                    for round_index in self.rounds():
+                        for stage in self.stages_of(round_index):
+                            self._run_stage(round_index, stage)
             finally:
                 self.close()
             from .report import write_report
@@ -237,6 +241,8 @@ class Runner:
         self.log(f"[round {round_index}] {planned.name} ({planned.type}) ...")
         started = time.time()
         stage = planned.cls(planned.config, StageRun(self, round_index, planned))
+        if trackers.active():
+            trackers.active().stage = planned.name
         try:
             metrics = stage.run()
         except Exception as err:  # noqa: BLE001 - named, logged and re-raised for the user
@@ -251,6 +257,7 @@ class Runner:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "peak_rss_mib": _peak_rss_mib(),
         })
         self._rebuild_metrics()
+        trackers.log({"round": round_index, "seconds": seconds, **metrics}, prefix=f"{planned.name}/")
         self.log(f"[round {round_index}] {planned.name}: {seconds:.1f}s {_brief(metrics)}")
 
     def _failure(self, round_index: int, planned: PlannedStage, err: Exception) -> str:

@@ -427,8 +427,8 @@ def test_model_critics_judge_each_sample_with_the_weights_that_wrote_it():
 
 def test_a_judge_key_never_reaches_the_run_directory(engine, tmp_path, monkeypatch):
     """A pipeline whose critic calls a (local, fake) OpenAI-compatible endpoint with a key from the environment:
-    the key reaches the endpoint, and no file the run writes (configs, samples, verdicts, manifests, logs, report)
-    holds it."""
+    the key reaches the endpoint, and no file the run writes (configs, samples, verdicts, manifests, logs, report,
+    the tracker's event files) holds it."""
     from selfimprove.pipeline import Runner
 
     canary = "sk-selfimprove-canary-7f3a9c"
@@ -436,7 +436,7 @@ def test_a_judge_key_never_reaches_the_run_directory(engine, tmp_path, monkeypat
     server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeEndpoint)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     JudgeEndpoint.seen = []
-    data = {"name": "secrets", "model": "tiny-random-llama", "evaluate_base": False,
+    data = {"name": "secrets", "model": "tiny-random-llama", "evaluate_base": False, "report_to": ["tensorboard"],
             "engine": {"name": "vllm", "in_process": True, "adapter_mode": "merged", "max_model_len": 1024},
             "task": {"name": "arithmetic", "num_train": 40, "num_test": 6},
             "stages": {"generate": {"problems": {"num_problems": 3}, "sampling": {"max_tokens": 8}},
@@ -450,5 +450,5 @@ def test_a_judge_key_never_reaches_the_run_directory(engine, tmp_path, monkeypat
         server.shutdown()
     assert {s[1] for s in JudgeEndpoint.seen} == {f"Bearer {canary}"} and len(JudgeEndpoint.seen) == 3
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
-    assert len(files) > 10
+    assert len(files) > 10 and any("tfevents" in p.name for p in files)
     assert not [p for p in files if canary.encode() in p.read_bytes()]

@@ -30,6 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from .. import trackers
 from ..artifacts import load_rows, read_json, replace_dir, save_rows, write_json
 from ..critics import CriticContext
 from ..critics.calls import CriticCalls, check_error_budget, judge_all
@@ -95,6 +96,7 @@ class RL(Stage):
                 rows, metrics = self._step(trainer, objective, critic, weights, self._batch(pool, step), step)
                 self._commit(trainer, versions, step + 1, rows, metrics)
                 _prune(versions, keep=step + 1)
+                trackers.log_step(metrics)
         finally:
             critic.close()
         return self._finish(versions, start)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import trackers
 from ..artifacts import replace_dir
 from ..records import canonical
 
@@ -129,7 +130,8 @@ def make_trainer(trainer_cls, **kwargs):
                     f"also overflow where float32 would not. A changed config trains afresh.")
             return out
 
-    return Guarded(callbacks=[MarkComplete()], **kwargs)
+    tracked = trackers.training_callback()  # the pipeline's tracker run, when `report_to` names one
+    return Guarded(callbacks=[MarkComplete(), *([tracked] if tracked else [])], **kwargs)
 
 
 def fit(trainer, identity: dict) -> int:
