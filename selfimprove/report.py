@@ -23,7 +23,8 @@ from .artifacts import MANIFEST, read_json
 
 # The columns in the order they are shown; a stage's cells for other columns are appended after these.
 COLUMNS = ["round", "weights", "accuracy [95% CI]", "flexible", "Acc@t1 [95% CI]", "Acc@t2 [95% CI]",
-           "Δ(t1,t2) [95% CI]", "Δi→c", "Δc→i", "kept", "rationalized", "B-STaR pass@k / balance", "trained on",
+           "Δ(t1,t2) [95% CI]", "Δi→c", "Δc→i", "B-STaR choice", "kept", "rationalized", "B-STaR pass@k / balance",
+           "trained on",
            "train loss", "RL reward", "seconds per stage", "peak RSS MiB"]
 
 

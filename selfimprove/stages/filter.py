@@ -31,7 +31,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ..artifacts import load_rows, save_rows
+from ..artifacts import load_rows, read_json, save_rows
 from ..monitor import N_STAR, monitor_round
 from ..registry import STAGES
 from .base import Stage
@@ -49,8 +49,12 @@ class Filter(Stage):
     @dataclass
     class Config:
         sources: list[Source] = field(default_factory=lambda: [Source("generate", "critique")])
-        # The critic id (in the sources' critique stages) whose label decides; None = the only critic there.
+        # The critic id (in the sources' critique stages) whose verdict decides; None = the only critic there.
         critic: str | None = None
+        # Keep a sample when that verdict's score is >= min_score (a reward threshold), instead of by its label;
+        # min_score_from: a generate stage with `adapt` whose chosen threshold to use (B-STaR), when it chose one.
+        min_score: float | None = None
+        min_score_from: str | None = None
         max_per_problem: int | None = None  # cap on kept samples per problem (None = keep all)
         dedupe: bool = True  # drop a completion identical to one already kept for the same problem
         bstar_n_star: int = N_STAR  # B-STaR's n*: correct kept samples for a query to count fully
@@ -61,18 +65,26 @@ class Filter(Stage):
 
     @classmethod
     def references(cls, config) -> list[str]:
-        return [name for s in config.sources for name in (s.samples, s.verdicts)]
+        return [name for s in config.sources for name in (s.samples, s.verdicts)] + \
+            ([config.min_score_from] if config.min_score_from else [])
 
     @classmethod
     def check(cls, config, earlier: dict) -> None:
         for source in config.sources:
             check_critic_choice(config.critic, source.verdicts, earlier)
+        if config.min_score_from and getattr(earlier[config.min_score_from].config, "adapt", None) is None:
+            raise ValueError(f"min_score_from: stage {config.min_score_from!r} does not adapt its sampling "
+                             f"(no `adapt:`), so it chooses no threshold")
 
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
         kept: dict[str, list[dict]] = defaultdict(list)
         texts: dict[str, set[str]] = defaultdict(set)
         counts: dict[str, int] = defaultdict(int)
+        threshold = c.min_score
+        if c.min_score_from:
+            chosen = read_json(ctx.input_dir(c.min_score_from) / "manifest.json")["metrics"].get("adapt/threshold")
+            threshold = chosen if chosen is not None else threshold
         monitored: list[dict] = []
         for source in c.sources:
             samples = load_rows(ctx.input_dir(source.samples) / "data")
@@ -80,7 +92,7 @@ class Filter(Stage):
             verdicts = load_rows(ctx.input_dir(source.verdicts) / "data")
             for sample in join_verdicts(samples, verdicts):
                 verdict = pick_verdict(sample["verdicts"], c.critic, source.verdicts)
-                if not (verdict and verdict["label"]):
+                if not _selected(verdict, threshold):
                     continue
                 pid = sample["problem_id"]
                 if c.dedupe and sample["completion"].strip() in texts[pid]:
@@ -98,7 +110,7 @@ class Filter(Stage):
                 counts[f"kept/{source.samples}"] += 1
         rows = [row for pid in sorted(kept) for row in kept[pid]]
         save_rows(rows, ctx.out_dir / "data")
-        return {"examples": len(rows), "problems": len(kept),
+        return {"examples": len(rows), "problems": len(kept), "min_score": threshold,
                 "rationalized": sum(r["rationalized"] for r in rows), **counts,
                 **self._monitor(monitored, {i for r in rows for i in r["sample_ids"]})}
 
@@ -117,3 +129,12 @@ class Filter(Stage):
         if metrics.get("bstar/balance") is not None and metrics.get("bstar/pass@k") is not None:
             cells["B-STaR pass@k / balance"] = f"{metrics['bstar/pass@k']:.2f} / {metrics['bstar/balance']:.3f}"
         return cells
+
+
+def _selected(verdict: dict | None, threshold: float | None) -> bool:
+    """By the verdict's label, or, with a threshold, by its score."""
+    if verdict is None:
+        return False
+    if threshold is None:
+        return bool(verdict["label"])
+    return verdict["score"] is not None and verdict["score"] >= threshold

@@ -1,15 +1,51 @@
-"""Generate: k samples per problem from the current policy (chunked and resumable: see rollout.py)."""
+"""Generate: k samples per problem from the current policy (chunked and resumable: see rollout.py).
+
+With `adapt`, the stage first configures its own sampling as B-STaR does (Zeng et al., 2024): on a small seeded
+probe subset of its problems it samples at each candidate temperature, has `adapt.critic` select (label, or
+score >= each candidate threshold), measures B-STaR's balance score of each (temperature, threshold) against the
+task's gold answers (monitor.py), and samples the round with the best temperature. The sweep is saved as
+`sweep.json` (and each temperature's probe samples under `sweep/`, so an interrupted sweep resumes); the choice
+goes in the manifest as `adapt/temperature`, `adapt/threshold` and `adapt/balance`, where a filter can take the
+threshold from (`min_score_from`). Deviation: B-STaR sweeps on the round's training queries with the full
+sample count; here the probe is a subset, to keep the sweep a small fraction of the round.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import random
 from dataclasses import dataclass, field
 
-from ..artifacts import load_rows, save_rows
+from ..artifacts import load_rows, save_rows, write_json
+from ..critics import CriticContext
+from ..critics.calls import CriticCalls, judge_all
+from ..monitor import N_STAR, balance_score, choose_setting
 from ..records import SamplingConfig
-from ..registry import STAGES
+from ..registry import STAGES, CriticSpec
 from .base import Stage
 from .common import Chunking, ProblemSelection, check_critic_choice, unsolved_problem_ids
-from .rollout import sample_problems
+from .rollout import sample_chunk, sample_problems
+
+
+@dataclass
+class Adapt:
+    """B-STaR's adaptive configuration of one round's sampling (see the module docstring)."""
+
+    temperatures: list[float] = field(default_factory=list)  # candidates, each > 0
+    thresholds: list[float | None] = field(default_factory=lambda: [None])  # None: the critic's label selects
+    probe_problems: int = 32  # a seeded subset of the stage's problems
+    critic: CriticSpec = field(default_factory=lambda: CriticSpec.named("answer"))
+    calls: CriticCalls = field(default_factory=CriticCalls)
+    n_star: int = N_STAR
+
+    def __post_init__(self):
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise ValueError("temperatures: list the candidate sampling temperatures, each > 0")
+        if not self.thresholds:
+            raise ValueError("thresholds: at least one (null = the critic's label)")
+        if self.probe_problems < 1 or self.n_star < 1:
+            raise ValueError("probe_problems and n_star must be >= 1")
 
 
 @STAGES.register("generate")
@@ -27,10 +63,13 @@ class Generate(Stage):
         unsolved_in: str | None = None
         critic: str | None = None
         chunking: Chunking = field(default_factory=Chunking)
+        adapt: Adapt | None = None  # B-STaR: choose this round's temperature (and selection threshold) first
 
         def __post_init__(self):
             if self.critic is not None and self.unsolved_in is None:
                 raise ValueError("critic: only decides which problems count as solved in `unsolved_in`; set both")
+            if self.adapt is not None and self.sampling.n < 2:
+                raise ValueError("adapt: the balance score compares several samples per problem: sampling.n >= 2")
 
     @classmethod
     def references(cls, config) -> list[str]:
@@ -41,16 +80,82 @@ class Generate(Stage):
         if config.unsolved_in:
             check_critic_choice(config.critic, config.unsolved_in, earlier)
 
+    outputs = ("data", "sweep.json")
+
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
         problems = self._problems()
+        sampling, adapted = c.sampling, {}
+        if c.adapt is not None:
+            adapted = self._sweep(problems)
+            sampling = dataclasses.replace(c.sampling, temperature=adapted["adapt/temperature"])
         rows = sample_problems(
-            engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=ctx.weights(c.weights),
+            engine=ctx.engine, task=ctx.task, problems=problems, sampling=sampling, weights=ctx.weights(c.weights),
             hint=c.hint, chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed,
             round_index=ctx.round, stage=ctx.stage,
         )
         save_rows(rows, ctx.out_dir / "data")
-        return {"problems": len(problems), "samples": len(rows), "tokens": sum(r["num_tokens"] for r in rows)}
+        return {"problems": len(problems), "samples": len(rows), "tokens": sum(r["num_tokens"] for r in rows),
+                **adapted}
+
+    def _sweep(self, problems: list[dict]) -> dict:
+        """Each candidate temperature's probe samples, judged and scored; the best (temperature, threshold)."""
+        a, ctx = self.config.adapt, self.ctx
+        probe = list(problems)
+        random.Random(ctx.seed("probe")).shuffle(probe)
+        probe = probe[: a.probe_problems]
+        weights = ctx.weights(self.config.weights)
+        critic = None
+        results = []
+        try:
+            for i, temperature in enumerate(a.temperatures):
+                shard = ctx.out_dir / "sweep" / f"{i:03d}"
+                if shard.exists():  # judged before an interruption
+                    rows = load_rows(shard)
+                else:
+                    sampling = dataclasses.replace(self.config.sampling, temperature=temperature)
+                    rows = sample_chunk(engine=ctx.engine(), task=ctx.task, problems=probe, sampling=sampling,
+                                        weights=weights, seeds=[ctx.seed("probe", i)], hint=self.config.hint,
+                                        id_prefix=f"r{ctx.round:03d}/{ctx.stage}/probe{i}")
+                    critic = critic or a.critic.build(CriticContext(task=ctx.task, engine=ctx.engine))
+                    verdicts, _ = judge_all(critic, [{**r, "verdicts": {}} for r in rows], a.calls)
+                    for r, v in zip(rows, verdicts):
+                        r.update(score=v.score, label=v.label, gold=self._gold(r))
+                    save_rows(rows, shard)
+                for threshold in a.thresholds:
+                    kept: dict[str, list[bool]] = {}
+                    for r in rows:
+                        selected = r["label"] if threshold is None else r["score"] is not None and r["score"] >= threshold
+                        if selected and r["gold"] is not None:
+                            kept.setdefault(r["problem_id"], []).append(r["gold"])
+                    results.append({"temperature": temperature, "threshold": threshold,
+                                    "balance": balance_score(kept, a.n_star), "kept": sum(map(len, kept.values()))})
+        finally:
+            if critic is not None:
+                critic.close()
+        try:
+            best = choose_setting([((r["temperature"], r["threshold"]), r["balance"]) for r in results])
+        except ValueError as err:
+            raise RuntimeError(f"adapt: on {len(probe)} probe problems no candidate setting kept a sample with a gold "
+                               f"answer ({err}); widen temperatures / thresholds or probe_problems") from err
+        for r in results:  # NaN: nothing kept; JSON has no NaN
+            r["balance"] = None if math.isnan(r["balance"]) else r["balance"]
+        write_json(ctx.out_dir / "sweep.json", {"probe_problems": len(probe), "n_star": a.n_star, "results": results,
+                                                "chosen": {"temperature": best[0], "threshold": best[1]}})
+        chosen = next(r for r in results if (r["temperature"], r["threshold"]) == best)
+        return {"adapt/temperature": best[0], "adapt/threshold": best[1], "adapt/balance": chosen["balance"]}
+
+    @classmethod
+    def report(cls, metrics: dict) -> dict[str, str]:
+        if "adapt/temperature" not in metrics:
+            return {}
+        threshold = metrics["adapt/threshold"]
+        return {"B-STaR choice": f"T={metrics['adapt/temperature']:g}"
+                                 + (f", score>={threshold:g}" if threshold is not None else "")
+                                 + f" (balance {metrics['adapt/balance']:.3f})"}
+
+    def _gold(self, row: dict) -> bool | None:
+        return bool(self.ctx.task.grade(row, row["completion"]).correct) if row.get("answer") else None
 
     def _problems(self) -> list[dict]:
         c, ctx = self.config, self.ctx
