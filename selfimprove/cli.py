@@ -79,6 +79,8 @@ def quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # torch's C++ notices (e.g. the CPU worker's NUMA binding) bypass Python logging; read when torch loads
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     import datasets
 
     datasets.disable_progress_bars()

@@ -34,9 +34,11 @@ from .artifacts import MANIFEST, checksum_files, is_done, read_json, write_json
 from .config import ConfigError, apply_overrides, build, to_dict
 from .yamlio import load_yaml
 from .records import Weights
+from .console import library_logs
 from .lifecycle import RunLock, reap_children_on_exit
 from .models import check_adapter_fits, check_chat_template, check_model_ref, prepare_model
 from .registry import EngineSpec, StageSpec, TaskSpec
+from .report import markdown_table, write_report
 
 
 @dataclass
@@ -192,7 +194,7 @@ class Runner:
     def run(self) -> list[dict]:
         # One run per run directory (a second is refused, naming the first's pid); every process the run starts
         # (vLLM's engine core and workers) dies with it, however it dies.
-        with RunLock(self.run_dir), reap_children_on_exit(self.run_dir):
+        with RunLock(self.run_dir), reap_children_on_exit(self.run_dir), library_logs(self.run_dir):
             self._prepare_run_dir()
             self.base_model = str(prepare_model(self.pipeline.config.model))
             self._check_model()
@@ -202,10 +204,10 @@ class Runner:
                     for round_index in self.rounds():
                         for stage in self.stages_of(round_index):
                             self._run_stage(round_index, stage)
+                        if round_index != self.rounds()[-1]:  # the table so far (the last one comes with the report)
+                            self.log(markdown_table(self.run_dir))
             finally:
                 self.close()
-            from .report import write_report
-
             return write_report(self.run_dir, log=self.log)
 
     def _check_model(self) -> None:

@@ -19,6 +19,8 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from ..artifacts import load_rows, save_rows
 from ..critics import CriticContext, Verdict
 from ..critics.calls import CriticCalls, check_error_budget, judge_all
@@ -94,11 +96,14 @@ class Critique(Stage):
         critic = None
         rows: list[dict] = []
         timeouts = 0
+        bar = tqdm(total=len(samples), desc=f"round {ctx.round} {ctx.stage} {spec.id}", unit="sample", leave=False)
         try:
             for k, problem_ids in enumerate(chunks):
                 shard = ctx.out_dir / "shards" / f"{index:02d}-{k:05d}"
                 if shard.exists():  # finished before an interruption
-                    rows.extend(load_rows(shard))
+                    loaded = load_rows(shard)
+                    rows.extend(loaded)
+                    bar.update(len(loaded))
                     continue
                 wanted = set(problem_ids)
                 chunk = [s for s in samples if s["problem_id"] in wanted]
@@ -114,7 +119,9 @@ class Critique(Stage):
                 } for s, v in zip(chunk, verdicts)]
                 save_rows(chunk_rows, shard)
                 rows.extend(chunk_rows)
+                bar.update(len(chunk_rows))
         finally:
+            bar.close()
             if critic is not None:
                 critic.close()
         order = {s["sample_id"]: i for i, s in enumerate(samples)}

@@ -30,6 +30,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from .. import trackers
 from ..artifacts import load_rows, read_json, replace_dir, save_rows, write_json
 from ..critics import CriticContext
@@ -89,6 +91,7 @@ class RL(Stage):
             done = [0]
         pool = c.problems.select(ctx.task.problems(c.problems.split), ctx.seed("problems"))
         critic = c.critic.build(CriticContext(task=ctx.task, engine=ctx.engine))
+        bar = tqdm(total=c.steps, initial=done[-1], desc=f"round {ctx.round} {ctx.stage}", unit="step", leave=False)
         try:
             for step in range(done[-1], c.steps):
                 adapter = versions / f"{step:05d}" / "adapter"
@@ -97,7 +100,11 @@ class RL(Stage):
                 self._commit(trainer, versions, step + 1, rows, metrics)
                 _prune(versions, keep=step + 1)
                 trackers.log_step(metrics)
+                bar.set_postfix_str(", ".join(f"{k}={metrics[k]:.3g}" for k in metrics
+                                              if k.startswith("reward/") and metrics[k] is not None))
+                bar.update(1)
         finally:
+            bar.close()
             critic.close()
         return self._finish(versions, start)
 

@@ -1,0 +1,31 @@
+"""What a run prints: its own progress and tables on the console, library logs in the run directory, and no line
+that reads like a failure during normal operation."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ALARMING = re.compile(r"warn|error|fail|traceback|killing|not preloaded|insecure|deprecat", re.I)
+
+
+def test_a_normal_run_keeps_library_chatter_out_of_the_console(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "selfimprove.cli", "run", str(REPO / "tests" / "pipelines" / "tiny_grpo.yaml"),
+           "rounds=1", "stages.rl.steps=1", "--run-dir", str(run_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    # progress bars redraw with \r; judge the lines a user is left with
+    lines = [part.strip() for line in console.splitlines() for part in line.split("\r") if part.strip()]
+    alarming = [line for line in lines if ALARMING.search(line)]
+    assert not alarming, "\n".join(alarming[:20])
+    assert any(line.startswith("[round 1] rl:") for line in lines)  # one summary line per stage
+    assert sum("accuracy [95% CI]" in line for line in lines) >= 2  # the table after round 0 and at the end
+    log = (run_dir / "logs" / "libraries.log").read_text()
+    assert "vllm" in log and len(log.splitlines()) > 5  # vLLM's start-up went to the file
