@@ -5,7 +5,8 @@ critics, trainers and stages can all depend on it without depending on each othe
 Row schemas (each a Hugging Face `datasets` row, written by the stage named):
 - sample (generate, evaluate, rl rollouts): the problem's columns, then `sample_id`, `round`, `stage`, `index`,
   `weights` (the full `Weights` record of the policy that produced it), `seed`, `temperature`, `top_p`,
-  `max_tokens`, `hint`, `prompt`, `completion`, `finish_reason`, `num_tokens`; samples of several attempts also
+  `max_tokens`, `hint`, `prompt`, `completion`, `finish_reason`, `num_tokens`, `token_ids` (the sampled tokens,
+  where the engine reports them); samples of several attempts also
   carry `attempts` (one `{completion, finish_reason, num_tokens}` per attempt) and `instruction`, with
   `completion` = the last attempt's.
 - verdict (critique): `sample_id`, `problem_id`, `critic` (the critic's id), `score`, `label`, `rationale`,

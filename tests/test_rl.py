@@ -80,10 +80,22 @@ def test_update_changes_policy_and_engine_serves_it_without_restart(engine, tiny
     assert len(rows) == 6 and all(len(r["attempts"]) == 2 for r in rows)
     assert all(r["attempts"][1]["prompt"] == second_prompt(r["prompt"], r["attempts"][0]["completion"], "Check it.")
                for r in rows)
+    # the update trains on exactly the tokens the engine sampled (plus the stop token it ended with)
+    eos_id = trainer.tokenizer.eos_token_id
+    for r in rows:
+        ids, owner = encode_rollout(trainer.tokenizer, [a["prompt"] for a in r["attempts"]],
+                                    [a["completion"] for a in r["attempts"]],
+                                    [a["finish_reason"] == "stop" for a in r["attempts"]],
+                                    [a["token_ids"] for a in r["attempts"]])
+        for t, a in enumerate(r["attempts"], start=1):
+            own, sampled = [i for i, o in zip(ids, owner) if o == t], list(a["token_ids"])
+            assert sampled and own == (sampled if a["finish_reason"] == "length" or sampled[-1] == eos_id
+                                       else sampled + [eos_id])
     rewards = [float(len(r["attempts"][1]["completion"])) for r in rows]
     assert len(set(rewards)) > 1, "rewards did not vary: nothing to learn"
     rollouts = [Rollout(r["problem_id"], [a["prompt"] for a in r["attempts"]], [a["completion"] for a in r["attempts"]],
-                        [a["finish_reason"] == "stop" for a in r["attempts"]], [None, reward], v0)
+                        [a["finish_reason"] == "stop" for a in r["attempts"]], [None, reward], v0,
+                        [a["token_ids"] for a in r["attempts"]])
                 for r, reward in zip(rows, rewards)]
 
     with pytest.raises(StalePolicyError, match="version"):

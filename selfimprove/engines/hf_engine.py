@@ -115,4 +115,4 @@ class HFEngine(Engine):
         for s in sampling.stop:  # vLLM strips the stop string; do the same so both engines agree
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
-        return Completion(text, finish, len(ids))
+        return Completion(text, finish, len(ids), [int(i) for i in ids])

@@ -117,7 +117,8 @@ class VLLMEngine(Engine):
         else:
             raise TypeError("prompts must be all chat message lists or all strings")
         return [
-            [Completion(c.text, c.finish_reason or "stop", len(c.token_ids)) for c in out.outputs] for out in outputs
+            [Completion(c.text, c.finish_reason or "stop", len(c.token_ids), list(c.token_ids)) for c in out.outputs]
+            for out in outputs
         ]
 
     def choice_logprobs(self, prompts: list[Prompt], choices: list[str], weights: Weights) -> list[dict[str, float]]:

@@ -140,7 +140,8 @@ class RL(Stage):
         rollouts = [Rollout(group=row["problem_id"], prompts=[a["prompt"] for a in _attempts(row)],
                             completions=[a["completion"] for a in _attempts(row)],
                             eos=[a["finish_reason"] == "stop" and not stop_strings for a in _attempts(row)],
-                            rewards=row_rewards, version=weights.adapter_hash)
+                            rewards=row_rewards, version=weights.adapter_hash,
+                            token_ids=[a.get("token_ids") for a in _attempts(row)])
                     for row, row_rewards in zip(rows, rewards)]
         if c.filter_groups:
             rollouts = _informative(rollouts)
@@ -226,7 +227,8 @@ class RL(Stage):
 
 def _attempts(row: dict) -> list[dict]:
     """A sampled row's attempts: its `attempts` list, or the row itself for a single attempt."""
-    return row.get("attempts") or [{k: row[k] for k in ("prompt", "completion", "finish_reason", "num_tokens")}]
+    return row.get("attempts") or [{k: row.get(k) for k in ("prompt", "completion", "finish_reason", "num_tokens",
+                                                            "token_ids")}]
 
 
 def _informative(rollouts: list[Rollout]) -> list[Rollout]:

@@ -28,8 +28,9 @@ non-negative), `ref` the log-probability under the base model (adapter disabled)
 logits / sampling temperature, the distribution the engine sampled from (as TRL does).
 
 Deviations and approximations:
-- Completions are re-tokenized from their text (the engine interface returns text, not token ids); a BPE split
-  that differs from the sampled one makes a token slightly off-policy.
+- Completions are trained on the token ids the engine sampled; only an engine that reports none (or rollouts
+  saved without them) falls back to re-tokenizing the text, where a BPE split that differs from the sampled one
+  would make a token slightly off-policy. Prompts are re-tokenized as the engine's chat template renders them.
 - Sequences longer than `max_length` tokens are cut; the cut tokens get no gradient.
 - With every KL weight 0 the reference forward is skipped.
 - Stale rollouts are refused: every rollout carries the content hash of the adapter it was sampled with, and
@@ -63,6 +64,7 @@ class Rollout:
     eos: list[bool]  # whether each attempt ended with the end-of-sequence token (the text does not hold it)
     rewards: list[float | None]  # per attempt, from the objective (None: no reward term on that attempt)
     version: str  # hash of the adapter the rollout was sampled with
+    token_ids: list[list[int] | None] | None = None  # per attempt, the tokens the engine sampled (when reported)
 
 
 def kl_k3(logp, ref_logp):
@@ -80,18 +82,23 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos: list[bool]) -> tuple[list[int], list[int]]:
+def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos: list[bool],
+                   token_ids: list[list[int] | None] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the whole trajectory and, per token, which attempt produced it (0 = prompt, t = attempt t).
 
     Built piece by piece as the engine saw it: each attempt's prompt adds only what follows the previous
     attempt's text (the end-of-turn marker, the instruction, the generation prompt). An end-of-sequence token the
-    policy sampled belongs to its attempt even though the next prompt's template is what spells it.
+    policy sampled belongs to its attempt even though the next prompt's template is what spells it. An attempt's
+    own tokens are the ones the engine sampled (`token_ids[t]`) where it reported them: re-tokenizing the text can
+    split it differently, which would train on tokens the policy never sampled; only without them is the text
+    re-tokenized.
     """
     ids: list[int] = []
     turn: list[int] = []
     so_far = ""
     eos_id = tokenizer.eos_token_id
-    for t, (prompt, text, ended) in enumerate(zip(prompts, completions, eos, strict=True), start=1):
+    sampled = token_ids or [None] * len(prompts)
+    for t, (prompt, text, ended, own) in enumerate(zip(prompts, completions, eos, sampled, strict=True), start=1):
         rendered = render_prompt(tokenizer, prompt)
         if not rendered.startswith(so_far):
             raise ValueError(f"attempt {t}'s prompt does not continue the conversation so far; the chat template "
@@ -100,7 +107,10 @@ def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos
         owners = [0] * len(context)
         if t > 1 and eos[t - 2] and context and context[0] == eos_id:
             owners[0] = t - 1  # the previous attempt's sampled stop token, spelled here by the template
-        completion = tokenizer.encode(text, add_special_tokens=False)
+        if own is not None:  # the sampled tokens; a sampled stop token is added once, below or by the template
+            completion = list(own[:-1]) if own and own[-1] == eos_id else list(own)
+        else:
+            completion = tokenizer.encode(text, add_special_tokens=False)
         ids += context + completion
         turn += owners + [t] * len(completion)
         so_far = rendered + text
@@ -204,7 +214,7 @@ class PolicyGradient:
         need_reference = any(beta > 0 for beta in kl_weights)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        encoded = [encode_rollout(self.tokenizer, r.prompts, r.completions, r.eos) for r in rollouts]
+        encoded = [encode_rollout(self.tokenizer, r.prompts, r.completions, r.eos, r.token_ids) for r in rollouts]
         sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(kl_weights))}}
         tokens = 0
         for start in range(0, len(rollouts), c.micro_batch_size):
