@@ -314,6 +314,7 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     remembered: dict[int, float] = {}
     me = os.getpid()
+    memory = MemoryLog(record.parent / MEMORY_FILE) if record is not None else None
     if record is not None:  # at once, so that the token is on record before any descendant exists
         _write_record(record, pid, create_time, token, remembered)
     try:
@@ -337,6 +338,8 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
                 changed = True
             if changed and record is not None:
                 _write_record(record, pid, create_time, token, remembered)
+            if memory is not None:
+                memory.sample([parent, *current.values()])
             time.sleep(interval_s)
     except _Stop:
         return []
@@ -348,6 +351,50 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
     if record is not None:
         _write_record(record, pid, create_time, token, {})
     return killed
+
+
+MEMORY_FILE = "memory.tsv"  # the watchdog's samples of the run's memory, summed over its processes
+
+
+class MemoryLog:
+    """Resident memory of the run and all its processes together (the engine's subprocesses included, which the
+    main process's own peak RSS does not see), appended as `unix time <tab> MiB` when it moves by 1% or every
+    10 s: the runner reads each stage's peak from it (`peak_memory_mib`)."""
+
+    def __init__(self, path: Path):
+        self.path, self.last, self.last_time = path, 0.0, 0.0
+
+    def sample(self, processes: list) -> None:
+        total = 0
+        for proc in processes:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        mib, now = total / 2**20, time.time()
+        if abs(mib - self.last) > 0.01 * self.last or now - self.last_time > 10:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(f"{now:.2f}\t{mib:.1f}\n")
+            except OSError:
+                return
+            self.last, self.last_time = mib, now
+
+
+def peak_memory_mib(run_dir: str | Path, since: float, until: float) -> float | None:
+    """The highest summed memory the watchdog saw between two times (None when it recorded none)."""
+    path = Path(run_dir) / MEMORY_FILE
+    if not path.exists():
+        return None
+    values = []
+    for line in path.read_text().splitlines():
+        try:
+            stamp, mib = map(float, line.split("\t"))
+        except ValueError:  # a line cut by a kill
+            continue
+        if since <= stamp <= until:
+            values.append(mib)
+    return max(values) if values else None
 
 
 def _write_record(path: Path, pid: int, create_time: float, token: str, children: dict[int, float]) -> None:

@@ -35,7 +35,7 @@ from .config import ConfigError, apply_overrides, build, to_dict
 from .yamlio import load_yaml
 from .records import Weights
 from .console import library_logs
-from .lifecycle import RunLock, reap_children_on_exit
+from .lifecycle import RunLock, peak_memory_mib, reap_children_on_exit
 from .models import check_adapter_fits, check_chat_template, check_model_ref, prepare_model
 from .registry import EngineSpec, StageSpec, TaskSpec
 from .report import markdown_table, write_report
@@ -257,6 +257,7 @@ class Runner:
             "report": planned.cls.report(metrics), "outputs": outputs,
             "checksums": checksum_files(folder / name for name in outputs),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "peak_rss_mib": _peak_rss_mib(),
+            "peak_memory_mib": peak_memory_mib(self.run_dir, started, time.time()),
         })
         self._rebuild_metrics()
         trackers.log({"round": round_index, "seconds": seconds, **metrics}, prefix=f"{planned.name}/")

@@ -25,7 +25,7 @@ from .artifacts import MANIFEST, read_json
 COLUMNS = ["round", "weights", "accuracy [95% CI]", "flexible", "Acc@t1 [95% CI]", "Acc@t2 [95% CI]",
            "Δ(t1,t2) [95% CI]", "Δi→c", "Δc→i", "B-STaR choice", "kept", "rationalized", "B-STaR pass@k / balance",
            "trained on",
-           "train loss", "RL reward", "seconds per stage", "peak RSS MiB"]
+           "train loss", "RL reward", "seconds per stage", "peak RSS MiB", "peak memory MiB, all processes"]
 
 
 def stage_order(run_dir: str | Path) -> list[str]:
@@ -69,7 +69,10 @@ def table(run_dir: str | Path) -> tuple[list[str], list[list[str]]]:
         for column in {k for cells in others for k in cells}:
             row[column] = _joined(others, column)
         row["seconds per stage"] = " ".join(f"{m['stage']}={m['seconds']:.0f}" for m in stages)
-        row["peak RSS MiB"] = f"{max(m.get('peak_rss_mib', 0) for m in stages):.0f}"
+        row["peak RSS MiB"] = f"{max(m.get('peak_rss_mib') or 0 for m in stages):.0f}"
+        totals = [m["peak_memory_mib"] for m in stages if m.get("peak_memory_mib")]
+        if totals:  # the run's processes together (the engine's subprocesses included)
+            row["peak memory MiB, all processes"] = f"{max(totals):.0f}"
         rows.append(row)
     extra = sorted({k for r in rows for k in r} - set(COLUMNS))
     header = [c for c in COLUMNS + extra if c == "round" or any(r.get(c, "-") != "-" for r in rows)]

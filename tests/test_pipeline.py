@@ -37,6 +37,9 @@ def test_two_round_star_writes_every_artifact(star_run):
         for stage in STAGES:
             manifest = read_json(run_dir / f"round_{r:03d}" / stage / "manifest.json")
             assert manifest["done"] and manifest["seconds"] > 0, (r, stage)
+    # the watchdog's memory samples: the run's processes together, at least the main process's own size
+    train = read_json(run_dir / "round_001" / "train" / "manifest.json")
+    assert train["peak_memory_mib"] >= 0.5 * train["peak_rss_mib"] > 0
     lines = read_jsonl(run_dir / "metrics.jsonl")
     assert len(lines) == 1 + 2 * len(STAGES)
     assert "accuracy_ci_low" in lines[0] and (run_dir / "report.md").read_text().count("\n") >= 5
