@@ -217,9 +217,12 @@ class PolicyGradient:
         encoded = [encode_rollout(self.tokenizer, r.prompts, r.completions, r.eos, r.token_ids) for r in rollouts]
         sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(kl_weights))}}
         tokens = 0
+        # Micro-batches of similar lengths (longest first): padding costs compute for nothing, and the sum of
+        # per-sequence losses does not depend on how sequences are grouped.
+        order = sorted(range(len(rollouts)), key=lambda i: -len(encoded[i][0]))
         for start in range(0, len(rollouts), c.micro_batch_size):
-            end = min(start + c.micro_batch_size, len(rollouts))
-            ids, attention, owner = (t.to(self.device) for t in self._pad(encoded[start:end]))
+            members = order[start:start + c.micro_batch_size]
+            ids, attention, owner = (t.to(self.device) for t in self._pad([encoded[i] for i in members]))
             logp = self._logps(ids, attention, temperature)  # (B, T-1): log π of token i+1 given tokens ≤ i
             if need_reference:
                 with torch.no_grad(), self.model.disable_adapter():
@@ -233,7 +236,7 @@ class PolicyGradient:
                 mask = (owner == t + 1).to(logp.dtype)
                 count = mask.sum(-1).clamp(min=1.0)
                 norm = count if self.baseline.length_normalized else torch.full_like(count, float(max_tokens))
-                adv = torch.tensor(advantages[t][start:end], dtype=logp.dtype, device=self.device)[:, None]
+                adv = torch.tensor([advantages[t][i] for i in members], dtype=logp.dtype, device=self.device)[:, None]
                 per_token = -adv * logp + beta * kl
                 loss = loss + ((per_token * mask).sum(-1) / norm).sum()
                 sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / count).sum().item()
