@@ -1,9 +1,10 @@
-"""Command line: `selfimprove run | eval | report | compare | prepare | list`.
+"""Command line: `selfimprove run | eval | report | compare | trace | prepare | list`.
 
     selfimprove run pipelines/star_arithmetic.yaml [key.sub=value ...] [--check]
     selfimprove eval --model smollm2-135m-instruct --task gsm8k --num-problems 200
     selfimprove report runs/star_arithmetic
     selfimprove compare runs/star_arithmetic runs/grpo_arithmetic --out compare.html
+    selfimprove trace runs/star_arithmetic r001/generate/add-train-00011/0
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="compare finished runs: accuracy curves, config differences, paired test")
     cmp.add_argument("run_dirs", nargs="+")
     cmp.add_argument("--out", help="also write a self-contained HTML page here")
+
+    tr = sub.add_parser("trace", help="follow one sample: its weights, seed, verdicts and where it was used")
+    tr.add_argument("run_dir")
+    tr.add_argument("sample_id", help="as in the samples' sample_id column, e.g. r001/generate/add-train-00011/0")
 
     prep = sub.add_parser("prepare", help="prepare a registered model folder (GGUF → safetensors, once)")
     prep.add_argument("model")
@@ -128,6 +133,12 @@ def cmd_compare(args) -> int:
     return compare(args.run_dirs, args.out)
 
 
+def cmd_trace(args) -> int:
+    from .trace import main as trace
+
+    return trace(args.run_dir, args.sample_id)
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -152,8 +163,8 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "compare": cmd_compare, "prepare": cmd_prepare,
-            "list": cmd_list}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "compare": cmd_compare, "trace": cmd_trace,
+            "prepare": cmd_prepare, "list": cmd_list}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,8 @@ Each stage's manifest carries the cells the stage contributes to its round's row
 the run's config.yaml lists them.
 
     report.md            the table (only the columns some round has values for) and the plots below
+    report.html          one self-contained page: the table, every plot, B-STaR, critic quality, examples
+                         (report_html.py)
     plots/accuracy.png   per round: accuracy (strict, flexible) and, for two-attempt evaluations, Acc@t1 and
                          Acc@t2, with their 95% bootstrap intervals as error bars
     plots/rl.png         per RL step, across rounds and stages: mean reward of each attempt and its KL to the base
@@ -188,5 +190,8 @@ def write_report(run_dir: str | Path, log=print) -> list[dict]:
     text = markdown_table(run_dir)
     images = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plot(run_dir))
     (run_dir / "report.md").write_text(f"# {run_dir.name}\n\n{text}\n{images}")
+    from .report_html import write_html  # here, not at the top: report_html imports this module
+
+    write_html(run_dir)
     log(text)
     return [{"round": r, **m["metrics"]} for r, stages in collect(run_dir).items() for m in evaluations(stages)]
