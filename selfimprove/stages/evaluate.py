@@ -33,18 +33,26 @@ from .common import Bootstrap, Chunking, EvalProblems
 from .rollout import sample_problems
 
 
+@dataclass
+class Evaluation:
+    """What every evaluating stage is configured by: the same first problems each round, greedy by default (as the
+    papers evaluate), the newest weights, bootstrap intervals, chunked resumable sampling."""
+
+    problems: EvalProblems = field(default_factory=EvalProblems)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    weights: str = "latest"
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
+    chunking: Chunking = field(default_factory=Chunking)
+
+
 @STAGES.register("evaluate")
 class Evaluate(Stage):
     evaluates = True
+
     @dataclass
-    class Config:
-        problems: EvalProblems = field(default_factory=EvalProblems)
-        sampling: SamplingConfig = field(default_factory=SamplingConfig)
-        weights: str = "latest"
+    class Config(Evaluation):
         pass_k: list[int] = field(default_factory=list)  # default: [1, n] when n > 1
         breakdown: list[str] = field(default_factory=list)  # problem columns to break accuracy down by; [] = the task's
-        bootstrap: Bootstrap = field(default_factory=Bootstrap)
-        chunking: Chunking = field(default_factory=Chunking)
 
         def __post_init__(self):
             bad = [k for k in self.pass_k if not 1 <= k <= self.sampling.n]
@@ -110,14 +118,9 @@ class EvaluateSelfCorrection(Stage):
     evaluates = True
 
     @dataclass
-    class Config:
-        problems: EvalProblems = field(default_factory=EvalProblems)
-        sampling: SamplingConfig = field(default_factory=SamplingConfig)  # greedy by default, as in the paper
-        weights: str = "latest"
+    class Config(Evaluation):
         instruction: str = INSTRUCTION
         grade: Literal["strict", "flexible"] = "strict"  # which of the task's grades counts as correct
-        bootstrap: Bootstrap = field(default_factory=Bootstrap)
-        chunking: Chunking = field(default_factory=Chunking)
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
