@@ -5,6 +5,10 @@ Writes `adapter/` (a standard PEFT folder) and `weights.json` (base identity, ad
 adapter the round started from. With no examples (nothing passed the filter) there is nothing to learn:
 `on_empty: stop` (the default) stops the run with a message naming the data stage and what it reported;
 `on_empty: skip` records that nothing was trained and hands on the weights it would have started from.
+
+`launch: {config: configs/accelerate/ddp.yaml, num_processes: 2}` trains under several processes (GPUs with
+accelerate, CPU processes with torchrun: trainers/launch.py), with the same global batch; the processes' output
+goes to `train.log` in the stage's folder. With `num_processes: 1` (the default) the trainer runs in this process.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ..artifacts import load_rows, read_json, write_json
 from ..models import model_identity
 from ..records import adapter_hash
 from ..registry import STAGES, TrainerSpec
+from ..trainers import launch as launcher
 from .base import Stage
 
 
@@ -35,11 +40,13 @@ class Train(Stage):
         trainer: TrainerSpec = field(default_factory=lambda: TrainerSpec.named("sft"))
         init: Literal["base", "policy"] = "base"
         on_empty: Literal["stop", "skip"] = "stop"  # what an empty training set does
+        launch: launcher.Launch = field(default_factory=launcher.Launch)  # processes to train with
 
         def __post_init__(self):
             if getattr(self.trainer.target, "online", False):
                 raise ValueError(f"trainer {self.trainer.name!r} is an online RL trainer; use it in a stage of "
                                  f"type `rl`, which samples from the policy as it trains")
+            launcher.check_batch(self.trainer, self.launch)
 
     @classmethod
     def references(cls, config) -> list[str]:
@@ -62,9 +69,15 @@ class Train(Stage):
             return {"examples": 0, "trained": False}
         adapter_dir = ctx.out_dir / "adapter"
         work = ctx.out_dir / "trainer"  # the trainer's checkpoints: kept until the adapter is written
-        metrics = c.trainer.build().train(rows, ctx.base_model, start.adapter, adapter_dir, work,
-                                          seed=ctx.seed("train"), round_index=ctx.round,
-                                          policy_adapter=policy.adapter)
+        if c.launch.num_processes > 1:
+            metrics = launcher.run(c.launch, c.trainer, rows, ctx.base_model, start.adapter, adapter_dir, work,
+                                   seed=ctx.seed("train"), round_index=ctx.round, policy_adapter=policy.adapter,
+                                   log_file=ctx.out_dir / "train.log", label=f"stage {ctx.stage} (round {ctx.round})")
+        else:
+            launcher.forget_launch(work)
+            metrics = c.trainer.build().train(rows, ctx.base_model, start.adapter, adapter_dir, work,
+                                              seed=ctx.seed("train"), round_index=ctx.round,
+                                              policy_adapter=policy.adapter)
         shutil.rmtree(work, ignore_errors=True)
         write_json(ctx.out_dir / "weights.json", {
             "base": ctx.base_model, "base_identity": model_identity(ctx.base_model), "adapter": str(adapter_dir),
