@@ -26,7 +26,8 @@ def test_every_model_spec_loads(name):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("[!m]*/*.yaml")), ids=lambda p: p.name)
 def test_every_component_config_loads(path, tmp_path):
-    """configs/engines and configs/trainers files are components a pipeline includes: include each one."""
+    """configs/engines and configs/trainers files are components a pipeline includes, configs/accelerate files a
+    train stage's launcher reads: use each one."""
     kind = path.parent.name
     base = load_yaml(REPO / "tests" / "pipelines" / "tiny_star.yaml")
     pipe = tmp_path / "p.yaml"
@@ -36,6 +37,13 @@ def test_every_component_config_loads(path, tmp_path):
         base["engine"] = {"include": str(path)}
     elif kind == "trainers":
         base["stages"]["train"]["trainer"] = {"include": str(path)}
+    elif kind == "accelerate":  # a train stage's launch.config (trainers/launch.py)
+        base["stages"]["train"]["launch"] = {"config": str(path), "num_processes": 2}
+        if path.stem in ("fsdp", "deepspeed_zero3"):  # parameter sharding: refused until saving gathers shards
+            pipe.write_text(yaml.safe_dump(base, sort_keys=False))
+            with pytest.raises(ConfigError, match="shards the parameters"):
+                load_pipeline(pipe)
+            return
     else:
         pytest.fail(f"no check for configs/{kind}")
     pipe.write_text(yaml.safe_dump(base, sort_keys=False))
