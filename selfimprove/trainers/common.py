@@ -109,6 +109,9 @@ def make_trainer(trainer_cls, **kwargs):
         # transformers writes a checkpoint file by file, trainer_state.json last, none of them atomically; the
         # marker, written after everything is flushed to disk, is the one sign that the folder can be trusted.
         def on_save(self, args, state, control, **_):
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()  # every process's part (its RNG state) is written before the marker
             if args.should_save:
                 _mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
@@ -139,7 +142,13 @@ def fit(trainer, identity: dict) -> int:
     the result depends on) in its output folder. Returns the step it resumed from (0: from the start)."""
     from transformers import TrainerState
 
-    checkpoint = resume_point(Path(trainer.args.output_dir), identity)
+    from accelerate import PartialState
+
+    # Under a launcher every process looks for the checkpoint; only the main one cleans up and records the key,
+    # first, so that no process reads the key file while another rewrites it.
+    state_ = PartialState()
+    with state_.main_process_first():
+        checkpoint = resume_point(Path(trainer.args.output_dir), identity, tidy=state_.is_main_process)
     if checkpoint is None:
         trainer.train()
         return 0
@@ -154,10 +163,10 @@ def fit(trainer, identity: dict) -> int:
     return state.global_step
 
 
-def resume_point(work_dir: Path, identity: dict) -> Path | None:
-    """The newest complete checkpoint in `work_dir` of the training `identity` describes, or None. Removes the
-    checkpoints that cannot be resumed: incomplete ones, and all of them when they belong to another training
-    (another config, data, start or seed: the optimizer state would carry the old learning rate)."""
+def resume_point(work_dir: Path, identity: dict, tidy: bool = True) -> Path | None:
+    """The newest complete checkpoint in `work_dir` of the training `identity` describes, or None. With `tidy`,
+    removes the checkpoints that cannot be resumed: incomplete ones, and all of them when they belong to another
+    training (another config, data, start or seed: the optimizer state would carry the old learning rate)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     key_file = work_dir / "training_key"
@@ -168,9 +177,10 @@ def resume_point(work_dir: Path, identity: dict) -> Path | None:
     for step, folder in found:
         if same and _is_complete(folder, step):
             complete.append(folder)
-        else:
+        elif tidy:
             shutil.rmtree(folder)
-    key_file.write_text(key)
+    if tidy:
+        key_file.write_text(key)
     return complete[-1] if complete else None
 
 
