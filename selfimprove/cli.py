@@ -1,10 +1,11 @@
-"""Command line: `selfimprove run | eval | report | compare | trace | prepare | list`.
+"""Command line: `selfimprove run | eval | report | compare | trace | serve | prepare | list`.
 
     selfimprove run pipelines/star_arithmetic.yaml [key.sub=value ...] [--check]
     selfimprove eval --model smollm2-135m-instruct --task gsm8k --num-problems 200
     selfimprove report runs/star_arithmetic
     selfimprove compare runs/star_arithmetic runs/grpo_arithmetic --out compare.html
     selfimprove trace runs/star_arithmetic r001/generate/add-train-00011/0
+    selfimprove serve smollm2-135m-instruct --replicas 2 --port 8100
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import serve
 from .config import ConfigError
 
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("model")
 
     sub.add_parser("list", help="list registered models, tasks, critics, stages, engines and trainers")
+    serve.add_parser(sub)
 
     # Overrides may come before or after options: `run X.yaml --check key=value` and `run X.yaml key=value --check`
     # (argparse leaves positionals after an option unparsed when nargs="*" already matched).
@@ -164,7 +167,7 @@ def cmd_list(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "report": cmd_report, "compare": cmd_compare, "trace": cmd_trace,
-            "prepare": cmd_prepare, "list": cmd_list}
+            "prepare": cmd_prepare, "list": cmd_list, "serve": serve.main}
 
 if __name__ == "__main__":
     sys.exit(main())

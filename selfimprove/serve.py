@@ -198,7 +198,6 @@ def server_environment(index: int, replicas: int, options: ServerOptions, on_gpu
     replica would bind the same cores, so each gets its own share instead."""
     env = dict(os.environ)
     env["VLLM_SERVER_DEV_MODE"] = "1"
-    env.setdefault("HF_HUB_OFFLINE", "1")
     if options.lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     # The in-process engine forces this in its own process; a server inheriting it would run its engine core
