@@ -86,7 +86,8 @@ def test_spin_iteration_trains_against_the_previous_iteration(engine, tmp_path):
     w2 = read_json(run / "round_002" / "train" / "weights.json")
     m2 = read_json(run / "round_002" / "train" / "manifest.json")["metrics"]
     # the opponent of iteration 2 is iteration 1: it generated the rejected responses...
-    assert {r["weights"] for r in load_rows(run / "round_002" / "generate" / "data")} == {"round_001/train"}
+    assert {(r["weights"]["label"], r["weights"]["adapter_hash"]) for r in
+            load_rows(run / "round_002" / "generate" / "data")} == {("round_001/train", w1["adapter_hash"])}
     # ...it is where the policy starts and it is the reference
     assert w2["init"]["adapter"] == w1["adapter"] == w2["policy"]["adapter"]
     assert m2["reference"] == f"policy {w1['adapter']} (frozen adapter copy)"
