@@ -206,6 +206,9 @@ class Runner:
                             self._run_stage(round_index, stage)
                         if round_index != self.rounds()[-1]:  # the table so far (the last one comes with the report)
                             self.log(markdown_table(self.run_dir))
+                    # A kill between a stage's manifest and the rebuild would otherwise leave that stage out of
+                    # metrics.jsonl for good: a rerun skips every finished stage.
+                    self._rebuild_metrics()
             finally:
                 self.close()
             return write_report(self.run_dir, log=self.log)

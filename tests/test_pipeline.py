@@ -88,11 +88,15 @@ def test_rounds_chain_weights(star_run):
 def test_rerun_skips_finished_stages(star_run, engine):
     run_dir, _ = star_run
     before = {p: p.stat().st_mtime for p in run_dir.glob("round_*/*/manifest.json")}
+    # as a kill right after the last manifest leaves it: metrics.jsonl without its last line
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text("".join(lines[:-1]))
     logs = []
     Runner(load_pipeline(TINY_STAR), run_dir, engine=engine, log=logs.append).run()
     after = {p: p.stat().st_mtime for p in run_dir.glob("round_*/*/manifest.json")}
     assert before == after
     assert sum("done, skipped" in str(line) for line in logs) == 1 + 2 * len(STAGES)
+    assert (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True) == lines
 
 
 def test_changed_config_is_refused(star_run, engine):
