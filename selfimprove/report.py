@@ -188,10 +188,11 @@ def write_report(run_dir: str | Path, log=print) -> list[dict]:
     """Write `report.md` and its plots, print the table, and return the evaluating stages' metrics per round."""
     run_dir = Path(run_dir)
     text = markdown_table(run_dir)
-    images = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plot(run_dir))
+    plots = plot(run_dir)
+    images = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plots)
     (run_dir / "report.md").write_text(f"# {run_dir.name}\n\n{text}\n{images}")
     from .report_html import write_html  # here, not at the top: report_html imports this module
 
-    write_html(run_dir)
+    write_html(run_dir, plots)
     log(text)
     return [{"round": r, **m["metrics"]} for r, stages in collect(run_dir).items() for m in evaluations(stages)]

@@ -47,12 +47,13 @@ h3 { font-size: 1em; margin-top: 1.4em; }
 """
 
 
-def write_html(run_dir: str | Path) -> Path:
-    """Write `report.html` (module docstring) atomically and return its path."""
+def write_html(run_dir: str | Path, plots: list[Path] | None = None) -> Path:
+    """Write `report.html` (module docstring) atomically and return its path. `plots`: report.md's plot files when
+    the caller has just drawn them (write_report); otherwise they are drawn here."""
     run_dir = Path(run_dir)
     rounds = collect(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    figures = {p.stem: p.read_bytes() for p in plot(run_dir)}  # report.md's own plots, redrawn now
+    figures = {p.stem: p.read_bytes() for p in (plot(run_dir) if plots is None else plots)}
     sections = [
         ("table", "Per-round table", _table(run_dir)),
         ("accuracy", "Accuracy per round", _accuracy(rounds, figures.get("accuracy"))),
