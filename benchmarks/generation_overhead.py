@@ -9,7 +9,8 @@ On one engine (`vllm`, merged mode, as real runs on a CPU use it), over the same
   chunking, and in chunks of `--chunk-size`, vs raw `vllm.LLM.chat` on the same prompts and sampling (greedy,
   so the work is identical); tokens per second of each;
 - P2: generation with a round's weights (an SFT adapter, merged into the running engine) vs the base, both at a
-  fixed length (`ignore_eos`), so the token counts are equal;
+  fixed length (`ignore_eos`), so the token counts are equal; the two alternate `--switches` times, each call
+  right after its switch, and the medians are compared;
 - P3: new weights live in the running engine — the in-memory merge (`load_adapter`: the worker rewrites the
   layers the adapter touches) and, for comparison, PEFT's merge saved to disk plus a full in-place reload from
   that folder — vs an engine restart (the same disk merge, then a fresh engine start);
@@ -124,10 +125,16 @@ def main() -> None:
         "raw vLLM": tokens_per_second(lambda: raw(greedy)),
         f"pipeline, default chunking ({default_chunk})": tokens_per_second(lambda: pipeline("default", default_chunk)),
         f"pipeline, chunks of {args.chunk_size}": tokens_per_second(lambda: pipeline("chunked", args.chunk_size)),
-        "base, fixed length": tokens_per_second(lambda: raw(fixed)),
     }
-    engine.prepare(adapter)
-    rates["round's weights (merged in memory), fixed length"] = tokens_per_second(lambda: raw(fixed))
+    # P2: base and round's weights alternate, each measured right after its switch (a first call on new weights
+    # is what a round pays); medians of --switches pairs, as single calls on 2 cores vary by ±15%.
+    fixed_rates = {"base": [], "adapter": []}
+    for _ in range(args.switches):
+        for tag, weights in (("base", base), ("adapter", adapter)):
+            engine.prepare(weights)
+            fixed_rates[tag].append(tokens_per_second(lambda: raw(fixed)))
+    rates["base, fixed length"] = statistics.median(fixed_rates["base"])
+    rates["round's weights (merged in memory), fixed length"] = statistics.median(fixed_rates["adapter"])
 
     # P3: weights switches. In memory: base <-> adapter, each switch a full load_adapter call.
     in_memory = []
@@ -186,7 +193,7 @@ def main() -> None:
     if out:
         Path(out).write_text(json.dumps({
             "model": args.model, "prompts": len(prompts), "max_tokens": args.max_tokens, "tok_s": rates,
-            "switch_seconds": {"in_memory": in_memory, "disk_merge": disk_merge, "disk_reload": disk_reload,
+            "fixed_length_tok_s": fixed_rates, "switch_seconds": {"in_memory": in_memory, "disk_merge": disk_merge, "disk_reload": disk_reload,
                                "engine_start": start_seconds},
             "rows": rows_out}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
