@@ -6,7 +6,9 @@
 - `sft` (row P4): the train stage's SFT trainer (`trainers/sft.py`, the main job's settings: LoRA r16 on the
   attention projections, lr 3e-4, batch 8, max length 768) against a plain TRL script: the same model loaded in
   its folder's dtype, `SFTTrainer` with the same `SFTConfig` values and `peft_config`, `trainer.train()`, then
-  `save_pretrained`. Both on the same 64 prompt-completion rows (the arithmetic task's gold scratchpads) for the
+  `save_pretrained`. The plain script keeps TRL's other defaults, as a user would, gradient checkpointing
+  included (TRL turns it on; selfimprove's trainers turn it off where there is no GPU, docs/cpu.md): that
+  recomputation is part of the measured difference. Both on the same 64 prompt-completion rows (the arithmetic task's gold scratchpads) for the
   same number of steps; timed whole (load, tokenize, train, save), as a user waits for either, after one
   untimed step of each (one-off costs of the first trainer in a process).
 - `dpo` (row P4): the DPO trainer (`trainers/dpo.py`, its defaults: reference = base with the adapter disabled,
