@@ -50,6 +50,17 @@ def merged_folder(weights: Weights) -> Path:
     return out
 
 
+def plain_lora(adapter: str | Path) -> bool:
+    """Whether the adapter's config is plain LoRA, which the in-memory merge handles (read from the config alone,
+    so the engine can choose a path without loading the weights its worker is about to load)."""
+    adapter = Path(adapter)
+    config = read_json(adapter / "adapter_config.json")
+    return (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("rank_pattern")
+            and not config.get("alpha_pattern") and not config.get("modules_to_save")
+            and config.get("bias", "none") == "none" and not config.get("fan_in_fan_out")
+            and not config.get("layer_replication") and (adapter / "adapter_model.safetensors").exists())
+
+
 def lora_factors(adapter: str | Path) -> dict[str, tuple] | None:
     """{base weight name: (A, B, scaling)} for a plain LoRA adapter on linear layers, or None when the adapter
     needs PEFT's own merge (DoRA, per-module rank or alpha patterns, extra trained modules, biases, fan-in/out
@@ -59,17 +70,12 @@ def lora_factors(adapter: str | Path) -> dict[str, tuple] | None:
     from safetensors.torch import load_file
 
     adapter = Path(adapter)
-    config = read_json(adapter / "adapter_config.json")
-    file = adapter / "adapter_model.safetensors"
-    plain = (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("rank_pattern")
-             and not config.get("alpha_pattern") and not config.get("modules_to_save")
-             and config.get("bias", "none") == "none" and not config.get("fan_in_fan_out")
-             and not config.get("layer_replication") and file.exists())
-    if not plain:
+    if not plain_lora(adapter):
         return None
+    config = read_json(adapter / "adapter_config.json")
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r  # as peft's LoraLayer.update_layer
-    tensors = load_file(str(file))
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
     prefix = "base_model.model."
     factors = {}
     for key, a in tensors.items():

@@ -29,7 +29,7 @@ from typing import Literal
 from ..registry import ENGINES
 from .base import Engine
 from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
-from .merge import lora_factors, merged_folder
+from .merge import merged_folder, plain_lora
 
 
 def cuda_available() -> bool:
@@ -174,7 +174,7 @@ class VLLMEngine(Engine):
         identity = weights.adapter_hash or (adapter_hash(weights.adapter) if weights.adapter else None)
         if identity == self._loaded[1]:
             return None
-        if weights.adapter is None or lora_factors(weights.adapter) is not None:
+        if weights.adapter is None or plain_lora(weights.adapter):
             if self._loaded[0] == "disk":  # every layer holds the disk-merged model: start again from the base
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
             self.llm.collective_rpc("load_adapter", args=(self.model_path, weights.adapter))
