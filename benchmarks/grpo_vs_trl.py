@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE = REPO / "pipelines" / "grpo_arithmetic.yaml"
+PIPELINE = REPO / "selfimprove" / "pipelines" / "grpo_arithmetic.yaml"
 STAGE = "rl"  # the pipeline's rl stage (its key under stages:)
 
 

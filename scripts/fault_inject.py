@@ -205,8 +205,8 @@ def code_fingerprint(pipeline: Path) -> str:
     """A hash of the code and configs a run executes. Others may edit the working tree during a long campaign; a
     difference found after the code changed may come from the edit, not from the kill, and is flagged so."""
     digest = hashlib.sha256()
-    files = [*sorted((REPO / "selfimprove").rglob("*.py")), *sorted((REPO / "configs").rglob("*.yaml")),
-             *sorted((REPO / "pipelines").rglob("*.yaml")), *sorted((REPO / "tests" / "pipelines").rglob("*.yaml")),
+    files = [*sorted((REPO / "selfimprove").rglob("*.py")), *sorted((REPO / "selfimprove").rglob("*.yaml")),
+             *sorted((REPO / "tests" / "pipelines").rglob("*.yaml")),
              REPO / "tests" / "plugins.py", pipeline]
     for f in files:
         if f.is_file():

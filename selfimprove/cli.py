@@ -1,6 +1,6 @@
 """Command line: `selfimprove run | eval | report | compare | trace | serve | prepare | list`.
 
-    selfimprove run pipelines/star_arithmetic.yaml [key.sub=value ...] [--check]
+    selfimprove run pipelines/star_arithmetic.yaml [key.sub=value ...] [--check]   (or a shipped name: star_arithmetic)
     selfimprove eval --model smollm2-135m-instruct --task gsm8k --num-problems 200
     selfimprove report runs/star_arithmetic
     selfimprove compare runs/star_arithmetic runs/grpo_arithmetic --out compare.html
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import serve
+from . import serve, shipped
 from .config import ConfigError
 
 
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run (or resume) a pipeline", description=(
         "Run a pipeline YAML for its rounds. Re-running the same command resumes: finished stages are skipped and "
         "an interrupted generation continues from its last saved chunk."))
-    run.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/star_arithmetic.yaml")
+    run.add_argument("pipeline", help="pipeline YAML or shipped pipeline name, e.g. pipelines/star_arithmetic.yaml, "
+                                      "my.yaml, tiny_spin (`selfimprove list` names the shipped ones)")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. rounds=2 stages.generate.sampling.n=8")
     run.add_argument("--run-dir", help="run directory (default: <runs_dir>/<name>)")
     run.add_argument("--check", action="store_true", help="only load and check the config, then exit")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare", help="prepare a registered model folder (GGUF → safetensors, once)")
     prep.add_argument("model")
 
-    sub.add_parser("list", help="list registered models, tasks, critics, stages, engines and trainers")
+    sub.add_parser("list", help="list shipped pipelines, registered models, tasks, critics, stages, engines and trainers")
     serve.add_parser(sub)
 
     # Overrides may come before or after options: `run X.yaml --check key=value` and `run X.yaml key=value --check`
@@ -97,7 +98,11 @@ def quiet_libraries() -> None:
 def cmd_run(args) -> int:
     from .pipeline import Runner, load_pipeline
 
-    pipeline = load_pipeline(args.pipeline, args.overrides)
+    path = shipped.find(args.pipeline)
+    if not path.exists():
+        raise ConfigError(f"{args.pipeline}: no such pipeline file here, nor among the shipped files; "
+                          f"{shipped.describe()}")
+    pipeline = load_pipeline(path, args.overrides)
     if args.check:
         print(f"{args.pipeline}: ok ({len(pipeline.stages)} stages x {pipeline.config.rounds} rounds)")
         return 0
@@ -160,6 +165,7 @@ def cmd_list(args) -> int:
     from .models import model_names
     from .registry import BASELINES, CRITICS, ENGINES, OBJECTIVES, STAGES, TASKS, TRAINERS
 
+    print(f"{'pipelines:':11}", ", ".join(shipped.pipeline_names()))
     print(f"{'models:':11}", ", ".join(model_names()))
     for registry in (TASKS, CRITICS, STAGES, ENGINES, TRAINERS, OBJECTIVES, BASELINES):
         print(f"{registry.kind + 's:':11}", ", ".join(registry.names()))

@@ -1,6 +1,6 @@
 """The model registry: a name → where its weights come from, prepared once into a plain model folder.
 
-`configs/models/<name>.yaml` describes a model. `prepare_model(name)` turns it into an ordinary
+`configs/models/<name>.yaml` (shipped in the package) describes a model. `prepare_model(name)` turns it into an ordinary
 transformers folder (safetensors, config, tokenizer with chat template) under the cache directory, once:
 a second call finds the folder with a matching `prepared.json` and returns at once. Everything downstream
 (vLLM, TRL, PEFT) only ever sees such a folder.
@@ -27,10 +27,10 @@ from typing import Any, Literal
 
 from .artifacts import read_json, replace_dir, write_json
 from .config import ConfigError, build, to_dict
+from .shipped import root
 from .yamlio import load_yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = REPO_ROOT / "configs" / "models"
+MODELS_DIR = root() / "configs" / "models"
 
 
 @dataclass

@@ -15,7 +15,8 @@ line naming the file, where in it, and what to do, never a traceback and never a
   of includes is named.
 
 The include semantics are those of config.py's docstring: `include: file` or a list of files in any mapping,
-relative to the including file; the mapping's own keys are deep-merged over the included ones.
+relative to the including file, else a shipped file (shipped.py's rule); the mapping's own keys are deep-merged
+over the included ones.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from .config import ConfigError, deep_merge
+from .shipped import find
 
 try:  # libyaml scans and parses in C; our composer and constructor run on its events
     from yaml._yaml import CParser as _Parser
@@ -304,10 +306,10 @@ def _resolve_includes(node: Any, path: Path, budget: _Budget, depth: int, key: s
         raise ConfigError(f"{path}: {inc_key}: expected a file name or a list of file names, got {_short(includes)}")
     merged: dict = {}
     for inc in includes:
-        target = path.parent / inc
+        target = find(inc, path.parent)
         if not target.exists():
             raise ConfigError(f"{path}: {inc_key}: included file {inc} does not exist (looked for {_show(target)}, "
-                              f"relative to {path.name}); fix the name or path")
+                              f"relative to {path.name}, and among the shipped files); fix the name or path")
         if any(_same(target, p) for p in chain):
             cycle = " -> ".join(_show(p) for p in (*chain, target))
             raise _IncludedError(f"{path}: {inc_key}: circular include: {cycle}; remove one of these includes")

@@ -12,6 +12,7 @@ import pytest
 
 from selfimprove.config import build
 from selfimprove.records import Completion, Weights
+from selfimprove.shipped import root
 from selfimprove.stages.generate import Generate
 from selfimprove.tasks.arithmetic import Arithmetic
 
@@ -93,7 +94,7 @@ def test_filter_takes_the_threshold_the_sweep_chose(tmp_path):
     from selfimprove.pipeline import load_pipeline
     from selfimprove.stages.filter import _selected
 
-    base = Path(__file__).resolve().parents[1] / "pipelines" / "star_arithmetic.yaml"
+    base = root() / "pipelines" / "star_arithmetic.yaml"
     pipeline = load_pipeline(base, ["stages.generate.adapt={temperatures: [0.5, 0.7], thresholds: [0.3, 0.6]}",
                                     "stages.filter.min_score_from=generate"])
     assert pipeline.config.stages["filter"].config.min_score_from == "generate"

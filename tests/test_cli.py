@@ -6,14 +6,16 @@ import sys
 from pathlib import Path
 
 from selfimprove.cli import main
+from selfimprove.shipped import root
 
 REPO = Path(__file__).resolve().parents[1]
+PIPELINES = root() / "pipelines"
 
 
 def test_run_check_and_config_error(capsys, tmp_path):
-    assert main(["run", str(REPO / "pipelines" / "star_arithmetic.yaml"), "--check"]) == 0
+    assert main(["run", str(PIPELINES / "star_arithmetic.yaml"), "--check"]) == 0
     assert "ok (7 stages x 3 rounds)" in capsys.readouterr().out
-    assert main(["run", str(REPO / "pipelines" / "star_arithmetic.yaml"), "stages.generate.samplng.n=3"]) == 2
+    assert main(["run", str(PIPELINES / "star_arithmetic.yaml"), "stages.generate.samplng.n=3"]) == 2
     err = capsys.readouterr().err
     assert "star_arithmetic.yaml: stages.generate.samplng: unknown key; valid keys of Generate.Config" in err
 

@@ -8,9 +8,10 @@ from selfimprove.config import ConfigError, apply_overrides
 from selfimprove.yamlio import load_yaml
 from selfimprove.models import load_spec, model_names
 from selfimprove.pipeline import load_pipeline
+from selfimprove.shipped import root
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINES = sorted((REPO / "pipelines").glob("*.yaml")) + sorted((REPO / "tests" / "pipelines").glob("*.yaml"))
+PIPELINES = sorted((root() / "pipelines").glob("*.yaml")) + sorted((REPO / "tests" / "pipelines").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
@@ -24,7 +25,7 @@ def test_every_model_spec_loads(name):
     assert load_spec(name).name == name
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("[!m]*/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((root() / "configs").glob("[!m]*/*.yaml")), ids=lambda p: p.name)
 def test_every_component_config_loads(path, tmp_path):
     """configs/engines and configs/trainers files are components a pipeline includes, configs/accelerate files a
     train stage's launcher reads: use each one."""

@@ -13,12 +13,13 @@ import yaml
 from selfimprove.config import ConfigError, to_dict
 from selfimprove.pipeline import load_pipeline
 from selfimprove.registry import EngineSpec, TrainerSpec
+from selfimprove.shipped import root
 from selfimprove.yamlio import load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINES = sorted([*REPO.glob("pipelines/*.yaml"), *REPO.glob("benchmarks/*.yaml")])
-COMPONENTS = {**{p: TrainerSpec for p in REPO.glob("configs/trainers/*.yaml")},
-              **{p: EngineSpec for p in REPO.glob("configs/engines/*.yaml")}}
+PIPELINES = sorted([*root().glob("pipelines/*.yaml"), *REPO.glob("benchmarks/*.yaml")])
+COMPONENTS = {**{p: TrainerSpec for p in root().glob("configs/trainers/*.yaml")},
+              **{p: EngineSpec for p in root().glob("configs/engines/*.yaml")}}
 # Naming a component (or a stage's type, a file to include) is not restating a parameter's default.
 NOT_PARAMETERS = {"name", "type", "include", "description"}
 

@@ -27,10 +27,11 @@ import yaml
 
 from selfimprove.config import ConfigError, build
 from selfimprove.registry import TrainerSpec
+from selfimprove.shipped import root
 from selfimprove.trainers.common import Optimization
 
 REPO = Path(__file__).resolve().parents[1]
-ACCELERATE = REPO / "configs" / "accelerate"
+ACCELERATE = root() / "configs" / "accelerate"
 SEED = 7
 STEPS = 4
 TOLERANCE = 1e-4  # on each logged loss (~10.7); measured differences are ~2e-6

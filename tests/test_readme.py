@@ -24,8 +24,7 @@ def readme_block(first_line: str) -> str:
 @pytest.fixture
 def user_folder(tmp_path, monkeypatch):
     (tmp_path / "mycritics.py").write_text(readme_block("# mycritics.py"))
-    (tmp_path / "mypipeline.yaml").write_text(
-        readme_block("# mypipeline.yaml").replace("include: pipelines/", f"include: {REPO}/pipelines/"))
+    (tmp_path / "mypipeline.yaml").write_text(readme_block("# mypipeline.yaml"))  # includes a shipped pipeline
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     sys.modules.pop("mycritics", None)

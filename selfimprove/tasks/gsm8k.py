@@ -12,15 +12,15 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 from ..records import Prompt
 from ..registry import TASKS
+from ..shipped import root
 from .base import Grade, Task, chat_prompt
 from .numeric import extract_flexible, extract_strict, normalize_number, same_number
 
-SEEDS = Path(__file__).resolve().parents[2] / "seeds" / "gsm8k"
+SEEDS = root() / "seeds" / "gsm8k"
 
 INSTRUCTION = (
     "Solve the following math problem step by step. "

@@ -28,15 +28,15 @@ import logging
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 from ..records import Prompt
 from ..registry import TASKS
+from ..shipped import root
 from ..timeouts import TimedOut, call_with_timeout
 from .base import Grade, Task, chat_prompt
 
-SEEDS = Path(__file__).resolve().parents[2] / "seeds" / "math"
+SEEDS = root() / "seeds" / "math"
 
 INSTRUCTION = "Solve the following math problem step by step. Put your final answer within \\boxed{}."
 HINT = ("(The correct answer is ${answer}$. Explain step by step how to reach it, and put it within \\boxed{{}}, "

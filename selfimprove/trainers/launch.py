@@ -93,6 +93,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..registry import TrainerSpec
+from ..shipped import find
 
 SPEC = "spec.json"
 ROWS = "rows.jsonl"
@@ -122,7 +123,7 @@ class Launch:
     """How the train stage runs its trainer: in its own process (`num_processes: 1`), or under a launcher.
 
     `config`: an accelerate config file (configs/accelerate/ddp.yaml, deepspeed_zero2.yaml, ...), a path relative
-    to the directory selfimprove runs in; None: plain DDP. `num_processes`: processes over all machines (GPUs
+    to the directory selfimprove runs in or a shipped one (shipped.py); None: plain DDP. `num_processes`: processes over all machines (GPUs
     with CUDA, CPU processes without). The file is read with accelerate's own config loader when the pipeline's
     config loads, so an unknown key or distributed type is refused before any model loads."""
 
@@ -141,7 +142,7 @@ class Launch:
         one. Raises ValueError naming the key and the fix for what this launcher cannot run."""
         if self.config is None:
             return None
-        path = Path(self.config)
+        path = find(self.config)
         if not path.is_file():
             raise ValueError(f"launch.config: no file {str(path)!r} (relative to {os.getcwd()}); the shipped ones "
                              f"are configs/accelerate/ddp.yaml, fsdp.yaml, deepspeed_zero2.yaml, deepspeed_zero3.yaml")
@@ -304,7 +305,7 @@ def _command(launch: Launch, config: dict | None, work_dir: Path, folder: Path) 
             config_file.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\n"
                                    "num_machines: 1\nmachine_rank: 0\ngpu_ids: all\nmixed_precision: 'no'\n")
         else:
-            config_file = Path(launch.config).resolve()
+            config_file = find(launch.config).resolve()
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
                    "--num_processes", str(n)]
         if int((config or {}).get("num_machines") or 1) == 1 and not (config or {}).get("main_process_port"):
