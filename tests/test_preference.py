@@ -8,6 +8,7 @@ import pytest
 
 from selfimprove.artifacts import load_rows, read_json, save_rows
 from selfimprove.pipeline import Runner, load_pipeline
+from selfimprove.shipped import root
 from selfimprove.stages.pairs import Pairs, SpinPairs, build_pairs
 from selfimprove.tasks.arithmetic import Arithmetic
 
@@ -81,7 +82,7 @@ def quiet(*_):
 
 def test_spin_iteration_trains_against_the_previous_iteration(engine, tmp_path):
     run = tmp_path / "spin"
-    Runner(load_pipeline(REPO / "tests" / "pipelines" / "tiny_spin.yaml"), run, engine=engine, log=quiet).run()
+    Runner(load_pipeline(root() / "pipelines" / "tiny_spin.yaml"), run, engine=engine, log=quiet).run()
     w1 = read_json(run / "round_001" / "train" / "weights.json")
     w2 = read_json(run / "round_002" / "train" / "weights.json")
     m2 = read_json(run / "round_002" / "train" / "manifest.json")["metrics"]
@@ -96,6 +97,27 @@ def test_spin_iteration_trains_against_the_previous_iteration(engine, tmp_path):
     assert w2["adapter_hash"] != w1["adapter_hash"]  # training changed the adapter
     ev = read_json(run / "round_002" / "evaluate" / "manifest.json")["metrics"]
     assert ev["weights"] == "round_002/train" and ev["problems"] == 6  # and the engine served it
+
+
+def test_self_rewarding_quick_start_pairs_the_policys_best_and_worst_judged_samples(engine, tmp_path):
+    """The shipped quick start (nothing outside the package): pairs are ranked by the policy's own judgement."""
+    run = tmp_path / "self_rewarding"
+    Runner(load_pipeline(root() / "pipelines" / "tiny_self_rewarding.yaml"), run, engine=engine, log=quiet).run()
+    verdicts = load_rows(run / "round_001" / "critique" / "data")
+    assert {v["critic"] for v in verdicts} == {"self_verify", "answer"}
+    judged = {v["sample_id"]: v["score"] for v in verdicts if v["critic"] == "self_verify"}
+    by_problem = {}
+    for sample_id, score in judged.items():
+        by_problem.setdefault(sample_id.rsplit("/", 1)[0], []).append(score)
+    pairs = load_rows(run / "round_001" / "pairs" / "data")
+    assert len(pairs) == 8  # one per problem: three samples each, judged with different P(Yes)
+    for p in pairs:
+        scores = by_problem[p["chosen_sample_id"].rsplit("/", 1)[0]]
+        assert (judged[p["chosen_sample_id"]], judged[p["rejected_sample_id"]]) == (max(scores), min(scores))
+    w1 = read_json(run / "round_001" / "train" / "weights.json")
+    w2 = read_json(run / "round_002" / "train" / "weights.json")
+    assert w2["init"]["adapter"] == w1["adapter"] and w1["adapter_hash"] != w2["adapter_hash"]
+    assert read_json(run / "round_002" / "evaluate" / "manifest.json")["metrics"]["weights"] == "round_002/train"
 
 
 def test_dpo_reference_choice_is_real(tiny_model, tiny_adapter, tmp_path):
