@@ -6,7 +6,8 @@ is a `ConfigError` that names the file, the dotted key and what would be accepte
 is loaded.
 
 Two conveniences on top of plain YAML:
-- `include: other.yaml` (or a list of files) in any mapping, resolved relative to the including file; the
+- `include: other.yaml` (or a list of files) in any mapping, resolved relative to the including file, else among
+  the files shipped in the package (a bare name is a shipped pipeline; shipped.py); the
   mapping's own keys are deep-merged over the included ones (mappings merge, everything else replaces, and
   keys keep the included file's order). At the top level it makes variants of a pipeline; inside `engine:` or
   a stage's `trainer:` it pulls in a shared component file from `configs/`.
