@@ -100,7 +100,7 @@ def cmd_run(args) -> int:
 
     path = shipped.find(args.pipeline)
     if not path.exists():
-        raise ConfigError(f"{args.pipeline}: no such pipeline file here, nor among the shipped files; "
+        raise ConfigError(f"{args.pipeline}: no such config file here, nor among the shipped files; "
                           f"{shipped.describe()}")
     pipeline = load_pipeline(path, args.overrides)
     if args.check:

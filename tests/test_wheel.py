@@ -48,7 +48,7 @@ def test_run_names_the_shipped_pipelines_when_nothing_matches(capsys, tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert main(["run", "tiny_spn", "--check"]) == 2
     err = capsys.readouterr().err
-    assert "tiny_spn: no such pipeline file here, nor among the shipped files" in err and "tiny_spin" in err
+    assert "tiny_spn: no such config file here, nor among the shipped files" in err and "tiny_spin" in err
 
 
 @pytest.fixture(scope="module")
