@@ -38,7 +38,7 @@ def find(ref: str | Path, base: Path | None = None) -> Path:
     """The file `ref` names by the rule above, relative to `base` (default: the working directory). When neither
     the path nor a shipped file exists, the path as given, for the caller's "no such file" error."""
     given = Path(base) / ref if base is not None else Path(ref)
-    if given.exists():
+    if given.is_file():  # a folder is never a config: `run tiny_spin --run-dir tiny_spin` must resume
         return given
     ref = Path(ref)
     if ref.is_absolute() or ".." in ref.parts:

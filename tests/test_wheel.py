@@ -29,6 +29,8 @@ def test_a_name_finds_the_file_where_given_first_then_the_shipped_one(tmp_path):
     own.parent.mkdir()
     own.write_text("name: mine\n")
     assert find("pipelines/star_arithmetic.yaml", tmp_path) == own  # a file where it is given wins
+    (tmp_path / "star_arithmetic").mkdir()  # a run directory named like the pipeline does not hide it
+    assert find("star_arithmetic", tmp_path) == star
     # what names no file comes back as given, for the caller's error; `..` and absolute paths never fall back
     assert find("pipelines/no_such.yaml", tmp_path) == tmp_path / "pipelines" / "no_such.yaml"
     assert find("../pipelines/star_arithmetic.yaml", tmp_path / "x") == tmp_path / "x" / ".." / "pipelines" / \
