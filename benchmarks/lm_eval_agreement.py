@@ -50,7 +50,8 @@ def gsm8k_harness(rows: list[dict]) -> dict[str, list[bool]]:
     task = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k-cot-zeroshot.yaml").read_text())
     (metric,) = [m for m in task["metric_list"] if m["metric"] == "exact_match"]
     kwargs = {k: metric[k] for k in ("regexes_to_ignore", "ignore_case", "ignore_punctuation") if k in metric}
-    gold_text = [json.loads(line)["answer"] for line in (REPO / "selfimprove" / "seeds" / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    seeds = REPO / "selfimprove" / "seeds" / "gsm8k"
+    gold_text = [json.loads(line)["answer"] for line in (seeds / "test.jsonl").read_text().splitlines()]
     references = [gold_text[int(r["problem_id"].rsplit("-", 1)[1])] for r in rows]
     out = {}
     for pipeline in task["filter_list"]:

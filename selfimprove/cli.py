@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare", help="prepare a registered model folder (GGUF → safetensors, once)")
     prep.add_argument("model")
 
-    sub.add_parser("list", help="list shipped pipelines, registered models, tasks, critics, stages, engines and trainers")
+    sub.add_parser("list", help="list shipped pipelines and registered models, tasks, critics, stages, engines, ...")
     serve.add_parser(sub)
 
     # Overrides may come before or after options: `run X.yaml --check key=value` and `run X.yaml key=value --check`

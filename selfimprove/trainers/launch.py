@@ -123,9 +123,10 @@ class Launch:
     """How the train stage runs its trainer: in its own process (`num_processes: 1`), or under a launcher.
 
     `config`: an accelerate config file (configs/accelerate/ddp.yaml, deepspeed_zero2.yaml, ...), a path relative
-    to the directory selfimprove runs in or a shipped one (shipped.py); None: plain DDP. `num_processes`: processes over all machines (GPUs
-    with CUDA, CPU processes without). The file is read with accelerate's own config loader when the pipeline's
-    config loads, so an unknown key or distributed type is refused before any model loads."""
+    to the directory selfimprove runs in, else a shipped one (shipped.py); None: plain DDP. `num_processes`:
+    processes over all machines (GPUs with CUDA, CPU processes without). The file is read with accelerate's own
+    config loader when the pipeline's config loads, so an unknown key or distributed type is refused before any
+    model loads."""
 
     config: str | None = None
     num_processes: int = 1
