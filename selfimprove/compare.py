@@ -20,7 +20,9 @@ base model). With b the problems only the earlier side (baseline, or base) got r
 got right, the reported difference is (c − b) / problems, its 95% interval is Newcombe's square-and-add interval
 for paired proportions (method 10), and its p-value the exact McNemar test (two-sided binomial test of c against
 b + c discordant problems at 1/2). A large p is not evidence of no difference: the interval says which
-differences the data cannot rule out, and that interval is what the tables report.
+differences the data cannot rule out, and that interval is what the tables report. The two are separate
+procedures and can disagree near the 5% boundary (the exact test is the more conservative): with few discordant
+problems an interval that just excludes 0 can sit beside a p above 0.05, so report both.
 """
 
 from __future__ import annotations

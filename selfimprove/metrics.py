@@ -93,9 +93,12 @@ def ratio(name: str, successes: list[int], trials: list[int], seed: int, resampl
     `trials` samples met the condition, and how many of those `successes` were), with `{name}_n` = sum(trials).
 
     The Wilson interval when no problem has more than one trial (then trials are independent problems), else the
-    percentile bootstrap over problems of the pooled ratio (a problem's samples move together)."""
+    percentile bootstrap over problems of the pooled ratio (a problem's samples move together). With no trial at
+    all the ratio is undefined: None, with no interval (None, not NaN, so that saved metrics compare equal)."""
     total = sum(trials)
-    value = sum(successes) / total if total else float("nan")
+    if total == 0:
+        return {name: None, f"{name}_ci_low": None, f"{name}_ci_high": None, f"{name}_n": 0}
+    value = sum(successes) / total
     if all(t <= 1 for t in trials):
         lo, hi = wilson_interval(sum(successes), total)
     else:
@@ -106,8 +109,9 @@ def ratio(name: str, successes: list[int], trials: list[int], seed: int, resampl
             if drawn:  # a resample with no trial at all has no ratio
                 ratios.append(sum(successes[i] for i in picks) / drawn)
         ratios.sort()
-        lo, hi = (ratios[int(0.025 * len(ratios))], ratios[min(len(ratios) - 1, int(0.975 * len(ratios)))]) \
-            if ratios else (float("nan"), float("nan"))
+        if not ratios:  # every resample missed the few problems with trials: too little data for an interval
+            return {name: value, f"{name}_ci_low": None, f"{name}_ci_high": None, f"{name}_n": total}
+        lo, hi = ratios[int(0.025 * len(ratios))], ratios[min(len(ratios) - 1, int(0.975 * len(ratios)))]
     return {name: value, f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"{name}_n": total}
 
 

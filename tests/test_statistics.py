@@ -98,6 +98,8 @@ def test_ratio_pools_samples_and_uses_wilson_for_single_trials():
     assert (single["r_ci_low"], single["r_ci_high"]) == wilson_interval(2, 3)
     pooled = ratio("r", [2, 0, 1], [2, 1, 1], seed=0, resamples=200)  # 3 of 4, problems resampled whole
     assert pooled["r"] == 0.75 and 0.0 <= pooled["r_ci_low"] < 0.75 < pooled["r_ci_high"] <= 1.0
+    assert ratio("r", [0, 0], [0, 0], seed=0, resamples=10) == {"r": None, "r_ci_low": None, "r_ci_high": None,
+                                                               "r_n": 0}
 
 
 def test_confidence_and_critique_decompose_accuracy_at_t2():

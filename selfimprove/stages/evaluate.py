@@ -160,8 +160,9 @@ class EvaluateSelfCorrection(Stage):
 
 
 def interval(m: dict, key: str, signed: bool = False) -> str:
-    """`m[key]` as a percentage with its 95% interval, e.g. `52.0% [44.0%, 60.7%]`."""
-    if key not in m:
+    """`m[key]` as a percentage with its 95% interval, e.g. `52.0% [44.0%, 60.7%]`; "-" where it is undefined
+    (None: a conditional share with nothing to condition on)."""
+    if m.get(key) is None:
         return "-"
     fmt = "+.1%" if signed else ".1%"
     low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
