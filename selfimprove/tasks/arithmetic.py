@@ -87,9 +87,9 @@ class Arithmetic(Task):
                 raise ValueError(f"digits must not repeat, got {self.digits}")
             if min(self.num_train, self.num_test, self.num_dev, self.num_shots) < 0:
                 raise ValueError("num_train, num_test, num_dev and num_shots must be >= 0")
-            _check_capacity(self.digits, self._sizes())
+            _check_capacity(self.digits, self.split_sizes())
 
-        def _sizes(self) -> dict[str, int]:
+        def split_sizes(self) -> dict[str, int]:
             """Split → size, in the order the generator draws them (each excluding what came before)."""
             return {"test": self.num_test, "dev": self.num_dev, "shots": self.num_shots, "train": self.num_train}
 
@@ -99,7 +99,7 @@ class Arithmetic(Task):
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)
         c = self.config
-        return [dict(p) for p in _generate(tuple(c.digits), tuple(c._sizes().items()), c.seed)[split]]
+        return [dict(p) for p in _generate(tuple(c.digits), tuple(c.split_sizes().items()), c.seed)[split]]
 
     def canonical(self, problem: dict) -> str:
         """`a + b` with the smaller operand first: commuted sums are the same problem."""
