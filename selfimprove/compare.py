@@ -1,5 +1,6 @@
-"""Compare finished runs: accuracy per round side by side, the config keys that differ, and whether the final
-rounds differ by more than chance (`selfimprove compare RUN_A RUN_B ...`).
+"""Compare finished runs: accuracy per round side by side, the config keys that differ, whether the final
+rounds differ by more than chance, and each run's lift over its own base model
+(`selfimprove compare RUN_A RUN_B ...`).
 
 Two runs' intervals can overlap while one run is still better on the same problems, so the final rounds are
 compared with a paired test on the problems both evaluated, not by eyeballing their separate intervals.
@@ -9,18 +10,19 @@ What is read from each run directory:
   compared whole. `name` and `runs_dir` are left out: they differ between any two runs by construction;
 - per round, the last finished evaluating stage (`"evaluates": true` in its manifest) whose metrics have
   `accuracy`: its `accuracy`, `accuracy_ci_low`, `accuracy_ci_high` (report.collect / report.evaluations);
-- for the final round (the highest round with such an evaluation), that stage's graded rows (`data/`): per
-  problem, the `correct` of its first sample (lowest `index`), the sample `accuracy` is computed from.
+- for the final round (the highest round with such an evaluation) and for round 0 (the base model), that
+  stage's graded rows (`data/`): per problem, the `correct` of its first sample (lowest `index`), the sample
+  `accuracy` is computed from.
 
-The paired test (each run against the first run given, the baseline): on the problems both final rounds
-evaluated, sorted by id, d_j = correct_other(j) − correct_baseline(j) ∈ {−1, 0, 1}. The reported difference is
-mean(d). Its 95% interval is the percentile bootstrap of metrics.bootstrap_ci: `resamples` resamples of the
-problems with replacement (a problem's two outcomes move together, which is what makes it paired), drawn from
-random.Random(seed) exactly as bootstrap_ci draws, so the interval equals bootstrap_ci(d). The p-value is the
-two-sided bootstrap p-value of the null "mean difference 0" by shifting the resampled means to that null
-(Efron & Tibshirani 1993, §16.4): p = (1 + #{b : |m*_b − mean(d)| >= |mean(d)|}) / (resamples + 1), with m*_b the
-b-th resample's mean; the +1s (Davison & Hinkley 1997) keep p above 0, since a finite number of resamples cannot
-show a probability of 0.
+The paired tests (metrics.paired_difference), on the problems both sides evaluated: each run's final round
+against the first run's (the baseline), and each run's final round against its own round 0 (its lift over the
+base model). With b the problems only the earlier side (baseline, or base) got right and c those only the other
+got right, the reported difference is (c − b) / problems, its 95% interval is Newcombe's square-and-add interval
+for paired proportions (method 10), and its p-value the exact McNemar test (two-sided binomial test of c against
+b + c discordant problems at 1/2). A large p is not evidence of no difference: the interval says which
+differences the data cannot rule out, and that interval is what the tables report. The two are separate
+procedures and can disagree near the 5% boundary (the exact test is the more conservative): with few discordant
+problems an interval that just excludes 0 can sit beside a p above 0.05, so report both.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import base64
 import html
 import io
 import json
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 import yaml
 
 from .artifacts import load_rows
+from .metrics import paired_difference
 from .report import collect, evaluations
 
 IGNORED_KEYS = ("name", "runs_dir")
@@ -60,6 +62,7 @@ class Run:
     config: dict
     rounds: list[RoundAccuracy]
     final: dict[str, float]  # problem id → first sample's correctness (0.0 / 1.0) in the final round's evaluation
+    base: dict[str, float]  # the same for round 0 (the base model), when it was evaluated and is not the final round
 
     @property
     def final_round(self) -> int | None:
@@ -70,11 +73,13 @@ class Run:
 class PairedTest:
     baseline: str
     other: str
-    problems: int  # problems both final rounds evaluated
-    difference: float  # mean of other − baseline; NaN with no shared problem
-    ci_low: float
+    problems: int  # problems both sides evaluated
+    baseline_only: int  # problems only the baseline got right (b)
+    other_only: int  # problems only the other got right (c)
+    difference: float  # (c − b) / problems: other − baseline; NaN with no shared problem
+    ci_low: float  # Newcombe's paired interval
     ci_high: float
-    p_value: float
+    p_value: float  # exact McNemar
 
 
 @dataclass
@@ -82,9 +87,10 @@ class Comparison:
     runs: list[Run]
     differing: dict[str, list[Any]]  # dotted key → its value in each run (ABSENT where missing)
     tests: list[PairedTest]  # every run after the first against the first
+    lifts: list[PairedTest]  # every run's final round against its own round 0, for the runs that have both
 
 
-def compare(run_dirs: list[str | Path], seed: int = 0, resamples: int = 1000) -> Comparison:
+def compare(run_dirs: list[str | Path]) -> Comparison:
     """Read the runs and compare them (module docstring)."""
     if len(run_dirs) < 2:
         raise ValueError(f"compare needs at least two run directories, got {len(run_dirs)}")
@@ -93,8 +99,10 @@ def compare(run_dirs: list[str | Path], seed: int = 0, resamples: int = 1000) ->
     if len(set(labels)) < len(labels):  # same folder name under different parents: show the paths
         labels = [str(p) for p in paths]
     runs = [load_run(p, label) for p, label in zip(paths, labels)]
-    tests = [paired_test(runs[0], run, seed, resamples) for run in runs[1:]]
-    return Comparison(runs, differing_keys([r.config for r in runs]), tests)
+    tests = [paired_test(runs[0].label, runs[0].final, run.label, run.final) for run in runs[1:]]
+    lifts = [paired_test(f"{run.label} round 0", run.base, f"{run.label} round {run.final_round}", run.final)
+             for run in runs if run.base]
+    return Comparison(runs, differing_keys([r.config for r in runs]), tests, lifts)
 
 
 def load_run(run_dir: Path, label: str) -> Run:
@@ -110,12 +118,14 @@ def load_run(run_dir: Path, label: str) -> Run:
             m = scored[-1]
             rounds.append(RoundAccuracy(round_index, m["stage"], m["metrics"]["accuracy"],
                                         m["metrics"].get("accuracy_ci_low"), m["metrics"].get("accuracy_ci_high")))
-    final: dict[str, float] = {}
-    if rounds:
-        data = run_dir / f"round_{rounds[-1].round:03d}" / rounds[-1].stage / "data"
-        if data.exists():
-            final = first_sample_correct(load_rows(data))
-    return Run(run_dir, label, config, rounds, final)
+    final = _first_samples(run_dir, rounds[-1]) if rounds else {}
+    base = _first_samples(run_dir, rounds[0]) if len(rounds) > 1 and rounds[0].round == 0 else {}
+    return Run(run_dir, label, config, rounds, final, base)
+
+
+def _first_samples(run_dir: Path, evaluation: RoundAccuracy) -> dict[str, float]:
+    data = run_dir / f"round_{evaluation.round:03d}" / evaluation.stage / "data"
+    return first_sample_correct(load_rows(data)) if data.exists() else {}
 
 
 def first_sample_correct(rows: list[dict]) -> dict[str, float]:
@@ -152,30 +162,13 @@ def differing_keys(configs: list[dict]) -> dict[str, list[Any]]:
     return out
 
 
-def paired_test(baseline: Run, other: Run, seed: int = 0, resamples: int = 1000) -> PairedTest:
-    """`other` − `baseline` on their final rounds' shared problems (module docstring)."""
-    shared = sorted(set(baseline.final) & set(other.final))
-    diffs = [other.final[p] - baseline.final[p] for p in shared]
-    return PairedTest(baseline.label, other.label, len(shared), *paired_bootstrap(diffs, seed, resamples))
-
-
-def paired_bootstrap(diffs: list[float], seed: int = 0, resamples: int = 1000,
-                     level: float = 0.95) -> tuple[float, float, float, float]:
-    """(mean, interval low, interval high, two-sided p) of paired differences, one per problem.
-
-    Resamples are drawn as metrics.bootstrap_ci draws them, so (low, high) == bootstrap_ci(diffs, seed, ...)."""
-    if not diffs:
-        nan = float("nan")
-        return nan, nan, nan, nan
-    rng = random.Random(seed)
-    n = len(diffs)
-    mean = sum(diffs) / n
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    low = means[int((1 - level) / 2 * resamples)]
-    high = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
-    # |m* − mean| >= |mean|, with a tolerance so that equal sums of 0/±1 values compare equal after division
-    extreme = sum(abs(m - mean) >= abs(mean) - 1e-12 for m in means)
-    return mean, low, high, (1 + extreme) / (resamples + 1)
+def paired_test(baseline: str, first: dict[str, float], other: str, second: dict[str, float]) -> PairedTest:
+    """`other` − `baseline` on the problems both evaluated (problem id → first-sample correctness; module
+    docstring)."""
+    shared = sorted(set(first) & set(second))
+    d = paired_difference([bool(first[p]) for p in shared], [bool(second[p]) for p in shared])
+    return PairedTest(baseline, other, d.problems, d.first_only, d.second_only, d.difference, d.ci_low, d.ci_high,
+                      d.p_value)
 
 
 # -- rendering ----------------------------------------------------------------------------------------------
@@ -206,17 +199,26 @@ def config_table(c: Comparison) -> tuple[list[str], list[list[str]]]:
             [[key, *(_value(v) for v in values)] for key, values in c.differing.items()])
 
 
-def paired_table(c: Comparison) -> tuple[list[str], list[list[str]]]:
-    runs = {run.label: run for run in c.runs}
+def paired_table(tests: list[PairedTest], rounds: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One row per paired test; `rounds` (test label → "final rounds" cell) adds that column."""
+    header = ["difference", *(["final rounds"] if rounds else []), "problems", "only baseline / only other right",
+              "mean", "95% CI (Newcombe, paired)", "p (exact McNemar)"]
     rows = []
-    for t in c.tests:
-        rounds = f"{runs[t.other].final_round} vs {runs[t.baseline].final_round}"
+    for t in tests:
+        label = f"{t.other} − {t.baseline}"
+        cells = [label, *([rounds[label]] if rounds else []), str(t.problems)]
         if t.problems == 0:
-            rows.append([f"{t.other} − {t.baseline}", rounds, "0", "-", "-", "-"])
+            rows.append([*cells, "-", "-", "-", "-"])
         else:
-            rows.append([f"{t.other} − {t.baseline}", rounds, str(t.problems), f"{t.difference:+.1%}",
+            rows.append([*cells, f"{t.baseline_only} / {t.other_only}", f"{t.difference:+.1%}",
                          f"[{t.ci_low:+.1%}, {t.ci_high:+.1%}]", f"{t.p_value:.3f}"])
-    return ["difference", "final rounds", "problems", "mean", "95% CI", "p (two-sided)"], rows
+    return header, rows
+
+
+def _final_rounds(c: Comparison) -> dict[str, str]:
+    runs = {run.label: run for run in c.runs}
+    return {f"{t.other} − {t.baseline}": f"{runs[t.other].final_round} vs {runs[t.baseline].final_round}"
+            for t in c.tests}
 
 
 def _text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -227,11 +229,17 @@ def _text_table(header: list[str], rows: list[list[str]]) -> str:
 
 def render_text(c: Comparison) -> str:
     """The terminal view: accuracy per round, differing config keys, paired tests."""
-    parts = ["Accuracy per round (first sample per problem, 95% bootstrap interval):", _text_table(*accuracy_table(c))]
+    parts = ["Accuracy per round (first sample per problem, 95% interval as each evaluation reported it):",
+             _text_table(*accuracy_table(c))]
     header, rows = config_table(c)
     parts += ["", "Config keys that differ:", _text_table(header, rows) if rows else "(none)"]
-    parts += ["", "Paired bootstrap test of the final rounds (per-problem first-sample correctness, problems "
-                  "resampled jointly):", _text_table(*paired_table(c))]
+    parts += ["", "Paired test of the final rounds (per-problem first-sample correctness on the problems both "
+                  "evaluated):", _text_table(*paired_table(c.tests, _final_rounds(c)))]
+    if c.lifts:
+        parts += ["", "Lift over the base model (final round − round 0 of the same run, paired):",
+                  _text_table(*paired_table(c.lifts))]
+    parts += ["", "A p-value above 0.05 does not show that there is no difference: the interval is the range of "
+                  "differences the data cannot rule out."]
     return "\n".join(parts)
 
 
@@ -289,6 +297,7 @@ def render_html(c: Comparison) -> str:
     runs = "".join(f"<li><b>{html.escape(r.label)}</b>: {html.escape(str(r.path))}</li>" for r in c.runs)
     header, rows = config_table(c)
     config = _html_table(header, rows) if rows else "<p>No config key differs (name and runs_dir ignored).</p>"
+    lifts = (f"<h2>Lift over the base model</h2>{_html_table(*paired_table(c.lifts))}" if c.lifts else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>selfimprove: comparison of {len(c.runs)} runs</title>
 <style>{_CSS}</style></head>
@@ -298,15 +307,18 @@ def render_html(c: Comparison) -> str:
 <h2>Accuracy per round</h2>
 <img src="data:image/png;base64,{image}" alt="accuracy per round of every run, with 95% intervals">
 {_html_table(*accuracy_table(c))}
-<p class="note">Accuracy of the first sample per problem, with its 95% percentile-bootstrap interval over problems,
-from each round's evaluating stage.</p>
+<p class="note">Accuracy of the first sample per problem, with its 95% interval over problems as each round's
+evaluating stage reported it.</p>
 <h2>Config keys that differ</h2>
 {config}
 <h2>Paired test of the final rounds</h2>
-{_html_table(*paired_table(c))}
-<p class="note">On the problems both final rounds evaluated: the mean of the per-problem difference in first-sample
-correctness (later run minus the first run), its 95% percentile-bootstrap interval (problems resampled jointly),
-and the two-sided bootstrap p-value of a zero difference (resampled means shifted to the null).</p>
+{_html_table(*paired_table(c.tests, _final_rounds(c)))}
+{lifts}
+<p class="note">On the problems both sides evaluated: the difference in first-sample accuracy (later run minus the
+first run; a run's final round minus its round 0), the problems only one side got right, Newcombe's 95%
+interval for a paired difference of proportions (method 10), and the exact McNemar p-value. A p-value above 0.05
+does not show that there is no difference: the interval is the range of differences the data cannot rule
+out.</p>
 </body></html>
 """
 

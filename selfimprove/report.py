@@ -9,7 +9,7 @@ the run's config.yaml lists them.
     report.html          one self-contained page: the table, every plot, B-STaR, critic quality, examples
                          (report_html.py)
     plots/accuracy.png   per round: accuracy (strict, flexible) and, for two-attempt evaluations, Acc@t1 and
-                         Acc@t2, with their 95% bootstrap intervals as error bars
+                         Acc@t2, with their 95% intervals as error bars (Wilson for proportions, metrics.py)
     plots/rl.png         per RL step, across rounds and stages: mean reward of each attempt and its KL to the base
 """
 

@@ -104,7 +104,9 @@ def _accuracy(rounds: dict[int, list[dict]], figure: bytes | None) -> str:
     rows = [[str(r), m["stage"], *(interval(m["metrics"], k, signed=k.startswith("delta_t1")) for k in keys)]
             for r, m in per_round.items()]
     return (_image(figure, "accuracy per round with 95% intervals") + _html_table(["round", "stage", *keys], rows)
-            + '<p class="note">Each value with its 95% percentile-bootstrap interval over problems.</p>')
+            + '<p class="note">Each value with its 95% interval over problems: Wilson score for proportions of '
+              'problems, Newcombe\'s paired interval for Δ(t1,t2) with one sample per problem, the percentile '
+              'bootstrap otherwise (selfimprove/metrics.py).</p>')
 
 
 BSTAR_RATES = ["bstar/pass@k", "bstar/precision", "bstar/balance"]
@@ -154,17 +156,19 @@ def _critics(rounds: dict[int, list[dict]]) -> str:
         for m in stages:
             for critic in [k[: -len("/quality_n")] for k in m["metrics"] if k.endswith("/quality_n")]:
                 values = [m["metrics"].get(f"{critic}/{q}") for q in ("precision", "recall", "auroc")]
+                low, high = (m["metrics"].get(f"{critic}/auroc_ci_{end}") for end in ("low", "high"))
                 rows.append([str(r), m["stage"], critic, _number(m["metrics"][f"{critic}/quality_n"]),
-                             *map(_number, values)])
+                             *map(_number, values[:2]), _number(values[2]) + (
+                                 f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")])
                 for q, v in zip(("precision", "recall", "AUROC"), values):
                     series[f"{m['stage']}: {critic} {q}"].append((r, v))
     if not rows:
         return ""
     return (_lines(series, "critic quality per round", "against the task's grading", unit_interval=True)
             + _html_table(["round", "stage", "critic", "samples", "precision", "recall", "AUROC"], rows)
-            + '<p class="note">Precision and recall of each critic\'s label and AUROC of its score, on the samples '
-              'the task could grade; "-" where undefined (no sample labelled correct, none correct, or all '
-              'equal).</p>')
+            + '<p class="note">Precision and recall of each critic\'s label and AUROC of its score with its 95% '
+              'DeLong interval, on the samples the task could grade; "-" where undefined (no sample labelled '
+              'correct, none correct, or all equal).</p>')
 
 
 def transitions(rows: list[dict]) -> dict[str, int]:

@@ -10,13 +10,18 @@ This module holds what the SCoRe objectives (objectives/score.py) and the two-at
   final answer is $answer$..."): every task here states its own answer format in the first prompt, and the
   instruction asks to keep it.
 - `self_correction_metrics`: Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c and Δc→i (the paper's Table 1 metrics),
-  each a per-problem mean with a percentile-bootstrap interval over problems (metrics.summarize).
+  each a per-problem mean with its interval (metrics.summarize: Wilson for proportions, else the bootstrap;
+  Δ(t1,t2) with one sample per problem: Newcombe's paired interval and the exact McNemar p), and next to them
+  the Confidence/Critique decomposition of Yang et al. (ACL 2025, "Confidence v.s. Critique: A Decomposition
+  of Self-Correction Capability for LLMs"): `confidence` = P(correct at t2 | correct at t1) and `critique` =
+  P(correct at t2 | wrong at t1), so that Accuracy@t2 = Accuracy@t1 · confidence + (1 − Accuracy@t1) · critique.
+  Δi→c and Δc→i are shares of all problems and move with Accuracy@t1; the two conditionals do not.
 """
 
 from __future__ import annotations
 
 from .records import Prompt
-from .metrics import summarize
+from .metrics import paired_difference, ratio, summarize
 
 INSTRUCTION = (
     "There might be an error in the solution above because of lack of understanding of the question. "
@@ -35,12 +40,14 @@ def second_prompt(prompt: Prompt, first_attempt: str, instruction: str = INSTRUC
 
 def self_correction_metrics(correct: list[tuple[bool, bool]], seed: int, resamples: int,
                             groups: list[str] | None = None) -> dict:
-    """The five self-correction metrics from (correct at attempt 1, correct at attempt 2) per sample.
+    """The self-correction metrics from (correct at attempt 1, correct at attempt 2) per sample.
 
     `groups` (a problem id per sample) averages a problem's samples first, so that intervals resample problems;
     without it every sample is its own problem. Δi→c is the share of problems wrong at attempt 1 and right at
     attempt 2 (over all problems, as in the paper), Δc→i the reverse; Δ(t1,t2) = Accuracy@t2 − Accuracy@t1 =
-    Δi→c − Δc→i.
+    Δi→c − Δc→i. `confidence` and `critique` pool a problem's samples (`confidence_n` and `critique_n` samples
+    were right, respectively wrong, at attempt 1), which is the paper's mean of per-problem probabilities
+    weighted by P(right at t1) when every problem has the same number of samples.
     """
     groups = groups if groups is not None else [str(i) for i in range(len(correct))]
     if len(groups) != len(correct):
@@ -51,7 +58,6 @@ def self_correction_metrics(correct: list[tuple[bool, bool]], seed: int, resampl
     per_sample = {
         "accuracy@t1": lambda a, b: float(a),
         "accuracy@t2": lambda a, b: float(b),
-        "delta_t1_t2": lambda a, b: float(b) - float(a),
         "delta_i_to_c": lambda a, b: float(not a and b),
         "delta_c_to_i": lambda a, b: float(a and not b),
     }
@@ -59,4 +65,16 @@ def self_correction_metrics(correct: list[tuple[bool, bool]], seed: int, resampl
     for name, value in per_sample.items():
         per_problem = [sum(value(a, b) for a, b in pairs) / len(pairs) for pairs in by_problem.values()]
         out.update(summarize(name, per_problem, seed, resamples))
+    if all(len(pairs) == 1 for pairs in by_problem.values()):  # one 0/1 outcome per attempt: a paired proportion
+        d = paired_difference([pairs[0][0] for pairs in by_problem.values()],
+                              [pairs[0][1] for pairs in by_problem.values()])
+        out.update({"delta_t1_t2": d.difference, "delta_t1_t2_ci_low": d.ci_low, "delta_t1_t2_ci_high": d.ci_high,
+                    "delta_t1_t2_p": d.p_value})
+    else:
+        per_problem = [sum(float(b) - float(a) for a, b in pairs) / len(pairs) for pairs in by_problem.values()]
+        out.update(summarize("delta_t1_t2", per_problem, seed, resamples, outcomes=False))
+    for name, first in (("confidence", True), ("critique", False)):
+        trials = [sum(bool(a) == first for a, _ in pairs) for pairs in by_problem.values()]
+        kept = [sum(bool(a) == first and bool(b) for a, b in pairs) for pairs in by_problem.values()]
+        out.update(ratio(name, kept, trials, seed, resamples))
     return out

@@ -105,7 +105,7 @@ ROWS = [
     ("later-stage-reference", BASE.replace("samples: generate", "samples: train"), "refers to stage 'train'", None),
     ("missing-task", BASE.replace("task: {name: arithmetic}\n", ""), "task: required", None),
     ("too-few-problems", BASE.replace("{name: arithmetic}", "{name: arithmetic, digits: [1]}"),
-     "1-digit addition has only 100 distinct problems", None),
+     "num_test: 150 does not fit: digits [1] give 55 1-digit distinct sums", None),
     ("out-of-range-sampling", BASE.replace("temperature: 0.7", "temperature: -1"), "temperature must be >= 0", None),
     ("critic-wrong-signature", BASE.replace("critique: {samples: generate}", "critique: {samples: generate, "
                                             "critics: [{name: 'tests.plugins:no_samples_argument'}]}"),

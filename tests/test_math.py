@@ -17,13 +17,15 @@ def math500():
 
 def test_data_splits_and_columns(math500):
     full = MATH(MATH.Config())
-    test, train = math500.problems("test"), math500.problems("train")
-    full_test, full_train = full.problems("test"), full.problems("train")
-    assert (len(test), len(train), len(full_test)) == (500, 12000, 5000)
+    test, train, dev = math500.problems("test"), math500.problems("train"), math500.problems("dev")
+    full_test, full_train, full_dev = full.problems("test"), full.problems("train"), full.problems("dev")
+    assert (len(test), len(train) + len(dev), len(full_test)) == (500, 12000, 5000)
     # train_reconstructed holds the 4,500 full-test problems outside MATH500 (and one MATH train problem repeats
-    # a test problem's text): `math` must train on none of them.
+    # a test problem's text): `math` must train on none of them. Of the 7,499 left, 500 are dev, and one more
+    # train problem repeats the text of a dev one (tests/test_splits.py checks every split pair).
     full_questions = {p["question"].strip() for p in full_test}
-    assert len(full_train) == 7499 and not full_questions & {p["question"].strip() for p in full_train}
+    assert (len(full_train), len(full_dev)) == (6998, 500)
+    assert not full_questions & {p["question"].strip() for p in full_train + full_dev}
     assert not {p["question"] for p in test} & {p["question"] for p in train}
     first = test[0]
     assert first["problem_id"] == "math-test/precalculus/807"

@@ -48,9 +48,9 @@ def test_normalize_number():
 
 def test_gsm8k_data_and_grading():
     task = GSM8K(GSM8K.Config())
-    train, test = task.problems("train"), task.problems("test")
-    assert (len(train), len(test)) == (7473, 1319)
-    first = train[0]
+    train, dev, test = task.problems("train"), task.problems("dev"), task.problems("test")
+    assert (len(train), len(dev), len(test)) == (7473 - 500, 500, 1319)  # dev: a seeded slice of GSM8K's train
+    first = min(train + dev, key=lambda p: p["problem_id"])  # ids keep GSM8K's own train order
     assert first["answer"] == "72" and first["problem_id"] == "gsm8k-train-00000"
     assert "<<" not in first["solution"] and first["solution"].endswith("The answer is 72.")
     assert task.grade(first, first["solution"]).strict
@@ -73,20 +73,17 @@ def test_gsm8k_prompts():
     assert clean_solution("a <<1+1=2>>2\n#### 2") == "a 2\nThe answer is 2."
 
 
-def test_arithmetic_is_deterministic_disjoint_and_graded():
-    cfg = Arithmetic.Config(digits=[1, 2, 3], num_train=300, num_test=30)
+def test_arithmetic_is_deterministic_and_graded():
+    cfg = Arithmetic.Config(digits=[1, 2, 3], num_train=30, num_test=30, num_dev=15)
     a, b = Arithmetic(cfg), Arithmetic(cfg)
-    assert a.problems("train") == b.problems("train")
-    train = {p["question"] for p in a.problems("train")}
-    test = {p["question"] for p in a.problems("test")}
-    shots = {p["question"] for p in a.problems("shots")}
-    assert not (train & test) and not (train & shots) and not (test & shots)
+    assert a.problems("train") == b.problems("train")  # disjointness: tests/test_splits.py
     assert sorted({p["digits"] for p in a.problems("test")}) == [1, 2, 3]
     for p in a.problems("test"):
         x, y = map(int, p["question"].split(" + "))
         assert int(p["answer"]) == x + y and len(str(max(x, y))) <= p["digits"]
         assert a.grade(p, p["solution"]).strict
-    other = Arithmetic(Arithmetic.Config(digits=[1, 2, 3], num_train=300, num_test=30, seed=7))
+    assert a.canonical({"question": "8 + 3"}) == a.canonical({"question": "3 + 8"}) == "3 + 8"
+    other = Arithmetic(Arithmetic.Config(digits=[1, 2, 3], num_train=30, num_test=30, num_dev=15, seed=7))
     assert other.problems("test") != a.problems("test")
 
 
@@ -98,12 +95,13 @@ def test_scratchpad():
 
 
 def test_arithmetic_capacity_errors():
-    with pytest.raises(ValueError, match="1-digit addition has only 100 distinct problems, but num_test=101"):
-        Arithmetic.Config(digits=[1], num_train=0, num_test=101)
-    # the few-shot exemplars come out of the same pool as the test set
-    with pytest.raises(ValueError, match="give it 98 test and 3 few-shot problems"):
-        Arithmetic.Config(digits=[1], num_train=0, num_test=98)
-    Arithmetic.Config(digits=[1], num_train=0, num_test=97)
+    with pytest.raises(ValueError, match=r"num_test: 56 does not fit: digits \[1\] give 55 1-digit distinct sums"):
+        Arithmetic.Config(digits=[1], num_train=0, num_dev=0, num_test=56)
+    # the dev set and the few-shot exemplars come out of the same pool as the test set
+    with pytest.raises(ValueError, match=r"num_shots: 3 does not fit.*after num_test=50, num_dev=3 at most "
+                                         r"num_shots=2 is left"):
+        Arithmetic.Config(digits=[1], num_train=0, num_test=50, num_dev=3)
+    Arithmetic.Config(digits=[1], num_train=0, num_test=50, num_dev=2)
 
 
 def test_arithmetic_digits_too_few_problems_fail_at_config_load():
@@ -112,19 +110,21 @@ def test_arithmetic_digits_too_few_problems_fail_at_config_load():
 
     data = {"name": "t", "model": "tiny-random-llama", "task": {"name": "arithmetic", "digits": [1]},
             "stages": {"evaluate": {"type": "evaluate"}}}
-    with pytest.raises(ConfigError, match=r"<pipeline>: task: digits: 1-digit addition has only 100 distinct "
-                                          r"problems, but num_test=150"):
+    with pytest.raises(ConfigError, match=r"<pipeline>: task: num_test: 150 does not fit: digits \[1\] give 55 "
+                                          r"1-digit distinct sums"):
         load_pipeline(None, data=data)
-    data["task"]["num_test"] = 50
+    data["task"].update(num_test=20, num_dev=20)
     with pytest.raises(ConfigError, match=re.escape(
-            "digits: [1] allow only 100 distinct problems, fewer than num_train + num_test + num_shots = "
-            "6000 + 50 + 3 = 6053; lower num_train to at most 47 or add longer digit counts (e.g. digits: [1, 2])")):
+            "num_train: 6000 does not fit: digits [1] give 55 1-digit distinct sums up to the order of the operands, "
+            "every split takes an equal share of each digit count, and after num_test=20, num_dev=20, num_shots=3 at "
+            "most num_train=12 is left; lower num_train to at most 12, or add longer digit counts (e.g. digits: "
+            "[1, 2])")):
         load_pipeline(None, data=data)
-    data["task"]["num_train"] = 47
+    data["task"]["num_train"] = 12
     load_pipeline(None, data=data)
-    task = Arithmetic(Arithmetic.Config(digits=[1], num_train=47, num_test=50))
-    everything = [p["question"] for split in Arithmetic.splits for p in task.problems(split)]
-    assert len(everything) == len(set(everything)) == 100  # the whole pool, each problem once
+    task = Arithmetic(Arithmetic.Config(digits=[1], num_train=12, num_test=20, num_dev=20))
+    everything = [task.canonical(p) for split in Arithmetic.splits for p in task.problems(split)]
+    assert len(everything) == len(set(everything)) == 55  # the whole pool, each sum once up to order
 
 
 def test_a_users_task_class_loads_by_dotted_path():

@@ -10,7 +10,8 @@ reward-model pass redoes at most one chunk.
 
 Critic quality: when `quality` is on and samples carry gold answers, each sample is also graded by the task
 (task.grade, the same grader as evaluation) and each critic's precision, recall and AUROC against that gold are
-reported as `<critic>/precision`, `<critic>/recall`, `<critic>/auroc` (see critics/quality.py), every round.
+reported as `<critic>/precision`, `<critic>/recall`, `<critic>/auroc` with its DeLong interval
+(`<critic>/auroc_ci_low`, `_ci_high`; see critics/quality.py), every round.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def critic_metrics(critic_id: str, rows: list[dict], gold: list[bool | None], ti
     if judged:
         quality = critic_quality([r["label"] for r, _ in judged], [r["score"] for r, _ in judged],
                                  [g for _, g in judged])
-        out.update({f"{critic_id}/{k}": quality[k] for k in ("precision", "recall", "auroc")})
+        out.update({f"{critic_id}/{k}": quality[k]
+                    for k in ("precision", "recall", "auroc", "auroc_ci_low", "auroc_ci_high")})
         out[f"{critic_id}/quality_n"] = quality["n"]
     return out

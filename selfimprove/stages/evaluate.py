@@ -1,6 +1,8 @@
 """Evaluate: sample the test problems with some weights, grade every sample, report statistics.
 
-Metrics (each with a 95% percentile-bootstrap interval over problems):
+Metrics, each with a 95% interval over problems (metrics.summarize: the Wilson score interval for a proportion of
+problems, such as accuracy and maj@n; the percentile bootstrap for other per-problem means, such as pass@k with
+k < n):
 - `accuracy` (strict answer format) and `accuracy_flexible` (last number), on the first sample of each
   problem (the greedy one when temperature is 0);
 - with n > 1 samples: unbiased `pass@k` for each k in `pass_k` (default 1 and n) and `maj@n`
@@ -12,7 +14,9 @@ This is the code `selfimprove eval` runs too (as a pipeline with only this stage
 
 `evaluate_self_correction` samples the test problems twice — attempt 1, then attempt 2 after the
 self-correction instruction (selfcorrection.py) — grades both attempts with the task's grader and reports
-Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c and Δc→i with bootstrap intervals (t = attempt, the paper's names). Being
+Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c and Δc→i (t = attempt, the paper's names) and the Confidence/Critique
+decomposition, P(right at t2 | right at t1) and P(right at t2 | wrong at t1), each with its interval
+(selfcorrection.py). Being
 an evaluating stage, round 0 runs it on the base model: SCoRe's prompting-only baseline, measured by the same code
 as every trained round.
 """
@@ -151,12 +155,14 @@ class EvaluateSelfCorrection(Stage):
         return {"weights": metrics["weights"], "Acc@t1 [95% CI]": interval(metrics, "accuracy@t1"),
                 "Acc@t2 [95% CI]": interval(metrics, "accuracy@t2"),
                 "Δ(t1,t2) [95% CI]": interval(metrics, "delta_t1_t2", signed=True),
-                "Δi→c": interval(metrics, "delta_i_to_c"), "Δc→i": interval(metrics, "delta_c_to_i")}
+                "Δi→c": interval(metrics, "delta_i_to_c"), "Δc→i": interval(metrics, "delta_c_to_i"),
+                "P(c@t2 | c@t1)": interval(metrics, "confidence"), "P(c@t2 | i@t1)": interval(metrics, "critique")}
 
 
 def interval(m: dict, key: str, signed: bool = False) -> str:
-    """`m[key]` as a percentage with its bootstrap interval, e.g. `52.0% [44.0%, 60.7%]`."""
-    if key not in m:
+    """`m[key]` as a percentage with its 95% interval, e.g. `52.0% [44.0%, 60.7%]`; "-" where it is undefined
+    (None: a conditional share with nothing to condition on)."""
+    if m.get(key) is None:
         return "-"
     fmt = "+.1%" if signed else ".1%"
     low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")

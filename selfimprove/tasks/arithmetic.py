@@ -1,14 +1,22 @@
 """n-digit addition with a scratchpad rationale: the testbed on which a small model can visibly improve.
 
 In the spirit of STaR's own arithmetic experiment (Zelikman et al., 2022, §4.1: n-digit sums with a
-scratchpad, difficulty by digit count). Problems are generated from a seed; per digit count the test set is
-drawn first, then the few-shot exemplars, then the train set, each excluding what came before, so the splits
-are disjoint. Both operands of an n-digit problem have exactly n digits (1-digit problems use 0-9).
+scratchpad, difficulty by digit count). Problems are generated from a seed. Splits are disjoint up to the order
+of the operands (`canonical`: `3 + 8` and `8 + 3` are one problem, so a model trained on one has seen the other):
+per digit count the generator draws unordered operand pairs, test first, then dev, then the few-shot exemplars,
+then train, each excluding every pair drawn before, and shows each pair in a random order. Both operands of an
+n-digit problem have exactly n digits (1-digit problems use 0-9).
+
+Default difficulty mix: 2- and 3-digit sums. One-digit sums are left out because they cannot supply a clean
+test share: up to order there are only 55 of them, so the 75 test problems an equal share of 150 would give them
+do not exist, and even 50 (the old default's share) would leave 5 for dev, exemplars and train together. Mixes
+that include 1 digit are still accepted when their split sizes fit (`digits: [1, 2, 3]` with small `num_test`
+and `num_dev`); sizes that do not fit are refused at config load, naming the field and the largest value that fits.
 
 Prompt formats:
 - `chat` (default): an instruction to add digit by digit and end with "The answer is <number>."; the model
-  writes its own rationale. The embedded SmolLM2-135M gets 30% / 7% / 0% of 1 / 2 / 3-digit sums right greedily
-  and 57% / 13% / 0% within 4 samples (90 test problems), so STaR has correct samples to learn from.
+  writes its own rationale. This prompt was chosen by its accuracy on what was then the test split, before dev
+  splits existed (docs/results.md marks the figures that need a rerun); choices from now on are made on `dev`.
 - `fewshot`: three worked column-by-column scratchpads as earlier turns:
 
       7 + 5 = 12, write 2, carry 1.
@@ -16,7 +24,7 @@ Prompt formats:
       The carry 1 is the leading digit.
       The answer is 132.
 
-  Closer to the paper's scratchpad, but the 135M model copies the exemplars' digits (2% greedy on 1 digit).
+  Closer to the paper's scratchpad; the embedded 135M model tends to copy the exemplars' digits.
 The gold scratchpad is every problem's `solution` (reference rationale for SFT/SPIN).
 
 Deviation from the paper: STaR's scratchpad is a compact symbolic trace for a model fine-tuned on it; ours is
@@ -63,9 +71,11 @@ def scratchpad(a: int, b: int) -> str:
 class Arithmetic(Task):
     @dataclass
     class Config:
-        digits: list[int] = field(default_factory=lambda: [1, 2, 3])  # difficulty mix, equal shares
+        # Difficulty mix, equal shares per split. No 1-digit sums by default: the module docstring says why.
+        digits: list[int] = field(default_factory=lambda: [2, 3])
         num_train: int = 6000
-        num_test: int = 150  # 50 per digit count by default: there are only 100 one-digit sums
+        num_test: int = 150
+        num_dev: int = 150  # held out for choosing prompts, temperatures, thresholds, rounds: never tuned on test
         seed: int = 1234  # problem generation; independent of the run seed
         prompt_format: Literal["chat", "fewshot"] = "chat"
         num_shots: int = 3
@@ -75,17 +85,26 @@ class Arithmetic(Task):
                 raise ValueError(f"digits must be a non-empty list of integers in 1..12, got {self.digits}")
             if len(set(self.digits)) != len(self.digits):
                 raise ValueError(f"digits must not repeat, got {self.digits}")
-            if min(self.num_train, self.num_test, self.num_shots) < 0:
-                raise ValueError("num_train, num_test and num_shots must be >= 0")
-            _check_capacity(self.digits, self.num_train, self.num_test, self.num_shots)
+            if min(self.num_train, self.num_test, self.num_dev, self.num_shots) < 0:
+                raise ValueError("num_train, num_test, num_dev and num_shots must be >= 0")
+            _check_capacity(self.digits, self.split_sizes())
 
-    splits = ("train", "test", "shots")
+        def split_sizes(self) -> dict[str, int]:
+            """Split → size, in the order the generator draws them (each excluding what came before)."""
+            return {"test": self.num_test, "dev": self.num_dev, "shots": self.num_shots, "train": self.num_train}
+
+    splits = ("train", "test", "dev", "shots")
     breakdown = ("digits",)
 
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)
         c = self.config
-        return [dict(p) for p in _generate(tuple(c.digits), c.num_train, c.num_test, c.num_shots, c.seed)[split]]
+        return [dict(p) for p in _generate(tuple(c.digits), tuple(c.split_sizes().items()), c.seed)[split]]
+
+    def canonical(self, problem: dict) -> str:
+        """`a + b` with the smaller operand first: commuted sums are the same problem."""
+        a, b = sorted(int(x) for x in problem["question"].split(" + "))
+        return f"{a} + {b}"
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
         shots = [(f"What is {s['question']}?", s["solution"]) for s in self.problems("shots")] \
@@ -102,77 +121,73 @@ class Arithmetic(Task):
         return problem["solution"]
 
 
+def _operands(digits: int) -> range:
+    return range(10) if digits == 1 else range(10 ** (digits - 1), 10 ** digits)
+
+
 def _capacity(digits: int) -> int:
-    return 100 if digits == 1 else (9 * 10 ** (digits - 1)) ** 2
-
-
-def _check_capacity(digits: list[int], num_train: int, num_test: int, num_shots: int) -> None:
-    """Refuse, at config load, split sizes the digit counts cannot fill with distinct problems.
-
-    Each digit count gets an equal share of every split. A test or few-shot share larger than its digit count's
-    pool could only be met by repeating problems, so it is refused here rather than mid-run. A train share that
-    does not fit is capped (`_generate`: the mix shifts toward longer problems), but digit counts that hold fewer
-    distinct problems in all than num_train + num_test + num_shots are refused: nothing longer can take up the
-    slack, and the run would silently train on far fewer problems than it asked for.
-    """
-    shares = zip(digits, _shares(num_test, len(digits)), _shares(num_shots, len(digits)))
-    for d, test, shots in shares:
-        if test + shots > _capacity(d):
-            raise ValueError(
-                f"digits: {d}-digit addition has only {_capacity(d)} distinct problems, but num_test={num_test} "
-                f"and num_shots={num_shots} give it {test} test and {shots} few-shot problems (each of the "
-                f"{len(digits)} digit counts gets an equal share); lower num_test or add digit counts to share it"
-            )
-    total = sum(_capacity(d) for d in digits)
-    wanted = num_train + num_test + num_shots
-    if wanted > total:
-        left = total - num_test - num_shots
-        raise ValueError(
-            f"digits: {digits} allow only {total} distinct problems, fewer than num_train + num_test + num_shots "
-            f"= {num_train} + {num_test} + {num_shots} = {wanted}; lower num_train to at most {left} or add "
-            f"longer digit counts (e.g. digits: {sorted(set(digits) | {max(digits) + 1})})"
-        )
-
-
-def _operand(rng: random.Random, digits: int) -> int:
-    return rng.randrange(10) if digits == 1 else rng.randrange(10 ** (digits - 1), 10 ** digits)
+    """Distinct `digits`-digit sums up to the order of the operands: unordered pairs, a pair with itself included."""
+    n = len(_operands(digits))
+    return n * (n + 1) // 2
 
 
 def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-@lru_cache(maxsize=8)
-def _generate(digits: tuple[int, ...], num_train: int, num_test: int, num_shots: int, seed: int) -> dict:
-    """Per digit count: test first, then few-shot exemplars, then train, each excluding all drawn before.
+def _check_capacity(digits: list[int], sizes: dict[str, int]) -> None:
+    """Refuse, at config load, split sizes the digit counts cannot fill with distinct problems (up to order).
 
-    Small digit counts have few distinct problems (100 one-digit sums): their train share is capped by what is
-    left after the test set, so the mix shifts toward longer problems rather than repeating or leaking.
+    Each digit count gets an equal share of every split, drawn in the order of `sizes`. A share that does not fit
+    in what is left of its digit count's pool could only be met by repeating problems or by silently making the
+    split smaller, so it is an error naming the field and the largest value that fits.
     """
+    fields = {"test": "num_test", "dev": "num_dev", "shots": "num_shots", "train": "num_train"}
+    left = [_capacity(d) for d in digits]
+    before: list[str] = []
+    for split, size in sizes.items():
+        shares = _shares(size, len(digits))
+        if any(share > room for share, room in zip(shares, left)):
+            # The largest size whose equal shares fit: every part takes min(left), and the first parts one more
+            # each for as long as they have room for it (_shares gives the remainder to the first parts).
+            low = min(left)
+            most = low * len(digits) + next(i for i, room in enumerate(left) if room == low)
+            pools = ", ".join(f"{_capacity(d)} {d}-digit" for d in digits)
+            raise ValueError(
+                f"{fields[split]}: {size} does not fit: digits {digits} give {pools} distinct sums up to the order "
+                f"of the operands, every split takes an equal share of each digit count, and after "
+                f"{', '.join(before) or 'nothing'} at most {fields[split]}={most} is left; lower {fields[split]} "
+                f"to at most {most}, or add longer digit counts (e.g. digits: "
+                f"{sorted(set(digits) | {max(digits) + 1})})")
+        left = [room - share for share, room in zip(shares, left)]
+        before.append(f"{fields[split]}={size}")
+
+
+@lru_cache(maxsize=8)
+def _generate(digits: tuple[int, ...], sizes: tuple[tuple[str, int], ...], seed: int) -> dict:
+    """Per digit count, each split in the order of `sizes`, drawn as unordered pairs excluding all drawn before."""
     rng = random.Random(seed)
     per_digit: dict[int, dict[str, list[tuple[int, int]]]] = {}
-    wanted = {"test": _shares(num_test, len(digits)), "shots": _shares(num_shots, len(digits)),
-              "train": _shares(num_train, len(digits))}
     for k, d in enumerate(digits):
-        seen: set[tuple[int, int]] = set()
-        per_digit[d] = {}
-        for split in ("test", "shots", "train"):
-            count = min(wanted[split][k], _capacity(d) - len(seen))  # only train is ever capped (_check_capacity)
-            pairs = []
-            if _capacity(d) <= 10_000:  # small pools: shuffle the whole pool, draw without rejection
-                pool = [p for p in ((a, b) for a in range(10 ** (d - 1) if d > 1 else 0, 10 ** d)
-                                    for b in range(10 ** (d - 1) if d > 1 else 0, 10 ** d)) if p not in seen]
-                rng.shuffle(pool)
-                pairs = pool[:count]
-            else:
-                while len(pairs) < count:
-                    pair = (_operand(rng, d), _operand(rng, d))
-                    if pair not in seen and pair not in pairs:
-                        pairs.append(pair)
-            seen.update(pairs)
-            per_digit[d][split] = pairs
+        wanted = {split: _shares(size, len(digits))[k] for split, size in sizes}
+        operands = _operands(d)
+        if _capacity(d) <= 10_000:  # small pools: shuffle every unordered pair, deal the splits out in order
+            pool = [(a, b) for a in operands for b in operands if a <= b]
+            rng.shuffle(pool)
+        else:  # large pools: draw with rejection until every split is full
+            pool, seen = [], set()
+            while len(pool) < sum(wanted.values()):
+                pair = tuple(sorted((rng.choice(operands), rng.choice(operands))))
+                if pair not in seen:
+                    seen.add(pair)
+                    pool.append(pair)
+        per_digit[d], start = {}, 0
+        for split, count in wanted.items():  # _check_capacity guarantees the pool holds every share
+            # Shown in a random order, so that neither operand is always the smaller one.
+            per_digit[d][split] = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in pool[start:start + count]]
+            start += count
     out = {}
-    for split in ("test", "shots", "train"):
+    for split, _ in sizes:
         # Interleave digit counts so any prefix of a split has the same difficulty mix.
         columns = [[(d, a, b) for a, b in per_digit[d][split]] for d in digits]
         ordered = [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]

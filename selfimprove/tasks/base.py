@@ -7,6 +7,11 @@ Problem rows (plain dicts, stored as dataset rows) always carry:
 - `question`: the problem text;
 - `answer`: the gold final answer as a string (`""` when the task has no gold answers);
 plus the task's own columns (digits, subject, level, reference solution, ...).
+
+Splits: every shipped task has `train`, `test` and `dev`, disjoint under the task's `canonical` form (two
+problems with the same canonical form are the same problem: a model trained on one has seen the other). `dev`
+is where choices are made (prompts, temperatures, thresholds, learning rates, round counts); `test` is only
+reported. tests/test_splits.py checks every registered task.
 """
 
 from __future__ import annotations
@@ -51,10 +56,15 @@ def chat_prompt(instruction: str, question: str, shots: list[tuple[str, str]] = 
     return messages
 
 
+def same_text(problem: dict) -> str:
+    """A problem's question with runs of whitespace collapsed: `Task.canonical`'s default."""
+    return " ".join(problem["question"].split())
+
+
 class Task:
     """Base class: subclasses set `Config` (a dataclass) and implement the methods below."""
 
-    splits: tuple[str, ...] = ("train", "test")
+    splits: tuple[str, ...] = ("train", "test")  # the shipped tasks add "dev"
     breakdown: tuple[str, ...] = ()  # problem columns the evaluate stage breaks accuracy down by, by default
 
     def __init__(self, config):
@@ -68,6 +78,13 @@ class Task:
     def problems(self, split: str) -> list[dict]:
         """All problems of `split`, in a fixed order."""
         raise NotImplementedError
+
+    def canonical(self, problem: dict) -> str:
+        """The form under which two problems are the same one; splits must be disjoint under it.
+
+        By default the question with runs of whitespace collapsed (an exact duplicate up to spacing); a task with
+        an equivalence of its own overrides it (arithmetic: `3 + 8` is `8 + 3`)."""
+        return same_text(problem)
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
         """The prompt for `problem`. With `hint`, the gold answer is shown (STaR's rationalization)."""

@@ -8,12 +8,17 @@
       grader: numeric
       instruction: Solve the following problem step by step.
 
-Data, per split (`train`, `test`; give one or both):
+Data, per split (`train`, `test`, optionally `dev`; give train and/or test):
 - `path`: a local `.jsonl`, `.json` (an array of objects), `.parquet` or `.csv` file; a relative path is read
   from the working directory.
 - `hub` + `split` (+ `hub_config`): a Hugging Face `datasets` dataset that is already in the local cache. Nothing
   is downloaded, at config load or at run time: the name is resolved offline, so a dataset that is not cached is
   refused. Cache it once on a machine with a network (`datasets.load_dataset(name)`), or export it to a file.
+
+Splits are kept disjoint (tasks/overlap.py): a dev problem whose question (up to spacing) is in test, and a train
+problem whose question is in dev or test, is dropped, and the count is logged. `dev` is where choices are made:
+give it a file of its own (`dev: {path: ...}`), or carve it out of train with `dev_fraction` (a fixed slice,
+chosen by random.Random(`dev_seed`)); without either the task has no dev split.
 
 Columns: `question` and `answer` are required (default names: question, answer). `solution` is a worked solution,
 the gold completion of SFT and SPIN (`reference_solution`); it should end in the answer format the prompt asks
@@ -51,6 +56,7 @@ from ..registry import TASKS
 from .base import Grade, Task, chat_prompt
 from .math import MathTask, last_boxed
 from .numeric import extract_flexible, extract_strict, normalize_number, same_number
+from .overlap import file_splits
 
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -114,16 +120,19 @@ class Columns:
 class DatasetTask(Task):
     """Problems from the researcher's own files (module docstring: data, columns, graders)."""
 
-    splits = ("train", "test")
+    splits = ("train", "test", "dev")
 
     @classmethod
     def available_splits(cls, config) -> tuple[str, ...]:
-        return tuple(split for split in cls.splits if getattr(config, split) is not None)
+        return tuple(split for split in cls.splits if _has(config, split))
 
     @dataclass
     class Config:
         train: Source | None = None
         test: Source | None = None
+        dev: Source | None = None  # for choices (prompt, temperatures, ...); or carve it from train: dev_fraction
+        dev_fraction: float = 0.0  # the share of train held out as dev (without a dev file)
+        dev_seed: int = 0  # which train problems dev_fraction holds out
         columns: Columns = field(default_factory=Columns)
         grader: Literal["numeric", "math_verify", "exact"] = "numeric"
         instruction: str = "Solve the following problem step by step."
@@ -138,6 +147,7 @@ class DatasetTask(Task):
                 raise ValueError("give the data of train and/or test, e.g. test: {path: data/test.jsonl}")
             if self.grading_timeout <= 0:
                 raise ValueError("grading_timeout must be > 0 seconds")
+            _check_dev(self)
             if "{answer}" not in self.hint:
                 raise ValueError(f"hint: {self.hint!r} must contain {{answer}}, where the gold answer goes")
             try:
@@ -161,10 +171,19 @@ class DatasetTask(Task):
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)
         c = self.config
-        source = getattr(c, split)
-        if source is None:
-            raise ValueError(f"task dataset has no {split} data; add task.{split}: {{path: ...}}")
-        return [dict(p) for p in _load(source, _stamp(source), c.columns, tuple(c.breakdown), c.grader)]
+        if not _has(c, split):
+            raise ValueError(f"task dataset has no {split} data; add task.{split}: {{path: ...}}"
+                             + (" or task.dev_fraction" if split == "dev" else ""))
+        if split == "test":  # as read: the held-out splits are taken out of the others, never the reverse
+            return [dict(p) for p in self._read(split)]
+        if "_splits" not in self.__dict__:  # once per task: the duplicates dropped are logged once
+            self._splits = file_splits(self._read, self.canonical, c.dev_fraction, c.dev_seed, "task dataset")
+        return [dict(p) for p in self._splits[split]]
+
+    def _read(self, split: str) -> list[dict] | None:
+        """One split's file as it is (None when the config gives no file for it)."""
+        c, source = self.config, getattr(self.config, split)
+        return None if source is None else list(_load(source, _stamp(source), c.columns, tuple(c.breakdown), c.grader))
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
         return chat_prompt(self._instruction, problem["question"], (),
@@ -183,6 +202,21 @@ class DatasetTask(Task):
 
     def reference_solution(self, problem: dict) -> str | None:
         return problem.get("solution") or None
+
+
+def _has(config, split: str) -> bool:
+    if split == "dev" and config.dev is None:
+        return config.dev_fraction > 0 and config.train is not None
+    return getattr(config, split) is not None
+
+
+def _check_dev(config) -> None:
+    if not 0 <= config.dev_fraction < 1:
+        raise ValueError(f"dev_fraction: {config.dev_fraction} must be in [0, 1): the share of train held out as dev")
+    if config.dev_fraction > 0 and config.dev is not None:
+        raise ValueError("dev_fraction: give either a dev file (dev: {path: ...}) or dev_fraction, not both")
+    if config.dev_fraction > 0 and config.train is None:
+        raise ValueError("dev_fraction: there is no train data to carve dev from; add train: {path: ...}")
 
 
 # -- exact grading ------------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 Data: `seeds/gsm8k/{train,test}.jsonl` (copied unchanged from openai/grade-school-math, MIT) or, for users with
 a network, any hub dataset with the same `question`/`answer` columns (`source: openai/gsm8k`).
-Gold answers follow `#### ` in the solution. Prompts ask for "The answer is <number>." (with
+Gold answers follow `#### ` in the solution. `dev` is a fixed slice of GSM8K's train set (`num_dev` problems
+chosen by random.Random(`dev_seed`)), and `train` is the rest: choices are made on dev, never on test. A train
+problem whose question repeats a test one (up to spacing) is dropped and counted in the log (tasks/overlap.py;
+the shipped files have none). Prompts ask for "The answer is <number>." (with
 "The answer is N." small models echo the letter N, docs/cpu.md).
 """
 
@@ -17,8 +20,9 @@ from typing import Literal
 from ..records import Prompt
 from ..registry import TASKS
 from ..shipped import root
-from .base import Grade, Task, chat_prompt
+from .base import Grade, Task, chat_prompt, same_text
 from .numeric import extract_flexible, extract_strict, normalize_number, same_number
+from .overlap import carve, drop_seen
 
 SEEDS = root() / "seeds" / "gsm8k"
 
@@ -47,10 +51,19 @@ class GSM8K(Task):
         # Which "The answer is N" counts when a completion states several: the last (the model's final answer)
         # or the first (lm-evaluation-harness's strict-match, for numbers comparable with its GSM8K scores).
         strict_pick: Literal["last", "first"] = "last"
+        num_dev: int = 500  # held out of train for choices (prompt, temperature, ...); dev_seed picks which
+        dev_seed: int = 0
+
+        def __post_init__(self):
+            if self.num_dev < 0:
+                raise ValueError("num_dev must be >= 0")
+
+    splits = ("train", "test", "dev")
 
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)
-        return [dict(p) for p in _load(self.config.source, self.config.hub_config, split)]
+        c = self.config
+        return [dict(p) for p in _splits(c.source, c.hub_config, c.num_dev, c.dev_seed)[split]]
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
         shots = [(s["question"], s["solution"]) for s in self.problems("train")[: self.config.num_shots]] \
@@ -67,6 +80,14 @@ class GSM8K(Task):
 
 
 @lru_cache(maxsize=8)
+def _splits(source: str, hub_config: str, num_dev: int, dev_seed: int) -> dict[str, tuple[dict, ...]]:
+    """train, dev and test: test as published; train without test's questions, then dev carved out of it."""
+    test = _load(source, hub_config, "test")
+    train = drop_seen(_load(source, hub_config, "train"), {"test": test}, same_text, f"GSM8K {source} train")
+    train, dev = carve(train, num_dev, dev_seed, same_text, f"GSM8K {source} train")
+    return {"train": tuple(train), "dev": tuple(dev), "test": test}
+
+
 def _load(source: str, hub_config: str, split: str) -> tuple[dict, ...]:
     if source == "seeds":
         path = SEEDS / f"{split}.jsonl"

@@ -5,8 +5,10 @@ Two registered names, differing only in the test set:
 - `math`: test = the full 5,000-problem MATH test set (`seeds/math/test_full.jsonl`).
 Both train on `seeds/math/train_reconstructed.jsonl`: the 7,500 MATH train problems plus the 4,500 MATH test
 problems outside MATH500 (PRM800K's train split, rebuilt; see `seeds/math/README.md`). That file therefore
-overlaps the full test set: train always drops every problem whose text is in the task's test set, so
-`math` trains on the 7,500 original train problems and `math500` on all 12,000.
+overlaps the full test set: train always drops every problem whose text (up to spacing) is in the task's test
+set, counted in the log (tasks/overlap.py), so `math` trains on the 7,500 original train problems (7,499: one
+repeats a test problem's text) and `math500` on all 12,000. `dev` is then a fixed slice of that train set
+(`num_dev` problems chosen by random.Random(`dev_seed`)), and `train` the rest: choices are made on dev.
 
 `source: <hub dataset>` (e.g. `HuggingFaceH4/MATH-500`) reads a hub dataset instead, mapping `hub_splits`
 onto ours; rows need `problem` and `solution` (or `answer`), and may name the subject `type` and give the
@@ -34,7 +36,8 @@ from ..records import Prompt
 from ..registry import TASKS
 from ..shipped import root
 from ..timeouts import TimedOut, call_with_timeout
-from .base import Grade, Task, chat_prompt
+from .base import Grade, Task, chat_prompt, same_text
+from .overlap import carve, drop_seen
 
 SEEDS = root() / "seeds" / "math"
 
@@ -81,7 +84,7 @@ class MathTask(Task):
     """Shared by `math500` and `math`; subclasses set `test_file`."""
 
     test_file: str
-    splits = ("train", "test")
+    splits = ("train", "test", "dev")
     breakdown = ("subject", "level")  # the evaluate stage's default accuracy breakdowns
 
     @dataclass
@@ -92,16 +95,20 @@ class MathTask(Task):
         prompt_format: Literal["chat", "fewshot"] = "chat"
         num_shots: int = 4  # fewshot: short worked train solutions shown as earlier turns
         grading_timeout: float = 5.0  # seconds per Math-Verify parse or comparison
+        num_dev: int = 500  # held out of train for choices (prompt, temperature, ...); dev_seed picks which
+        dev_seed: int = 0
 
         def __post_init__(self):
             if self.grading_timeout <= 0:
                 raise ValueError("grading_timeout must be > 0 seconds")
+            if self.num_dev < 0:
+                raise ValueError("num_dev must be >= 0")
 
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)
         c = self.config
-        return [dict(p) for p in _load(c.source, c.hub_config, tuple(sorted(c.hub_splits.items())),
-                                       self.test_file, split)]
+        return [dict(p) for p in _splits(c.source, c.hub_config, tuple(sorted(c.hub_splits.items())),
+                                         self.test_file, c.num_dev, c.dev_seed)[split]]
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
         shots = [(s["question"], s["solution"]) for s in self._shots()] if self.config.prompt_format == "fewshot" else []
@@ -219,12 +226,13 @@ def _read(source: str, hub_config: str | None, hub_splits: dict, filename: str, 
 
 
 @lru_cache(maxsize=8)
-def _load(source: str, hub_config: str | None, hub_splits: tuple, test_file: str, split: str) -> tuple[dict, ...]:
+def _splits(source: str, hub_config: str | None, hub_splits: tuple, test_file: str, num_dev: int,
+            dev_seed: int) -> dict[str, tuple[dict, ...]]:
+    """train, dev and test: test as published; train without test's questions, then dev carved out of it."""
     splits = dict(hub_splits)
     test = [_problem(r, "test", i) for i, r in enumerate(_read(source, hub_config, splits, test_file, "test"))]
-    if split == "test":
-        return tuple(test)
     train = [_problem(r, "train", i)
              for i, r in enumerate(_read(source, hub_config, splits, "train_reconstructed.jsonl", "train"))]
-    held_out = {p["question"].strip() for p in test}
-    return tuple(p for p in train if p["question"].strip() not in held_out)
+    what = f"MATH {source} train (test: {test_file if source == 'seeds' else splits['test']})"
+    train, dev = carve(drop_seen(train, {"test": test}, same_text, what), num_dev, dev_seed, same_text, what)
+    return {"train": tuple(train), "dev": tuple(dev), "test": tuple(test)}
