@@ -6,7 +6,7 @@ Row schemas (each a Hugging Face `datasets` row, written by the stage named):
 - sample (generate, evaluate, rl rollouts): the problem's columns, then `sample_id`, `round`, `stage`, `index`,
   `weights` (the full `Weights` record of the policy that produced it), `seed`, `temperature`, `top_p`,
   `max_tokens`, `hint`, `prompt`, `completion`, `finish_reason`, `num_tokens`, `token_ids` (the sampled tokens,
-  where the engine reports them); samples of several attempts also
+  where the engine reports them), `logprobs` (the sampler's log-probability of each); samples of several attempts also
   carry `attempts` (one `{completion, finish_reason, num_tokens}` per attempt) and `instruction`, with
   `completion` = the last attempt's.
 - verdict (critique): `sample_id`, `problem_id`, `critic` (the critic's id), `score`, `label`, `rationale`,
@@ -107,3 +107,6 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     num_tokens: int
     token_ids: list[int] | None = None  # the sampled tokens, where the engine reports them
+    # The sampler's log-probability of each sampled token, under the distribution it sampled from (after
+    # temperature), where the engine reports it: what the RL trainer measures its own log-probabilities against.
+    logprobs: list[float] | None = None

@@ -1,6 +1,6 @@
 """Policy-gradient baselines and RL objectives against hand-computed values, each a plugin resolved from YAML the way
-a pipeline resolves it; and the trainer's loss aggregation for length-normalised (GRPO) and unnormalised
-(Dr. GRPO) baselines against log-probabilities computed independently."""
+a pipeline resolves it; and the trainer's loss under each aggregation mode against log-probabilities computed
+independently (the modes' gradients by hand: test_rl_loss.py)."""
 
 import math
 
@@ -32,11 +32,9 @@ def test_rloo_hand_computed():
     assert got == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0, 0.0, 2.0, -2.0])
 
 
-def test_dr_grpo_hand_computed_and_unnormalised():
+def test_dr_grpo_hand_computed():
     # r_i minus the group mean, no division by the std
     assert advantages("dr_grpo") == pytest.approx([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 1.0, -1.0])
-    spec = BaselineSpec.named("dr_grpo")
-    assert spec.build().length_normalized is False and BaselineSpec.named("grpo").build().length_normalized
 
 
 def test_reinforce_pp_hand_computed():
@@ -85,7 +83,7 @@ def test_objectives_rewards_and_kl_weights():
         objective({"name": "score_stage2", "alpha": -1})
 
 
-def test_loss_is_length_normalised_for_grpo_and_divided_by_the_budget_for_dr_grpo(tiny_model, tmp_path):
+def test_the_step_loss_follows_loss_agg_mode(tiny_model, tmp_path):
     import torch
 
     from selfimprove.trainers.rl import PolicyGradient, Rollout, encode_rollout
@@ -93,11 +91,10 @@ def test_loss_is_length_normalised_for_grpo_and_divided_by_the_budget_for_dr_grp
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     completions = ["It is 5, I think, after adding two and three.", "6"]  # very different lengths
     budget = 32
-    losses = {}
-    for name in ("grpo", "dr_grpo"):
-        trainer = PolicyGradient(PolicyGradient.Config(baseline=BaselineSpec.named(name)))
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        trainer = PolicyGradient(PolicyGradient.Config(loss_agg_mode=mode))
         trainer.setup(tiny_model, None, seed=0)
-        version = trainer.save(tmp_path / name)
+        version = trainer.save(tmp_path / mode)
         rollouts = [Rollout("p", [prompt], [c], [True], [r], version) for c, r in zip(completions, [1.0, 0.0])]
         # independent log-probabilities of each completion's tokens under the (unchanged) policy
         sums, counts = [], []
@@ -111,9 +108,14 @@ def test_loss_is_length_normalised_for_grpo_and_divided_by_the_budget_for_dr_grp
             sums.append(logp[mask].sum().item())
             counts.append(int(mask.sum()))
         adv = trainer.baseline.advantages([1.0, 0.0], ["p", "p"])
-        norm = counts if name == "grpo" else [budget, budget]
-        expected = sum(-a * s / n for a, s, n in zip(adv, sums, norm)) / 2
-        losses[name] = trainer.step(rollouts, [0.0], temperature=1.0, max_tokens=budget)
-        assert losses[name]["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
-        assert losses[name]["kl/attempt1"] is None  # KL weight 0: no reference forward, nothing measured
-    assert counts[0] > counts[1] + 5  # the two normalisations really differ on these completions
+        expected = {
+            "token-mean": sum(-a * s for a, s in zip(adv, sums)) / sum(counts),
+            "seq-mean-token-mean": sum(-a * s / n for a, s, n in zip(adv, sums, counts)) / 2,
+            "seq-mean-token-sum": sum(-a * s for a, s in zip(adv, sums)) / 2,
+            "seq-mean-token-sum-norm": sum(-a * s / budget for a, s in zip(adv, sums)) / 2,
+        }[mode]
+        out = trainer.step(rollouts, [0.0], temperature=1.0, max_tokens=budget)
+        assert out["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6), mode
+        assert out["kl/attempt1"] is None  # KL weight 0: no reference forward, nothing measured
+        assert out["sampler_gap/mean_abs"] is None  # no sampler log-probabilities given: nothing measured
+    assert counts[0] > counts[1] + 5  # the normalisations really differ on these completions

@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 PIPELINES = sorted([*root().glob("pipelines/*.yaml"), *REPO.glob("benchmarks/*.yaml")])
 COMPONENTS = {**{p: TrainerSpec for p in root().glob("configs/trainers/*.yaml")},
               **{p: EngineSpec for p in root().glob("configs/engines/*.yaml")}}
-# Naming a component (or a stage's type, a file to include) is not restating a parameter's default.
-NOT_PARAMETERS = {"name", "type", "include", "description"}
+# Naming a component (or a stage's type, a file to include) is not restating a parameter's default; how an RL
+# pipeline aggregates its token losses is stated by every shipped one on purpose, default or not (test_rl_loss.py).
+NOT_PARAMETERS = {"name", "type", "include", "description", "loss_agg_mode"}
 
 
 def key_paths(node: dict, prefix: tuple = ()) -> list[tuple]:

@@ -2,9 +2,9 @@
 
 `advantages(rewards, groups)`: `rewards[i]` is trajectory i's reward for this attempt (None: the objective
 gives this attempt no reward term, so its advantage is 0), `groups[i]` its group (the problem it answers: a
-problem's samples are compared with each other). `length_normalized` says how the trainer aggregates an
-attempt's per-token losses: the mean over its tokens (True: GRPO's 1/|o|), or the sum divided by the sampling
-budget `max_tokens`, the same constant for every trajectory (False: Dr. GRPO's fix for the length bias).
+problem's samples are compared with each other). How per-token losses are then aggregated is not the
+baseline's business: the trainer's `loss_agg_mode`. Each estimator's docstring says which mode its paper used;
+the shipped pipelines set it explicitly.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections import defaultdict
 
 
 class Baseline:
-    length_normalized: bool = True
     Config: type
 
     def __init__(self, config):

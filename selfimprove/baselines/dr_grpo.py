@@ -1,8 +1,9 @@
 """Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training: A Critical Perspective"): GRPO without its
 two normalisations, which the paper shows bias optimisation — no division by the group's standard deviation
-(questions with low reward variance get no extra weight), and no division by the response length (the trainer
-sums an attempt's per-token losses and divides by the sampling budget `max_tokens`, a constant, so long wrong
-answers are not penalised less per token than short ones)."""
+(questions with low reward variance get no extra weight), and no division by the response length. The second
+is the loss aggregation, the trainer's `loss_agg_mode: seq-mean-token-sum-norm` (an attempt's per-token losses
+summed and divided by the sampling budget `max_tokens`, a constant, so long wrong answers are not penalised
+less per token than short ones); dr_grpo_arithmetic.yaml sets it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from .base import Baseline, by_group
 
 @BASELINES.register("dr_grpo")
 class DrGRPO(Baseline):
-    length_normalized = False
-
     def advantages(self, rewards: list[float | None], groups: list[str]) -> list[float]:
         out = [0.0] * len(rewards)
         for idx in by_group(rewards, groups):

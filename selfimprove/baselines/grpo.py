@@ -1,5 +1,6 @@
 """GRPO (Shao et al., 2024, DeepSeekMath): each reward minus its group's mean, divided by the group's standard
-deviation (+ eps); the per-token losses of an attempt are averaged over its tokens."""
+deviation (+ eps). The paper averages an attempt's per-token losses over its tokens, then over the group:
+`loss_agg_mode: seq-mean-token-mean` (DAPO's token-mean is verl's and TRL's default for GRPO today)."""
 
 from __future__ import annotations
 

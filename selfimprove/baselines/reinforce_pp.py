@@ -4,9 +4,14 @@ advantages of the whole batch normalised together — minus their batch mean, di
 deviation (+ eps). Normalising over the batch instead of per group is the method's point: a group whose
 samples differ by a hair is not blown up to unit variance as in GRPO.
 
-Deviations: the KL to the reference is the trainer's k3 loss term on each token (OpenRLHF's `use_kl_loss`
-option for this estimator), not a penalty folded into the token rewards; trajectories whose reward is None (an
-attempt the objective does not reward) and groups of one take no part in the batch statistics and get 0.
+Aggregation: OpenRLHF's default `token_level_loss` is `loss_agg_mode: token-mean`.
+
+Deviations: OpenRLHF whitens the advantages over the batch's *tokens* (each trajectory's advantage broadcast
+to its tokens, so a long trajectory weighs more in the mean and std); here each trajectory counts once (a
+baseline sees rewards, not lengths). The KL to the reference is the trainer's k3 loss term on each token
+(OpenRLHF's `use_kl_loss` option for this estimator), not a penalty folded into the token rewards; trajectories
+whose reward is None (an attempt the objective does not reward) and groups of one take no part in the batch
+statistics and get 0.
 """
 
 from __future__ import annotations

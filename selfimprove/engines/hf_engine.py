@@ -60,8 +60,10 @@ class HFEngine(Engine):
         for start in batches:
             batch = texts[start:start + self.config.batch_size]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            # output_scores: the logits after generate's processors (temperature, top-p/top-k), so each sampled
+            # token's log-probability is under the distribution it was drawn from.
             kwargs = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n,
-                          pad_token_id=self.tokenizer.pad_token_id)
+                          pad_token_id=self.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
             if sampling.temperature > 0:
                 kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
             else:
@@ -70,12 +72,14 @@ class HFEngine(Engine):
                 kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
             with torch.no_grad():
                 out = model.generate(**enc, **kwargs)
-            new = out[:, enc["input_ids"].shape[1]:]
+            new = out.sequences[:, enc["input_ids"].shape[1]:]
+            scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # (B·n, new tokens, vocab)
+            logprobs = scores.gather(-1, new[:, :scores.shape[1], None]).squeeze(-1)
             for i in range(len(batch)):
                 row = []
                 for j in range(sampling.n):
-                    ids = new[i * sampling.n + j].tolist()
-                    row.append(self._completion(ids, sampling))
+                    k = i * sampling.n + j
+                    row.append(self._completion(new[k].tolist(), logprobs[k].tolist(), sampling))
                 results.append(row)
         return results
 
@@ -105,14 +109,15 @@ class HFEngine(Engine):
             })
         return results
 
-    def _completion(self, ids: list[int], sampling: SamplingConfig) -> Completion:
+    def _completion(self, ids: list[int], logprobs: list[float], sampling: SamplingConfig) -> Completion:
         eos = self.tokenizer.eos_token_id
         finish = "length"
         if eos in ids:
             ids, finish = ids[: ids.index(eos)], "stop"
-        ids = [t for t in ids if t != self.tokenizer.pad_token_id]
+        kept = [(t, lp) for t, lp in zip(ids, logprobs) if t != self.tokenizer.pad_token_id]
+        ids, logprobs = [t for t, _ in kept], [lp for _, lp in kept]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         for s in sampling.stop:  # vLLM strips the stop string; do the same so both engines agree
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
-        return Completion(text, finish, len(ids), [int(i) for i in ids])
+        return Completion(text, finish, len(ids), [int(i) for i in ids], logprobs)

@@ -88,6 +88,10 @@ class VLLMEngine(Engine):
             max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
             tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
             worker_extension_cls="selfimprove.engines.vllm_worker.WorkerExtension",
+            # Sampled tokens' log-probabilities after temperature (and top-p), the distribution sampled from, which
+            # the RL trainer compares with its own logits / temperature; vLLM's default, raw_logprobs, is before
+            # temperature. prompt_logprobs (choice_logprobs) are the same in both modes.
+            logprobs_mode="processed_logprobs",
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
@@ -111,7 +115,7 @@ class VLLMEngine(Engine):
         lora_request = self._use(weights)
         params = SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-            stop=list(sampling.stop) or None,
+            stop=list(sampling.stop) or None, logprobs=0,  # 0: the sampled token's own log-probability only
         )
         self.llm.collective_rpc("reseed", args=(seed,))
         if all(isinstance(p, str) for p in prompts):
@@ -121,7 +125,9 @@ class VLLMEngine(Engine):
         else:
             raise TypeError("prompts must be all chat message lists or all strings")
         return [
-            [Completion(c.text, c.finish_reason or "stop", len(c.token_ids), list(c.token_ids)) for c in out.outputs]
+            [Completion(c.text, c.finish_reason or "stop", len(c.token_ids), list(c.token_ids),
+                        [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] if c.logprobs is not None else None)
+             for c in out.outputs]
             for out in outputs
         ]
 

@@ -72,6 +72,10 @@ class RL(Stage):
                 raise ValueError("steps and problems_per_step must be >= 1")
             if self.sampling.temperature <= 0 or self.sampling.n < 2:
                 raise ValueError("on-policy RL samples several answers per problem: sampling.n >= 2, temperature > 0")
+            if self.sampling.top_p < 1:
+                raise ValueError(f"sampling.top_p is {self.sampling.top_p}: the policy-gradient trainer scores the full "
+                                 f"(temperature-scaled) distribution, so truncated sampling would make the update "
+                                 f"silently off-policy; set sampling.top_p: 1.0")
             if not getattr(self.trainer.target, "online", False):
                 raise ValueError(f"trainer {self.trainer.name!r} is an offline trainer; an rl stage needs an online "
                                  f"one (policy_gradient)")
@@ -141,7 +145,8 @@ class RL(Stage):
                             completions=[a["completion"] for a in _attempts(row)],
                             eos=[a["finish_reason"] == "stop" and not stop_strings for a in _attempts(row)],
                             rewards=row_rewards, version=weights.adapter_hash,
-                            token_ids=[a.get("token_ids") for a in _attempts(row)])
+                            token_ids=[a.get("token_ids") for a in _attempts(row)],
+                            logprobs=[a.get("logprobs") for a in _attempts(row)])
                     for row, row_rewards in zip(rows, rewards)]
         if c.filter_groups:
             rollouts = _informative(rollouts)
@@ -228,7 +233,7 @@ class RL(Stage):
 def _attempts(row: dict) -> list[dict]:
     """A sampled row's attempts: its `attempts` list, or the row itself for a single attempt."""
     return row.get("attempts") or [{k: row.get(k) for k in ("prompt", "completion", "finish_reason", "num_tokens",
-                                                            "token_ids")}]
+                                                            "token_ids", "logprobs")}]
 
 
 def _informative(rollouts: list[Rollout]) -> list[Rollout]:

@@ -11,7 +11,7 @@ only the rest, so nothing is repeated or lost; since a chunk's samples depend on
 weights, seeds), a resumed run's samples equal an uninterrupted run's.
 
 Rows follow the sample schema in records.py; a multi-attempt row also has `attempts`, one
-{prompt, completion, finish_reason, num_tokens, token_ids, seed} per attempt, with `completion` = the last attempt's.
+{prompt, completion, finish_reason, num_tokens, token_ids, logprobs, seed} per attempt, with `completion` = the last attempt's.
 """
 
 from __future__ import annotations
@@ -47,22 +47,25 @@ def sample_chunk(*, engine, task, problems: list[dict], sampling: SamplingConfig
                 "seed": seeds[0], "hint": hint, "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "max_tokens": sampling.max_tokens, "prompt": prompt, "completion": c.text,
                 "finish_reason": c.finish_reason, "num_tokens": c.num_tokens, "token_ids": c.token_ids,
+                "logprobs": c.logprobs,
             })
     if len(seeds) == 1:
         return rows
     for r in rows:
         r["attempts"] = [{"prompt": r["prompt"], "completion": r["completion"], "finish_reason": r["finish_reason"],
-                          "num_tokens": r["num_tokens"], "token_ids": r["token_ids"], "seed": seeds[0]}]
+                          "num_tokens": r["num_tokens"], "token_ids": r["token_ids"], "logprobs": r["logprobs"],
+                          "seed": seeds[0]}]
     once = dataclasses.replace(sampling, n=1)  # one continuation per trajectory keeps trajectories independent
     for seed in seeds[1:]:
         follow = [follow_up(r["attempts"][-1]["prompt"], r["attempts"][-1]["completion"]) for r in rows]
         for r, prompt, (c,) in zip(rows, follow, engine.generate(follow, once, weights, seed=seed)):
             r["attempts"].append({"prompt": prompt, "completion": c.text, "finish_reason": c.finish_reason,
-                                  "num_tokens": c.num_tokens, "token_ids": c.token_ids, "seed": seed})
+                                  "num_tokens": c.num_tokens, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                                  "seed": seed})
     for r in rows:
         last = r["attempts"][-1]
         r.update(completion=last["completion"], finish_reason=last["finish_reason"], token_ids=last["token_ids"],
-                 num_tokens=sum(a["num_tokens"] for a in r["attempts"]))
+                 logprobs=last["logprobs"], num_tokens=sum(a["num_tokens"] for a in r["attempts"]))
     return rows
 
 

@@ -1,4 +1,4 @@
-"""On-policy policy-gradient updates on a PEFT LoRA policy: GRPO or RLOO baselines, KL to the base model.
+"""On-policy policy-gradient updates on a PEFT LoRA policy: any baseline, any loss aggregation, KL to the base model.
 
 The `rl` stage (stages/rl.py) drives the loop: it samples rollouts from the engine with the policy's *current*
 saved adapter, scores them with a critic, turns scores into per-attempt rewards with its objective
@@ -16,16 +16,36 @@ Why a small trainer of our own and not TRL 1.16's GRPOTrainer (read in trl/train
 - The whole update is ~40 lines (below) on top of TRL's `selective_log_softmax` and `disable_dropout_in_model`
   and PEFT's `disable_adapter` (the reference model at no memory cost), which we reuse.
 
-The update (per batch of rollouts, one optimizer step, so the rollouts are exactly on-policy and no
-importance ratio or clipping is needed):
+The update (per batch of rollouts, one optimizer step, so the rollouts are on-policy up to the sampler–trainer
+gap below and no PPO ratio or clipping is needed):
 
-    loss = mean over sequences of Σ_t [ mean over attempt-t tokens of ( −A_t·log π(y) + β_t·KL_k3 ) ]
+    loss = Σ_t agg_t( −A_t·w·log π(y) + β_t·KL_k3 )      over attempt t's tokens
 
-(with a baseline that is not length-normalised, Dr. GRPO, the per-attempt mean over tokens becomes the sum
-divided by the sampling budget `max_tokens`)
 with KL_k3 = exp(ref − logp) − (ref − logp) − 1 per token (Schulman's k3 estimator, what TRL uses: unbiased,
-non-negative), `ref` the log-probability under the base model (adapter disabled). Log-probabilities use
-logits / sampling temperature, the distribution the engine sampled from (as TRL does).
+non-negative), `ref` the log-probability under the base model (adapter disabled), w = 1 unless
+`importance_sampling_cap` is set (below). Log-probabilities use logits / sampling temperature, the distribution
+the engine sampled from (as TRL does). `agg_t` is `loss_agg_mode`, named as verl names it (core_algos.agg_loss),
+independent of the baseline; every denominator is a count over the *whole batch*, so the gradient does not
+depend on how the batch is cut into micro-batches:
+- `token-mean`: the sum over every attempt-t token of the batch / their number. DAPO's choice, the default of
+  verl and of TRL's GRPOTrainer (its `loss_type="dapo"`; TRL's `"bnpo"` is the same over one process's batch);
+  OpenRLHF's `token_level_loss` (its default, used for REINFORCE++).
+- `seq-mean-token-mean`: each trajectory's mean over its attempt-t tokens, averaged over trajectories: the GRPO
+  paper's 1/|o| (TRL's `loss_type="grpo"`).
+- `seq-mean-token-sum`: each trajectory's sum, averaged over trajectories: a whole completion as one action, as
+  RLOO (Ahmadian et al., 2024) scores it.
+- `seq-mean-token-sum-norm`: the sum divided by the sampling budget `max_tokens`, the same constant for every
+  trajectory, averaged over trajectories: Dr. GRPO (TRL's `loss_type="dr_grpo"`).
+
+The sampler–trainer gap: the engine samples from its own copy of the weights (bf16 or merged on CPU, another
+kernel), so its token log-probabilities differ from the trainer's. Where the engine reports them (vLLM's
+processed log-probabilities: after temperature, as the trainer's), every step logs, over the sampled tokens,
+`sampler_gap/mean_abs` and `sampler_gap/max_abs` (|log π_trainer − log π_sampler|) and `sampler_gap/kl`, the mean
+k3 estimate of KL(π_sampler ‖ π_trainer) (r − 1 − log r with r = π_trainer / π_sampler, from the sampler's
+samples). `importance_sampling_cap` turns on truncated importance sampling (TRL's
+`vllm_importance_sampling_correction` with `vllm_importance_sampling_mode="token_truncate"`; verl's rollout
+correction): each token's policy-gradient term is weighted by
+w = min(π_trainer / π_sampler, cap), the ratio held constant (no gradient through it).
 
 Deviations and approximations:
 - Completions are trained on the token ids the engine sampled; only an engine that reports none (or rollouts
@@ -33,6 +53,8 @@ Deviations and approximations:
   would make a token slightly off-policy. Prompts are re-tokenized as the engine's chat template renders them.
 - Sequences longer than `max_length` tokens are cut; the cut tokens get no gradient.
 - With every KL weight 0 the reference forward is skipped.
+- Truncated sampling (top_p < 1) is refused for RL at config load (the rl stage): the trainer scores the full
+  distribution, so the update would be off-policy without saying so.
 - Stale rollouts are refused: every rollout carries the content hash of the adapter it was sampled with, and
   `step` raises `StalePolicyError` unless it equals the hash of the adapter this trainer last saved or loaded
   (after a step the policy is unsaved and every rollout is stale until `save`).
@@ -44,6 +66,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..records import Prompt, adapter_hash
 from ..registry import TRAINERS, BaselineSpec
@@ -65,6 +88,57 @@ class Rollout:
     rewards: list[float | None]  # per attempt, from the objective (None: no reward term on that attempt)
     version: str  # hash of the adapter the rollout was sampled with
     token_ids: list[list[int] | None] | None = None  # per attempt, the tokens the engine sampled (when reported)
+    logprobs: list[list[float] | None] | None = None  # per attempt, the engine's log-probability of each of them
+
+
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def aggregate(per_token, mask, mode: str, *, tokens: int, sequences: int, max_tokens: int):
+    """A micro-batch's share of the batch loss under `mode` (see the module docstring): `per_token` (B, T) losses,
+    `mask` (B, T) 1 on the tokens that count; `tokens` and `sequences` are those counts over the whole batch, so
+    the shares of any split of the batch add up to the whole batch's loss."""
+    if mode == "token-mean":
+        return (per_token * mask).sum() / max(tokens, 1)
+    per_sequence = (per_token * mask).sum(-1)
+    if mode == "seq-mean-token-mean":
+        per_sequence = per_sequence / mask.sum(-1).clamp(min=1.0)
+    elif mode == "seq-mean-token-sum-norm":
+        per_sequence = per_sequence / max_tokens
+    elif mode != "seq-mean-token-sum":
+        raise ValueError(f"unknown loss_agg_mode {mode!r}")
+    return per_sequence.sum() / sequences
+
+
+def is_weights(logp, sampler_logp, cap: float):
+    """Truncated importance weights min(π_trainer / π_sampler, cap) per token, held constant (no gradient)."""
+    import torch
+
+    return torch.clamp(torch.exp(logp.detach() - sampler_logp), max=cap)
+
+
+def gap_k3(logp, sampler_logp):
+    """Per-token k3 estimate of KL(π_sampler ‖ π_trainer) from the sampler's samples: r − 1 − log r, r = π_t/π_s."""
+    import torch
+
+    log_ratio = logp - sampler_logp
+    return torch.exp(log_ratio) - 1 - log_ratio
+
+
+def sampled_logprobs(turn: list[int], logprobs: list[list[float] | None] | None,
+                     token_ids: list[list[int] | None] | None) -> list[float]:
+    """Per position of an encoded trajectory, the sampler's log-probability of that token (NaN: not reported).
+
+    An attempt's own tokens in the sequence are always a prefix of what it sampled, in order (its sampled stop
+    token is dropped or placed after its text), so the k-th token attempt t owns is its k-th sampled token. Only
+    attempts trained on their sampled ids have them (re-tokenized text may split differently)."""
+    out, seen = [], {}
+    for t in turn:
+        k = seen.get(t, 0)
+        seen[t] = k + 1
+        lps = logprobs[t - 1] if t > 0 and logprobs and token_ids and token_ids[t - 1] is not None else None
+        out.append(lps[k] if lps is not None and k < len(lps) else math.nan)
+    return out
 
 
 def kl_k3(logp, ref_logp):
@@ -136,6 +210,11 @@ class PolicyGradient:
         max_grad_norm: float = 1.0
         max_length: int = 2048  # tokens per trajectory (prompt and every attempt)
         weight_decay: float = 0.0
+        # How per-token losses become the batch loss (module docstring); independent of the baseline.
+        loss_agg_mode: LossAggregation = "token-mean"
+        # Truncated importance sampling against the sampler–trainer gap: None = off, else the cap on
+        # π_trainer / π_sampler per token (TRL 1.16: vllm_importance_sampling_mode=token_truncate, clip_max 3.0).
+        importance_sampling_cap: float | None = None
 
         def __post_init__(self):
             if self.learning_rate <= 0:
@@ -144,6 +223,8 @@ class PolicyGradient:
                 raise ValueError("micro_batch_size must be >= 1")
             if self.lora.dropout != 0:
                 raise ValueError("lora.dropout must be 0: on-policy updates differentiate the policy that sampled")
+            if self.importance_sampling_cap is not None and self.importance_sampling_cap <= 0:
+                raise ValueError(f"importance_sampling_cap must be > 0 (or null: off), got {self.importance_sampling_cap}")
 
     def __init__(self, config: "PolicyGradient.Config"):
         self.config = config
@@ -192,7 +273,7 @@ class PolicyGradient:
 
     def step(self, rollouts: list[Rollout], kl_weights: list[float], temperature: float, max_tokens: int) -> dict:
         """One optimizer step on `rollouts`; `kl_weights[t]` is the KL coefficient on attempt t+1's tokens,
-        `max_tokens` the sampling budget per attempt (the constant a non-length-normalised baseline divides by).
+        `max_tokens` the sampling budget per attempt (seq-mean-token-sum-norm's constant).
 
         No rollouts (every group filtered out) makes no update: the policy and its version stay as they are, and
         the loss, KL and gradient norm are None (not measured), not 0."""
@@ -207,6 +288,7 @@ class PolicyGradient:
         started = time.time()
         if not rollouts:
             return {"loss": None, **{f"kl/attempt{t + 1}": None for t in range(len(kl_weights))}, "grad_norm": None,
+                    "sampler_gap/mean_abs": None, "sampler_gap/max_abs": None, "sampler_gap/kl": None,
                     "tokens": 0, "update_seconds": 0.0}
         c = self.config
         groups = [r.group for r in rollouts]
@@ -215,14 +297,20 @@ class PolicyGradient:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         encoded = [encode_rollout(self.tokenizer, r.prompts, r.completions, r.eos, r.token_ids) for r in rollouts]
+        sampler = [sampled_logprobs(turn, r.logprobs, r.token_ids) for (_, turn), r in zip(encoded, rollouts)]
+        # Batch-wide token counts per attempt (what the model predicts: positions 1..max_length-1), so that
+        # token-mean divides by the batch's count whatever the micro-batches.
+        counts = [sum(o == t + 1 for _, turn in encoded for o in turn[1:c.max_length]) for t in range(len(kl_weights))]
         sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(kl_weights))}}
+        gap = {"abs": 0.0, "max": 0.0, "k3": 0.0, "n": 0}
         tokens = 0
-        # Micro-batches of similar lengths (longest first): padding costs compute for nothing, and the sum of
-        # per-sequence losses does not depend on how sequences are grouped.
+        # Micro-batches of similar lengths (longest first): padding costs compute for nothing, and the batch loss
+        # does not depend on how sequences are grouped (aggregate's denominators are batch-wide).
         order = sorted(range(len(rollouts)), key=lambda i: -len(encoded[i][0]))
         for start in range(0, len(rollouts), c.micro_batch_size):
             members = order[start:start + c.micro_batch_size]
-            ids, attention, owner = (t.to(self.device) for t in self._pad([encoded[i] for i in members]))
+            ids, attention, owner, sampled = (t.to(self.device) for t in self._pad([encoded[i] for i in members],
+                                                                                  [sampler[i] for i in members]))
             logp = self._logps(ids, attention, temperature)  # (B, T-1): log π of token i+1 given tokens ≤ i
             if need_reference:
                 with torch.no_grad(), self.model.disable_adapter():
@@ -230,18 +318,32 @@ class PolicyGradient:
                 kl = kl_k3(logp, ref)
             else:
                 kl = torch.zeros_like(logp)
-            owner = owner[:, 1:]  # which attempt produced each predicted token
+            owner, sampled = owner[:, 1:], sampled[:, 1:]  # which attempt produced each predicted token
+            known = (owner > 0) & ~torch.isnan(sampled)
+            if known.any():
+                diff = (logp.detach() - sampled)[known]
+                gap["abs"] += diff.abs().sum().item()
+                gap["max"] = max(gap["max"], diff.abs().max().item())
+                gap["k3"] += gap_k3(logp.detach()[known], sampled[known]).sum().item()
+                gap["n"] += int(known.sum())
+            weight = torch.ones_like(logp)
+            if c.importance_sampling_cap is not None:
+                if not bool(known.eq(owner > 0).all()):
+                    raise ValueError("importance_sampling_cap needs the sampler's log-probability of every sampled "
+                                     "token; this engine (or these saved rollouts) did not report them: set "
+                                     "importance_sampling_cap: null")
+                weight = torch.where(known, is_weights(logp, torch.nan_to_num(sampled), c.importance_sampling_cap),
+                                     weight)
             loss = torch.zeros((), dtype=logp.dtype, device=self.device)
             for t, beta in enumerate(kl_weights):
                 mask = (owner == t + 1).to(logp.dtype)
-                count = mask.sum(-1).clamp(min=1.0)
-                norm = count if self.baseline.length_normalized else torch.full_like(count, float(max_tokens))
                 adv = torch.tensor([advantages[t][i] for i in members], dtype=logp.dtype, device=self.device)[:, None]
-                per_token = -adv * logp + beta * kl
-                loss = loss + ((per_token * mask).sum(-1) / norm).sum()
-                sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / count).sum().item()
+                per_token = -adv * weight * logp + beta * kl
+                loss = loss + aggregate(per_token, mask, c.loss_agg_mode, tokens=counts[t], sequences=len(rollouts),
+                                        max_tokens=max_tokens)
+                sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum().item()
             tokens += int((owner > 0).sum())
-            (loss / len(rollouts)).backward()
+            loss.backward()
             sums["loss"] += loss.item()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm).item()
@@ -253,12 +355,15 @@ class PolicyGradient:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version = None  # the weights changed: unsaved until `save`
-        out = {k: v / len(rollouts) for k, v in sums.items()}
+        out = {"loss": sums.pop("loss"), **{k: v / len(rollouts) for k, v in sums.items()}}
+        out.update({"sampler_gap/mean_abs": gap["abs"] / gap["n"], "sampler_gap/max_abs": gap["max"],
+                    "sampler_gap/kl": gap["k3"] / gap["n"]} if gap["n"] else
+                   {"sampler_gap/mean_abs": None, "sampler_gap/max_abs": None, "sampler_gap/kl": None})
         if not need_reference:  # no reference forward ran: the KL was not measured
             out.update({k: None for k in out if k.startswith("kl/")})
         return {**out, "grad_norm": grad_norm, "tokens": tokens, "update_seconds": round(time.time() - started, 2)}
 
-    def _pad(self, encoded: list[tuple[list[int], list[int]]]):
+    def _pad(self, encoded: list[tuple[list[int], list[int]]], sampled: list[list[float]]):
         import torch
 
         limit = self.config.max_length
@@ -268,11 +373,13 @@ class PolicyGradient:
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         attention = torch.zeros((len(encoded), width), dtype=torch.long)
         owner = torch.zeros((len(encoded), width), dtype=torch.long)  # padding belongs to no attempt
+        logprobs = torch.full((len(encoded), width), math.nan)  # the sampler's, where reported
         for i, (seq, own) in enumerate(encoded):
             ids[i, :len(seq)] = torch.tensor(seq)
             attention[i, :len(seq)] = 1
             owner[i, :len(seq)] = torch.tensor(own)
-        return ids, attention, owner
+            logprobs[i, :len(seq)] = torch.tensor(sampled[i][:len(seq)])
+        return ids, attention, owner, logprobs
 
     def _logps(self, ids, attention, temperature: float):
         from trl.trainer.utils import selective_log_softmax
