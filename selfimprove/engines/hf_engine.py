@@ -65,7 +65,8 @@ class HFEngine(Engine):
             kwargs = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n,
                           pad_token_id=self.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
             if sampling.temperature > 0:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+                # top_k=0: no top-k cut, as vLLM samples; generate's default (50) would truncate the distribution
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
             else:
                 kwargs.update(do_sample=False)
             if sampling.stop:
