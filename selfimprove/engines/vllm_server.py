@@ -573,8 +573,10 @@ class VLLMServerEngine(Engine):
             ids = c.get("token_ids")
             if ids is None:
                 raise ServerError(f"{server.url} did not return token_ids: it needs a vLLM with return_token_ids")
-            out.append(ServedCompletion(text, c.get("finish_reason") or "stop", len(ids), list(ids), version,
-                                        server.url))
+            # No log-probabilities: a server returns vLLM's raw (pre-temperature) ones unless it was started with
+            # --logprobs-mode processed_logprobs, which this client cannot check; the RL sampler gap is not measured.
+            out.append(ServedCompletion(text, c.get("finish_reason") or "stop", len(ids), list(ids),
+                                        adapter_hash=version, server=server.url))
         return out
 
     def _get_tokenizer(self):

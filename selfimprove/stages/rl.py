@@ -215,7 +215,7 @@ class RL(Stage):
             out[f"{key}/mean"] = sum(s[key] for s in steps) / len(steps)
         for key in ("step_seconds", "update_seconds", "generate_seconds", "weight_sync_seconds", "reward_seconds"):
             out[f"{key}/mean"] = round(sum(s[key] for s in steps) / len(steps), 2)
-        for key in [k for k in steps[-1] if k.startswith("kl/")]:
+        for key in [k for k in steps[-1] if k.startswith(("kl/", "sampler_gap/"))]:
             out[f"{key}/last"] = steps[-1][key]
         return out
 
