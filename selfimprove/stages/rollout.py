@@ -11,7 +11,8 @@ only the rest, so nothing is repeated or lost; since a chunk's samples depend on
 weights, seeds), a resumed run's samples equal an uninterrupted run's.
 
 Rows follow the sample schema in records.py; a multi-attempt row also has `attempts`, one
-{prompt, completion, finish_reason, num_tokens, token_ids, logprobs, seed} per attempt, with `completion` = the last attempt's.
+{prompt, completion, finish_reason, num_tokens, token_ids, logprobs, seed} per attempt, with `completion` = the last
+attempt's.
 """
 
 from __future__ import annotations

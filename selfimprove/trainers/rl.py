@@ -224,7 +224,8 @@ class PolicyGradient:
             if self.lora.dropout != 0:
                 raise ValueError("lora.dropout must be 0: on-policy updates differentiate the policy that sampled")
             if self.importance_sampling_cap is not None and self.importance_sampling_cap <= 0:
-                raise ValueError(f"importance_sampling_cap must be > 0 (or null: off), got {self.importance_sampling_cap}")
+                raise ValueError(f"importance_sampling_cap must be > 0 (or null: off), "
+                                 f"got {self.importance_sampling_cap}")
 
     def __init__(self, config: "PolicyGradient.Config"):
         self.config = config
