@@ -117,7 +117,8 @@ def test_llm_judge_parser_and_template():
     assert [v.score for v in out[:3]] == [1.0, pytest.approx(3 / 9), pytest.approx(8 / 9)]
     assert [v.label for v in out[:3]] == [True, False, True]
     assert out[3].score is None and "no score" in out[3].error
-    assert out[4].score == 1.0  # clipped to the scale
+    # "42" on a 1-10 scale is an invalid verdict, not full marks (clipping it rewarded gaming the judge)
+    assert out[4].score is None and out[4].label is None and "off its scale" in out[4].error
     assert engine.calls[0][0] == [{"role": "user", "content": "Q: question a\nA: The answer is 1.\nGold: 1"}]
     with pytest.raises(KeyError, match=r"\{gold\} is not a sample column"):
         judge({"name": "llm_judge", "template": "{gold}"}, samples, engine=engine)
