@@ -338,8 +338,8 @@ def test_a_failing_or_hanging_sample_fails_only_its_verdict(tmp_path):
     assert "ValueError: cannot judge p3" in by_problem["p3"]["error"]
     assert "timed out" in by_problem["p5"]["error"]
     assert by_problem["p4"]["error"] is None and by_problem["p4"]["label"] is True
-    assert metrics["tests.test_critics:flaky/errors"] == 4 and metrics["tests.test_critics:flaky/timeouts"] == 2
-    assert metrics["errors"] == 4 and metrics["verdicts"] == 20
+    assert metrics["tests.test_critics:flaky/invalid"] == 4 and metrics["tests.test_critics:flaky/timeouts"] == 2
+    assert metrics["invalid"] == 4 and metrics["verdicts"] == 20
 
 
 def test_error_rate_past_the_limit_fails_the_stage(tmp_path):
@@ -354,7 +354,7 @@ def test_batched_critic_fails_its_whole_batch(tmp_path):
                                  batch_size=4, max_error_rate=1.0)
     failed = sorted({r["problem_id"] for r in rows if r["error"]})
     assert failed == ["p2", "p3"]  # batches of 4 samples = 2 whole problems: (p2, p3) held p3
-    assert metrics["tests.test_critics:batched_flaky/errors"] == 4
+    assert metrics["tests.test_critics:batched_flaky/invalid"] == 4
 
 
 def test_quality_metrics_and_earlier_verdicts(tmp_path):
