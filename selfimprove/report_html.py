@@ -154,10 +154,12 @@ def _critics(rounds: dict[int, list[dict]]) -> str:
     rows, series = [], defaultdict(list)
     for r, stages in rounds.items():
         for m in stages:
-            for critic in [k[: -len("/quality_n")] for k in m["metrics"] if k.endswith("/quality_n")]:
+            for critic in [k[: -len("/positive")] for k in m["metrics"] if k.endswith("/positive")]:
                 values = [m["metrics"].get(f"{critic}/{q}") for q in ("precision", "recall", "auroc")]
                 low, high = (m["metrics"].get(f"{critic}/auroc_ci_{end}") for end in ("low", "high"))
-                rows.append([str(r), m["stage"], critic, _number(m["metrics"][f"{critic}/quality_n"]),
+                invalid = m["metrics"].get(f"{critic}/invalid", m["metrics"].get(f"{critic}/errors"))  # older runs
+                rows.append([str(r), m["stage"], critic, _number(m["metrics"].get(f"{critic}/quality_n")),
+                             f"{_number(invalid)} ({_number(m['metrics'].get(f'{critic}/timeouts'))})",
                              *map(_number, values[:2]), _number(values[2]) + (
                                  f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")])
                 for q, v in zip(("precision", "recall", "AUROC"), values):
@@ -165,10 +167,12 @@ def _critics(rounds: dict[int, list[dict]]) -> str:
     if not rows:
         return ""
     return (_lines(series, "critic quality per round", "against the task's grading", unit_interval=True)
-            + _html_table(["round", "stage", "critic", "samples", "precision", "recall", "AUROC"], rows)
-            + '<p class="note">Precision and recall of each critic\'s label and AUROC of its score with its 95% '
-              'DeLong interval, on the samples the task could grade; "-" where undefined (no sample labelled '
-              'correct, none correct, or all equal).</p>')
+            + _html_table(["round", "stage", "critic", "samples", "invalid (timeouts)", "precision", "recall",
+                           "AUROC"], rows)
+            + '<p class="note">Invalid: verdicts the critic failed to give (raised, timed out, unparseable or off '
+              'its scale), left out of selection, pairs and RL. Precision and recall of each critic\'s label and '
+              'AUROC of its score with its 95% DeLong interval, on the samples the task could grade; "-" where '
+              'undefined (no sample labelled correct, none correct, or all equal).</p>')
 
 
 def transitions(rows: list[dict]) -> dict[str, int]:

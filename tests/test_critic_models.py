@@ -168,7 +168,7 @@ def test_math_pipeline_on_the_tiny_model(engine, tiny_model, tmp_path):
     Runner(pipeline, tmp_path / "run", engine=engine, log=lambda *a: None).run()
     critique = read_json(tmp_path / "run" / "round_001" / "critique" / "manifest.json")["metrics"]
     verdicts = load_rows(tmp_path / "run" / "round_001" / "critique" / "data")
-    assert len(verdicts) == 4 * 3 * 4 and critique["errors"] == 0
+    assert len(verdicts) == 4 * 3 * 4 and critique["invalid"] == 0
     for critic in ("answer", "majority", "self_verify", "vote_and_verify"):
         assert critique[f"{critic}/quality_n"] == 12 and f"{critic}/precision" in critique
     assert "gold_accuracy" in critique

@@ -117,7 +117,8 @@ def test_llm_judge_parser_and_template():
     assert [v.score for v in out[:3]] == [1.0, pytest.approx(3 / 9), pytest.approx(8 / 9)]
     assert [v.label for v in out[:3]] == [True, False, True]
     assert out[3].score is None and "no score" in out[3].error
-    assert out[4].score == 1.0  # clipped to the scale
+    # "42" on a 1-10 scale is an invalid verdict, not full marks (clipping it rewarded gaming the judge)
+    assert out[4].score is None and out[4].label is None and "off its scale" in out[4].error
     assert engine.calls[0][0] == [{"role": "user", "content": "Q: question a\nA: The answer is 1.\nGold: 1"}]
     with pytest.raises(KeyError, match=r"\{gold\} is not a sample column"):
         judge({"name": "llm_judge", "template": "{gold}"}, samples, engine=engine)
@@ -337,8 +338,8 @@ def test_a_failing_or_hanging_sample_fails_only_its_verdict(tmp_path):
     assert "ValueError: cannot judge p3" in by_problem["p3"]["error"]
     assert "timed out" in by_problem["p5"]["error"]
     assert by_problem["p4"]["error"] is None and by_problem["p4"]["label"] is True
-    assert metrics["tests.test_critics:flaky/errors"] == 4 and metrics["tests.test_critics:flaky/timeouts"] == 2
-    assert metrics["errors"] == 4 and metrics["verdicts"] == 20
+    assert metrics["tests.test_critics:flaky/invalid"] == 4 and metrics["tests.test_critics:flaky/timeouts"] == 2
+    assert metrics["invalid"] == 4 and metrics["verdicts"] == 20
 
 
 def test_error_rate_past_the_limit_fails_the_stage(tmp_path):
@@ -353,7 +354,7 @@ def test_batched_critic_fails_its_whole_batch(tmp_path):
                                  batch_size=4, max_error_rate=1.0)
     failed = sorted({r["problem_id"] for r in rows if r["error"]})
     assert failed == ["p2", "p3"]  # batches of 4 samples = 2 whole problems: (p2, p3) held p3
-    assert metrics["tests.test_critics:batched_flaky/errors"] == 4
+    assert metrics["tests.test_critics:batched_flaky/invalid"] == 4
 
 
 def test_quality_metrics_and_earlier_verdicts(tmp_path):

@@ -109,7 +109,8 @@ def test_page_has_every_section_with_data_and_no_other(star_run, page):
     # the numbers of the other sections come from the manifests
     critique = read_json(star_run / "round_001" / "critique" / "manifest.json")["metrics"]
     filt = read_json(star_run / "round_001" / "filter" / "manifest.json")["metrics"]
-    assert f"<td>{CRITIC}</td><td>{critique[f'{CRITIC}/quality_n']}</td>" in page
+    assert (f"<td>{CRITIC}</td><td>{critique[f'{CRITIC}/quality_n']}</td>"
+            f"<td>{critique[f'{CRITIC}/invalid']} ({critique[f'{CRITIC}/timeouts']})</td>") in page
     assert f"<td>filter</td><td>{filt['examples']}</td><td>{filt['rationalized']}</td><td>-</td>" in page
     assert f"<td>{filt['bstar/distinct_completions']:.3f}</td>" in page
 

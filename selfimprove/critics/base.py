@@ -81,8 +81,8 @@ def as_verdict(value: Any) -> Verdict:
         if unknown:
             raise TypeError(f"critic returned a dict with unknown keys {sorted(unknown)}")
         return Verdict(**value)
-    if value is None:
-        return Verdict(score=None)
+    if value is None:  # no verdict: invalid, not a score of 0
+        return Verdict(score=None, error="critic returned None")
     raise TypeError(f"critic returned {type(value).__name__}; expected Verdict, float, bool or dict")
 
 

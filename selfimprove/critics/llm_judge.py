@@ -2,8 +2,9 @@
 
 The template is `str.format`ted with the sample's columns (`{question}`, `{completion}`, `{answer}`, any task
 column), so a judge may be shown the gold answer or not. The last match of `score_pattern` in the reply is the
-raw score, mapped linearly from `scale` onto [0, 1]; label = score >= `threshold`. A reply with no score, or a
-request that fails, fails that sample's verdict only.
+raw score, mapped linearly from `scale` onto [0, 1]; label = score >= `threshold`. A reply with no score, a
+score off the scale (never clipped: "11/10" would be full reward for gaming the judge), or a request that fails
+makes that sample's verdict invalid (its `error` set), and only that one.
 
 Backends (`backend`):
 - `policy`: the run's own engine and the weights that generated the samples (the model judges itself: with
@@ -101,7 +102,10 @@ class LLMJudgeCritic(Critic):
             return Verdict(score=None, rationale=reply, error=f"no score in the judge's reply: {reply[-200:]!r}")
         raw = float(matches[-1] if isinstance(matches[-1], str) else matches[-1][0])
         low, high = self.config.scale
-        score = min(1.0, max(0.0, (raw - low) / (high - low)))
+        if not low <= raw <= high:  # "11/10" is not full marks: clipping it would reward gaming the judge
+            return Verdict(score=None, rationale=reply,
+                           error=f"judge's score {raw:g} is off its scale [{low:g}, {high:g}]: {reply[-200:]!r}")
+        score = (raw - low) / (high - low)
         return Verdict(score=score, label=score >= self.config.threshold, rationale=reply)
 
     # -- backends --------------------------------------------------------------------------------------------

@@ -67,18 +67,24 @@ def problem_subset(problems: list[dict], num: int | None, rng: random.Random | N
 
 
 def unsolved_problem_ids(verdicts: list[dict], critic: str | None, stage: str) -> set[str]:
-    """Problems none of whose samples the deciding critic (`pick_verdict`) labelled correct, from verdict rows."""
+    """Problems none of whose samples the deciding critic (`pick_verdict`) labelled correct, from verdict rows; a
+    problem whose verdicts are all invalid (`error` set) is unknown, not unsolved, and left out."""
     by_sample: dict[str, dict] = defaultdict(dict)
     problem_of: dict[str, str] = {}
     for v in verdicts:
         by_sample[v["sample_id"]][v["critic"]] = v
         problem_of[v["sample_id"]] = v["problem_id"]
-    solved = set()
+    solved, judged = set(), set()
     for sample_id, sample_verdicts in by_sample.items():
         verdict = pick_verdict(sample_verdicts, critic, stage)
+        if verdict and verdict["error"] is None:
+            if verdict["label"] is None:
+                raise ValueError(f"critic {verdict['critic']!r} in stage {stage!r} gives scores without labels, so "
+                                 f"no problem would count as solved; `unsolved_in` needs a critic that labels")
+            judged.add(problem_of[sample_id])
         if verdict and verdict["label"]:
             solved.add(problem_of[sample_id])
-    return set(problem_of.values()) - solved
+    return judged - solved
 
 
 def join_verdicts(samples: list[dict], verdicts: list[dict]) -> list[dict]:

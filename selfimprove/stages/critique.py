@@ -8,6 +8,12 @@ policy is.
 Resumable: verdicts are saved per critic and per chunk of problems (`shards/`), so an interrupted LLM-judge or
 reward-model pass redoes at most one chunk.
 
+Invalid verdicts: a verdict whose critic raised, timed out, returned None or a non-finite score, or (a judge)
+gave no score or one off its scale carries an `error`, with score and label None. It is no evidence either way:
+every consumer (filter, pairs, `unsolved_in`, RL rewards) leaves such a sample out rather than read it as 0.
+Counted per critic as `<critic>/invalid` (of which `<critic>/timeouts` timed out) and in total as `invalid`.
+A critic that gives scores without labels (`<critic>/unlabelled`) is warned about: a filter needs `min_score`.
+
 Critic quality: when `quality` is on and samples carry gold answers, each sample is also graded by the task
 (task.grade, the same grader as evaluation) and each critic's precision, recall and AUROC against that gold are
 reported as `<critic>/precision`, `<critic>/recall`, `<critic>/auroc` with its DeLong interval
@@ -84,11 +90,21 @@ class Critique(Stage):
                 earlier[row["sample_id"]][spec.id] = row
             rows.extend(critic_rows)
             metrics.update(critic_metrics(spec.id, critic_rows, gold, timeouts))
+            if metrics[f"{spec.id}/unlabelled"] and not metrics[f"{spec.id}/positive"]:
+                log.warning("critic %s gives scores without labels: a filter selecting by label keeps nothing from "
+                            "it; set `min_score:` on the filter", spec.id)
             check_error_budget(ctx.stage, spec.id, [Verdict(r["score"], r["label"], error=r["error"]) for r in critic_rows],
                                c.calls)
         save_rows(rows, ctx.out_dir / "data")
-        metrics.update(verdicts=len(rows), errors=sum(r["error"] is not None for r in rows))
+        metrics.update(verdicts=len(rows), invalid=sum(r["error"] is not None for r in rows))
         return metrics
+
+    @classmethod
+    def report(cls, metrics: dict) -> dict[str, str]:
+        """Per critic: samples labelled correct and invalid verdicts (report.md's critic statistics)."""
+        critics = [k[: -len("/positive")] for k in metrics if k.endswith("/positive")]
+        return {f"{critic} positive / invalid": f"{metrics[f'{critic}/positive']} / {metrics[f'{critic}/invalid']}"
+                for critic in critics}
 
     def _judge(self, index: int, spec: CriticSpec, samples: list[dict], chunks: list[list[str]],
                earlier: dict) -> tuple[list[dict], int]:
@@ -145,12 +161,14 @@ class Critique(Stage):
 
 
 def critic_metrics(critic_id: str, rows: list[dict], gold: list[bool | None], timeouts: int) -> dict:
-    """Counts for one critic, plus its quality against gold where gold is known."""
+    """Counts for one critic (`invalid` next to `positive`, so both reach the console line), plus its quality
+    against gold where gold is known."""
     n = len(rows)
-    failed = sum(r["error"] is not None for r in rows)
+    invalid = sum(r["error"] is not None for r in rows)
     positive = sum(bool(r["label"]) for r in rows)
-    out = {f"{critic_id}/positive": positive, f"{critic_id}/positive_rate": positive / n if n else 0.0,
-           f"{critic_id}/errors": failed, f"{critic_id}/timeouts": timeouts}
+    out = {f"{critic_id}/positive": positive, f"{critic_id}/invalid": invalid,
+           f"{critic_id}/positive_rate": positive / n if n else 0.0, f"{critic_id}/timeouts": timeouts,
+           f"{critic_id}/unlabelled": sum(r["error"] is None and r["label"] is None for r in rows)}
     judged = [(r, g) for r, g in zip(rows, gold) if g is not None and r["error"] is None]
     if judged:
         quality = critic_quality([r["label"] for r, _ in judged], [r["score"] for r, _ in judged],

@@ -1,6 +1,8 @@
 """Selection: turn judged samples into an SFT training set (STaR's and ReST-EM's filter).
 
-`filter` keeps the samples a critic labelled correct, and reports the B-STaR monitor (monitor.py: exploration —
+`filter` keeps the samples a critic labelled correct (or, with `min_score`, those it scored at least that; a
+critic that gives scores without labels needs it, and the filter stops with that fix rather than keep nothing),
+leaves out samples whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py: exploration —
 pass@k, distinct correct answers and completions, correct samples per prompt — and exploitation — precision of
 what was kept, the balance score) on its first source, the round's own samples, graded against gold by the task. Each source is a pair of a generate stage and the
 critique stage that judged it; a source generated with a hint (STaR's rationalization) is stored *without*
@@ -92,6 +94,14 @@ class Filter(Stage):
             verdicts = load_rows(ctx.input_dir(source.verdicts) / "data")
             for sample in join_verdicts(samples, verdicts):
                 verdict = pick_verdict(sample["verdicts"], c.critic, source.verdicts)
+                if verdict is not None and verdict["error"] is not None:
+                    counts["invalid"] += 1  # left out: an invalid verdict is no evidence either way
+                    continue
+                if verdict is not None and threshold is None and verdict["label"] is None:
+                    raise ValueError(
+                        f"filter {ctx.stage!r}: critic {verdict['critic']!r} in stage {source.verdicts!r} gives "
+                        f"scores without labels, so selecting by label would keep nothing; set `min_score:` on "
+                        f"{ctx.stage!r} to keep samples scored at least that")
                 if not _selected(verdict, threshold):
                     continue
                 pid = sample["problem_id"]
@@ -110,7 +120,7 @@ class Filter(Stage):
                 counts[f"kept/{source.samples}"] += 1
         rows = [row for pid in sorted(kept) for row in kept[pid]]
         save_rows(rows, ctx.out_dir / "data")
-        return {"examples": len(rows), "problems": len(kept), "min_score": threshold,
+        return {"examples": len(rows), "problems": len(kept), "min_score": threshold, "invalid": counts.pop("invalid", 0),
                 "rationalized": sum(r["rationalized"] for r in rows), **counts,
                 **self._monitor(monitored, {i for r in rows for i in r["sample_ids"]})}
 
@@ -126,6 +136,10 @@ class Filter(Stage):
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
         cells = {"kept": str(metrics["examples"]), "rationalized": str(metrics["rationalized"])}
+        if metrics.get("min_score") is not None:
+            cells["min score"] = f"{metrics['min_score']:g}"
+        if metrics.get("invalid"):
+            cells["invalid"] = str(metrics["invalid"])
         if metrics.get("bstar/balance") is not None and metrics.get("bstar/pass@k") is not None:
             cells["B-STaR pass@k / balance"] = f"{metrics['bstar/pass@k']:.2f} / {metrics['bstar/balance']:.3f}"
         return cells

@@ -68,6 +68,9 @@ class Pairs(Stage):
             for s in sorted(group, key=lambda s: s["index"]):
                 verdict = pick_verdict(s["verdicts"], c.critic, c.verdicts)
                 text = s["completion"].strip()
+                if verdict is not None and verdict["error"] is not None:
+                    skipped["invalid"] += 1  # an invalid verdict is no evidence: never a chosen or rejected side
+                    continue
                 if verdict is None or verdict["score"] is None or not text:
                     skipped["unjudged_or_empty"] += 1
                     continue

@@ -28,6 +28,7 @@ import json
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -137,7 +138,8 @@ class RL(Stage):
             extra={"round": ctx.round, "stage": ctx.stage, "step": step})
         generated = time.time()
         scores, errors = self._scores(critic, rows, objective.attempts)
-        rewards = [objective.rewards(s) for s in scores]
+        # a row with an invalid verdict on any attempt gets no rewards and is left out of training
+        rewards = [None if None in s else objective.rewards(s) for s in scores]
         for row, row_scores, row_rewards in zip(rows, scores, rewards):
             row["scores"], row["rewards"] = row_scores, row_rewards
         stop_strings = bool(c.sampling.stop)  # a stop string is not the EOS token; the text does not say which
@@ -147,7 +149,8 @@ class RL(Stage):
                             rewards=row_rewards, version=weights.adapter_hash,
                             token_ids=[a.get("token_ids") for a in _attempts(row)],
                             logprobs=[a.get("logprobs") for a in _attempts(row)])
-                    for row, row_rewards in zip(rows, rewards)]
+                    for row, row_rewards in zip(rows, rewards) if row_rewards is not None]
+        rollouts = _valid_groups(rollouts)
         if c.filter_groups:
             rollouts = _informative(rollouts)
         scored = time.time()
@@ -155,25 +158,26 @@ class RL(Stage):
                               max_tokens=c.sampling.max_tokens)
         metrics = {"step": step, "policy_version": weights.adapter_hash, "samples": len(rows), "reward_errors": errors,
                    "trained_samples": len(rollouts),
-                   **{f"reward/attempt{t + 1}": sum(s[t] for s in scores) / len(rows) for t in range(objective.attempts)},
+                   **{f"reward/attempt{t + 1}": _mean([s[t] for s in scores]) for t in range(objective.attempts)},
                    **update, "weight_sync_seconds": round(prepared - started, 2),
                    "generate_seconds": round(generated - prepared, 2), "reward_seconds": round(scored - generated, 2)}
         metrics["step_seconds"] = round(time.time() - started, 2)
         return rows, metrics
 
     def _scores(self, critic, rows: list[dict], attempts: int) -> tuple[list[list[float]], int]:
-        """The critic's score per attempt per row; a failed verdict (None score) counts as 0 reward, and more
-        failures than the error budget allows stop the stage."""
+        """The critic's score per attempt per row; an invalid verdict's is None (no reward, not 0: the row is
+        left out of training), and more failures than the error budget allows stop the stage."""
         c, ctx = self.config, self.ctx
-        out: list[list[float]] = [[] for _ in rows]
+        out: list[list[float | None]] = [[] for _ in rows]
         errors = 0
         for t in range(attempts):
             inputs = [{**row, **_attempts(row)[t], "verdicts": {}} for row in rows]
             verdicts, _ = judge_all(critic, inputs, c.calls)
             check_error_budget(ctx.stage, c.critic.id, verdicts, c.calls)
             for i, v in enumerate(verdicts):
-                errors += v.score is None
-                out[i].append(0.0 if v.score is None else float(v.score))
+                invalid = v.error is not None or v.score is None
+                errors += invalid
+                out[i].append(None if invalid else float(v.score))
         return out, errors
 
     def _commit(self, trainer, versions, index: int, rows: list[dict] | None, metrics: dict | None) -> None:
@@ -209,10 +213,11 @@ class RL(Stage):
             "adapter_hash": adapter_hash(adapter_dir), "label": f"round_{ctx.round:03d}/{ctx.stage}",
             "init": start.to_dict(), "policy": ctx.weights("policy").to_dict(), "trained": True,
         })
-        out: dict = {"steps": len(steps), "samples": len(rows), "objective": self.config.objective.name}
+        out: dict = {"steps": len(steps), "samples": len(rows), "objective": self.config.objective.name,
+                     "reward_errors": sum(s.get("reward_errors", 0) for s in steps)}  # invalid verdicts, all steps
         for key in [k for k in steps[0] if k.startswith("reward/")]:
             out[f"{key}/first"], out[f"{key}/last"] = steps[0][key], steps[-1][key]
-            out[f"{key}/mean"] = sum(s[key] for s in steps) / len(steps)
+            out[f"{key}/mean"] = _mean([s[key] for s in steps])
         for key in ("step_seconds", "update_seconds", "generate_seconds", "weight_sync_seconds", "reward_seconds"):
             out[f"{key}/mean"] = round(sum(s[key] for s in steps) / len(steps), 2)
         for key in [k for k in steps[-1] if k.startswith(("kl/", "sampler_gap/"))]:
@@ -225,8 +230,10 @@ class RL(Stage):
         cells = {"trained on": f"{metrics['steps']} RL steps"}
         if keys:
             k = keys[-1]
-            cells["RL reward"] = (f"{k}: {metrics[k + '/first']:.3f}→{metrics[k + '/last']:.3f} "
-                                  f"(mean {metrics[k + '/mean']:.3f})")
+            first, last, mean = (_num(metrics[k + suffix]) for suffix in ("/first", "/last", "/mean"))
+            cells["RL reward"] = f"{k}: {first}→{last} (mean {mean})"
+        if metrics.get("reward_errors"):
+            cells["reward errors"] = str(metrics["reward_errors"])  # invalid verdicts, left out of training
         return cells
 
 
@@ -234,6 +241,24 @@ def _attempts(row: dict) -> list[dict]:
     """A sampled row's attempts: its `attempts` list, or the row itself for a single attempt."""
     return row.get("attempts") or [{k: row.get(k) for k in ("prompt", "completion", "finish_reason", "num_tokens",
                                                             "token_ids", "logprobs")}]
+
+
+def _num(value: float | None) -> str:
+    """A reward for the report; "-" for a step whose every verdict was invalid (no reward to average)."""
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values that are not None (invalid verdicts' scores are None); None when none is."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _valid_groups(rollouts: list[Rollout]) -> list[Rollout]:
+    """The rollouts of groups that kept at least 2 members after invalid verdicts were left out: a lone member
+    has no group to be compared with."""
+    size = Counter(r.group for r in rollouts)
+    return [r for r in rollouts if size[r.group] >= 2]
 
 
 def _informative(rollouts: list[Rollout]) -> list[Rollout]:
