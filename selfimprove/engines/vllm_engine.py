@@ -54,6 +54,13 @@ def folder_dtype(model_path: str) -> str:
     return cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
 
 
+def lora_id(ids: dict[str, int], weights: Weights) -> int:
+    """vLLM's integer id for `weights`' adapter, allocated in `ids`. vLLM caches a loaded adapter by this id, so it
+    follows the adapter's content hash, not its folder: a retrained adapter written over an old one's folder gets
+    a new id (and is loaded), an identical copy elsewhere reuses the loaded one."""
+    return ids.setdefault(weights.adapter_hash or adapter_hash(weights.adapter), len(ids) + 1)
+
+
 @ENGINES.register("vllm")
 class VLLMEngine(Engine):
     @dataclass
@@ -98,7 +105,7 @@ class VLLMEngine(Engine):
         self.llm = LLM(**kwargs)
         # merged mode: how the weights held now were loaded ("memory" | "disk") and their adapter hash (None: base)
         self._loaded: tuple = ("memory", None)
-        self._lora_ids: dict[str, int] = {}
+        self._lora_ids: dict[str, int] = {}  # lora mode: adapter content hash -> vLLM's id
         self.weight_loads = 0  # how many times new weights were loaded into the running engine
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int) -> list[list[Completion]]:
@@ -169,8 +176,8 @@ class VLLMEngine(Engine):
                 return None
             from vllm.lora.request import LoRARequest
 
-            lora_id = self._lora_ids.setdefault(weights.adapter, len(self._lora_ids) + 1)
-            return LoRARequest(weights.label, lora_id, weights.adapter)
+            number = lora_id(self._lora_ids, weights)
+            return LoRARequest(f"{weights.label}#{number}", number, weights.adapter)
         identity = weights.adapter_hash or (adapter_hash(weights.adapter) if weights.adapter else None)
         if identity == self._loaded[1]:
             return None
