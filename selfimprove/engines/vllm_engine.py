@@ -183,11 +183,11 @@ class VLLMEngine(Engine):
             return None
         if weights.adapter is None or plain_lora(weights.adapter):
             if self._loaded[0] == "disk":  # every layer holds the disk-merged model: start again from the base
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
+                self.llm.collective_rpc("reload_folder", args=(self.model_path,))
             self.llm.collective_rpc("load_adapter", args=(self.model_path, weights.adapter))
             self._loaded = ("memory", identity)
         else:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(merged_folder(weights))})
+            self.llm.collective_rpc("reload_folder", args=(str(merged_folder(weights)),))
             self._loaded = ("disk", identity)
         self.llm.reset_prefix_cache()  # cached prefix blocks were computed with the old weights
         self.weight_loads += 1
