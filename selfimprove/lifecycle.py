@@ -246,8 +246,11 @@ def kill_stale_processes(run_dir: str | Path) -> list[int]:
     record = _read_json(Path(run_dir) / PROCESS_FILE)
     if not record or _process(record.get("pid"), record.get("create_time")) is not None:
         return []
-    children = record.get("children")
-    remembered = {int(pid): ct for pid, ct in children.items()} if isinstance(children, dict) else {}
+    remembered = {}
+    for key in ("children", "killing"):  # "killing": what a watchdog was killing when it died itself
+        entries = record.get(key)
+        if isinstance(entries, dict):
+            remembered.update({int(pid): ct for pid, ct in entries.items()})
     return _kill_all(remembered, record.get("token"), spare=_own_family())
 
 
@@ -261,9 +264,11 @@ def _own_family() -> set[int]:
     return family
 
 
-def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int]) -> list[int]:
+def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int],
+              before_kill=None) -> list[int]:
     """SIGKILL the remembered processes that are still the same processes, their descendants, and every process
-    carrying `token` in its environment; repeated while a pass finds new ones (a child forked meanwhile)."""
+    carrying `token` in its environment; repeated while a pass finds new ones (a child forked meanwhile).
+    `before_kill({pid: create_time})` runs before each pass's signals are sent."""
     killed: set[int] = set()
     for _ in range(3):
         targets: dict[int, psutil.Process] = {}
@@ -288,6 +293,14 @@ def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int]) 
         fresh = [proc for pid, proc in targets.items() if pid not in spare and pid not in killed]
         if not fresh:
             break
+        if before_kill is not None:
+            times = {}
+            for proc in fresh:
+                try:
+                    times[proc.pid] = proc.create_time()
+                except psutil.Error:
+                    pass
+            before_kill(times)
         for proc in fresh:
             try:
                 proc.kill()  # psutil refuses if the pid now belongs to another process
@@ -344,7 +357,17 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
     except _Stop:
         return []
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # from here on, finish the job
-    killed = _kill_all(remembered, token, spare={me})
+    killing: dict[int, float] = {}
+
+    def move_to_killing(procs: dict[int, float]) -> None:
+        # The record's `children` are the run's descendants still alive. Each pass moves its targets from there
+        # to `killing` before signalling them, so `children` never lists a process already dead, and a watchdog
+        # killed mid-way still leaves every target on record for `kill_stale_processes`.
+        killing.update(procs)
+        if record is not None:
+            _write_record(record, pid, create_time, token, {}, killing)
+
+    killed = _kill_all(remembered, token, spare={me}, before_kill=move_to_killing)
     if killed:
         print(f"selfimprove: run pid {pid} ended; killed {len(killed)} process(es) it left: "
               f"{', '.join(map(str, killed))}", file=sys.stderr)
@@ -397,10 +420,13 @@ def peak_memory_mib(run_dir: str | Path, since: float, until: float) -> float | 
     return max(values) if values else None
 
 
-def _write_record(path: Path, pid: int, create_time: float, token: str, children: dict[int, float]) -> None:
+def _write_record(path: Path, pid: int, create_time: float, token: str, children: dict[int, float],
+                  killing: dict[int, float] | None = None) -> None:
     """Atomically, so that `kill_stale_processes` never reads half a record."""
     data = {"pid": pid, "create_time": create_time, "token": token, "watchdog": os.getpid(),
             "children": {str(p): t for p, t in sorted(children.items())}}
+    if killing:
+        data["killing"] = {str(p): t for p, t in sorted(killing.items())}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a stop() waits until the record is whole
     try:

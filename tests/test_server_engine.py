@@ -158,33 +158,93 @@ def test_server_killed_mid_call(served, tiny_model):
     assert not running(tree), running(tree)
 
 
-def test_serve_command_starts_answers_and_leaves_nothing_when_killed(tiny_model, tmp_path):
-    """`selfimprove serve` prints its URLs once healthy; SIGKILLing it (no cleanup can run in it) still takes
-    down the server and vLLM's own EngineCore/Worker processes, through the supervisor."""
+def _serve(tiny_model, log_dir, *args) -> tuple[subprocess.Popen, list[str]]:
+    """A `selfimprove serve` command; its output lines (stdout and stderr) collect in the returned list."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfimprove.serve", tiny_model, "--enforce-eager", "--max-model-len", "256",
+         "--cpu-kv-cache-gib", "1", "--log-dir", str(log_dir), "--start-timeout", "400", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def _wait_line(lines: list[str], start: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [line for line in list(lines) if line.startswith(start)]
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no line starting {start!r} in {timeout_s}s:\n{''.join(lines)}")
+
+
+def test_serve_replicas_outlive_each_other(tiny_model, tmp_path):
+    """Two `selfimprove serve` commands started together on the default ports announce different ports. One
+    replica of `--replicas 2` killed mid-call: the call returns what an undisturbed call returns (its requests
+    moved to the survivor and counted as failover), the other replica kept serving, the dead one is restarted
+    on its port and takes requests again. SIGKILLing the command (no cleanup can run in it) still takes down
+    every server and vLLM's own processes, through the supervisors."""
     import httpx
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfimprove.serve", tiny_model, "--port", "18400", "--enforce-eager",
-         "--max-model-len", "256", "--cpu-kv-cache-gib", "1", "--log-dir", str(tmp_path), "--start-timeout", "300"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from selfimprove.engines.vllm_server import VLLMServerEngine
+
+    pair, pair_out = _serve(tiny_model, tmp_path / "pair", "--replicas", "2")
+    single, single_out = _serve(tiny_model, tmp_path / "single")
+    eng = None
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("urls:"):
-                break
-        assert lines and lines[-1].startswith("urls:"), "".join(lines)
-        url = lines[-1].split()[1]
-        assert httpx.get(url + "/health", timeout=10).status_code == 200
-        tree = descendants(proc.pid)
+        urls = _wait_line(pair_out, "urls:", 420).split()[1:]
+        other = _wait_line(single_out, "urls:", 420).split()[1:]
+        assert len(set(urls + other)) == 3, (urls, other)
+        single.send_signal(signal.SIGTERM)  # done with it: its cores go to the pair
+        assert single.wait(timeout=60) == 0
+
+        eng = VLLMServerEngine(VLLMServerEngine.Config(urls=urls, max_concurrency=4), tiny_model)
+        prompts = [f"Count: {' '.join(str(j) for j in range(i, i + 8))}" for i in range(16)]
+        sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=160)
+        undisturbed = eng.generate(prompts, sampling, Weights(tiny_model), seed=5)
+        tree = descendants(pair.pid)
+        victim_port = int(urls[1].rsplit(":", 1)[1])
+        api_server = next(p for p in tree if any(c.laddr.port == victim_port and c.status == psutil.CONN_LISTEN
+                                                 for c in p.net_connections(kind="tcp")))
+        counts, killed = Counter(eng.requests_per_server), []
+
+        def kill_when_busy():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                answers = sum(eng.requests_per_server[url] - counts[url] for url in urls)
+                if answers > 0 and eng._servers[1].inflight > 0:
+                    api_server.send_signal(signal.SIGKILL)
+                    killed.append(eng._servers[1].inflight)
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        out = eng.generate(prompts, sampling, Weights(tiny_model), seed=5)
+        killer.join()
+        assert killed and texts(out) == texts(undisturbed)
+        assert eng.failover["servers_lost"] == 1 and eng.failover["requests_moved"] >= 1, eng.failover
+        assert httpx.get(urls[0] + "/health", timeout=10).status_code == 200  # the survivor kept serving
+        _wait_line(pair_out, "warning: server " + urls[1] + " exited", 120)
+        _wait_line(pair_out, "server " + urls[1] + " is back", 300)
+        counts = Counter(eng.requests_per_server)
+        again = eng.generate(prompts, sampling, Weights(tiny_model), seed=5)
+        assert texts(again) == texts(undisturbed)
+        assert eng.requests_per_server[urls[1]] > counts[urls[1]], "the restarted replica takes requests again"
+
+        tree = descendants(pair.pid)
         names = " ".join(" ".join(p.cmdline()) for p in tree) + " ".join(p.name() for p in tree)
         assert "--supervise" in names and "VLLM::EngineCore" in names, names
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        pair.send_signal(signal.SIGKILL)
+        pair.wait(timeout=10)
         gone, alive = psutil.wait_procs(tree, timeout=60)
         assert not running(alive), running(alive)
         with pytest.raises(httpx.HTTPError):
-            httpx.get(url + "/health", timeout=5)
+            httpx.get(urls[0] + "/health", timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if eng is not None:
+            eng.close()
+        for proc in (pair, single):
+            if proc.poll() is None:
+                proc.kill()

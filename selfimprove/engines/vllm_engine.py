@@ -54,6 +54,13 @@ def folder_dtype(model_path: str) -> str:
     return cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
 
 
+def lora_id(ids: dict[str, int], weights: Weights) -> int:
+    """vLLM's integer id for `weights`' adapter, allocated in `ids`. vLLM caches a loaded adapter by this id, so it
+    follows the adapter's content hash, not its folder: a retrained adapter written over an old one's folder gets
+    a new id (and is loaded), an identical copy elsewhere reuses the loaded one."""
+    return ids.setdefault(weights.adapter_hash or adapter_hash(weights.adapter), len(ids) + 1)
+
+
 @ENGINES.register("vllm")
 class VLLMEngine(Engine):
     @dataclass
@@ -102,7 +109,7 @@ class VLLMEngine(Engine):
         self.llm = LLM(**kwargs)
         # merged mode: how the weights held now were loaded ("memory" | "disk") and their adapter hash (None: base)
         self._loaded: tuple = ("memory", None)
-        self._lora_ids: dict[str, int] = {}
+        self._lora_ids: dict[str, int] = {}  # lora mode: adapter content hash -> vLLM's id
         self.weight_loads = 0  # how many times new weights were loaded into the running engine
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int) -> list[list[Completion]]:
@@ -175,18 +182,18 @@ class VLLMEngine(Engine):
                 return None
             from vllm.lora.request import LoRARequest
 
-            lora_id = self._lora_ids.setdefault(weights.adapter, len(self._lora_ids) + 1)
-            return LoRARequest(weights.label, lora_id, weights.adapter)
+            number = lora_id(self._lora_ids, weights)
+            return LoRARequest(f"{weights.label}#{number}", number, weights.adapter)
         identity = weights.adapter_hash or (adapter_hash(weights.adapter) if weights.adapter else None)
         if identity == self._loaded[1]:
             return None
         if weights.adapter is None or plain_lora(weights.adapter):
             if self._loaded[0] == "disk":  # every layer holds the disk-merged model: start again from the base
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
+                self.llm.collective_rpc("reload_folder", args=(self.model_path,))
             self.llm.collective_rpc("load_adapter", args=(self.model_path, weights.adapter))
             self._loaded = ("memory", identity)
         else:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(merged_folder(weights))})
+            self.llm.collective_rpc("reload_folder", args=(str(merged_folder(weights)),))
             self._loaded = ("disk", identity)
         self.llm.reset_prefix_cache()  # cached prefix blocks were computed with the old weights
         self.weight_loads += 1

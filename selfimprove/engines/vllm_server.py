@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -153,7 +154,7 @@ class VLLMServerEngine(Engine):
         urls: list[str] = field(default_factory=list)  # running servers to use ...
         launch: int = 0  # ... or start this many local servers for the run, stopped at close
         host: str = "127.0.0.1"  # launched servers bind here (dev mode is on: keep it off public interfaces)
-        port: int = 8100  # launched servers' first port; ports in use are skipped
+        port: int = 0  # launched server i binds port+i; 0: ports the kernel picks
         request_timeout_s: float = 600.0  # one request (one prompt's n samples), not a whole call
         max_concurrency: int = 32  # requests in flight per server
         retries: int = 3  # further attempts of a failed request, on other servers when there are any
@@ -193,6 +194,9 @@ class VLLMServerEngine(Engine):
         self.weight_loads = 0  # weight syncs done (one per server and new version)
         self.requests_per_server: Counter = Counter()  # answers kept, by server URL (all calls)
         self.retried = 0  # requests sent again after a failure (all calls)
+        # Failover, all calls: servers found down, requests moved off a server that failed them, and the seconds
+        # those failed attempts had run. The runner reports each stage's share.
+        self.failover = {"servers_lost": 0, "requests_moved": 0, "seconds_lost": 0.0}
         try:
             if config.launch:
                 from ..serve import ServerOptions, launch
@@ -455,6 +459,8 @@ class VLLMServerEngine(Engine):
         self._call += 1
         call = self._call
         merged_path = self._merged_path(weights)
+        if self.launched is not None:  # restart launched servers that died (it does not wait for them)
+            self.launched.revive(lambda line: print(f"vllm_server: {line}", file=sys.stderr, flush=True))
         for server in self._servers:
             if not server.alive and server.healthy():
                 server.alive = True  # back (restarted): its weights are confirmed before its first request
@@ -531,12 +537,22 @@ class VLLMServerEngine(Engine):
                         if j is not None:
                             break
                         lock.wait(0.5)
+                began = time.monotonic()
                 try:
                     outcome, value = attempt(server, j)
                     if outcome == "down" and not server.healthy():
-                        server.alive = False
+                        with self._counts:  # each of its threads gets here: count and say it once
+                            lost, server.alive = server.alive, False
+                            self.failover["servers_lost"] += lost
+                        if lost:
+                            print(f"vllm_server: {server.url} is down; its requests move to the other servers",
+                                  file=sys.stderr, flush=True)
                 except BaseException as err:  # a bug must not leave the other threads waiting for job j
                     outcome, value = "fatal", err
+                if outcome == "down":
+                    with self._counts:
+                        self.failover["requests_moved"] += 1
+                        self.failover["seconds_lost"] += time.monotonic() - began
                 with lock:
                     taken[server.url] -= 1
                     if outcome == "ok":
