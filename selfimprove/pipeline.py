@@ -17,6 +17,7 @@ interrupted one from what it had written (generation resumes chunk by chunk). Se
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import platform
@@ -357,18 +358,49 @@ class Runner:
         resolved = to_dict(self.pipeline.config)
         path = self.run_dir / "config.yaml"
         if path.exists():
-            previous = yaml.safe_load(path.read_text())
-            # More rounds may be added to a finished run; anything else must match what already ran.
-            changed = sorted(k for k in set(previous) | set(resolved)
-                             if k not in ("rounds", "runs_dir") and previous.get(k) != resolved.get(k))
+            changed = changed_settings(yaml.safe_load(path.read_text()), resolved)
             if changed:
                 raise ConfigError(
-                    f"{path}: this run directory was made with a different config (keys {', '.join(changed)} differ); "
-                    f"resume with the same config, or choose another run name (name=...)"
-                )
+                    f"{path}: this run directory was made with a different config ({', '.join(changed)}); resume "
+                    f"with the same config, or choose another run name (name=...). Only these may change on resume: "
+                    f"{', '.join(RESUMABLE)}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(resolved, sort_keys=False))
         write_json(self.run_dir / "versions.json", environment_versions())
+
+
+# The settings a resumed run may change: none of them alters what a finished stage wrote, so the run directory
+# stays one experiment. More rounds extend it; an error budget or a time limit only decides whether an unfinished
+# stage may finish (a critique stopped by max_error_rate resumes with a higher one, keeping its samples); where
+# the run directory sits, its description and its trackers only say where things go. `*` is any stage name.
+RESUMABLE = ("rounds", "runs_dir", "description", "report_to", "stages.*.calls.max_error_rate",
+             "stages.*.calls.timeout", "engine.request_timeout_s", "engine.start_timeout_s")
+
+
+def changed_settings(previous: dict, current: dict) -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs and that may not change on resume."""
+    before, after = _flatten(previous), _flatten(current)
+    def show(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "(unset)"
+
+    return [f"{key}: {show(before, key)} -> {show(after, key)}"
+            for key in sorted(set(before) | set(after))
+            if before.get(key, _UNSET) != after.get(key, _UNSET)
+            and not any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}[[.]*") for p in RESUMABLE)]
+
+
+_UNSET = object()
+
+
+def _flatten(node: Any, key: str = "") -> dict[str, Any]:
+    """{dotted key: value} for every leaf of nested mappings and lists (`stages.critique.critics[1].max_words`)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None or (not node and key):
+        return {key: node}
+    out: dict[str, Any] = {}
+    for name, value in items:
+        out.update(_flatten(value, f"{key}[{name}]" if isinstance(node, list) else f"{key}.{name}" if key else name))
+    return out
 
 
 def environment_versions() -> dict:
