@@ -105,11 +105,43 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), data: dict
     """Read, merge and check a pipeline YAML (or a mapping, for programmatic use) — before any model loads."""
     where = str(path) if path is not None else "<pipeline>"
     raw = load_yaml(path) if path is not None else dict(data or {})
-    raw = apply_overrides(raw, list(overrides))
-    config = build(PipelineConfig, raw, where)
-    check_model_ref(config.model, where, "model")
-    _check_stages(config, where)
+    written, raw = raw, apply_overrides(raw, list(overrides))
+    try:
+        config = build(PipelineConfig, raw, where)
+        check_model_ref(config.model, where, "model")
+        _check_stages(config, where)
+    except ConfigError as err:
+        raise _blame_override(err, where, list(overrides), written) from None
     return Pipeline(config, where)
+
+
+def _blame_override(err: ConfigError, where: str, overrides: list[str], written: dict) -> ConfigError:
+    """An error at a key that a command-line override set (or that only an override wrote) is the override's, not
+    the file's: say so. An error about a mapping that an override changed names the override beside the file."""
+    text = str(err)
+    if not text.startswith(f"{where}: "):
+        return err
+    key, rest = text[len(where) + 2:].split(": ", 1) if ": " in text[len(where) + 2:] else ("", "")
+    inside = []
+    for item in reversed(overrides):  # the last override of a key is the one that counts
+        dotted = item.split("=", 1)[0]
+        if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")) or (
+                dotted.startswith(f"{key}.") and not _has_key(written, key)):
+            return ConfigError(f"command-line override {item!r} (over {where}): {key}: {rest}")
+        if key == "<top>" or dotted.startswith(f"{key}."):
+            inside.append(item)
+    if inside:
+        return ConfigError(f"{text} (with the command-line override{'s' * (len(inside) > 1)} "
+                           f"{', '.join(map(repr, reversed(inside)))})")
+    return err
+
+
+def _has_key(data: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
 
 
 def _check_stages(config: PipelineConfig, where: str) -> None:
