@@ -47,6 +47,12 @@ def test_errors_caused_by_an_override_name_the_override(capsys, tmp_path):
                                        f"got 'abc'\n")
 
 
+def test_help_prints_percent_signs_once():
+    proc = subprocess.run([sys.executable, "-m", "selfimprove.cli", "eval", "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert "95% bootstrap" in proc.stdout and "%%" not in proc.stdout
+
+
 def test_list_names_components(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -81,12 +81,13 @@ def test_wrong_type_is_an_error(tmp_path):
 
 
 def test_unknown_task_lists_valid_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"task: unknown task 'gsm9k'; valid names: arithmetic, dataset, gsm8k"):
+    with pytest.raises(ConfigError, match=r"task: unknown task 'gsm9k'; did you mean 'gsm8k'\? valid names: "
+                                          r"arithmetic, dataset, gsm8k"):
         load_pipeline(_write(tmp_path, BASE.replace("arithmetic", "gsm9k")))
 
 
 def test_unknown_stage_type_lists_valid_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"stages.critique: unknown stage 'critic'; valid names: .*critique"):
+    with pytest.raises(ConfigError, match=r"stages.critique: unknown stage 'critic'; did you mean 'critique'\? valid names: .*"):
         load_pipeline(_write(tmp_path, BASE.replace("critique: {samples", "critique: {type: critic, samples")))
 
 
@@ -114,6 +115,10 @@ def test_bad_split_for_task(tmp_path):
 def test_critic_dotted_path_errors(tmp_path):
     text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'tests.plugins:nope'}]}")
     with pytest.raises(ConfigError, match=r"stages.critique.critics\[0\]: module 'tests.plugins' has no attribute 'nope'"):
+        load_pipeline(_write(tmp_path, text))
+    text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'tests.plugins:accept_al'}]}")
+    with pytest.raises(ConfigError, match=r"no attribute 'accept_al' \(for critic 'tests.plugins:accept_al'\); did you "
+                                          r"mean 'accept_all'\?"):
         load_pipeline(_write(tmp_path, text))
     text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'nopkg.x:C'}]}")
     with pytest.raises(ConfigError, match=r"cannot import module 'nopkg.x'"):
