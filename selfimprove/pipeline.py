@@ -392,10 +392,11 @@ class Runner:
         if path.exists():
             changed = changed_settings(yaml.safe_load(path.read_text()), resolved)
             if changed:
+                more = f", and {len(changed) - 5} more" if len(changed) > 5 else ""
                 raise ConfigError(
-                    f"{path}: this run directory was made with a different config ({', '.join(changed)}); resume "
-                    f"with the same config, or choose another run name (name=...). Only these may change on resume: "
-                    f"{', '.join(RESUMABLE)}")
+                    f"{path}: this run directory was made with a different config ({', '.join(changed[:5])}{more}); "
+                    f"resume with the same config, or choose another run name (name=...). Only these may change on "
+                    f"resume: {', '.join(RESUMABLE)}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(resolved, sort_keys=False))
         write_json(self.run_dir / "versions.json", environment_versions())
@@ -412,6 +413,7 @@ RESUMABLE = ("rounds", "runs_dir", "description", "report_to", "stages.*.calls.m
 def changed_settings(previous: dict, current: dict) -> list[str]:
     """`key: old -> new` for every dotted key whose value differs and that may not change on resume."""
     before, after = _flatten(previous), _flatten(current)
+
     def show(values: dict, key: str) -> str:
         return repr(values[key]) if key in values else "(unset)"
 

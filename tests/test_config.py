@@ -87,7 +87,8 @@ def test_unknown_task_lists_valid_names(tmp_path):
 
 
 def test_unknown_stage_type_lists_valid_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"stages.critique: unknown stage 'critic'; did you mean 'critique'\? valid names: .*"):
+    with pytest.raises(ConfigError, match=r"stages.critique: unknown stage 'critic'; did you mean 'critique'\? "
+                                          r"valid names: "):
         load_pipeline(_write(tmp_path, BASE.replace("critique: {samples", "critique: {type: critic, samples")))
 
 
@@ -116,7 +117,8 @@ def test_critic_dotted_path_errors(tmp_path):
     text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'tests.plugins:nope'}]}")
     with pytest.raises(ConfigError, match=r"stages.critique.critics\[0\]: module 'tests.plugins' has no attribute 'nope'"):
         load_pipeline(_write(tmp_path, text))
-    text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'tests.plugins:accept_al'}]}")
+    text = BASE.replace("critique: {samples: generate}",
+                        "critique: {samples: generate, critics: [{name: 'tests.plugins:accept_al'}]}")
     with pytest.raises(ConfigError, match=r"no attribute 'accept_al' \(for critic 'tests.plugins:accept_al'\); did you "
                                           r"mean 'accept_all'\?"):
         load_pipeline(_write(tmp_path, text))

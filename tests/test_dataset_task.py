@@ -225,7 +225,8 @@ def test_bad_input_is_refused_when_the_config_is_built(tmp_path, jsonl):
 def test_every_row_is_checked_when_the_config_is_built(tmp_path):
     """A bad row anywhere in the file (here the last of three) stops the config load, naming its row, column and
     fix: `--check` catches it, not the run minutes later."""
-    good = [{"question": "What is 1 + 1?", "answer": "2", "id": "a"}, {"question": "What is 1 + 2?", "answer": 3, "id": "b"}]
+    good = [{"question": "What is 1 + 1?", "answer": "2", "id": "a"},
+            {"question": "What is 1 + 2?", "answer": 3, "id": "b"}]
     cases = [
         ({"question": "x", "answer": "1", "id": "c"}, "line 4 is not valid JSON", "{not json\n"),
         ({"question": "What is 2 + 2?", "answer": None, "id": "c"},
@@ -234,7 +235,8 @@ def test_every_row_is_checked_when_the_config_is_built(tmp_path):
          "row 3, column 'answer' (columns.answer): 'seven' is not", ""),
         ({"question": "What is 2 + 2?", "answer": "4", "id": "a"},
          "row 3, column 'id' (columns.id): id 'a' repeats row 1", ""),
-        ({"question": " ", "answer": "4", "id": "c"}, "row 3, column 'question' (columns.question): empty question", ""),
+        ({"question": " ", "answer": "4", "id": "c"},
+         "row 3, column 'question' (columns.question): empty question", ""),
         ({"question": "What is 2 + 2?", "id": "c"},
          "row 3 has no 'answer' (columns.answer); every row needs it: add it to that row, or map columns.answer", ""),
     ]
