@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_console import ALARMING
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -114,6 +116,11 @@ def test_readme_data_section_from_an_empty_folder(tmp_path):
     evaluated = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {m["round"] for m in evaluated if m["stage"] == "evaluate"} == {0, 1, 2}
     assert "accuracy [95% CI]" in proc.stdout
+    # a quiet console: no loss dicts under the training bar, no weight-loading bars, no warnings (they are in the log)
+    lines = [part.strip() for line in (proc.stdout + proc.stderr).splitlines() for part in line.split("\r")]
+    noisy = [line for line in lines if ALARMING.search(line) or "'loss'" in line or "Loading weights" in line]
+    assert not noisy, "\n".join(noisy[:20])
+    assert "'loss'" in (run / "logs" / "libraries.log").read_text()
     from datasets import load_from_disk
 
     ids = set(load_from_disk(str(run / "round_001" / "generate" / "data"))["problem_id"])

@@ -88,6 +88,7 @@ class VLLMEngine(Engine):
             max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
             tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
             worker_extension_cls="selfimprove.engines.vllm_worker.WorkerExtension",
+            use_tqdm_on_load=False,  # its "Loading safetensors checkpoint shards" bar is not the run's progress
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
