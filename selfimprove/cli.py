@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--check", action="store_true", help="only load and check the config, then exit")
 
     ev = sub.add_parser("eval", help="evaluate a model (and optionally an adapter) on a task", description=(
-        "Greedy or sampled evaluation with accuracy (strict and flexible), pass@k and maj@k, 95%% bootstrap "
+        "Greedy or sampled evaluation with accuracy (strict and flexible), pass@k and maj@k, 95% bootstrap "
         "intervals; every generation is saved beside the metrics. Runs the pipeline's own evaluate stage; "
         "unset options take the pipeline's and the evaluate stage's defaults."))
     ev.add_argument("--model", help="registered model name or model folder (default: the pipeline default)")

@@ -6,7 +6,11 @@ tcmalloc not preloaded, "Failed to load weights" for layers an in-place reload s
 remaining process" at a normal shutdown) that read like failures of normal operation.
 
 vLLM configures logging in every process it starts from the environment (`VLLM_LOGGING_CONFIG_PATH`), so the
-engine's own subprocesses write to the same file.
+engine's own subprocesses write to the same file. Python warnings raised in those subprocesses (FutureWarnings of
+vLLM's imports) cannot be routed there: the environment they inherit ignores them, while the run's own process
+still files its warnings in the log. Bars that are not ours go too: transformers' per-shard "Loading weights" bars
+are switched off (and vLLM's, by the engine: `use_tqdm_on_load=False`), and the Trainer's training bar stays but writes its loss dicts to the log instead of the console
+(`quiet_training_logs`; the training step metrics reach the trackers and the stage manifest either way).
 """
 
 from __future__ import annotations
@@ -36,9 +40,14 @@ def library_logs(run_dir: Path):
                                  "stream": "ext://sys.stderr"}},
         "loggers": {"vllm": {"handlers": ["file", "console"], "level": "INFO", "propagate": False}},
     }, indent=2))
-    saved_env = {k: os.environ.get(k) for k in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING")}
+    saved_env = {k: os.environ.get(k) for k in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING", "PYTHONWARNINGS")}
     os.environ.update(VLLM_LOGGING_CONFIG_PATH=str(config), VLLM_CONFIGURE_LOGGING="1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # subprocesses only: this process has started already
 
+    try:  # torch installs its own console handler when it is first imported: let that happen before it is tamed
+        import torch  # noqa: F401
+    except ImportError:
+        pass
     file_handler = logging.FileHandler(log_file)
     file_handler.setFormatter(logging.Formatter(FORMAT))
     console = logging.StreamHandler()
@@ -78,9 +87,26 @@ def library_logs(run_dir: Path):
 
 
 def _transformers_default_handler(on: bool) -> None:
-    """transformers prints through a handler of its own on its root logger; the file handler replaces it."""
+    """transformers prints through a handler of its own on its root logger; the file handler replaces it. Its
+    progress bars (one per checkpoint shard, "Loading weights") go with it."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
         return
     (hf_logging.enable_default_handler if on else hf_logging.disable_default_handler)()
+    (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+
+
+def quiet_training_logs(trainer) -> None:
+    """Keep a transformers Trainer's training bar, but send the dict it prints under the bar at every logging step
+    (`{'loss': '2.31', 'grad_norm': ...}`) to the library log instead of the console."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class ProgressToLog(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                # trl's logger, not transformers': the Trainer resets transformers' log level to its own
+                logging.getLogger("trl.training").info("step %d: %s", state.global_step, logs)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressToLog())

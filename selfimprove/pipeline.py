@@ -17,6 +17,7 @@ interrupted one from what it had written (generation resumes chunk by chunk). Se
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import platform
@@ -104,11 +105,43 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), data: dict
     """Read, merge and check a pipeline YAML (or a mapping, for programmatic use) — before any model loads."""
     where = str(path) if path is not None else "<pipeline>"
     raw = load_yaml(path) if path is not None else dict(data or {})
-    raw = apply_overrides(raw, list(overrides))
-    config = build(PipelineConfig, raw, where)
-    check_model_ref(config.model, where, "model")
-    _check_stages(config, where)
+    written, raw = raw, apply_overrides(raw, list(overrides))
+    try:
+        config = build(PipelineConfig, raw, where)
+        check_model_ref(config.model, where, "model")
+        _check_stages(config, where)
+    except ConfigError as err:
+        raise _blame_override(err, where, list(overrides), written) from None
     return Pipeline(config, where)
+
+
+def _blame_override(err: ConfigError, where: str, overrides: list[str], written: dict) -> ConfigError:
+    """An error at a key that a command-line override set (or that only an override wrote) is the override's, not
+    the file's: say so. An error about a mapping that an override changed names the override beside the file."""
+    text = str(err)
+    if not text.startswith(f"{where}: "):
+        return err
+    key, rest = text[len(where) + 2:].split(": ", 1) if ": " in text[len(where) + 2:] else ("", "")
+    inside = []
+    for item in reversed(overrides):  # the last override of a key is the one that counts
+        dotted = item.split("=", 1)[0]
+        if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")) or (
+                dotted.startswith(f"{key}.") and not _has_key(written, key)):
+            return ConfigError(f"command-line override {item!r} (over {where}): {key}: {rest}")
+        if key == "<top>" or dotted.startswith(f"{key}."):
+            inside.append(item)
+    if inside:
+        return ConfigError(f"{text} (with the command-line override{'s' * (len(inside) > 1)} "
+                           f"{', '.join(map(repr, reversed(inside)))})")
+    return err
+
+
+def _has_key(data: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
 
 
 def _check_stages(config: PipelineConfig, where: str) -> None:
@@ -364,18 +397,51 @@ class Runner:
         resolved = to_dict(self.pipeline.config)
         path = self.run_dir / "config.yaml"
         if path.exists():
-            previous = yaml.safe_load(path.read_text())
-            # More rounds may be added to a finished run; anything else must match what already ran.
-            changed = sorted(k for k in set(previous) | set(resolved)
-                             if k not in ("rounds", "runs_dir") and previous.get(k) != resolved.get(k))
+            changed = changed_settings(yaml.safe_load(path.read_text()), resolved)
             if changed:
+                more = f", and {len(changed) - 5} more" if len(changed) > 5 else ""
                 raise ConfigError(
-                    f"{path}: this run directory was made with a different config (keys {', '.join(changed)} differ); "
-                    f"resume with the same config, or choose another run name (name=...)"
-                )
+                    f"{path}: this run directory was made with a different config ({', '.join(changed[:5])}{more}); "
+                    f"resume with the same config, or choose another run name (name=...). Only these may change on "
+                    f"resume: {', '.join(RESUMABLE)}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(resolved, sort_keys=False))
         write_json(self.run_dir / "versions.json", environment_versions())
+
+
+# The settings a resumed run may change: none of them alters what a finished stage wrote, so the run directory
+# stays one experiment. More rounds extend it; an error budget or a time limit only decides whether an unfinished
+# stage may finish (a critique stopped by max_error_rate resumes with a higher one, keeping its samples); where
+# the run directory sits, its description and its trackers only say where things go. `*` is any stage name.
+RESUMABLE = ("rounds", "runs_dir", "description", "report_to", "stages.*.calls.max_error_rate",
+             "stages.*.calls.timeout", "engine.request_timeout_s", "engine.start_timeout_s")
+
+
+def changed_settings(previous: dict, current: dict) -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs and that may not change on resume."""
+    before, after = _flatten(previous), _flatten(current)
+
+    def show(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "(unset)"
+
+    return [f"{key}: {show(before, key)} -> {show(after, key)}"
+            for key in sorted(set(before) | set(after))
+            if before.get(key, _UNSET) != after.get(key, _UNSET)
+            and not any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}[[.]*") for p in RESUMABLE)]
+
+
+_UNSET = object()
+
+
+def _flatten(node: Any, key: str = "") -> dict[str, Any]:
+    """{dotted key: value} for every leaf of nested mappings and lists (`stages.critique.critics[1].max_words`)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None or (not node and key):
+        return {key: node}
+    out: dict[str, Any] = {}
+    for name, value in items:
+        out.update(_flatten(value, f"{key}[{name}]" if isinstance(node, list) else f"{key}.{name}" if key else name))
+    return out
 
 
 def environment_versions() -> dict:

@@ -14,6 +14,7 @@ shape is an error naming the file and key before any model loads.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import inspect
@@ -56,8 +57,8 @@ class Registry:
         if name in entry_points:
             return entry_points[name].load()
         raise ConfigError(
-            f"{_loc(where, key)}unknown {self.kind} {name!r}; valid names: {', '.join(self.names())} "
-            f"(or a dotted path package.module:Name to your own)"
+            f"{_loc(where, key)}unknown {self.kind} {name!r};{_did_you_mean(name, self.names())} valid names: "
+            f"{', '.join(self.names())} (or a dotted path package.module:Name to your own)"
         )
 
     def _entry_points(self) -> dict[str, Any]:
@@ -82,9 +83,17 @@ def _load_dotted(path: str, where: str, key: str, kind: str) -> Any:
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"{_loc(where, key)}module {module_name!r} has no attribute {attr!r} (for {kind} {path!r})")
+            public = [n for n in dir(obj) if not n.startswith("_")]
+            raise ConfigError(f"{_loc(where, key)}module {module_name!r} has no attribute {attr!r} (for {kind} "
+                              f"{path!r});{_did_you_mean(part, public) or ' check the name'}")
         obj = getattr(obj, part)
     return obj
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    """' did you mean 'x'?' for the closest of `choices` to a misspelt `name`, else ''."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" did you mean {close[0]!r}?" if close else ""
 
 
 TASKS = Registry("task", "selfimprove.tasks")

@@ -81,12 +81,14 @@ def test_wrong_type_is_an_error(tmp_path):
 
 
 def test_unknown_task_lists_valid_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"task: unknown task 'gsm9k'; valid names: arithmetic, dataset, gsm8k"):
+    with pytest.raises(ConfigError, match=r"task: unknown task 'gsm9k'; did you mean 'gsm8k'\? valid names: "
+                                          r"arithmetic, dataset, gsm8k"):
         load_pipeline(_write(tmp_path, BASE.replace("arithmetic", "gsm9k")))
 
 
 def test_unknown_stage_type_lists_valid_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"stages.critique: unknown stage 'critic'; valid names: .*critique"):
+    with pytest.raises(ConfigError, match=r"stages.critique: unknown stage 'critic'; did you mean 'critique'\? "
+                                          r"valid names: "):
         load_pipeline(_write(tmp_path, BASE.replace("critique: {samples", "critique: {type: critic, samples")))
 
 
@@ -114,6 +116,11 @@ def test_bad_split_for_task(tmp_path):
 def test_critic_dotted_path_errors(tmp_path):
     text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'tests.plugins:nope'}]}")
     with pytest.raises(ConfigError, match=r"stages.critique.critics\[0\]: module 'tests.plugins' has no attribute 'nope'"):
+        load_pipeline(_write(tmp_path, text))
+    text = BASE.replace("critique: {samples: generate}",
+                        "critique: {samples: generate, critics: [{name: 'tests.plugins:accept_al'}]}")
+    with pytest.raises(ConfigError, match=r"no attribute 'accept_al' \(for critic 'tests.plugins:accept_al'\); did you "
+                                          r"mean 'accept_all'\?"):
         load_pipeline(_write(tmp_path, text))
     text = BASE.replace("critique: {samples: generate}", "critique: {samples: generate, critics: [{name: 'nopkg.x:C'}]}")
     with pytest.raises(ConfigError, match=r"cannot import module 'nopkg.x'"):
@@ -187,3 +194,68 @@ def test_online_trainer_in_train_stage_is_refused(tmp_path):
     text = BASE + "  train: {data: critique, trainer: {name: policy_gradient}}\n"
     with pytest.raises(ConfigError, match=r"stages.train: trainer 'policy_gradient' is an online RL trainer"):
         load_pipeline(_write(tmp_path, text))
+
+
+# -- resuming with changed settings -------------------------------------------------------------------------------
+class CannedEngine:
+    """Answers every prompt with the same text, and counts its calls: a resume that regenerates would call it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompts, sampling, weights, seed, progress=None):
+        from selfimprove.records import Completion
+
+        self.calls += 1
+        return [[Completion("The answer is 7.", "stop", 5) for _ in range(sampling.n)] for _ in prompts]
+
+
+RESUMED = """
+name: t
+model: tiny-random-llama
+evaluate_base: false
+task: {name: arithmetic, num_train: 40}
+stages:
+  generate: {problems: {num_problems: 20}, sampling: {n: 2, temperature: 0.7}}
+  critique: {critics: [{name: "tests.plugins:fails_on_marker"}], calls: {max_error_rate: 0.0}}
+"""
+
+
+def test_a_run_stopped_by_its_error_budget_resumes_with_a_higher_one(tmp_path):
+    """The critique stage trips `max_error_rate`; rerun with a higher budget, it finishes from the samples the
+    first run wrote, which no engine call regenerates and nothing rewrites."""
+    from selfimprove.pipeline import Runner, StageFailed
+
+    pipe = _write(tmp_path, RESUMED)
+    run_dir, engine = tmp_path / "run", CannedEngine()
+    with pytest.raises(StageFailed, match="max_error_rate"):
+        Runner(load_pipeline(pipe), run_dir, engine=engine, log=lambda *a: None).run()
+    samples = run_dir / "round_001" / "generate"
+    before = {p: p.read_bytes() for p in samples.rglob("*") if p.is_file()}
+    assert engine.calls > 0 and before
+    calls = engine.calls
+
+    Runner(load_pipeline(pipe, ["stages.critique.calls.max_error_rate=1.0", "report_to=[]"]), run_dir,
+           engine=engine, log=lambda *a: None).run()
+    assert engine.calls == calls  # nothing was generated again
+    assert {p: p.read_bytes() for p in samples.rglob("*") if p.is_file()} == before
+    assert (run_dir / "round_001" / "critique" / "manifest.json").exists()
+
+    # a setting that changes finished work is refused, naming the exact key and both values
+    with pytest.raises(ConfigError, match=r"different config \(stages\.generate\.sampling\.temperature: 0\.7 -> "
+                                          r"0\.9\).*Only these may change on resume: rounds, "):
+        Runner(load_pipeline(pipe, ["stages.generate.sampling.temperature=0.9"]), run_dir,
+               engine=engine, log=lambda *a: None).run()
+
+
+def test_changed_settings_names_dotted_keys_and_lets_budgets_change():
+    from selfimprove.pipeline import changed_settings
+
+    old = {"rounds": 1, "seed": 0, "report_to": [], "stages": {"critique": {
+        "calls": {"max_error_rate": 0.05, "timeout": 60.0}, "critics": [{"name": "answer", "mode": "strict"}]}}}
+    new = {"rounds": 3, "seed": 0, "report_to": ["trackio"], "stages": {"critique": {
+        "calls": {"max_error_rate": 0.5, "timeout": 5.0},
+        "critics": [{"name": "answer", "mode": "flexible"}, {"name": "majority"}]}}}
+    assert changed_settings(old, new) == ["stages.critique.critics[0].mode: 'strict' -> 'flexible'",
+                                          "stages.critique.critics[1].name: (unset) -> 'majority'"]
+    assert changed_settings(old, {**old, "seed": 1}) == ["seed: 0 -> 1"]

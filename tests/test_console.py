@@ -29,3 +29,32 @@ def test_a_normal_run_keeps_library_chatter_out_of_the_console(tmp_path):
     assert sum("accuracy [95% CI]" in line for line in lines) >= 2  # the table after round 0 and at the end
     log = (run_dir / "logs" / "libraries.log").read_text()
     assert "vllm" in log and len(log.splitlines()) > 5  # vLLM's start-up went to the file
+
+
+def test_training_loss_dicts_go_to_the_log_and_the_bar_stays(tmp_path, capfd):
+    """A transformers Trainer (as TRL's are) keeps its step bar on the console, but the dict it prints under the
+    bar at every logging step goes to libraries.log."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from selfimprove.console import library_logs, quiet_training_logs
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def forward(self, x, labels):
+            return {"loss": ((self.w(x).squeeze(-1) - labels) ** 2).mean()}
+
+    data = [{"x": torch.ones(2), "labels": torch.tensor(1.0)}] * 4
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, logging_steps=1, report_to=[],
+                             per_device_train_batch_size=2, use_cpu=True, disable_tqdm=False, save_strategy="no")
+    with library_logs(tmp_path) as log:
+        trainer = Trainer(model=Tiny(), args=args, train_dataset=data)
+        quiet_training_logs(trainer)
+        trainer.train()
+    console = "".join(capfd.readouterr())
+    assert "2/2" in console  # the bar
+    assert "'loss'" not in console
+    assert "step 2: {'loss'" in log.read_text()

@@ -198,8 +198,8 @@ def _bad_cases(tmp_path, jsonl):
         ({"test": test, "columns": COLUMNS, "grader": "fuzzy"},
          "task.grader: 'fuzzy' is not one of 'numeric', 'math_verify', 'exact'"),
         ({"test": test, "columns": {**COLUMNS, "answer": "topic"}},
-         "task: columns.answer: the first test row's 'topic' ('add') is not an answer the numeric grader can read; "
-         "it needs a number"),
+         f"task: test.path: {jsonl} row 1, column 'topic' (columns.answer): 'add' is not an answer the numeric grader "
+         f"can read; fix or drop that row; if the whole column reads like this, it needs a number"),
         ({"columns": COLUMNS}, "task: give the data of train and/or test"),
         ({"test": {"path": str(jsonl), "hub": "someone/data"}}, "task.test: give either path"),
         ({"test": {"hub": "someone/data"}}, "task.test: split: required with hub 'someone/data'"),
@@ -222,23 +222,31 @@ def test_bad_input_is_refused_when_the_config_is_built(tmp_path, jsonl):
             pytest.fail(f"accepted {params}")
 
 
-def test_the_check_reads_the_first_row_and_the_run_reads_the_rest(tmp_path):
-    """A problem past the first row fails when the split is first read, naming the row; the config check did not
-    read that far (a large file is not parsed twice)."""
-    good = {"question": "What is 1 + 1?", "answer": "2", "id": "a"}
+def test_every_row_is_checked_when_the_config_is_built(tmp_path):
+    """A bad row anywhere in the file (here the last of three) stops the config load, naming its row, column and
+    fix: `--check` catches it, not the run minutes later."""
+    good = [{"question": "What is 1 + 1?", "answer": "2", "id": "a"},
+            {"question": "What is 1 + 2?", "answer": 3, "id": "b"}]
     cases = [
-        ([good, {"question": "x", "answer": "1", "id": "b"}], "line 3 is not valid JSON", "{not json\n"),
-        ([good, {"question": "What is 2 + 2?", "answer": "many", "id": "b"}], "row 2: 'answer' ('many') is not", ""),
-        ([good, {"question": "What is 2 + 2?", "answer": "4", "id": "a"}], "row 2: id 'a' ('id') repeats row 1", ""),
-        ([good, {"question": "", "answer": "4", "id": "b"}], "row 2: empty question", ""),
-        ([good, {"question": "What is 2 + 2?", "id": "b"}], "row 2 has no 'answer'", ""),
+        ({"question": "x", "answer": "1", "id": "c"}, "line 4 is not valid JSON", "{not json\n"),
+        ({"question": "What is 2 + 2?", "answer": None, "id": "c"},
+         "row 3, column 'answer' (columns.answer): None is not an answer the numeric grader can read; fix or drop", ""),
+        ({"question": "What is 2 + 2?", "answer": "seven", "id": "c"},
+         "row 3, column 'answer' (columns.answer): 'seven' is not", ""),
+        ({"question": "What is 2 + 2?", "answer": "4", "id": "a"},
+         "row 3, column 'id' (columns.id): id 'a' repeats row 1", ""),
+        ({"question": " ", "answer": "4", "id": "c"},
+         "row 3, column 'question' (columns.question): empty question", ""),
+        ({"question": "What is 2 + 2?", "id": "c"},
+         "row 3 has no 'answer' (columns.answer); every row needs it: add it to that row, or map columns.answer", ""),
     ]
-    for i, (rows, fragment, tail) in enumerate(cases):
+    for i, (bad, fragment, tail) in enumerate(cases):
         path = tmp_path / f"data{i}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
-        t = task(test={"path": str(path)}, columns={"id": "id"})
-        with pytest.raises(ValueError, match=re.escape(fragment)):
-            t.problems("test")
+        path.write_text("".join(json.dumps(r) + "\n" for r in [*good, bad]) + tail)
+        with pytest.raises(ConfigError, match=re.escape(f"pipe.yaml: task: test.path: ") + ".*" + re.escape(fragment)):
+            config(test={"path": str(path)}, columns={"id": "id"})
+    path = write_jsonl(tmp_path / "ok.jsonl", good)
+    assert [p["answer"] for p in task(test={"path": str(path)}, columns={"id": "id"}).problems("test")] == ["2", "3"]
 
 
 def test_an_edited_file_is_read_again(tmp_path):

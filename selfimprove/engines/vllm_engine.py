@@ -99,6 +99,7 @@ class VLLMEngine(Engine):
             # the RL trainer compares with its own logits / temperature; vLLM's default, raw_logprobs, is before
             # temperature. prompt_logprobs (choice_logprobs) are the same in both modes.
             logprobs_mode="processed_logprobs",
+            use_tqdm_on_load=False,  # its "Loading safetensors checkpoint shards" bar is not the run's progress
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization

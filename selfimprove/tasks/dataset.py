@@ -34,9 +34,11 @@ Graders (strict = the answer format the prompt asks for, flexible = a looser rea
 - `exact`: normalised string equality (case, runs of spaces, surrounding quotes or bold, a final period are
   ignored); strict the rest of the line after the last "The answer is", flexible the last non-empty line.
 
-Bad data is refused when the config is built, before any model loads: a missing file, an unsupported format, a
-column the data lacks, no rows, a first gold answer the grader cannot read. The check reads one row (a `.json`
-array is parsed whole, once, and kept for the run); the rest is read when the run first asks for the split.
+Bad data is refused when the config is built (and by `selfimprove run --check`), before any model loads: a
+missing file, an unsupported format, a column the data lacks, no rows, and any row with a missing column, an
+empty question, a gold answer the grader cannot read (`null`, "seven" under `numeric`) or a repeated id, named by
+row number and column with the fix. The check streams the rows and keeps none (a `.json` array is parsed whole,
+once, and kept for the run); the run reads them again through the same function.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ def _flexible_text(completion: str) -> str | None:
 
 # -- checks at config load ----------------------------------------------------------------------------------------
 def _check(split: str, source: Source, columns: Columns, breakdown: list[str], grader: str) -> None:
-    """Refuse data the run could not use, reading its column names and first row only."""
+    """Refuse data the run could not use: the column names first (to list them), then every row, streamed."""
     key = f"{split}.path" if source.path is not None else f"{split}.hub"
     names, first = _peek(source, key)
     if first is None:
@@ -256,9 +258,11 @@ def _check(split: str, source: Source, columns: Columns, breakdown: list[str], g
         if column is not None and column not in names:
             raise ValueError(f"{field_key}: {column!r} is not a column of the {split} data ({source.describe()}); "
                              f"its columns: {', '.join(names)}")
-    if gold_answer(first[columns.answer], grader) is None:
-        raise ValueError(f"columns.answer: the first {split} row's {columns.answer!r} ({first[columns.answer]!r}) "
-                         f"is not an answer the {grader} grader can read; {_GOLD_HELP[grader]}")
+    try:  # one row at a time, nothing kept but the ids: a bad row is found here, not minutes into the run
+        for _ in _problems(source, columns, tuple(breakdown), grader):
+            pass
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
 
 
 _GOLD_HELP = {
@@ -267,6 +271,7 @@ _GOLD_HELP = {
     "math_verify": "map columns.answer to a column of non-empty final answers",
     "exact": "map columns.answer to a column of non-empty final answers",
 }
+_FIX_ROW = "fix or drop that row; if the whole column reads like this, "
 
 
 def gold_answer(value, grader: str) -> str | None:
@@ -376,47 +381,62 @@ def _hub(name: str, hub_config: str | None, split: str):
             f"it to a .jsonl/.parquet file and use path: ({type(err).__name__}: {err})") from None
 
 
-def _rows(source: Source, columns: tuple[str, ...]) -> list[dict]:
-    """Every row of `source` (only `columns`, where the format can skip the others)."""
+def _rows(source: Source, columns: tuple[str, ...]):
+    """Every row of `source`, one at a time (only `columns`, where the format can skip the others)."""
     if source.hub is not None:
-        return _hub(source.hub, source.hub_config, source.split).select_columns(list(columns)).to_list()
+        yield from _hub(source.hub, source.hub_config, source.split).select_columns(list(columns))
+        return
     path, suffix = Path(source.path), Path(source.path).suffix.lower()
     if suffix == ".jsonl":
         with path.open(encoding="utf-8-sig") as f:
-            return [_json_row(line, source.path, n) for n, line in enumerate(f, 1) if line.strip()]
-    if suffix == ".csv":
+            yield from (_json_row(line, source.path, n) for n, line in enumerate(f, 1) if line.strip())
+    elif suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
+            yield from csv.DictReader(f)
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path, columns=list(columns)).to_pylist()
-    return list(_json_array(source.path, _stamp(source)))
+        for batch in pq.ParquetFile(path).iter_batches(columns=list(columns)):
+            yield from batch.to_pylist()
+    else:
+        yield from _json_array(source.path, _stamp(source))
 
 
 @lru_cache(maxsize=8)
 def _load(source: Source, stamp: tuple, columns: Columns, breakdown: tuple[str, ...], grader: str) -> tuple[dict, ...]:
     """The problems of one split. `stamp` only keys the cache (see `_stamp`)."""
-    wanted = tuple(dict.fromkeys(c for c in (columns.question, columns.answer, columns.solution, columns.id, *breakdown)
-                                 if c is not None))
-    problems, ids, repeats = [], {}, {}
+    return tuple(_problems(source, columns, breakdown, grader))
+
+
+def _problems(source: Source, columns: Columns, breakdown: tuple[str, ...], grader: str):
+    """The problems of one split, one at a time; a row the run could not use is a ValueError naming its number,
+    column and fix. The config check and the run read rows through this one function."""
+    fields = {"question": columns.question, "answer": columns.answer, "solution": columns.solution, "id": columns.id}
+    fields = {f"columns.{k}": c for k, c in fields.items() if c is not None}
+    fields.update({f"breakdown[{i}]": c for i, c in enumerate(breakdown)})
+    wanted = tuple(dict.fromkeys(fields.values()))
+    ids, repeats = {}, {}
     for number, row in enumerate(_rows(source, wanted), 1):
         where = f"{source.describe()} row {number}"
-        missing = [c for c in wanted if c not in row]
+        missing = [(k, c) for k, c in fields.items() if c not in row]
         if missing:
-            raise ValueError(f"{where} has no {', '.join(map(repr, missing))}")
+            field_key, column = missing[0]
+            raise ValueError(f"{where} has no {column!r} ({field_key}); every row needs it: add it to that row, or "
+                             f"map {field_key} to a column every row has")
         question = "" if row[columns.question] is None else str(row[columns.question])
         if not question.strip():
-            raise ValueError(f"{where}: empty question ({columns.question!r})")
+            raise ValueError(f"{where}, column {columns.question!r} (columns.question): empty question; "
+                             f"fill it in or drop that row")
         answer = gold_answer(row[columns.answer], grader)
         if answer is None:
-            raise ValueError(f"{where}: {columns.answer!r} ({row[columns.answer]!r}) is not an answer the {grader} "
-                             f"grader can read; {_GOLD_HELP[grader]}")
+            raise ValueError(f"{where}, column {columns.answer!r} (columns.answer): {row[columns.answer]!r} is not "
+                             f"an answer the {grader} grader can read; {_FIX_ROW}{_GOLD_HELP[grader]}")
         if columns.id is not None:
             problem_id = str(row[columns.id])
             if problem_id in ids:
-                raise ValueError(f"{where}: id {problem_id!r} ({columns.id!r}) repeats row {ids[problem_id]}; ids "
-                                 f"must be unique within a split (or drop columns.id to hash the questions)")
+                raise ValueError(f"{where}, column {columns.id!r} (columns.id): id {problem_id!r} repeats row "
+                                 f"{ids[problem_id]}; ids must be unique within a split (or drop columns.id to hash "
+                                 f"the questions)")
             ids[problem_id] = number
         else:
             problem_id = question_id(question)
@@ -427,8 +447,7 @@ def _load(source: Source, stamp: tuple, columns: Columns, breakdown: tuple[str, 
         if columns.solution is not None:
             problem["solution"] = "" if row[columns.solution] is None else str(row[columns.solution])
         problem.update({column: row[column] for column in breakdown})
-        problems.append(problem)
-    return tuple(problems)
+        yield problem
 
 
 def question_id(question: str) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .. import trackers
 from ..artifacts import replace_dir
+from ..console import quiet_training_logs
 from ..records import canonical
 
 
@@ -134,7 +135,9 @@ def make_trainer(trainer_cls, **kwargs):
             return out
 
     tracked = trackers.training_callback()  # the pipeline's tracker run, when `report_to` names one
-    return Guarded(callbacks=[MarkComplete(), *([tracked] if tracked else [])], **kwargs)
+    trainer = Guarded(callbacks=[MarkComplete(), *([tracked] if tracked else [])], **kwargs)
+    quiet_training_logs(trainer)
+    return trainer
 
 
 def fit(trainer, identity: dict) -> int:
