@@ -62,7 +62,8 @@ def test_exploitation_hand_computed():
     out = exploitation(SAMPLES, GOLD, KEPT, n_star=8)
     assert out["bstar/kept"] == 6  # the other stage's id is ignored
     assert out["bstar/precision"] == pytest.approx(4 / 5)  # s12 has no gold
-    # p1: kept a, b, " a\n" (= a), c: n = 3 distinct, n' = 2 correct → min(2/8, 1) · 2/3 = 1/6; p2 kept nothing → 0;
+    # p1: kept a, b, " a\n" (= a), c: n = 3 distinct, n' = 2 correct → min(2/8, 1) · 2/3 = 1/6;
+    # p2 kept nothing → 0;
     # p3: n = 1 (s12 has no gold), n' = 1 → 1/8 · 1; the mean runs over all three prompts with gold
     assert out["bstar/balance_queries"] == 3
     assert out["bstar/balance"] == pytest.approx((1 / 6 + 0 + 1 / 8) / 3)

@@ -124,8 +124,8 @@ class Generate(Stage):
                     save_rows(rows, shard)
                 gold = [r["gold"] for r in rows]
                 for threshold in a.thresholds:
-                    kept = {r["sample_id"] for r in rows
-                            if (r["label"] if threshold is None else r["score"] is not None and r["score"] >= threshold)}
+                    kept = {r["sample_id"] for r in rows if (r["label"] if threshold is None
+                                                             else r["score"] is not None and r["score"] >= threshold)}
                     m = exploitation(rows, gold, kept, a.n_star)  # the filter's monitor scores with it too
                     results.append({"temperature": temperature, "threshold": threshold,
                                     "balance": m["bstar/balance"], "kept": m["bstar/kept"]})
