@@ -39,7 +39,7 @@ ones), and the score is the mean of bs_i over the queries. n_i is read here as c
 too, as the authors' code counts it (hkust-nlp/B-STaR, train_code/determine_hyper.py: `get_unique_trn_json`
 drops repeated (query, response) pairs from the selection, then `cal_modi_acc_soft` counts what is left), so
 repeats of one completion never raise a query's score: eight copies of one correct completion give
-n'_i = n_i = 1 and bs_i = 1/8, not 1. Exactly:
+n'_i = n_i = 1 and, with n* = 8, bs_i = 1/8, not 1. Exactly:
 - two kept samples of a query are one response when their completions are equal after stripping surrounding
   whitespace (the filter's `dedupe` compares the same; the authors compare the exact text). The extracted answer
   plays no part: two different derivations of the same answer are two responses, as in the authors' code;
@@ -47,10 +47,10 @@ n'_i = n_i = 1 and bs_i = 1/8, not 1. Exactly:
   a kept sample without gold is left out of n_i and n'_i (their data always has a reference);
 - the mean runs over the queries of `samples` with gold (`bstar/balance_queries`), and a query whose selection
   kept nothing scores 0. The authors' mean runs over the queries present in the selection, but their selection
-  always holds each query's reference solution (score 1.0, added before the threshold), so every query is in it;
-  here the selection holds the model's own samples only, and leaving out the queries that kept nothing would let
-  a setting that keeps one right sample of one query score as well as one that does so on every query. With no
-  query with gold the score is NaN.
+  always holds each query's reference solution (scored 1.0, above every threshold they try), so every query is
+  in it; here the selection holds the model's own samples only, and leaving out the queries that kept nothing
+  would let a setting that keeps one right sample of one query score as well as one that does so on every
+  query. With no query with gold the score is NaN.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from typing import Any
 
 from .metrics import pass_at_k
 
-N_STAR = 8  # the authors' n*: a query needs this many correct kept samples to count fully
+N_STAR = 8  # the authors' n*: a query needs this many distinct correct kept responses to count fully
 
 
 def balance_score(selected: Mapping[str, Sequence[tuple[str, bool]]], n_star: int = N_STAR) -> float:
