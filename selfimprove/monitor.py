@@ -31,14 +31,26 @@ Metrics (names as `monitor_round` returns them):
   correct; NaN when none has gold), and `bstar/balance` (below), with `bstar/balance_queries` the number of
   queries it averages over and `bstar/n_star` the n* used.
 
-The balance score, exactly as the authors' `cal_modi_acc_soft` (hkust-nlp/B-STaR, train_code/determine_hyper.py)
-computes it: for each query i with n_i >= 1 samples kept after selection, of which n'_i are correct,
-bs_i = min(n'_i / n*, 1) · (n'_i / n_i), and the score is the mean of bs_i over those queries. Queries with
-n_i = 0 (nothing kept) are left out of the mean, not counted as 0: the authors' code enumerates the queries
-present in the selected data only. With no query kept at all the score is NaN (the authors' `np.mean([])`).
-Two choices here where the authors had no equivalent: a kept sample without gold is left out of n_i and n'_i
-(their code always has a reference answer), and n'_i uses gold correctness, as theirs compares each kept
-answer to the reference. n* defaults to 8, the authors' value.
+The balance score. B-STaR defines it per query x_i as bs_i = min(n'_i / n*, 1) · (n'_i / n_i): n'_i counts the
+*unique* correct responses among those selected for x_i, n_i the responses selected for x_i, and n* the number
+of correct responses a query needs to count fully (the authors' value, 8, is the default); the first factor
+rewards exploration (enough different correct solutions), the second exploitation (selection keeps few wrong
+ones), and the score is the mean of bs_i over the queries. n_i is read here as counted after de-duplication
+too, as the authors' code counts it (hkust-nlp/B-STaR, train_code/determine_hyper.py: `get_unique_trn_json`
+drops repeated (query, response) pairs from the selection, then `cal_modi_acc_soft` counts what is left), so
+repeats of one completion never raise a query's score: eight copies of one correct completion give
+n'_i = n_i = 1 and, with n* = 8, bs_i = 1/8, not 1. Exactly:
+- two kept samples of a query are one response when their completions are equal after stripping surrounding
+  whitespace (the filter's `dedupe` compares the same; the authors compare the exact text). The extracted answer
+  plays no part: two different derivations of the same answer are two responses, as in the authors' code;
+- a response is correct by the task's gold grading (the authors compare its final answer to the reference);
+  a kept sample without gold is left out of n_i and n'_i (their data always has a reference);
+- the mean runs over the queries of `samples` with gold (`bstar/balance_queries`), and a query whose selection
+  kept nothing scores 0. The authors' mean runs over the queries present in the selection, but their selection
+  always holds each query's reference solution (scored 1.0, above every threshold they try), so every query is
+  in it; here the selection holds the model's own samples only, and leaving out the queries that kept nothing
+  would let a setting that keeps one right sample of one query score as well as one that does so on every
+  query. With no query with gold the score is NaN.
 """
 
 from __future__ import annotations
@@ -50,17 +62,23 @@ from typing import Any
 
 from .metrics import pass_at_k
 
-N_STAR = 8  # the authors' n*: a query needs this many correct kept samples to count fully
+N_STAR = 8  # the authors' n*: a query needs this many distinct correct kept responses to count fully
 
 
-def balance_score(kept_correct: Mapping[str, Sequence[bool]], n_star: int = N_STAR) -> float:
-    """B-STaR's balance score from each query's kept samples' correctness (query id → [correct, ...]).
+def balance_score(selected: Mapping[str, Sequence[tuple[str, bool]]], n_star: int = N_STAR) -> float:
+    """B-STaR's balance score (module docstring) from each query's selected responses: query id → [(completion,
+    correct), ...], with every query the mean runs over present, an empty list where nothing was selected.
 
-    Mean over queries with at least one kept sample of min(n'/n*, 1) · (n'/n); NaN when no query has any."""
+    Per query, over its distinct completions: min(n'/n*, 1) · n'/n, 0 when nothing was selected; the mean over
+    queries, NaN with none."""
     if n_star < 1:
         raise ValueError(f"n_star must be >= 1, got {n_star}")
-    scores = [min(sum(c) / n_star, 1.0) * (sum(c) / len(c)) for c in kept_correct.values() if c]
-    return sum(scores) / len(scores) if scores else float("nan")
+    scores = []
+    for responses in selected.values():
+        distinct = {_text(completion) for completion, _ in responses}
+        correct = {_text(completion) for completion, ok in responses if ok}
+        scores.append(min(len(correct) / n_star, 1.0) * len(correct) / len(distinct) if distinct else 0.0)
+    return _mean(scores)
 
 
 def exploration(samples: Sequence[dict], gold: Sequence[bool | None]) -> dict:
@@ -70,7 +88,7 @@ def exploration(samples: Sequence[dict], gold: Sequence[bool | None]) -> dict:
     for row, g in zip(samples, gold):
         groups[row["problem_id"]].append((row, g))
     out: dict = {"bstar/prompts": len(groups),
-                 "bstar/distinct_completions": _mean([len({r["completion"].strip() for r, _ in g})
+                 "bstar/distinct_completions": _mean([len({_text(r["completion"]) for r, _ in g})
                                                       for g in groups.values()])}
     graded = [g for g in groups.values() if all(ok is not None for _, ok in g)]
     out["bstar/prompts_with_gold"] = len(graded)
@@ -84,26 +102,28 @@ def exploration(samples: Sequence[dict], gold: Sequence[bool | None]) -> dict:
         "bstar/correct_per_prompt": _mean([len(c) for c in correct]),
         "bstar/distinct_correct_answers": _mean([len({str(r["extracted"]) for r in c if r["extracted"] is not None})
                                                  for c in correct]),
-        "bstar/distinct_correct_completions": _mean([len({r["completion"].strip() for r in c}) for c in correct]),
+        "bstar/distinct_correct_completions": _mean([len({_text(r["completion"]) for r in c}) for c in correct]),
     })
     return out
 
 
 def exploitation(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids: Iterable[str],
                  n_star: int = N_STAR) -> dict:
-    """Precision of the kept samples against gold, and the balance score (module docstring)."""
+    """Precision of the kept samples against gold, and the balance score (module docstring). The adaptive sweep
+    (stages/generate.py) scores each candidate setting with this function too."""
     _check_aligned(samples, gold)
     kept_ids = set(kept_ids)
     kept = [(row, g) for row, g in zip(samples, gold) if row["sample_id"] in kept_ids]
     judged = [g for _, g in kept if g is not None]
-    per_query: dict[str, list[bool]] = defaultdict(list)
+    selected: dict[str, list[tuple[str, bool]]] = {row["problem_id"]: [] for row, g in zip(samples, gold)
+                                                   if g is not None}
     for row, g in kept:
         if g is not None:
-            per_query[row["problem_id"]].append(bool(g))
+            selected[row["problem_id"]].append((row["completion"], bool(g)))
     return {"bstar/kept": len(kept),
             "bstar/precision": sum(judged) / len(judged) if judged else float("nan"),
-            "bstar/balance": balance_score(per_query, n_star),
-            "bstar/balance_queries": len(per_query), "bstar/n_star": n_star}
+            "bstar/balance": balance_score(selected, n_star),
+            "bstar/balance_queries": len(selected), "bstar/n_star": n_star}
 
 
 def monitor_round(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids: Iterable[str],
@@ -117,8 +137,8 @@ def choose_setting(results: Mapping[Any, float] | Iterable[tuple[Any, float]]) -
     pairs, e.g. [(0.7, 0.31), (1.0, 0.42)] over temperatures, or [((t, threshold), score), ...].
 
     Ties go to the candidate listed first, as the authors' `combinations[effect_values.index(max(...))]` does, so
-    the choice depends only on the order the sweep lists its candidates. A NaN score (a setting whose selection
-    kept nothing) never wins; a sweep with no finite score is an error."""
+    the choice depends only on the order the sweep lists its candidates. A NaN score (no query with gold to
+    measure) never wins; a sweep with no finite score is an error."""
     pairs = list(results.items() if isinstance(results, Mapping) else results)
     best = None
     for setting, score in pairs:
@@ -129,6 +149,12 @@ def choose_setting(results: Mapping[Any, float] | Iterable[tuple[Any, float]]) -
     if best is None:
         raise ValueError(f"no candidate setting has a balance score (got {len(pairs)} candidates, none finite)")
     return best[0]
+
+
+def _text(completion: str) -> str:
+    """What two completions of a query must share to count as one response (the filter's dedupe compares the
+    same)."""
+    return completion.strip()
 
 
 def _mean(values: list[float]) -> float:

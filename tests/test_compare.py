@@ -128,3 +128,18 @@ def test_main_refuses_fewer_than_two_runs_and_non_runs(runs, tmp_path, capsys):
     assert main([str(runs[0])], None) == 2
     assert main([str(runs[0]), str(tmp_path / "nowhere")], None) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_lift_over_the_base_model_hand_computed(runs):
+    a, _ = runs
+    # run_a's base model (round 0) was right on p0, p1 and p8; its final round on p0..p3
+    save_rows([{"problem_id": p, "index": 0, "correct": p in ("p0", "p1", "p8"), "completion": "base"}
+               for p in PROBLEMS], a / "round_000" / "evaluate" / "data")
+    lifts = compare(runs).lifts
+    assert [(t.baseline, t.other) for t in lifts] == [("run_a round 0", "run_a round 2")]  # run_b has no round-0 rows
+    lift = lifts[0]
+    assert lift.problems == 10 and (lift.baseline_only, lift.other_only) == (1, 2)  # p8; p2 and p3
+    assert lift.difference == pytest.approx(1 / 10)
+    # exact McNemar: 2 of 3 discordant problems one way: p = 2 · P(X <= 1 | 3, 1/2) = 2 · 4/8, capped at 1
+    assert lift.p_value == pytest.approx(1.0)
+    assert "Lift over the base model" in render_text(compare(runs))

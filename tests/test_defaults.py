@@ -1,10 +1,12 @@
 """Defaults live in code, once: a shipped YAML (pipelines, component files, benchmark pipelines) states only what
 differs. For every parameter a file sets, the file is loaded again without it; if the resolved config does not
-change, the file restates a default (or a value it already inherits) and this test names it."""
+change, the file restates a default (or a value it already inherits) and this test names it. The files are read
+from a copy in a temporary folder (the variants are written beside them there, so includes resolve as they do
+for the originals), never written into the source tree."""
 
 from __future__ import annotations
 
-import uuid
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,7 +51,7 @@ def without(node: dict, path: tuple) -> dict:
 def resolved(path: Path, raw: dict, component=None) -> dict | None:
     """The resolved config of `raw` read as if it were the file at `path` (includes relative to it); None when it
     does not load without the key (a required key is not a restated default)."""
-    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex}.yaml"
+    tmp = path.parent / f".{path.stem}.variant.yaml"
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
         if component is not None:
@@ -61,13 +63,31 @@ def resolved(path: Path, raw: dict, component=None) -> dict | None:
         tmp.unlink()
 
 
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory) -> Path:
+    """The shipped pipelines and component files, and the benchmark pipelines, in their own layout in a temporary
+    folder (pipelines/, configs/, benchmarks/), so that relative includes between them resolve."""
+    folder = tmp_path_factory.mktemp("shipped")
+    for name in ("pipelines", "configs"):
+        shutil.copytree(root() / name, folder / name)
+    (folder / "benchmarks").mkdir()
+    for path in REPO.glob("benchmarks/*.yaml"):
+        shutil.copy(path, folder / "benchmarks" / path.name)
+    return folder
+
+
+def _copy_of(path: Path, copies: Path) -> Path:
+    return copies / path.relative_to(REPO if path.is_relative_to(REPO / "benchmarks") else root())
+
+
 @pytest.mark.parametrize("path", [*PIPELINES, *COMPONENTS], ids=lambda p: str(p.relative_to(REPO)))
-def test_shipped_yaml_states_only_what_differs(path):
+def test_shipped_yaml_states_only_what_differs(path, copies):
     raw = yaml.safe_load(path.read_text())
     component = COMPONENTS.get(path)
-    full = resolved(path, raw, component)
+    copy = _copy_of(path, copies)
+    full = resolved(copy, raw, component)
     restated = [".".join(map(str, key)) for key in key_paths(raw)
-                if resolved(path, without(raw, key), component) == full]
+                if resolved(copy, without(raw, key), component) == full]
     assert not restated, f"{path.relative_to(REPO)} restates defaults (delete them): {', '.join(restated)}"
 
 

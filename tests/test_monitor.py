@@ -1,4 +1,4 @@
-"""The B-STaR monitor against hand-computed values on small hand-made rows."""
+"""The B-STaR monitor against hand-computed values on small hand-made rows, and properties of the balance score."""
 
 import math
 import random
@@ -24,9 +24,9 @@ SAMPLES = [
     _row("s12", "p3", "p", "4"),
 ]
 GOLD = [True, True, True, False, False, False, False, False, True, True, False, None]
-# kept: two correct and one wrong sample of p1, one correct and one ungraded sample of p3, and an id from another
-# stage that is not among SAMPLES.
-KEPT = {"s1", "s2", "s4", "s9", "s12", "rationalize-s1"}
+# kept: three correct samples of p1 (s3 repeats s1's text) and its wrong one, one correct and one ungraded sample
+# of p3, and an id from another stage that is not among SAMPLES.
+KEPT = {"s1", "s2", "s3", "s4", "s9", "s12", "rationalize-s1"}
 
 
 def test_exploration_hand_computed():
@@ -60,53 +60,71 @@ def test_distinct_correct_answers_counts_differently_written_answers():
 
 def test_exploitation_hand_computed():
     out = exploitation(SAMPLES, GOLD, KEPT, n_star=8)
-    assert out["bstar/kept"] == 5  # the other stage's id is ignored
-    assert out["bstar/precision"] == pytest.approx(3 / 4)  # s12 has no gold
-    # p1: n = 3 kept, n' = 2 correct → min(2/8, 1) · 2/3 = 1/6; p3: n = 1 (s12 has no gold), n' = 1 → 1/8 · 1;
-    # p2 kept nothing and is left out of the mean
-    assert out["bstar/balance_queries"] == 2
-    assert out["bstar/balance"] == pytest.approx((1 / 6 + 1 / 8) / 2)
+    assert out["bstar/kept"] == 6  # the other stage's id is ignored
+    assert out["bstar/precision"] == pytest.approx(4 / 5)  # s12 has no gold
+    # p1: kept a, b, " a\n" (= a), c: n = 3 distinct, n' = 2 correct → min(2/8, 1) · 2/3 = 1/6;
+    # p2 kept nothing → 0;
+    # p3: n = 1 (s12 has no gold), n' = 1 → 1/8 · 1; the mean runs over all three prompts with gold
+    assert out["bstar/balance_queries"] == 3
+    assert out["bstar/balance"] == pytest.approx((1 / 6 + 0 + 1 / 8) / 3)
     # with n* = 2 p1's correct count saturates: min(2/2, 1) · 2/3 = 2/3; p3: 1/2 · 1
-    assert exploitation(SAMPLES, GOLD, KEPT, n_star=2)["bstar/balance"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert exploitation(SAMPLES, GOLD, KEPT, n_star=2)["bstar/balance"] == pytest.approx((2 / 3 + 0 + 1 / 2) / 3)
 
 
 def test_balance_score_worked_case_from_the_definition():
-    # n* = 4, 6 kept of which 3 correct: min(3/4, 1) · 3/6 = 0.375
-    assert balance_score({"q": [True, True, True, False, False, False]}, n_star=4) == pytest.approx(0.375)
-    # 10 kept, all correct: min(10/4, 1) · 1 = 1 (the cap), averaged with the query above
-    assert balance_score({"q": [True] * 3 + [False] * 3, "r": [True] * 10}, n_star=4) == pytest.approx(0.6875)
+    six = [("r1", True), ("r2", True), ("r3", True), ("w1", False), ("w2", False), ("w3", False)]
+    # n* = 4, 6 distinct kept of which 3 correct: min(3/4, 1) · 3/6 = 0.375
+    assert balance_score({"q": six}, n_star=4) == pytest.approx(0.375)
+    # 10 distinct kept, all correct: min(10/4, 1) · 1 = 1 (the cap), averaged with the query above
+    assert balance_score({"q": six, "r": [(f"s{i}", True) for i in range(10)]}, n_star=4) == pytest.approx(0.6875)
 
 
-def test_balance_score_leaves_out_queries_with_nothing_kept():
-    assert balance_score({"q1": [True] * 8, "q2": []}, n_star=8) == 1.0  # not 0.5
+def test_balance_score_counts_repeated_completions_once():
+    # eight copies of one correct completion: n' = n = 1, so 1/8 · 1, not min(8/8, 1) · 8/8 = 1
+    assert balance_score({"q": [("x = 5", True)] * 8}, n_star=8) == pytest.approx(1 / 8)
+    # four copies of a correct and four of a wrong one: n = 2, n' = 1 → 1/8 · 1/2
+    assert balance_score({"q": [("x = 5", True)] * 4 + [("x = 6", False)] * 4}, n_star=8) == pytest.approx(1 / 16)
+    # surrounding whitespace does not make a completion distinct; inner text does
+    assert balance_score({"q": [("x = 5", True), (" x = 5\n", True)]}, n_star=2) == pytest.approx(1 / 2)
+    assert balance_score({"q": [("x = 5", True), ("x  = 5", True)]}, n_star=2) == pytest.approx(1.0)
+
+
+def test_balance_score_counts_queries_with_nothing_kept_as_zero():
+    eight = [(str(i), True) for i in range(8)]
+    assert balance_score({"q1": eight, "q2": []}, n_star=8) == pytest.approx(0.5)  # q2 is in the mean, at 0
+    assert balance_score({"q": []}, n_star=8) == 0.0
     assert math.isnan(balance_score({}, n_star=8))
-    assert math.isnan(balance_score({"q": []}, n_star=8))
     with pytest.raises(ValueError):
-        balance_score({"q": [True]}, n_star=0)
+        balance_score({"q": [("a", True)]}, n_star=0)
 
 
-def _authors_balance(kept_correct: dict[str, list[bool]]) -> float:
-    """The authors' cal_modi_acc_soft loop (hkust-nlp/B-STaR train_code/determine_hyper.py), n* = 8, restated."""
-    scores = []
-    for outcomes in kept_correct.values():
-        num = sum(outcomes)
-        ratio = num / len(outcomes)
-        scores.append(ratio if num >= 8 else num * ratio / 8)
-    return sum(scores) / len(scores)
-
-
-def test_balance_score_matches_the_authors_formula_on_random_selections():
+def test_balance_score_properties_on_random_selections():
+    """Repeating a kept completion changes nothing; one more distinct correct completion never lowers the score,
+    one more distinct wrong one never raises it; the score lies in [0, 1]."""
     rng = random.Random(0)
-    for _ in range(50):
-        kept = {f"q{i}": [rng.random() < 0.6 for _ in range(rng.randint(1, 20))] for i in range(rng.randint(1, 6))}
-        assert balance_score(kept) == pytest.approx(_authors_balance(kept))
+    for _ in range(200):
+        kept = {f"q{i}": [(f"c{rng.randrange(12)}", None) for _ in range(rng.randint(0, 10))]
+                for i in range(rng.randint(1, 5))}
+        kept = {q: [(text, int(text[1:]) % 3 != 0) for text, _ in pairs] for q, pairs in kept.items()}  # text → grade
+        n_star = rng.randint(1, 6)
+        score = balance_score(kept, n_star)
+        assert 0.0 <= score <= 1.0
+        q = rng.choice(sorted(kept))
+        if kept[q]:
+            repeated = {**kept, q: kept[q] + [rng.choice(kept[q])]}
+            assert balance_score(repeated, n_star) == pytest.approx(score)
+        assert balance_score({**kept, q: kept[q] + [("new right", True)]}, n_star) >= score - 1e-12
+        assert balance_score({**kept, q: kept[q] + [("new wrong", False)]}, n_star) <= score + 1e-12
 
 
 def test_monitor_round_is_exploration_and_exploitation_in_one_dict():
     out = monitor_round(SAMPLES, GOLD, KEPT, n_star=8)
-    assert out == {**exploration(SAMPLES, GOLD), **exploitation(SAMPLES, GOLD, KEPT, 8)}
+    assert set(out) == {"bstar/prompts", "bstar/distinct_completions", "bstar/prompts_with_gold", "bstar/k",
+                        "bstar/pass@k", "bstar/correct_per_prompt", "bstar/distinct_correct_answers",
+                        "bstar/distinct_correct_completions", "bstar/kept", "bstar/precision", "bstar/balance",
+                        "bstar/balance_queries", "bstar/n_star"}
+    assert out["bstar/pass@k"] == pytest.approx(0.5) and out["bstar/balance"] == pytest.approx(7 / 72)
     assert out["bstar/n_star"] == 8
-    assert all(key.startswith("bstar/") for key in out)
 
 
 def test_precision_is_nan_without_gold_and_misaligned_gold_fails():

@@ -161,14 +161,23 @@ def test_a_damaged_artifact_is_redone_not_trusted(star_run, engine, tmp_path):
 
 
 def test_an_empty_selection_stops_with_the_reason_or_skips_training(engine, tmp_path):
+    """The real `answer` critic (the pipeline's default, which tiny_star replaces with plugins) judges the random
+    model's samples: it finds no right answer, so every problem is rationalized and nothing is kept."""
     from selfimprove.pipeline import StageFailed
 
-    overrides = ["rounds=1", "evaluate_base=false", "stages.critique.critics=[{name: 'tests.plugins:reject_all'}]",
-                 "stages.critique_rationalize.critics=[{name: 'tests.plugins:reject_all'}]"]
+    overrides = ["rounds=1", "evaluate_base=false", "stages.critique.critics=[{name: answer}]",
+                 "stages.critique_rationalize.critics=[{name: answer}]"]
     with pytest.raises(StageFailed, match=r"round 1, stage train \(train\) failed: NothingToTrain: stage train \(round 1\): "
                                           r"stage 'filter' produced no training rows.*'examples': 0.*on_empty=skip"):
         Runner(load_pipeline(TINY_STAR, overrides), tmp_path / "stop", engine=engine, log=quiet).run()
-    assert not (tmp_path / "stop" / "round_001" / "train" / "manifest.json").exists()
+    r1 = tmp_path / "stop" / "round_001"
+    assert not (r1 / "train" / "manifest.json").exists()
+    verdicts = load_rows(r1 / "critique" / "data")
+    assert len(verdicts) == 32 and {v["critic"] for v in verdicts} == {"answer"}
+    assert not any(v["label"] for v in verdicts) and all("extracted" in v["rationale"] for v in verdicts)
+    assert read_json(r1 / "critique" / "manifest.json")["metrics"]["gold_accuracy"] == 0.0  # the task's grader agrees
+    problems = {s["problem_id"] for s in load_rows(r1 / "generate" / "data")}
+    assert {s["problem_id"] for s in load_rows(r1 / "rationalize" / "data")} == problems and len(problems) == 16
     Runner(load_pipeline(TINY_STAR, [*overrides, "stages.train.on_empty=skip"]), tmp_path / "skip", engine=engine,
            log=quiet).run()
     weights = read_json(tmp_path / "skip" / "round_001" / "train" / "weights.json")

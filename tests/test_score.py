@@ -70,11 +70,21 @@ def test_score_pipeline_writes_both_attempts_and_rewards(score_run):
         assert all(len(r["attempts"]) == 2 for r in rows)
         assert all(r["attempts"][1]["prompt"] == second_prompt(r["prompt"], r["attempts"][0]["completion"], INSTRUCTION)
                    for r in rows)
-        # scores come from the plugin critic (length in characters), per attempt; rewards from the objective
+        # scores come from the plugin critic (length in characters), per attempt; rewards from the stage's
+        # objective (its values: test_baselines.py). Stage I rewards attempt 2 only; stage II pays attempt 1 its
+        # score and attempt 2 its score plus a bonus of the improvement's sign (α = 10 > 0)
+        built = load_pipeline(TINY_SCORE).config.stages[stage].config.objective.build()
         for r in rows:
             s1, s2 = (float(len(a["completion"])) for a in r["attempts"])
             assert r["scores"] == [s1, s2]
-            assert r["rewards"] == ([None, s2] if stage == "stage1" else [s1, s2 + 10 * (s2 - s1)])
+            assert r["rewards"] == built.rewards([s1, s2])
+            if stage == "stage1":
+                assert r["rewards"] == [None, s2]
+            else:
+                bonus = r["rewards"][1] - s2
+                assert r["rewards"][0] == s1 and (bonus > 0) == (s2 > s1) and (bonus < 0) == (s2 < s1)
+        if stage == "stage2":
+            assert built.rewards([3.0, 5.0]) == [3.0, 25.0] and built.rewards([5.0, 3.0]) == [5.0, -17.0]  # by hand
         steps = [read_json(p) for p in sorted((r1 / stage / "versions").glob("*/step.json"))]
         assert [s["step"] for s in steps] == [0, 1]
         assert (r1 / stage / "steps.jsonl").read_text().count("\n") == 2
@@ -119,7 +129,6 @@ def test_self_correction_metrics_in_both_evaluations(score_run):
     base = read_json(run_dir / "round_000" / "evaluate" / "manifest.json")["metrics"]
     after = read_json(run_dir / "round_001" / "evaluate" / "manifest.json")["metrics"]
     assert base["weights"] == "base" and after["weights"] == "round_001/stage2"
-    from selfimprove.pipeline import derive_seed
     from selfimprove.tasks.arithmetic import Arithmetic
 
     task = load_pipeline(TINY_SCORE).config.task.build()
@@ -130,10 +139,16 @@ def test_self_correction_metrics_in_both_evaluations(score_run):
         # each attempt graded by the task, and the metrics are exactly those of the saved rows
         for r in rows:
             assert [a["correct"] for a in r["attempts"]] == [task.grade(r, a["completion"]).strict for a in r["attempts"]]
-        table = [(r["attempts"][0]["correct"], r["attempts"][1]["correct"]) for r in rows]
-        recomputed = self_correction_metrics(table, seed=derive_seed(0, round_index, "evaluate", "bootstrap"),
-                                             resamples=1000, groups=[r["problem_id"] for r in rows])
-        assert {k: m[k] for k in recomputed} == recomputed
+        # the metrics count the saved rows (one sample per problem): accuracies are shares of right attempts, and
+        # Δ(t1,t2) = Acc@t2 − Acc@t1 = Δi→c − Δc→i
+        first, second = [sum(r["attempts"][k]["correct"] for r in rows) for k in (0, 1)]
+        fixed = sum(not r["attempts"][0]["correct"] and r["attempts"][1]["correct"] for r in rows)
+        broken = sum(r["attempts"][0]["correct"] and not r["attempts"][1]["correct"] for r in rows)
+        assert (m["accuracy@t1"], m["accuracy@t2"]) == (pytest.approx(first / 6), pytest.approx(second / 6))
+        assert (m["delta_i_to_c"], m["delta_c_to_i"]) == (pytest.approx(fixed / 6), pytest.approx(broken / 6))
+        assert m["delta_t1_t2"] == pytest.approx(m["accuracy@t2"] - m["accuracy@t1"])
+        for name in ("accuracy@t1", "accuracy@t2", "delta_i_to_c", "delta_c_to_i"):
+            assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"]
 
 
 def test_interrupted_rl_stage_resumes_without_repeating_steps(score_run, engine, tmp_path):

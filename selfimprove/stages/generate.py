@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..artifacts import load_rows, save_rows, write_json
 from ..critics import CriticContext
 from ..critics.calls import CriticCalls, judge_all
-from ..monitor import N_STAR, balance_score, choose_setting
+from ..monitor import N_STAR, choose_setting, exploitation
 from ..records import SamplingConfig
 from ..registry import STAGES, CriticSpec
 from .base import Stage
@@ -122,23 +122,22 @@ class Generate(Stage):
                     for r, v in zip(rows, verdicts):
                         r.update(score=v.score, label=v.label, gold=self._gold(r))
                     save_rows(rows, shard)
+                gold = [r["gold"] for r in rows]
                 for threshold in a.thresholds:
-                    kept: dict[str, list[bool]] = {}
-                    for r in rows:
-                        selected = r["label"] if threshold is None else r["score"] is not None and r["score"] >= threshold
-                        if selected and r["gold"] is not None:
-                            kept.setdefault(r["problem_id"], []).append(r["gold"])
+                    kept = {r["sample_id"] for r in rows if (r["label"] if threshold is None
+                                                             else r["score"] is not None and r["score"] >= threshold)}
+                    m = exploitation(rows, gold, kept, a.n_star)  # the filter's monitor scores with it too
                     results.append({"temperature": temperature, "threshold": threshold,
-                                    "balance": balance_score(kept, a.n_star), "kept": sum(map(len, kept.values()))})
+                                    "balance": m["bstar/balance"], "kept": m["bstar/kept"]})
         finally:
             if critic is not None:
                 critic.close()
-        try:
-            best = choose_setting([((r["temperature"], r["threshold"]), r["balance"]) for r in results])
-        except ValueError as err:
-            raise RuntimeError(f"adapt: on {len(probe)} probe problems no candidate setting kept a sample with a gold "
-                               f"answer ({err}); widen temperatures / thresholds or probe_problems") from err
-        for r in results:  # NaN: nothing kept; JSON has no NaN
+        if not any(r["balance"] > 0 for r in results):  # NaN (no probe problem with gold) compares False
+            raise RuntimeError(f"adapt: on {len(probe)} probe problems no candidate setting kept a correct sample "
+                               f"(graded against gold answers), so the balance score cannot choose; widen "
+                               f"temperatures / thresholds or probe_problems")
+        best = choose_setting([((r["temperature"], r["threshold"]), r["balance"]) for r in results])
+        for r in results:  # NaN: no probe problem has gold; JSON has no NaN
             r["balance"] = None if math.isnan(r["balance"]) else r["balance"]
         write_json(ctx.out_dir / "sweep.json", {"probe_problems": len(probe), "n_star": a.n_star, "results": results,
                                                 "chosen": {"temperature": best[0], "threshold": best[1]}})
