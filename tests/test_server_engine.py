@@ -122,6 +122,29 @@ def test_new_weights_reach_both_servers_and_match_in_process(served, engine, tin
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def generate_killing_mid_call(eng, api_server: psutil.Process, prompts, sampling, weights):
+    """`eng.generate(..., seed=5)` while a thread SIGKILLs the second server's API process mid-call: once answers
+    of this call have come back (from either server) and the victim holds requests. Returns the outputs and
+    the victim's in-flight count at the kill (empty if the moment never came)."""
+    counts, killed = Counter(eng.requests_per_server), []
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            answers = sum(eng.requests_per_server[url] - counts[url] for url in eng.urls)
+            if answers > 0 and eng._servers[1].inflight > 0:
+                api_server.send_signal(signal.SIGKILL)
+                killed.append(eng._servers[1].inflight)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    out = eng.generate(prompts, sampling, weights, seed=5)
+    killer.join()
+    return out, killed
+
+
 def test_server_killed_mid_call(served, tiny_model):
     """SIGKILL one server's API process while a batch is in flight: its requests are retried on the other
     server, and the call returns every completion exactly once, identical to an undisturbed call."""
@@ -131,23 +154,8 @@ def test_server_killed_mid_call(served, tiny_model):
     victim = served.launched.servers[1]
     tree = [psutil.Process(victim.process.pid), *descendants(victim.process.pid)]
     api_server = psutil.Process(victim.process.pid).children()[0]
-    retried, counts, killed = served.retried, Counter(served.requests_per_server), []
-
-    def kill_when_busy():
-        # Mid-call: answers of this call have come back (from either server) and the victim holds requests.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            answers = sum(served.requests_per_server[url] - counts[url] for url in served.urls)
-            if answers > 0 and served._servers[1].inflight > 0:
-                api_server.send_signal(signal.SIGKILL)
-                killed.append(served._servers[1].inflight)
-                return
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_when_busy)
-    killer.start()
-    out = served.generate(prompts, sampling, Weights(tiny_model), seed=5)
-    killer.join()
+    retried = served.retried
+    out, killed = generate_killing_mid_call(served, api_server, prompts, sampling, Weights(tiny_model))
     assert killed and served.retried > retried, (killed, served.retried, retried)  # killed with requests in flight
     assert not served._servers[1].alive
     assert [len(row) for row in out] == [2] * len(prompts)
@@ -207,22 +215,7 @@ def test_serve_replicas_outlive_each_other(tiny_model, tmp_path):
         victim_port = int(urls[1].rsplit(":", 1)[1])
         api_server = next(p for p in tree if any(c.laddr.port == victim_port and c.status == psutil.CONN_LISTEN
                                                  for c in p.net_connections(kind="tcp")))
-        counts, killed = Counter(eng.requests_per_server), []
-
-        def kill_when_busy():
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                answers = sum(eng.requests_per_server[url] - counts[url] for url in urls)
-                if answers > 0 and eng._servers[1].inflight > 0:
-                    api_server.send_signal(signal.SIGKILL)
-                    killed.append(eng._servers[1].inflight)
-                    return
-                time.sleep(0.01)
-
-        killer = threading.Thread(target=kill_when_busy)
-        killer.start()
-        out = eng.generate(prompts, sampling, Weights(tiny_model), seed=5)
-        killer.join()
+        out, killed = generate_killing_mid_call(eng, api_server, prompts, sampling, Weights(tiny_model))
         assert killed and texts(out) == texts(undisturbed)
         assert eng.failover["servers_lost"] == 1 and eng.failover["requests_moved"] >= 1, eng.failover
         assert httpx.get(urls[0] + "/health", timeout=10).status_code == 200  # the survivor kept serving
