@@ -137,8 +137,8 @@ def run_rl(base: str, baseline: str, folder, steps: int = 12, samples: int = 8,
             for token in (ids[j] for j in torch.multinomial(probs[i], samples, replacement=True,
                                                             generator=generator).tolist()):
                 text = trainer.tokenizer.decode([token])
-                rollouts.append(Rollout(group=key, prompts=[prompt(key)], completions=[text], eos=[False], rewards=[float(token == ids[i])], version=version,
-                                        token_ids=[[token]]))
+                rollouts.append(Rollout(group=key, prompts=[prompt(key)], completions=[text], eos=[False],
+                                        rewards=[float(token == ids[i])], version=version, token_ids=[[token]]))
         trainer.step(rollouts, kl_weights=[0.0], temperature=1.0, max_tokens=1)
         version = trainer.save(folder / f"v{step + 1}")
     trainer.model.eval()
