@@ -17,6 +17,10 @@ Each check (figures from seed 0 on CPU, float32; the margins leave room for seed
   four words (the random model almost never samples one of them over 49k tokens, so every reward would be 0),
   drawn with torch so that the file needs no engine; the update is the trainer's real `step`.
 - The same RL run with every advantage negated drives share down (0.27 → 0.17): the RL check bites.
+- One STaR round (8 samples per prompt from the base's distribution over the four words, keep ≤ 2 correct per
+  prompt, SFT from the base): accuracy 0 → 1; the same round keeping the wrong answers learns none of the
+  mapping. Deviation from a pipeline run: sampling and the correctness filter are written out here (the random
+  model never writes one of the four words over its whole vocabulary), the fine-tuning is the real SFT trainer.
 """
 
 from __future__ import annotations
@@ -109,6 +113,45 @@ def test_dpo_prefers_the_right_word(tiny_model, tmp_path):
     after = scores_of(tiny_model, str(tmp_path / "adapter"))
     assert abs(before["share"] - 0.25) < 0.1, before  # the random model: about even among the four words
     assert after["share"] > 0.4, (before, after)
+
+
+def star_round(base: str, folder, keep_correct: bool = True) -> tuple[list[str], dict]:
+    """One STaR round without rationalization: sample 8 one-word answers per prompt from the base model's
+    distribution over the four words (as the RL rollouts below are drawn), keep at most 2 correct answers per
+    prompt (the main job's `max_per_problem`), fine-tune a fresh adapter from the base on them with the real SFT
+    trainer. `keep_correct=False` keeps the wrong answers instead (a broken filter, to show the check bites)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = word_ids(tok)
+    probs = next_token_probs(model, tok)[:, ids]
+    generator = torch.Generator().manual_seed(0)
+    rows, kept = [], []
+    for i, key in enumerate(KEYS):
+        samples = [WORDS[j] for j in torch.multinomial(probs[i], 8, replacement=True, generator=generator).tolist()]
+        chosen = [w for w in samples if (w == WORDS[i]) == keep_correct][:2]
+        kept += chosen
+        rows += [{"prompt": prompt(key), "completion": answer(w)} for w in chosen]
+    trainer = SFT(SFT.Config(lora=LORA, optim=Optimization(learning_rate=5e-3, max_steps=40, batch_size=4,
+                                                           logging_steps=10, checkpoint_every=0)))
+    trainer.train(rows, base, None, folder / "adapter", folder / "work", seed=0, round_index=1)
+    return kept, scores_of(base, str(folder / "adapter"))
+
+
+def test_star_round_learns_from_its_own_correct_samples(tiny_model, tmp_path):
+    kept, after = star_round(tiny_model, tmp_path)
+    # 8 samples per prompt at ~1/4 each: every prompt keeps a correct answer (seed 0), and only correct ones
+    assert len(kept) >= len(KEYS) and all(w in WORDS for w in kept)
+    assert after["accuracy"] == 1.0, after
+    assert after["share"] > 0.4, after
+
+
+def test_star_round_on_wrong_samples_does_not_learn(tiny_model, tmp_path):
+    """The STaR check bites: a filter that keeps the wrong answers leaves no prompt answered right."""
+    _, after = star_round(tiny_model, tmp_path, keep_correct=False)
+    assert after["accuracy"] == 0.0 and after["share"] < 0.25, after
 
 
 def run_rl(base: str, baseline: str, folder, steps: int = 12, samples: int = 8,
