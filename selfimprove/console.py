@@ -62,7 +62,9 @@ def library_logs(run_dir: Path):
         logger.addHandler(file_handler)
         if not logger.handlers[:-1]:
             logger.addHandler(console)
-        logger.setLevel(logging.INFO)
+        # torch's artifact loggers (`torch.__aot_graphs`, ...) have stderr handlers of their own and inherit the
+        # "torch" logger's level: at INFO they would print every compiled graph, so torch stays at WARNING.
+        logger.setLevel(logging.WARNING if name == "torch" else logging.INFO)
         logger.propagate = False
     _transformers_default_handler(False)
     logging.captureWarnings(True)
@@ -99,7 +101,7 @@ def _transformers_default_handler(on: bool) -> None:
 
 def quiet_training_logs(trainer) -> None:
     """Keep a transformers Trainer's training bar, but send the dict it prints under the bar at every logging step
-    (`{'loss': '2.31', 'grad_norm': ...}`) to the library log instead of the console."""
+    (`{'loss': '2.31', 'grad_norm': ...}`) to the library log instead of the console, when this process has one."""
     from transformers.trainer_callback import ProgressCallback
 
     class ProgressToLog(ProgressCallback):
@@ -108,5 +110,9 @@ def quiet_training_logs(trainer) -> None:
                 # trl's logger, not transformers': the Trainer resets transformers' log level to its own
                 logging.getLogger("trl.training").info("step %d: %s", state.global_step, logs)
 
+    if not logging.getLogger("trl").handlers:
+        # no library log in this process (a rank started by `launch:` writes its console to the launch log): the
+        # dicts stay where they were, the only record of the loss there
+        return
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ProgressToLog())
