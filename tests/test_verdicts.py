@@ -112,6 +112,6 @@ def test_rl_report_shows_a_step_with_no_valid_reward_as_a_dash():
     from selfimprove.stages.rl import RL
 
     cells = RL.report({"steps": 2, "reward/attempt1/first": None, "reward/attempt1/last": 0.5,
-                       "reward/attempt1/mean": 0.5, "reward_errors": 3})
+                       "reward/attempt1/mean": 0.5, "invalid_rewards": 3})
     assert cells["RL reward"] == "reward/attempt1: -→0.500 (mean 0.500)"
-    assert cells["reward errors"] == "3"
+    assert cells["invalid rewards"] == "3"

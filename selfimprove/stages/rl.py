@@ -156,7 +156,7 @@ class RL(Stage):
         scored = time.time()
         update = trainer.step(rollouts, objective.kl_weights(), temperature=c.sampling.temperature,
                               max_tokens=c.sampling.max_tokens)
-        metrics = {"step": step, "policy_version": weights.adapter_hash, "samples": len(rows), "reward_errors": errors,
+        metrics = {"step": step, "policy_version": weights.adapter_hash, "samples": len(rows), "invalid_rewards": errors,
                    "trained_samples": len(rollouts),
                    **{f"reward/attempt{t + 1}": _mean([s[t] for s in scores]) for t in range(objective.attempts)},
                    **update, "weight_sync_seconds": round(prepared - started, 2),
@@ -214,7 +214,7 @@ class RL(Stage):
             "init": start.to_dict(), "policy": ctx.weights("policy").to_dict(), "trained": True,
         })
         out: dict = {"steps": len(steps), "samples": len(rows), "objective": self.config.objective.name,
-                     "reward_errors": sum(s.get("reward_errors", 0) for s in steps)}  # invalid verdicts, all steps
+                     "invalid_rewards": sum(s.get("invalid_rewards", 0) for s in steps)}  # invalid verdicts, all steps
         for key in [k for k in steps[0] if k.startswith("reward/")]:
             out[f"{key}/first"], out[f"{key}/last"] = steps[0][key], steps[-1][key]
             out[f"{key}/mean"] = _mean([s[key] for s in steps])
@@ -232,8 +232,8 @@ class RL(Stage):
             k = keys[-1]
             first, last, mean = (_num(metrics[k + suffix]) for suffix in ("/first", "/last", "/mean"))
             cells["RL reward"] = f"{k}: {first}→{last} (mean {mean})"
-        if metrics.get("reward_errors"):
-            cells["reward errors"] = str(metrics["reward_errors"])  # invalid verdicts, left out of training
+        if metrics.get("invalid_rewards"):
+            cells["invalid rewards"] = str(metrics["invalid_rewards"])  # invalid verdicts, left out of training
         return cells
 
 
