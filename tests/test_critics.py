@@ -17,7 +17,8 @@ from selfimprove.artifacts import load_rows, save_rows, write_json
 from selfimprove.config import ConfigError, build
 from selfimprove.critics import CriticContext, Verdict
 from selfimprove.registry import CriticSpec
-from selfimprove.critics.quality import auroc, critic_quality
+from selfimprove.critics.quality import critic_quality
+from selfimprove.metrics import auroc_interval
 from selfimprove.critics.self_verify import yes_probability
 from selfimprove.records import Completion, Weights
 from selfimprove.pipeline import load_pipeline
@@ -381,10 +382,10 @@ def test_auroc_against_brute_force():
         pos = [s for s, g in zip(scores, gold) if g]
         neg = [s for s, g in zip(scores, gold) if not g]
         if not pos or not neg:
-            assert auroc(scores, gold) is None
+            assert auroc_interval(scores, gold)[0] is None
             continue
         brute = sum((p > q) + 0.5 * (p == q) for p, q in product(pos, neg)) / (len(pos) * len(neg))
-        assert auroc(scores, gold) == pytest.approx(brute)
+        assert auroc_interval(scores, gold)[0] == pytest.approx(brute)
 
 
 def test_precision_recall_by_hand():

@@ -13,11 +13,6 @@ from __future__ import annotations
 from ..metrics import auroc_interval
 
 
-def auroc(scores: list[float], gold: list[bool]) -> float | None:
-    """The AUROC alone (metrics.auroc_interval, without its interval)."""
-    return auroc_interval(scores, gold)[0]
-
-
 def critic_quality(labels: list[bool | None], scores: list[float | None], gold: list[bool]) -> dict:
     """precision, recall, auroc and counts over the samples given (callers drop failed verdicts)."""
     predicted = [bool(label) for label in labels]
