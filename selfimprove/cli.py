@@ -162,13 +162,13 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .models import model_names
-    from .registry import BASELINES, CRITICS, ENGINES, OBJECTIVES, STAGES, TASKS, TRAINERS
+    from .registry import (BASELINES, CRITICS, ENGINES, JUDGE_BACKENDS, MODELS, OBJECTIVES, STAGES, TASKS, TRACKERS,
+                           TRAINERS)
 
-    print(f"{'pipelines:':11}", ", ".join(shipped.pipeline_names()))
-    print(f"{'models:':11}", ", ".join(model_names()))
-    for registry in (TASKS, CRITICS, STAGES, ENGINES, TRAINERS, OBJECTIVES, BASELINES):
-        print(f"{registry.kind + 's:':11}", ", ".join(registry.names()))
+    print(f"{'pipelines:':16}", ", ".join(shipped.pipeline_names()))
+    for registry in (MODELS, TASKS, CRITICS, STAGES, ENGINES, TRAINERS, OBJECTIVES, BASELINES, JUDGE_BACKENDS,
+                     TRACKERS):
+        print(f"{registry.kind + 's:':16}", ", ".join(registry.names()))
     return 0
 
 

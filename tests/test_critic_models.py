@@ -120,14 +120,15 @@ from selfimprove.critics import CriticContext
 from selfimprove.registry import CriticSpec
 from selfimprove.tasks.arithmetic import INSTRUCTION
 if __name__ == "__main__":
-    spec = {"name": "llm_judge", "backend": "vllm", "model": sys.argv[1], "score_pattern": r"answer is (\\d+)",
-            "scale": [0, 100], "template": INSTRUCTION + "\\n\\nWhat is {question}?", "sampling": {"max_tokens": 12},
-            "engine": {"name": "vllm", "in_process": True, "max_model_len": 512}}
+    spec = {"name": "llm_judge", "score_pattern": r"answer is (\\d+)", "scale": [0, 100],
+            "template": INSTRUCTION + "\\n\\nWhat is {question}?", "sampling": {"max_tokens": 12},
+            "backend": {"name": "vllm", "model": sys.argv[1],
+                        "engine": {"name": "vllm", "in_process": True, "max_model_len": 512}}}
     critic = CriticSpec.from_config(spec, "test", "critic").build(CriticContext(task=None))
     verdicts = critic.judge([{"question": "12 + 30", "completion": "42"}, {"question": "7 + 8", "completion": "5"}])
-    engine_started = critic._engine is not None
+    engine_started = critic.backend.engine is not None
     critic.close()
-    print("RESULT" + json.dumps({"started": engine_started, "closed": critic._engine is None,
+    print("RESULT" + json.dumps({"started": engine_started, "closed": critic.backend.engine is None,
                                  "verdicts": [[v.score, v.error, v.rationale] for v in verdicts]}))
 """
 

@@ -128,8 +128,15 @@ def test_llm_judge_parser_and_template():
 @pytest.mark.parametrize("params, message", [
     ({"scale": [10, 1]}, "low < high"),
     ({"score_pattern": "Score: \\d+"}, "needs a group"),
-    ({"backend": "openai"}, "needs model"),
-    ({"backend": "vllm", "model": "m", "engine": {"name": "vllm", "max_model_lenn": 5}}, "unknown key"),
+    ({"backend": "openai"}, r"critic.backend.model: required key is missing"),
+    ({"backend": {"name": "openai", "model": "m", "concurrency": 0}}, "concurrency must be >= 1"),
+    ({"backend": {"name": "vllm", "model": "m", "engine": {"name": "vllm", "max_model_lenn": 5}}}, "unknown key"),
+    ({"backend": {"name": "vllm", "model": "tiny-random-lama"}},
+     r"critic.backend: unknown model 'tiny-random-lama'; did you mean 'tiny-random-llama'\?"),
+    ({"backend": {"model": "m"}}, r"judge backend 'policy' takes no parameters, got \['model'\]"),
+    ({"model": "m"}, r"critic.model: unknown key; valid keys of LLMJudgeCritic.Config: backend, "),
+    ({"backend": "opneai"}, r"critic.backend: unknown judge backend 'opneai'; did you mean 'openai'\? valid names: "
+                            r"openai, policy, vllm \(or a dotted path package.module:Name to your own\)"),
 ])
 def test_llm_judge_config_errors(params, message):
     with pytest.raises(ConfigError, match=message):
@@ -167,14 +174,26 @@ class JudgeEndpoint(BaseHTTPRequestHandler):
         pass
 
 
+def test_llm_judge_backend_of_your_own():
+    """A dotted path names a JudgeBackend subclass; its parameters are checked like any component's."""
+    spec = {"name": "llm_judge", "template": "{completion}", "backend": {"name": "tests.plugins:FixedScoreJudge",
+                                                                        "score": 4}}
+    out = judge(spec, [sample("a", "fine"), sample("b", "fail")])
+    assert out[0].score == pytest.approx(3 / 9) and out[0].label is False and out[0].rationale == "Score: 4"
+    assert out[1].score is None and out[1].error == "refused"
+    with pytest.raises(ConfigError, match=r"critic.backend.scor: unknown key; valid keys of FixedScoreJudge.Config: "
+                                          r"score"):
+        judge({**spec, "backend": {"name": "tests.plugins:FixedScoreJudge", "scor": 4}}, [])
+
+
 def test_llm_judge_openai_endpoint(monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeEndpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        spec = {"name": "llm_judge", "backend": "openai", "model": "judge-1", "api_key_env": "TEST_JUDGE_KEY",
-                "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "max_retries": 0,
-                "request_timeout": 10, "template": "{completion}"}
+        spec = {"name": "llm_judge", "template": "{completion}", "backend": {
+            "name": "openai", "model": "judge-1", "api_key_env": "TEST_JUDGE_KEY", "max_retries": 0,
+            "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "request_timeout": 10}}
         with pytest.raises(RuntimeError, match="TEST_JUDGE_KEY"):
             judge(spec, [])
         monkeypatch.setenv("TEST_JUDGE_KEY", "secret-123")
@@ -443,9 +462,10 @@ def test_a_judge_key_never_reaches_the_run_directory(engine, tmp_path, monkeypat
             "task": {"name": "arithmetic", "num_train": 40, "num_test": 6},
             "stages": {"generate": {"problems": {"num_problems": 3}, "sampling": {"max_tokens": 8}},
                        "critique": {"critics": [{
-                           "name": "llm_judge", "backend": "openai", "model": "judge-1", "max_retries": 0,
-                           "api_key_env": "CANARY_JUDGE_KEY", "template": "{completion} right",
-                           "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1"}]}}}
+                           "name": "llm_judge", "template": "{completion} right", "backend": {
+                               "name": "openai", "model": "judge-1", "max_retries": 0,
+                               "api_key_env": "CANARY_JUDGE_KEY",
+                               "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1"}}]}}}
     try:
         Runner(load_pipeline(None, data=data), tmp_path / "run", engine=engine, log=lambda *a: None).run()
     finally:

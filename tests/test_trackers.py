@@ -3,12 +3,14 @@ training step and every RL step, in one tracker run that a resumed pipeline appe
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 
-from selfimprove.config import ConfigError
+from selfimprove import trackers
+from selfimprove.config import ConfigError, to_dict
 from selfimprove.pipeline import Runner, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +66,34 @@ def test_unknown_or_missing_tracker_is_a_load_error(monkeypatch):
     import importlib.util
 
     path = REPO / "tests" / "pipelines" / "tiny_star.yaml"
-    with pytest.raises(ConfigError, match="report_to: unknown tracker 'neptune'; valid: trackio, tensorboard"):
-        load_pipeline(path, ["report_to=[neptune]"])
+    with pytest.raises(ConfigError, match=r"tiny_star.yaml\): report_to\[1\]: unknown tracker 'tensorbord'; "
+                                          r"did you mean 'tensorboard'\? valid names: mlflow, tensorboard, trackio, "
+                                          r"wandb \(or a dotted path package.module:Name to your own\)"):
+        load_pipeline(path, ["report_to=[trackio, tensorbord]"])
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ConfigError, match="report_to: wandb is not installed: pip install wandb"):
+    with pytest.raises(ConfigError, match=r"report_to\[0\]: tracker 'wandb' is not installed: pip install wandb"):
         load_pipeline(path, ["report_to=[wandb]"])
+    with pytest.raises(ConfigError, match=r"report_to\[0\]: 'tests.plugins:accept_all' is not a subclass of "
+                                          r"selfimprove.trackers.Tracker"):
+        load_pipeline(path, ["report_to=[tests.plugins:accept_all]"])
+
+
+def test_a_tracker_of_your_own_by_dotted_path(tmp_path):
+    """A user's tracker receives finite scalars under one step counter, and a second pipeline run on the same run
+    directory reopens its run (same id) with steps that keep increasing."""
+    pipeline = load_pipeline(REPO / "tests" / "pipelines" / "tiny_star.yaml",
+                             ["report_to=[tests.plugins:RecordingTracker]"])
+    for _ in range(2):
+        with trackers.Trackers(pipeline.config.report_to, tmp_path, to_dict(pipeline.config)) as active:
+            active.stage = "train"
+            trackers.log({"accuracy": 0.5, "kept": 3, "note": "text", "flag": True, "bad": float("nan")}, "evaluate/")
+            trackers.log_step({"loss": 1.5})
+            trackers.log({"note": "nothing to log"})
+        assert trackers.active() is None
+    run_id = f"rec-{tmp_path.name}"
+    once = [{"start": run_id, "name": pipeline.config.name},
+            {"step": 1, "evaluate/accuracy": 0.5, "evaluate/kept": 3.0}, {"step": 2, "train/step/loss": 1.5},
+            {"finish": run_id}]
+    recorded = [json.loads(line) for line in (tmp_path / "recorded.jsonl").read_text().splitlines()]
+    assert recorded[:4] == once and recorded[4:] == [once[0], {**once[1], "step": 3}, {**once[2], "step": 4}, once[3]]

@@ -6,13 +6,14 @@ raw score, mapped linearly from `scale` onto [0, 1]; label = score >= `threshold
 score off the scale (never clipped: "11/10" would be full reward for gaming the judge), or a request that fails
 makes that sample's verdict invalid (its `error` set), and only that one.
 
-Backends (`backend`):
-- `policy`: the run's own engine and the weights that generated the samples (the model judges itself: with
-  the weights of the round's policy, this is Self-Rewarding's LLM-as-a-judge);
-- `vllm`: another local model (`model`: a registered model or a model folder) in an engine of its own, built on
-  first use with `engine` and closed after the stage;
-- `openai`: any OpenAI-compatible endpoint (`base_url`, `model`), the API key read from the environment
-  variable named by `api_key_env`, never from the YAML.
+Where replies come from is the `backend`, a component of its own (`backend: vllm`, or a mapping with `name:`
+and the backend's parameters):
+- `policy` (the default): the run's own engine and the weights that generated the samples (the model judges
+  itself: with the weights of the round's policy, this is Self-Rewarding's LLM-as-a-judge);
+- `vllm`: another local model (`model`) in an engine of its own (`engine`), started on first use, closed after it;
+- `openai`: any OpenAI-compatible endpoint (`model`, `base_url`), the API key read from the environment variable
+  named by `api_key_env`, never from the YAML;
+- your own: a dotted path `package.module:Name` to a `JudgeBackend` subclass.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
 
+from ..config import ConfigError
+from ..models import load_spec, prepare_model
 from ..records import SamplingConfig, Weights
-from ..registry import CRITICS, EngineSpec
+from ..registry import CRITICS, JUDGE_BACKENDS, EngineSpec, JudgeBackendSpec
 from .base import Critic, Verdict
 
 TEMPLATE = (
@@ -33,6 +35,91 @@ TEMPLATE = (
     "Is the solution correct? Think briefly, then end with \"Score: N\", where N is an integer from 1 "
     "(certainly wrong) to 10 (certainly correct)."
 )
+
+
+class JudgeBackend:
+    """Where a judge's replies come from, built with its `Config` (if any) and the critic's context (the run's
+    engine, the weights that wrote the samples). `replies(messages, sampling, seed)` returns one reply per
+    conversation, or the exception that failed it (which fails that verdict only); `close()` runs after the stage."""
+
+    def __init__(self, config, context):
+        self.config, self.context = config, context
+
+    def close(self) -> None:
+        pass
+
+
+@JUDGE_BACKENDS.register("policy")
+class PolicyBackend(JudgeBackend):
+    def replies(self, messages, sampling, seed):
+        outputs = self.context.engine().generate(messages, sampling, self.context.weights, seed=seed)
+        return [out[0].text for out in outputs]
+
+
+@JUDGE_BACKENDS.register("vllm")
+class LocalModelBackend(JudgeBackend):
+    @dataclass
+    class Config:
+        model: str  # a registered model, a model description .yaml or a model folder
+        engine: EngineSpec = field(default_factory=lambda: EngineSpec.named("vllm"))
+
+        def __post_init__(self):
+            try:  # an unknown model fails when the config loads, not after the samples are generated
+                load_spec(self.model)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+
+    engine = None
+
+    def replies(self, messages, sampling, seed):
+        if self.engine is None:
+            path = str(prepare_model(self.config.model))
+            self.engine, self.weights = self.config.engine.build(path, seed=seed), Weights(path, None, "judge")
+        return [out[0].text for out in self.engine.generate(messages, sampling, self.weights, seed=seed)]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+@JUDGE_BACKENDS.register("openai")
+class OpenAIBackend(JudgeBackend):
+    @dataclass
+    class Config:
+        model: str  # the endpoint's model name
+        base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1 (None = the client's default)
+        api_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the key
+        request_timeout: float = 60.0
+        max_retries: int = 2
+        concurrency: int = 8  # requests in flight
+
+        def __post_init__(self):
+            if self.concurrency < 1:
+                raise ValueError("concurrency must be >= 1")
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        key = os.environ.get(config.api_key_env)
+        if not key:
+            raise RuntimeError(f"llm_judge: environment variable {config.api_key_env} (api_key_env) is not set")
+        import openai
+
+        self.client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.request_timeout,
+                                    max_retries=config.max_retries)
+
+    def replies(self, messages, sampling, seed):
+        def request(conversation: list[dict]) -> str | Exception:
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.config.model, messages=conversation, temperature=sampling.temperature,
+                    top_p=sampling.top_p, max_tokens=sampling.max_tokens, stop=sampling.stop or None, seed=seed)
+                return response.choices[0].message.content or ""
+            except Exception as err:  # noqa: BLE001 - one failed request fails one verdict
+                return RuntimeError(f"{type(err).__name__}: {err}")
+
+        with ThreadPoolExecutor(self.config.concurrency) as pool:
+            return list(pool.map(request, messages))
 
 
 @CRITICS.register("llm_judge")
@@ -46,14 +133,7 @@ class LLMJudgeCritic(Critic):
         score_pattern: str = r"[Ss]core\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)"  # group 1 is the number
         scale: list[float] = field(default_factory=lambda: [1.0, 10.0])  # raw [low, high] → [0, 1]
         threshold: float = 0.7
-        backend: Literal["policy", "vllm", "openai"] = "policy"
-        model: str | None = None  # vllm: registered model or folder; openai: the endpoint's model name
-        engine: EngineSpec = field(default_factory=lambda: EngineSpec.named("vllm"))  # vllm backend: the judge's engine
-        base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1 (None = the client's default)
-        api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable that holds the key
-        request_timeout: float = 60.0
-        max_retries: int = 2
-        concurrency: int = 8  # openai: requests in flight
+        backend: JudgeBackendSpec = field(default_factory=lambda: JudgeBackendSpec.named("policy"))
         sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
         seed: int = 0
 
@@ -65,29 +145,15 @@ class LLMJudgeCritic(Critic):
                     raise ValueError("score_pattern needs a group around the number")
             except re.error as err:
                 raise ValueError(f"score_pattern is not a regular expression: {err}") from err
-            if self.backend in ("vllm", "openai") and not self.model:
-                raise ValueError(f"backend {self.backend} needs model")
             if self.sampling.n != 1:
                 raise ValueError("sampling.n must be 1: the judge replies once per sample")
-            if self.concurrency < 1:
-                raise ValueError("concurrency must be >= 1")
 
     def __init__(self, config: "LLMJudgeCritic.Config", context):
         super().__init__(config, context)
-        self._engine = None
-        self._client = None
-        if config.backend == "openai":
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise RuntimeError(f"llm_judge: environment variable {config.api_key_env} (api_key_env) is not set")
-            import openai
-
-            self._client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.request_timeout,
-                                         max_retries=config.max_retries)
+        self.backend = config.backend.build(context)
 
     def judge(self, samples: list[dict]) -> list[Verdict]:
-        messages = [self.messages(s) for s in samples]
-        replies = self._replies(messages)
+        replies = self.backend.replies([self.messages(s) for s in samples], self.config.sampling, self.config.seed)
         return [self.parse(reply) if isinstance(reply, str) else Verdict(score=None, error=str(reply))
                 for reply in replies]
 
@@ -108,41 +174,8 @@ class LLMJudgeCritic(Critic):
         score = (raw - low) / (high - low)
         return Verdict(score=score, label=score >= self.config.threshold, rationale=reply)
 
-    # -- backends --------------------------------------------------------------------------------------------
-    def _replies(self, messages: list[list[dict]]) -> list[str | Exception]:
-        c = self.config
-        if c.backend == "openai":
-            with ThreadPoolExecutor(c.concurrency) as pool:
-                return list(pool.map(self._request, messages))
-        engine, weights = self._local()
-        outputs = engine.generate(messages, c.sampling, weights, seed=c.seed)
-        return [out[0].text for out in outputs]
-
-    def _request(self, messages: list[dict]) -> str | Exception:
-        c = self.config
-        try:
-            response = self._client.chat.completions.create(
-                model=c.model, messages=messages, temperature=c.sampling.temperature, top_p=c.sampling.top_p,
-                max_tokens=c.sampling.max_tokens, stop=c.sampling.stop or None, seed=c.seed)
-            return response.choices[0].message.content or ""
-        except Exception as err:  # noqa: BLE001 - one failed request fails one verdict
-            return RuntimeError(f"{type(err).__name__}: {err}")
-
-    def _local(self):
-        if self.config.backend == "policy":
-            return self.context.engine(), self.context.weights
-        if self._engine is None:
-            from ..models import prepare_model
-
-            path = str(prepare_model(self.config.model))
-            self._engine = self.config.engine.build(path, seed=self.config.seed)
-            self._weights = Weights(path, None, "judge")
-        return self._engine, self._weights
-
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        self.backend.close()
 
 
 class _Columns(dict):
