@@ -726,7 +726,7 @@ def _report_text(path: Path) -> list[str]:
 
 
 def _report_html(path: Path) -> str:
-    """report.html without the timing columns of its tables (compare._html_table's plain <th>/<td> cells)."""
+    """report.html without the timing columns of its tables (render.html_table's plain <th>/<td> cells)."""
 
     def table(match: re.Match) -> str:
         head = re.search(r"<thead><tr>(.*?)</tr></thead>", match.group(0), flags=re.S)

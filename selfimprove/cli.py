@@ -148,7 +148,7 @@ def cmd_trace(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .report_html import write_report
 
     write_report(args.run_dir)  # prints the table; rewrites report.md and plots/
     return 0

@@ -88,6 +88,18 @@ def summarize(name: str, per_problem: list[float], seed: int, resamples: int, ou
     return {name: mean, f"{name}_ci_low": lo, f"{name}_ci_high": hi}
 
 
+def interval(m: dict, key: str, signed: bool = False) -> str:
+    """`m[key]` as a percentage with its 95% interval (`{key}_ci_low`, `{key}_ci_high`, as `summarize` and `ratio`
+    name them), e.g. `52.0% [44.0%, 60.7%]`; without the interval where it has none, "-" where the value is
+    undefined (None: a conditional share with nothing to condition on)."""
+    if m.get(key) is None:
+        return "-"
+    fmt = "+.1%" if signed else ".1%"
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    text = format(m[key], fmt)
+    return f"{text} [{low:.1%}, {high:.1%}]" if low is not None and high is not None else text
+
+
 def ratio(name: str, successes: list[int], trials: list[int], seed: int, resamples: int) -> dict:
     """A conditional proportion pooled over problems, sum(successes) / sum(trials) (per problem: how many of its
     `trials` samples met the condition, and how many of those `successes` were), with `{name}_n` = sum(trials).

@@ -39,7 +39,8 @@ from .console import library_logs
 from .lifecycle import RunLock, peak_memory_mib, reap_children_on_exit
 from .models import check_adapter_fits, check_chat_template, load_spec, prepare_model
 from .registry import EngineSpec, StageSpec, TaskSpec, TrackerSpec
-from .report import markdown_table, write_report
+from .report import markdown_table
+from .report_html import write_report
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The records every layer shares: prompts, weights identity, sampling settings, completions, and the row
+"""The records every layer shares: prompts, weights identity, sampling settings, completions, RL rollouts, and the row
 schemas of the datasets a run writes. Nothing here imports from the rest of the package, so tasks, engines,
 critics, trainers and stages can all depend on it without depending on each other.
 
@@ -110,3 +110,18 @@ class Completion:
     # The sampler's log-probability of each sampled token, under the distribution it sampled from (after
     # temperature), where the engine reports it: what the RL trainer measures its own log-probabilities against.
     logprobs: list[float] | None = None
+
+
+@dataclass
+class Rollout:
+    """One trajectory (one or more attempts) ready for a policy-gradient update: built by the rl stage, consumed by
+    its trainer (trainers/rl.py)."""
+
+    group: str  # rollouts of one group (one problem) share a baseline
+    prompts: list[Prompt]  # the prompt of each attempt; attempt t's prompt contains the attempts before it
+    completions: list[str]
+    eos: list[bool]  # whether each attempt ended with the end-of-sequence token (the text does not hold it)
+    rewards: list[float | None]  # per attempt, from the objective (None: no reward term on that attempt)
+    version: str  # hash of the adapter the rollout was sampled with
+    token_ids: list[list[int] | None] | None = None  # per attempt, the tokens the engine sampled (when reported)
+    logprobs: list[list[float] | None] | None = None  # per attempt, the engine's log-probability of each of them

@@ -1,66 +1,56 @@
-"""The run report as one self-contained page, `report.html` beside `report.md`: what the table cannot show —
-how exploration, selection, the critics and RL moved round by round, and what the samples actually look like.
+"""The run report written out (write_report): `report.md`, the per-round table and the plots of report.py, and
+`report.html`, one self-contained page (render.page) with what the table cannot show — how exploration,
+selection, the critics and RL moved round by round, and what the samples actually look like.
 
-Self-contained (inline CSS, plots as inline base64 PNGs, a Content-Security-Policy that forbids any request) so
-that it opens offline, from a copied run folder or an e-mail attachment, and shows the run as it was.
-
-Everything is read from the stage manifests (report.collect: metrics, report cells, outputs, type) and from
-the datasets the manifests list as outputs, in the order the run's config lists its stages. Sections appear
-only when the run has their data:
-- the per-round table (report.table, as in report.md);
-- accuracy per round: the plot of report.md (report.plot) and every evaluation metric that has a 95% interval;
-- B-STaR exploration and exploitation per round (`bstar/*` in the filter stages' metrics, monitor.py);
-- examples kept, rationalized and paired per round (filter and pairs stages);
-- critic quality per round: `<critic>/precision`, `/recall`, `/auroc` of every critique stage (critics/quality.py);
-- RL reward and KL per step (report.plot's rl plot, from report.rl_steps);
-- for two-attempt evaluations, the per-round transitions c→c, c→i, i→c, i→i of attempt 1 → attempt 2;
-- a few example samples per round with their verdicts and sample ids (`selfimprove trace RUN_DIR SAMPLE_ID`
-  follows one further).
+Everything on the page is read from the stage manifests (report.collect) and from the datasets they list as
+outputs, in the order the run's config lists its stages; a section (write_html lists them) appears only when the
+run has its data: B-STaR's `bstar/*` metrics of the filter stages (monitor.py), the critique stages'
+`<critic>/precision`, `/recall`, `/auroc` (critics/quality.py), the rl stages' steps (report.rl_steps). Example
+samples show their ids: `selfimprove trace RUN_DIR SAMPLE_ID` follows one further.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from collections import defaultdict
+from itertools import zip_longest
 from pathlib import Path
 
 import yaml
 
 from .artifacts import load_rows
-from .compare import _CSS, _html_table
-from .report import collect, evaluations, plot, table
-from .stages.evaluate import interval
+from .metrics import interval
+from .render import figure, html_table, image, page, png
+from .report import collect, evaluations, markdown_table, plot, table
 
 EXAMPLES_PER_ROUND = 4
 CLIP = 600  # characters of a prompt or completion shown in the examples
 
-# Nothing may be fetched: data: images and the inline stylesheet only (no script runs).
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-_MORE_CSS = """
-img { max-width: 100%; display: block; margin: 0.5em 0; }
-pre { white-space: pre-wrap; word-break: break-word; margin: 0; font-size: 0.9em; max-width: 38em; }
-nav a { margin-right: 1em; }
-h3 { font-size: 1em; margin-top: 1.4em; }
-"""
 
-
-def write_html(run_dir: str | Path, plots: list[Path] | None = None) -> Path:
-    """Write `report.html` (module docstring) atomically and return its path. `plots`: report.md's plot files when
-    the caller has just drawn them (write_report); otherwise they are drawn here."""
+def write_report(run_dir: str | Path, log=print) -> list[dict]:
+    """Write report.md with its plots and report.html, print the table, return each evaluation's metrics."""
     run_dir = Path(run_dir)
+    text = markdown_table(run_dir)
+    figures = plot(run_dir)
+    images = "".join(f"\n![{name}](plots/{name}.png)\n" for name in figures)
+    (run_dir / "report.md").write_text(f"# {run_dir.name}\n\n{text}\n{images}")
+    write_html(run_dir, figures)
+    log(text)
+    return [{"round": r, **m["metrics"]} for r, stages in collect(run_dir).items() for m in evaluations(stages)]
+
+
+def write_html(run_dir: Path, figures: dict[str, bytes]) -> None:
+    """Write `report.html` (module docstring) atomically; `figures`: report.plot's."""
     rounds = collect(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    figures = {p.stem: p.read_bytes() for p in (plot(run_dir) if plots is None else plots)}
     sections = [
-        ("table", "Per-round table", _table(run_dir)),
+        ("table", "Per-round table", html_table(*table(run_dir)) if rounds else ""),
         ("accuracy", "Accuracy per round", _accuracy(rounds, figures.get("accuracy"))),
         ("bstar", "B-STaR: exploration and exploitation", _bstar(rounds)),
         ("selection", "Examples kept, rationalized and paired", _selection(rounds)),
         ("critics", "Critic quality against the task's grading", _critics(rounds)),
-        ("rl", "RL reward and KL per step", _image(figures.get("rl"), "RL reward and KL per step")),
+        ("rl", "RL reward and KL per step", image(figures.get("rl"), "RL reward and KL per step")),
         ("transitions", "Self-correction: attempt 1 → attempt 2", _transitions(run_dir, rounds)),
         ("examples", "Example samples", _examples(run_dir, rounds, config)),
     ]
@@ -68,42 +58,27 @@ def write_html(run_dir: str | Path, plots: list[Path] | None = None) -> Path:
     name = str(config.get("name") or run_dir.name)
     about = ", ".join(f"{k}: {config[k]}" for k in ("model", "rounds", "seed") if k in config)
     task = (config.get("task") or {}).get("name", "")
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
-<title>selfimprove: {html.escape(name)}</title>
-<style>{_CSS}{_MORE_CSS}</style></head>
-<body>
-<h1>{html.escape(name)}</h1>
+    body = f"""<h1>{html.escape(name)}</h1>
 <p class="note">{html.escape(str(config.get("description", "")))}<br>task: {html.escape(task)}, {html.escape(about)},
 stages: {html.escape(" → ".join(config.get("stages", {})))}</p>
 <nav>{"".join(f'<a href="#{key}">{html.escape(title)}</a>' for key, title, _ in sections)}</nav>
-{"".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{body}</section>' for key, title, body in sections)}
-</body></html>
-"""
-    path = run_dir / "report.html"
+{"".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{text}</section>' for key, title, text in sections)}"""
     tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(path)
-    return path
+    tmp.write_text(page(name, body))
+    tmp.replace(run_dir / "report.html")
 
 
 # -- sections: each returns its HTML, or "" when the run has no data for it -----------------------------------
-def _table(run_dir: Path) -> str:
-    header, rows = table(run_dir)
-    return _html_table(header, rows) if rows else ""
-
-
-def _accuracy(rounds: dict[int, list[dict]], figure: bytes | None) -> str:
+def _accuracy(rounds: dict[int, list[dict]], plot_png: bytes | None) -> str:
     """report.md's accuracy plot and, per round, every metric of the last evaluation that has an interval."""
     per_round = {r: evaluations(stages)[-1] for r, stages in rounds.items() if evaluations(stages)}
     keys = list(dict.fromkeys(k[: -len("_ci_low")] for m in per_round.values() for k in m["metrics"]
                               if k.endswith("_ci_low")))
     if not keys:
-        return _image(figure, "accuracy per round")
+        return image(plot_png, "accuracy per round")
     rows = [[str(r), m["stage"], *(interval(m["metrics"], k, signed=k.startswith("delta_t1")) for k in keys)]
             for r, m in per_round.items()]
-    return (_image(figure, "accuracy per round with 95% intervals") + _html_table(["round", "stage", *keys], rows)
+    return (image(plot_png, "accuracy per round with 95% intervals") + html_table(["round", "stage", *keys], rows)
             + '<p class="note">Each value with its 95% interval over problems: Wilson score for proportions of '
               'problems, Newcombe\'s paired interval for Δ(t1,t2) with one sample per problem, the percentile '
               'bootstrap otherwise (selfimprove/metrics.py).</p>')
@@ -127,7 +102,7 @@ def _bstar(rounds: dict[int, list[dict]]) -> str:
     rows = [[str(r), m["stage"], *(_number(m["metrics"].get(k)) for k in keys)] for r, m in points]
     return (_lines(rates, "B-STaR rates per round", "share", unit_interval=True)
             + _lines(counts, "B-STaR diversity per round", "per prompt (mean)")
-            + _html_table(["round", "stage", *(k[len("bstar/"):].replace("_", " ") for k in keys)], rows)
+            + html_table(["round", "stage", *(k[len("bstar/"):].replace("_", " ") for k in keys)], rows)
             + '<p class="note">On each round\'s own samples, graded by the task: pass@k (exploration), distinct '
               'correct answers and completions per prompt (diversity), precision of what selection kept and the '
               'balance score (exploitation).</p>')
@@ -147,7 +122,7 @@ def _selection(rounds: dict[int, list[dict]]) -> str:
     if not rows:
         return ""
     return (_lines(series, "training examples per round", "count")
-            + _html_table(["round", "stage", "kept", "rationalized", "pairs"], rows))
+            + html_table(["round", "stage", "kept", "rationalized", "pairs"], rows))
 
 
 def _critics(rounds: dict[int, list[dict]]) -> str:
@@ -167,7 +142,7 @@ def _critics(rounds: dict[int, list[dict]]) -> str:
     if not rows:
         return ""
     return (_lines(series, "critic quality per round", "against the task's grading", unit_interval=True)
-            + _html_table(["round", "stage", "critic", "samples", "invalid (timeouts)", "precision", "recall",
+            + html_table(["round", "stage", "critic", "samples", "invalid (timeouts)", "precision", "recall",
                            "AUROC"], rows)
             + '<p class="note">Invalid: verdicts the critic failed to give (raised, timed out, unparseable or off '
               'its scale), left out of selection, pairs and RL. Precision and recall of each critic\'s label and '
@@ -189,11 +164,11 @@ def _transitions(run_dir: Path, rounds: dict[int, list[dict]]) -> str:
     for r, stages in rounds.items():
         for m in evaluations(stages):
             if "accuracy@t2" in m["metrics"] and "data" in m.get("outputs", []):
-                counts = transitions(load_rows(_output(run_dir, m)))
+                counts = transitions(_data(run_dir, m))
                 rows.append([str(r), m["stage"], *map(str, counts.values()), str(sum(counts.values()))])
     if not rows:
         return ""
-    return (_html_table(["round", "stage", "c→c", "c→i", "i→c", "i→i", "samples"], rows)
+    return (html_table(["round", "stage", "c→c", "c→i", "i→c", "i→i", "samples"], rows)
             + '<p class="note">Attempt 1 → attempt 2 of each evaluated sample (c = correct, i = incorrect): i→c is '
               'what self-correction fixed, c→i what it broke.</p>')
 
@@ -209,19 +184,19 @@ def _examples(run_dir: Path, rounds: dict[int, list[dict]], config: dict) -> str
                       None)
         if critique and source:
             verdicts = defaultdict(list)
-            for v in load_rows(_output(run_dir, critique)):
+            for v in _data(run_dir, critique):
                 verdicts[v["sample_id"]].append(v)
-            samples = load_rows(_output(run_dir, source))
+            samples = _data(run_dir, source)
             good = [s for s in samples if any(v["label"] for v in verdicts[s["sample_id"]])]
             bad = [s for s in samples if not any(v["label"] for v in verdicts[s["sample_id"]])]
-            chosen = _interleave(good, bad)[:EXAMPLES_PER_ROUND]
+            chosen = [s for pair in zip_longest(good, bad) for s in pair if s is not None][:EXAMPLES_PER_ROUND]
             judged = [(s, "<br>".join(_verdict(v) for v in verdicts[s["sample_id"]]) or "-") for s in chosen]
             title = f"round {r}: {source['stage']}, judged by {critique['stage']}"
         else:
             evaluation = (evaluations(stages) or [None])[-1]
             if evaluation is None or "data" not in evaluation.get("outputs", []):
                 continue
-            judged = [(s, _grade(s)) for s in load_rows(_output(run_dir, evaluation))[:EXAMPLES_PER_ROUND]]
+            judged = [(s, _grade(s)) for s in _data(run_dir, evaluation)[:EXAMPLES_PER_ROUND]]
             title = f"round {r}: {evaluation['stage']}, graded by the task"
         rows = "".join(f"<tr><td><pre>{html.escape(s['sample_id'])}</pre></td><td><pre>{_text(_prompt(s['prompt']))}"
                        f"</pre></td><td>{_completion(s)}</td><td>{verdict}{_gold(s)}</td></tr>"
@@ -236,15 +211,9 @@ def _examples(run_dir: Path, rounds: dict[int, list[dict]], config: dict) -> str
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-def _output(run_dir: Path, manifest: dict, name: str = "data") -> Path:
-    return run_dir / f"round_{manifest['round']:03d}" / manifest["stage"] / name
-
-
-def _interleave(first: list, second: list) -> list:
-    out = []
-    for i in range(max(len(first), len(second))):
-        out += [x[i] for x in (first, second) if i < len(x)]
-    return out
+def _data(run_dir: Path, manifest: dict) -> list[dict]:
+    """The rows of the dataset a stage wrote (its output `data`)."""
+    return load_rows(run_dir / f"round_{manifest['round']:03d}" / manifest["stage"] / "data")
 
 
 def _prompt(prompt) -> str:
@@ -291,23 +260,13 @@ def _number(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _image(png: bytes | None, alt: str) -> str:
-    if not png:
-        return ""
-    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{html.escape(alt)}">'
-
-
 def _lines(series: dict[str, list[tuple[int, float | None]]], title: str, ylabel: str,
            unit_interval: bool = False) -> str:
     """One line per series over rounds (None: a gap); "" when no series has a value."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     series = {k: v for k, v in series.items() if any(y is not None for _, y in v)}
     if not series:
         return ""
-    fig = Figure(figsize=(7, 3.6))
-    FigureCanvasAgg(fig)
+    fig = figure(7, 3.6)
     ax = fig.add_subplot()
     for label, points in series.items():
         ax.plot([x for x, _ in points], [math.nan if y is None else y for _, y in points], marker="o", label=label)
@@ -317,7 +276,4 @@ def _lines(series: dict[str, list[tuple[int, float | None]]], title: str, ylabel
     ax.set_xticks(sorted({x for points in series.values() for x, _ in points}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return _image(buffer.getvalue(), title)
+    return image(png(fig), title)

@@ -67,8 +67,8 @@ def runs(tmp_path):
 def test_accuracy_per_round_with_intervals(runs):
     c = compare(runs)
     assert [r.label for r in c.runs] == ["run_a", "run_b"]
-    assert [(r.round, r.stage, r.accuracy) for r in c.runs[0].rounds] == [(0, "evaluate", 0.1), (1, "evaluate", 0.3),
-                                                                          (2, "evaluate", 0.4)]
+    assert [(m["round"], m["stage"], m["metrics"]["accuracy"]) for m in c.runs[0].rounds] == [
+        (0, "evaluate", 0.1), (1, "evaluate", 0.3), (2, "evaluate", 0.4)]
     header, rows = accuracy_table(c)
     assert header == ["round", "run_a", "run_b"]
     assert rows[1] == ["1", "30.0% [20.0%, 40.0%]", "45.0% [35.0%, 55.0%]"]
@@ -77,9 +77,9 @@ def test_accuracy_per_round_with_intervals(runs):
 
 def test_final_rows_use_each_problems_first_sample(runs):
     c = compare(runs)
-    assert c.runs[0].final == {p: float(i < 4) for i, p in enumerate(PROBLEMS)}
+    assert c.runs[0].final == {p: i < 4 for i, p in enumerate(PROBLEMS)}
     assert first_sample_correct([{"problem_id": "q", "index": 3, "correct": True},
-                                 {"problem_id": "q", "index": 2, "correct": False}]) == {"q": 0.0}
+                                 {"problem_id": "q", "index": 2, "correct": False}]) == {"q": False}
 
 
 def test_differing_config_keys(runs):
@@ -99,7 +99,7 @@ def test_paired_test_hand_computed(runs):
     test = compare(runs).tests[0]
     assert (test.baseline, test.other, test.problems) == ("run_a", "run_b", 10)  # p10 is not shared
     assert test.difference == pytest.approx(3 / 10)  # B is right on 3 more of the 10 shared problems
-    assert (test.baseline_only, test.other_only) == (0, 3)
+    assert (test.first_only, test.second_only) == (0, 3)  # only run_a right, only run_b right
     # exact McNemar: 3 discordant problems, all one way: p = 2 * (1/2)^3 = 0.25
     assert test.p_value == pytest.approx(0.25)
     # Newcombe's interval (tests/test_statistics.py checks it against published values) holds the difference
@@ -120,6 +120,7 @@ def test_html_page_is_self_contained(runs, tmp_path, capsys):
     match = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert match and base64.b64decode(match.group(1)).startswith(b"\x89PNG\r\n\x1a\n")
     assert "<style>" in page and "stages.filter.max_per_problem" in page and "run_b − run_a" in page
+    assert "default-src 'none'" in page  # nothing may be fetched: the page opens offline as it is
     assert "run_a" in capsys.readouterr().out
     assert render_html(compare(runs)).count("<table>") == 3
 
@@ -138,7 +139,7 @@ def test_lift_over_the_base_model_hand_computed(runs):
     lifts = compare(runs).lifts
     assert [(t.baseline, t.other) for t in lifts] == [("run_a round 0", "run_a round 2")]  # run_b has no round-0 rows
     lift = lifts[0]
-    assert lift.problems == 10 and (lift.baseline_only, lift.other_only) == (1, 2)  # p8; p2 and p3
+    assert lift.problems == 10 and (lift.first_only, lift.second_only) == (1, 2)  # p8; p2 and p3
     assert lift.difference == pytest.approx(1 / 10)
     # exact McNemar: 2 of 3 discordant problems one way: p = 2 · P(X <= 1 | 3, 1/2) = 2 · 4/8, capped at 1
     assert lift.p_value == pytest.approx(1.0)

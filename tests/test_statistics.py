@@ -142,7 +142,7 @@ def test_compare_reports_each_runs_lift_over_its_own_base(tmp_path):
     c = compare([a, b])
     (lift,) = c.lifts
     assert (lift.baseline, lift.other, lift.problems) == ("a round 0", "a round 1", 12)
-    assert (lift.baseline_only, lift.other_only, lift.difference) == (1, 6, pytest.approx(5 / 12))
+    assert (lift.first_only, lift.second_only, lift.difference) == (1, 6, pytest.approx(5 / 12))
     assert lift.p_value == pytest.approx(16 / 128)  # exact McNemar on b = 1, c = 6
     text = render_text(c)
     assert "Lift over the base model" in text and "a round 1 − a round 0" in text and "0.125" in text

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..artifacts import save_rows
-from ..metrics import majority_correct, pass_at_k, summarize
+from ..metrics import interval, majority_correct, pass_at_k, summarize
 from ..records import SamplingConfig
 from ..registry import STAGES
 from ..selfcorrection import INSTRUCTION, second_prompt, self_correction_metrics
@@ -157,14 +157,3 @@ class EvaluateSelfCorrection(Stage):
                 "Δ(t1,t2) [95% CI]": interval(metrics, "delta_t1_t2", signed=True),
                 "Δi→c": interval(metrics, "delta_i_to_c"), "Δc→i": interval(metrics, "delta_c_to_i"),
                 "P(c@t2 | c@t1)": interval(metrics, "confidence"), "P(c@t2 | i@t1)": interval(metrics, "critique")}
-
-
-def interval(m: dict, key: str, signed: bool = False) -> str:
-    """`m[key]` as a percentage with its 95% interval, e.g. `52.0% [44.0%, 60.7%]`; "-" where it is undefined
-    (None: a conditional share with nothing to condition on)."""
-    if m.get(key) is None:
-        return "-"
-    fmt = "+.1%" if signed else ".1%"
-    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    text = format(m[key], fmt)
-    return f"{text} [{low:.1%}, {high:.1%}]" if low is not None and high is not None else text

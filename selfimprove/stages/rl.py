@@ -38,9 +38,8 @@ from ..artifacts import load_rows, read_json, replace_dir, save_rows, write_json
 from ..critics import CriticContext
 from ..critics.calls import CriticCalls, check_error_budget, judge_all
 from ..models import model_identity
-from ..records import SamplingConfig, Weights, adapter_hash
+from ..records import Rollout, SamplingConfig, Weights, adapter_hash
 from ..registry import STAGES, CriticSpec, ObjectiveSpec, TrainerSpec
-from ..trainers.rl import Rollout
 from .base import Stage
 from .common import ProblemSelection
 from .rollout import sample_chunk

@@ -68,27 +68,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..records import Prompt, adapter_hash
+from ..records import Prompt, Rollout, adapter_hash
 from ..registry import TRAINERS, BaselineSpec
 from .common import LoraSettings, save_adapter
 
 
 class StalePolicyError(RuntimeError):
     """Rollouts sampled with another version of the policy than the one being updated."""
-
-
-@dataclass
-class Rollout:
-    """One trajectory (one or more attempts) ready for an update."""
-
-    group: str  # rollouts of one group (one problem) share a baseline
-    prompts: list[Prompt]  # the prompt of each attempt; attempt t's prompt contains the attempts before it
-    completions: list[str]
-    eos: list[bool]  # whether each attempt ended with the end-of-sequence token (the text does not hold it)
-    rewards: list[float | None]  # per attempt, from the objective (None: no reward term on that attempt)
-    version: str  # hash of the adapter the rollout was sampled with
-    token_ids: list[list[int] | None] | None = None  # per attempt, the tokens the engine sampled (when reported)
-    logprobs: list[list[float] | None] | None = None  # per attempt, the engine's log-probability of each of them
 
 
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
