@@ -162,12 +162,12 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .registry import (BASELINES, CRITICS, ENGINES, JUDGE_BACKENDS, MODELS, OBJECTIVES, STAGES, TASKS, TRACKERS,
-                           TRAINERS)
+    from .registry import (BASELINES, CRITICS, ENGINES, GRADERS, JUDGE_BACKENDS, MODELS, OBJECTIVES, STAGES, TASKS,
+                           TRACKERS, TRAINERS)
 
     print(f"{'pipelines:':16}", ", ".join(shipped.pipeline_names()))
-    for registry in (MODELS, TASKS, CRITICS, STAGES, ENGINES, TRAINERS, OBJECTIVES, BASELINES, JUDGE_BACKENDS,
-                     TRACKERS):
+    for registry in (MODELS, TASKS, GRADERS, CRITICS, STAGES, ENGINES, TRAINERS, OBJECTIVES, BASELINES,
+                     JUDGE_BACKENDS, TRACKERS):
         print(f"{registry.kind + 's:':16}", ", ".join(registry.names()))
     return 0
 

@@ -38,7 +38,8 @@ from .records import Weights
 from .console import library_logs
 from .lifecycle import RunLock, peak_memory_mib, reap_children_on_exit
 from .models import check_adapter_fits, check_chat_template, load_spec, prepare_model
-from .registry import EngineSpec, StageSpec, TaskSpec, TrackerSpec
+from .registry import EngineSpec, StageSpec, TaskSpec
+from .trackers import TrackerSpec
 from .report import markdown_table
 from .report_html import write_report
 

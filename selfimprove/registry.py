@@ -6,8 +6,8 @@ user's own class (the module must be importable: installed, or on `PYTHONPATH`),
 entry point in the `selfimprove.critics` group.
 
 A config field typed with a `Component` subclass (`EngineSpec`, `TaskSpec`, `TrainerSpec`, `CriticSpec`,
-`ObjectiveSpec`, `BaselineSpec`, `StageSpec`, `JudgeBackendSpec`, `TrackerSpec`) is resolved by `config.build`
-when the YAML loads: the mapping `{name: ..., parameters}` (or just the name, as a string) becomes the class and
+`ObjectiveSpec`, `BaselineSpec`, `StageSpec`, `JudgeBackendSpec`, `GraderSpec`; `TrackerSpec` in trackers.py) is resolved by
+`config.build` when the YAML loads: the mapping `{name: ..., parameters}` (or just the name, as a string) becomes the class and
 its checked `Config`. Nothing resolves a component anywhere else, so an unknown name, a wrong parameter or a
 plugin with the wrong shape is an error naming the file and key before any model loads. `MODELS` holds model
 description files, not classes (models.py reads them).
@@ -108,6 +108,7 @@ OBJECTIVES = Registry("objective", "selfimprove.objectives")
 BASELINES = Registry("baseline", "selfimprove.baselines")
 JUDGE_BACKENDS = Registry("judge backend", "selfimprove.critics.llm_judge")
 TRACKERS = Registry("tracker", "selfimprove.trackers")
+GRADERS = Registry("grader", "selfimprove.tasks.graders")
 MODELS = Registry("model", "selfimprove.models", own="a model description .yaml file, or a model folder")
 
 
@@ -183,26 +184,12 @@ class BaselineSpec(Component):
     registry = BASELINES
 
 
+class GraderSpec(Component):
+    registry = GRADERS
+
+
 class JudgeBackendSpec(Component):
     registry = JUDGE_BACKENDS
-
-
-class TrackerSpec(Component):
-    """A tracker named in `report_to`; the package it needs must be installed when the config loads, not at round 3."""
-
-    registry = TRACKERS
-
-    @classmethod
-    def resolve(cls, name: str, params: dict, where: str, key: str):
-        from .trackers import Tracker
-
-        spec = super().resolve(name, params, where, key)
-        if not (inspect.isclass(spec.target) and issubclass(spec.target, Tracker)):
-            raise ConfigError(f"{where}: {key}: {name!r} is not a subclass of selfimprove.trackers.Tracker")
-        if spec.target.module and importlib.util.find_spec(spec.target.module) is None:
-            raise ConfigError(f"{where}: {key}: tracker {name!r} is not installed: pip install {spec.target.module} "
-                              f"(or `pip install -e .[track]` for trackio and tensorboard)")
-        return spec
 
 
 class StageSpec(Component):

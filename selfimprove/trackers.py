@@ -18,12 +18,15 @@ tracker; the policy-gradient stage logs its steps the same way.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import math
 import numbers
 from pathlib import Path
 
-from .registry import TRACKERS, TrackerSpec
+from .config import ConfigError
+from .registry import TRACKERS, Component
 
 _ACTIVE: "Trackers | None" = None
 
@@ -37,6 +40,22 @@ class Tracker:
 
     def __init__(self, config, run_dir: Path, run_name: str, run_id: str | None):
         self.config, self.run_dir, self.run_name, self.run_id = config, run_dir, run_name, run_id
+
+
+class TrackerSpec(Component):
+    """A tracker named in `report_to`; the package it needs must be installed when the config loads, not at round 3."""
+
+    registry = TRACKERS
+
+    @classmethod
+    def resolve(cls, name: str, params: dict, where: str, key: str):
+        spec = super().resolve(name, params, where, key)
+        if not (inspect.isclass(spec.target) and issubclass(spec.target, Tracker)):
+            raise ConfigError(f"{where}: {key}: {name!r} is not a subclass of selfimprove.trackers.Tracker")
+        if spec.target.module and importlib.util.find_spec(spec.target.module) is None:
+            raise ConfigError(f"{where}: {key}: tracker {name!r} is not installed: pip install {spec.target.module} "
+                              f"(or `pip install -e .[track]` for trackio and tensorboard)")
+        return spec
 
 
 def active() -> "Trackers | None":

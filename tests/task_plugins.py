@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from selfimprove.tasks import Grade, Task
 from selfimprove.tasks.base import chat_prompt
+from selfimprove.tasks.graders import Grader
 from selfimprove.tasks.numeric import extract_flexible, extract_strict, same_number
 
 INSTRUCTION = 'Count the letters of the word. End with "The answer is <number>."'
@@ -37,3 +38,26 @@ class WordLength(Task):
     def grade(self, problem: dict, completion: str) -> Grade:
         strict, flexible = extract_strict(completion), extract_flexible(completion)
         return Grade(same_number(strict, problem["answer"]), same_number(flexible, problem["answer"]), strict, flexible)
+
+
+class Roman(Grader):
+    """A user's grader for the `dataset` task (`grader: "tests.task_plugins:Roman"`): gold answers are Roman
+    numerals, a completion's answer is its last word, compared as numbers."""
+
+    answer_format = "End with the answer as a Roman numeral."
+    gold_help = "gold answers must be Roman numerals such as XIV"
+    VALUES = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100}
+
+    def gold(self, text: str) -> str | None:
+        return text.upper() if set(text.upper()) <= set(self.VALUES) else None
+
+    def grade(self, completion: str, gold: str) -> Grade:
+        words = completion.replace(".", " ").split()
+        answer = self.gold(words[-1]) if words else None
+        same = answer is not None and _roman(answer) == _roman(gold)
+        return Grade(same, same, answer, answer)
+
+
+def _roman(text: str) -> int:
+    values = [Roman.VALUES[c] for c in text]
+    return sum(-v if i + 1 < len(values) and v < values[i + 1] else v for i, v in enumerate(values))

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from selfimprove.config import ConfigError, build
-from selfimprove.tasks.dataset import ANSWER_FORMATS, DatasetTask, question_id
+from selfimprove.tasks.dataset import DatasetTask, question_id
+from selfimprove.tasks.graders import Numeric
 
 ROWS = [
     {"uid": "p1", "problem": "Tom has 2 apples and buys 3 more. How many apples?", "final": "5",
@@ -69,7 +70,7 @@ def test_prompt_is_instruction_answer_format_question_and_hint(jsonl):
     p = t.problems("test")[1]
     (message,) = t.prompt(p)
     assert message["role"] == "user"
-    assert message["content"] == f"Think it through. {ANSWER_FORMATS['numeric']}\n\n{p['question']}"
+    assert message["content"] == f"Think it through. {Numeric.answer_format}\n\n{p['question']}"
     (hinted,) = t.prompt(p, hint=True)
     assert hinted["content"].startswith(message["content"]) and "The correct answer is 1080." in hinted["content"]
     own = task(test={"path": str(jsonl)}, columns=COLUMNS, answer_format="Reply with the number only.",
@@ -124,7 +125,7 @@ def test_exact_grader(tmp_path, completion, strict, flexible):
 ])
 def test_math_verify_grader(tmp_path, completion, strict, flexible):
     path = write_jsonl(tmp_path / "math.jsonl", [{"question": "What is 1/2?", "answer": "\\boxed{\\frac12}"}])
-    t = task(test={"path": str(path)}, grader="math_verify", grading_timeout=10)
+    t = task(test={"path": str(path)}, grader={"name": "math_verify", "grading_timeout": 10})
     p = t.problems("test")[0]
     assert p["answer"] == "\\frac12"  # a boxed gold answer is unboxed once, not boxed twice
     g = t.grade(p, completion)
@@ -156,6 +157,28 @@ def test_csv_parquet_and_json_read_as_jsonl(tmp_path, jsonl, fmt):
         path.write_text(json.dumps(ROWS))
     expected = task(test={"path": str(jsonl)}, columns=COLUMNS, breakdown=["topic"]).problems("test")
     assert task(test={"path": str(path)}, columns=COLUMNS, breakdown=["topic"]).problems("test") == expected
+
+
+def test_csv_cells_are_text_as_written(tmp_path):
+    """pandas would read "007" as 7 and "3.50" as 3.5; an exact grader must see what the file says."""
+    path = write_csv(tmp_path / "codes.csv", [{"question": "Code?", "answer": "007"}, {"question": "Pi?", "answer": "3.50"}])
+    t = task(test={"path": str(path)}, grader="exact")
+    assert [p["answer"] for p in t.problems("test")] == ["007", "3.50"]
+    assert not t.grade(t.problems("test")[0], "The answer is 7.").strict
+
+
+def test_a_grader_of_your_own_by_dotted_path(tmp_path):
+    path = write_jsonl(tmp_path / "roman.jsonl", [{"question": "Six plus eight?", "answer": "xiv"}])
+    t = task(test={"path": str(path)}, grader="tests.task_plugins:Roman")
+    problem = t.problems("test")[0]
+    assert problem["answer"] == "XIV" and t.prompt(problem)[0]["content"].startswith(
+        "Solve the following problem step by step. End with the answer as a Roman numeral.")
+    assert t.grade(problem, "6 + 8 = 14, so XIV.").strict and t.grade(problem, "So it is XIIII").strict
+    assert not t.grade(problem, "It is XV").strict
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Six plus eight?", "answer": "14"}])
+    with pytest.raises(ConfigError, match=r"'14' is not an answer the tests.task_plugins:Roman grader can read; .*"
+                                          r"gold answers must be Roman numerals"):
+        config(test={"path": str(bad)}, grader="tests.task_plugins:Roman")
 
 
 def test_splits_are_read_separately(tmp_path, jsonl):
@@ -196,7 +219,7 @@ def _bad_cases(tmp_path, jsonl):
         ({"test": {"path": str(tmp_path / "empty.csv")}}, "has no rows"),
         ({"test": {"path": str(tmp_path / "empty.parquet")}}, "has no rows"),
         ({"test": test, "columns": COLUMNS, "grader": "fuzzy"},
-         "task.grader: 'fuzzy' is not one of 'numeric', 'math_verify', 'exact'"),
+         "task.grader: unknown grader 'fuzzy'; valid names: exact, math_verify, numeric"),
         ({"test": test, "columns": {**COLUMNS, "answer": "topic"}},
          f"task: test.path: {jsonl} row 1, column 'topic' (columns.answer): 'add' is not an answer the numeric grader "
          f"can read; fix or drop that row; if the whole column reads like this, it needs a number"),
@@ -237,8 +260,10 @@ def test_every_row_is_checked_when_the_config_is_built(tmp_path):
          "row 3, column 'id' (columns.id): id 'a' repeats row 1", ""),
         ({"question": " ", "answer": "4", "id": "c"},
          "row 3, column 'question' (columns.question): empty question", ""),
-        ({"question": "What is 2 + 2?", "id": "c"},
-         "row 3 has no 'answer' (columns.answer); every row needs it: add it to that row, or map columns.answer", ""),
+        ({"question": "What is 2 + 2?", "id": "c"},  # datasets reads a key missing from a row as null
+         "row 3, column 'answer' (columns.answer): None is not an answer the numeric grader can read", ""),
+        ({"question": "What is 2 + 2?", "answer": "4"},
+         "row 3 has no 'id' (columns.id); every row needs it: add it to that row, or map columns.id", ""),
     ]
     for i, (bad, fragment, tail) in enumerate(cases):
         path = tmp_path / f"data{i}.jsonl"
