@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
-import importlib.util
 import inspect
 import typing
 from dataclasses import dataclass
