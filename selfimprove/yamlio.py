@@ -4,10 +4,8 @@
 the file, where in it and what to do, never a traceback or a hang. The bytes are checked before YAML sees them
 (the decoder's errors name no file). PyYAML shares an alias's value, but include resolution, merging and config
 building copy it, so `_Loader` counts an alias as the nodes it stands for: anchors that multiply ("billion
-laughs") are refused while composing, before anything expands them.
-
-`include: file` (or a list of files) in any mapping names files by shipped.py's rule, relative to the including
-file; the mapping's own keys are deep-merged over theirs. Included files and overrides meet the same limits.
+laughs") are refused while composing, before anything expands them. Included files (config.py's docstring says
+how `include:` merges) and command-line overrides meet the same limits.
 """
 
 from __future__ import annotations
@@ -58,20 +56,14 @@ def _load(path: Path, budget: Counter, depth: int, chain: tuple[Path, ...]) -> d
     """One file's mapping with its includes resolved: `depth` is the level its top lands at, `chain` the files
     that include it, outermost first."""
     budget["files"] += 1
-    chain = (*chain, path)
-    where = _where(chain)
+    where = f"{path} (included by {' -> '.join(map(str, chain))})" if chain else str(path)
     data = _parse(_read(path, where), where, budget, depth)
     if data is None:
         raise ConfigError(f"{where}: the file is empty (or only comments); a config is a mapping such as `name: ...`")
     if not isinstance(data, dict):
         got = "a list" if isinstance(data, list) else f"the single value {reprlib.repr(data)}"
         raise ConfigError(f"{where}: the top level must be a mapping (`key: value` lines), got {got}")
-    return _resolve(data, chain, budget, depth + 1, "")
-
-
-def _where(chain: tuple[Path, ...]) -> str:
-    """The file errors name: the innermost of `chain`, saying how the file that was run reaches it."""
-    return f"{chain[-1]} (included by {' -> '.join(map(str, chain[:-1]))})" if len(chain) > 1 else str(chain[-1])
+    return _resolve(data, (*chain, path), where, budget, depth + 1, "")
 
 
 def _read(path: Path, where: str) -> str:
@@ -175,15 +167,16 @@ class _Loader(yaml.SafeLoader):
                           f"{key + ': ' if key else ''}{problem}")
 
 
-def _resolve(node: Any, chain: tuple[Path, ...], budget: Counter, depth: int, key: str) -> Any:
+def _resolve(node: Any, chain: tuple[Path, ...], file: str, budget: Counter, depth: int, key: str) -> Any:
     """`node` with each mapping's `include:` replaced by the included files' mappings, its own keys merged over
-    them; `chain` ends with the file `node` is in, `depth` is `node`'s level, where an included file lands."""
+    them. `chain` ends with the file `node` is in (`file` names it in errors); `depth` is `node`'s level, where an
+    included file's top lands."""
     if isinstance(node, list):
-        return [_resolve(v, chain, budget, depth + 1, f"{key}[{i}]") for i, v in enumerate(node)]
+        return [_resolve(v, chain, file, budget, depth + 1, f"{key}[{i}]") for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
     dot = f"{key}." if key else ""
-    where = f"{_where(chain)}: {dot}include"
+    where = f"{file}: {dot}include"
     includes = [node["include"]] if isinstance(node.get("include"), str) else node.get("include", [])
     if not isinstance(includes, list) or not all(isinstance(inc, str) and inc for inc in includes):
         raise ConfigError(f"{where}: expected a file name or a list of file names, got {reprlib.repr(includes)}")
@@ -198,5 +191,5 @@ def _resolve(node: Any, chain: tuple[Path, ...], budget: Counter, depth: int, ke
             raise ConfigError(f"{where}: more than {MAX_FILES} files read for one config (an include counts each "
                               f"time it occurs); include each shared file once, where it is needed")
         merged = deep_merge(merged, _load(target, budget, depth - 1, chain))
-    own = {k: _resolve(v, chain, budget, depth + 1, f"{dot}{k}") for k, v in node.items() if k != "include"}
+    own = {k: _resolve(v, chain, file, budget, depth + 1, f"{dot}{k}") for k, v in node.items() if k != "include"}
     return deep_merge(merged, own)
