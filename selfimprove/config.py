@@ -5,7 +5,7 @@ turns a YAML mapping into such an object strictly: an unknown key, a wrong type 
 is a `ConfigError` that names the file, the dotted key and what would be accepted, raised before any model
 is loaded.
 
-Two conveniences on top of plain YAML:
+Two conveniences on top of plain YAML, read by yamlio.py:
 - `include: other.yaml` (or a list of files) in any mapping, resolved relative to the including file, else among
   the files shipped in the package (a bare name is a shipped pipeline; shipped.py); the
   mapping's own keys are deep-merged over the included ones (mappings merge, everything else replaces, and
@@ -43,30 +43,6 @@ def _other_component(base: dict, over: dict) -> bool:
     return any(k in base and k in over and base[k] != over[k] for k in ("name", "type"))
 
 
-def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
-    """Apply `a.b.c=value` strings to a nested mapping (copying, not mutating)."""
-    from .yamlio import parse_value  # here, not at the top: yamlio imports this module
-
-    data = deep_merge({}, data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{source}: override {item!r} is not of the form key.sub=value")
-        dotted, raw = item.split("=", 1)
-        value = parse_value(raw, f"{source}: override {dotted!r}") if raw != "" else ""
-        keys = dotted.split(".")
-        node = data
-        for i, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{source}: override {dotted!r}: {'.'.join(keys[:i + 1])} is not a mapping")
-            node[key] = child = dict(child)
-            node = child
-        node[keys[-1]] = value
-    return data
-
-
 def build(cls: type, data: Any, where: str, key: str = "") -> Any:
     """Build dataclass `cls` from `data`, checking every key and type.
 
@@ -78,7 +54,7 @@ def build(cls: type, data: Any, where: str, key: str = "") -> Any:
         raise ConfigError(f"{where}: {key or '<top>'}: expected a mapping for {cls.__name__}, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers or null
     if unknown:
         raise ConfigError(
             f"{where}: {_join(key, unknown[0])}: unknown key; valid keys of {cls.__qualname__}: "

@@ -32,8 +32,8 @@ import yaml
 
 from . import trackers
 from .artifacts import MANIFEST, checksum_files, is_done, read_json, write_json
-from .config import ConfigError, apply_overrides, build, to_dict
-from .yamlio import load_yaml
+from .config import ConfigError, build, to_dict
+from .yamlio import apply_overrides, load_yaml
 from .records import Weights
 from .console import library_logs
 from .lifecycle import RunLock, peak_memory_mib, reap_children_on_exit

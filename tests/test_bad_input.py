@@ -32,6 +32,8 @@ LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
 # Ten files, each including the next ten times: 10**9 includes.
 MULTIPLYING = {f"m{i}.yaml": "\n".join(f"k{j}: {{include: m{i + 1}.yaml}}" for j in range(10)) for i in range(9)}
 MULTIPLYING["m9.yaml"] = "x: 1\n"
+# 30 levels: within the limit alone, past it where the row includes it, three levels down.
+DEEP_30 = "".join("  " * i + f"k{i}:\n" for i in range(29)) + "  " * 29 + "v: 1\n"
 
 # id, files (text or bytes of the file run; or {path: content} with the file run first), a fragment of the
 # error, and the file the error must name when it is not the one run.
@@ -44,13 +46,13 @@ ROWS = [
     ("binary", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "NUL byte at byte offset 8: this is a binary file",
      None),
     ("utf-16", BASE.encode("utf-16"), "UTF-16 encoded; re-save it as UTF-8", None),
-    ("control-character", BASE + "description: bell\x07\n", "line 7: character 0x07 at byte offset", None),
+    ("control-character", BASE + "description: bell\x07\n", "line 7: character 0x07 is not allowed", None),
     ("too-big", BASE + "# padding\n" * 110_000, "more than the 1048576 a config may have", None),
     ("missing", {"missing.yaml": ABSENT}, "no such config file", None),
     ("directory", {"dir.yaml": DIR}, "not a regular file", None),
     # -- YAML -----------------------------------------------------------------------------------------------------
     ("tab-indent", "name: t\nstages:\n\tgenerate: {}\n", "line 3, column 1: not valid YAML", None),
-    ("unclosed-flow", "name: t\nstages: {generate: {sampling: {n: 2}\n", "not valid YAML: did not find expected", None),
+    ("unclosed-flow", "name: t\nstages: {generate: {sampling: {n: 2}\n", "not valid YAML: expected ',' or '}'", None),
     ("unclosed-quote", 'name: "t\nstages: {}\n', "not valid YAML: found unexpected end of stream", None),
     ("empty", "", "the file is empty", None),
     ("only-comments", "# name: t\n# stages: {}\n", "the file is empty", None),
@@ -63,10 +65,12 @@ ROWS = [
      None),
     ("huge-integer", BASE + "seed: " + "9" * 5000 + "\n", "Exceeds the limit (4300 digits)", None),
     ("undefined-alias", BASE + "seed: *s\n", "found undefined alias 's'", None),
+    ("python-tag", BASE + "seed: !!python/object/apply:os.system [ls]\n", "could not determine a constructor", None),
+    ("non-string-keys", BASE + "1: 2\nnull: 3\n", "1: unknown key", None),
     ("billion-laughs", LAUGHS, "alias *d stands for 11111 values", None),
     ("alias-cycle", "name: t\nstages: &s {generate: *s}\n", "stages.generate: alias *s refers to a value that "
                                                             "contains it", None),
-    ("deep-flow-nesting", "name: t\nstages: " + "[" * 100_000 + "]" * 100_000 + "\n", "nesting depth", None),
+    ("deep-flow-nesting", "name: t\nstages: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested more than 32 levels deep", None),
     ("deep-nesting", "name: t\nstages: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep", None),
     ("deep-block-nesting", "".join("  " * i + f"k{i}:\n" for i in range(40)), "k0.k1.k2", None),
     ("too-many-values", "name: t\nstages:\n" + "".join(f"  - {i}\n" for i in range(30_000)),
@@ -75,15 +79,17 @@ ROWS = [
     ("include-missing", {"p.yaml": BASE + "engine: {include: engines/nope.yaml}\n"},
      "engine.include: included file engines/nope.yaml does not exist", None),
     ("include-missing-nested", {"p.yaml": "include: base.yaml\n", "base.yaml": "include: gone.yaml\nname: t\n"},
-     "base.yaml: include: included file gone.yaml does not exist", "base.yaml"),
+     "p.yaml): include: included file gone.yaml does not exist", "base.yaml (included by "),
     ("include-self", {"p.yaml": "include: p.yaml\nname: t\n"}, "circular include", None),
     ("include-cycle", {"a.yaml": "include: b.yaml\n", "b.yaml": "engine: {include: a.yaml}\n"},
-     "engine.include: circular include", "b.yaml"),
+     "a.yaml): engine.include: circular include", "b.yaml (included by "),
     ("include-not-a-name", {"p.yaml": BASE + "engine: {include: [3]}\n"},
      "engine.include: expected a file name or a list of file names, got [3]", None),
     ("include-binary", {"p.yaml": "include: bin.yaml\n", "bin.yaml": b"\x00\x01"}, "binary file", "bin.yaml"),
     ("include-list", {"p.yaml": BASE + "engine: {include: e.yaml}\n", "e.yaml": "- vllm\n"},
      "the top level must be a mapping", "e.yaml"),
+    ("include-lands-deep", {"p.yaml": "a: {b: {c: {include: d.yaml}}}\n", "d.yaml": DEEP_30},
+     "k0.k1.k2", "d.yaml (included by "),
     ("include-multiplying", {"p.yaml": BASE + "engine: {include: m0.yaml}\n", **MULTIPLYING},
      "more than 64 files read for one config", None),
     # -- the config -----------------------------------------------------------------------------------------------
@@ -175,7 +181,7 @@ def test_table_covers_every_kind_of_input():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("rounds=[1, 2", "override 'rounds': line 2, column 1: not valid YAML: did not find expected"),
+    ("rounds=[1, 2", "override 'rounds': line 1, column 6: not valid YAML: expected ',' or ']'"),
     ("description=" + LAUGHS.replace("\n", ", ").join("{}"), "alias *d stands for 11111 values"),
     ("description=" + "[" * 40 + "]" * 40, "nested more than 32 levels deep"),
 ], ids=["syntax", "billion-laughs", "deep-nesting"])

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.config import ConfigError, apply_overrides
-from selfimprove.yamlio import load_yaml
+from selfimprove.config import ConfigError
+from selfimprove.yamlio import apply_overrides, load_yaml
 from selfimprove.models import load_spec, prepare_model
 from selfimprove.pipeline import load_pipeline
 from selfimprove.registry import MODELS
@@ -213,6 +213,23 @@ def test_overrides_and_include(tmp_path):
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="not of the form key.sub=value"):
         apply_overrides({}, ["rounds"])
+
+
+def test_overrides_set_dotted_keys_on_a_copy():
+    data = {"rounds": 1, "stages": {"generate": {"sampling": {"n": 2, "temperature": 0.7}}}}
+    out = apply_overrides(data, ["stages.generate.sampling.n=8", "stages.new.x=[1, {a: b}]", "name="])
+    assert out == {"rounds": 1, "name": "", "stages": {"generate": {"sampling": {"n": 8, "temperature": 0.7}},
+                                                        "new": {"x": [1, {"a": "b"}]}}}
+    assert data == {"rounds": 1, "stages": {"generate": {"sampling": {"n": 2, "temperature": 0.7}}}}
+    with pytest.raises(ConfigError, match=r"override 'rounds.x': rounds is not a mapping"):
+        apply_overrides(data, ["rounds.x=1"])
+
+
+def test_anchors_aliases_and_merge_keys(tmp_path):
+    """What the README's example uses: an anchor, its alias, and a merge key with a key of its own over it."""
+    path = _write(tmp_path, "base: &b {n: 2, temperature: 0.7}\nhot: {<<: *b, temperature: 1.0}\nboth: [*b, *b]\n")
+    base = {"n": 2, "temperature": 0.7}
+    assert load_yaml(path) == {"base": base, "hot": {"n": 2, "temperature": 1.0}, "both": [base, base]}
 
 
 def test_online_trainer_in_train_stage_is_refused(tmp_path):
