@@ -181,6 +181,41 @@ def test_a_grader_of_your_own_by_dotted_path(tmp_path):
         config(test={"path": str(bad)}, grader="tests.task_plugins:Roman")
 
 
+def test_label_free_data(tmp_path):
+    """`columns: {answer: null}`: no gold is read (the file has no answer column); grading reads the answers and
+    judges none, the majority critic votes, and the stages that need gold are refused when the pipeline loads."""
+    from selfimprove.critics import CriticContext
+    from selfimprove.critics.majority import MajorityCritic
+    from selfimprove.pipeline import load_pipeline
+
+    path = write_jsonl(tmp_path / "unlabelled.jsonl", [{"question": "What is 6 * 7?"}, {"question": "What is 2 + 2?"}])
+    t = task(test={"path": str(path)}, columns={"answer": None})
+    first, second = t.problems("test")
+    assert first["answer"] == "" and t.reference_solution(first) is None
+    g = t.grade(first, "6 * 7 = 42.\nThe answer is 42.")
+    assert (g.correct, g.flexible, g.answer) == (None, None, "42")
+    samples = [{**first, "sample_id": f"s{i}", "completion": text} for i, text in
+               enumerate(["The answer is 42.", "So 42 it is.", "The answer is 41."])]
+    samples.append({**second, "sample_id": "s3", "completion": "The answer is 4."})
+    verdicts = MajorityCritic(MajorityCritic.Config(), CriticContext(task=t)).judge(samples)
+    assert [v.label for v in verdicts] == [True, True, False, True]
+    with pytest.raises(ConfigError, match=r"columns.question: 'problem' is not a column"):
+        config(test={"path": str(path)}, columns={"question": "problem", "answer": None})
+
+    def pipeline(stages):
+        return {"name": "no-gold", "model": "tiny-random-llama", "stages": stages,
+                "task": {"name": "dataset", "test": {"path": str(path)}, "columns": {"answer": None}}}
+
+    load_pipeline(None, data=pipeline({"generate": {"problems": {"split": "test"}},
+                                       "critique": {"critics": [{"name": "majority"}]}}))
+    for stages, stage in [({"evaluate": {"problems": {"split": "test"}}}, "evaluate"),
+                          ({"generate": {"problems": {"split": "test"}, "hint": True}}, "generate"),
+                          ({"generate": {"problems": {"split": "test"}}, "spin_pairs": {}}, "spin_pairs")]:
+        with pytest.raises(ConfigError, match=rf"stages.{stage}: stage '{stage}' needs gold answers, and task "
+                                              r"'dataset' has none \(label-free data\)"):
+            load_pipeline(None, data=pipeline(stages))
+
+
 def test_splits_are_read_separately(tmp_path, jsonl):
     train = write_csv(tmp_path / "train.csv", [{"problem": "What is 7 + 1?", "final": "8", "uid": "t1"}])
     t = task(train={"path": str(train)}, test={"path": str(jsonl)},

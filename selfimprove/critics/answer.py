@@ -21,5 +21,7 @@ class AnswerCritic(Critic):
             grade = self.context.task.grade(sample, sample["completion"])
             ok = grade.strict if self.config.mode == "strict" else grade.flexible
             got = grade.strict_answer if self.config.mode == "strict" else grade.flexible_answer
-            verdicts.append(Verdict(score=float(ok), label=ok, rationale=f"extracted {got!r}, gold {sample['answer']!r}"))
+            # ok is None where the problem has no gold (label-free data): an unlabelled verdict, not a 0
+            verdicts.append(Verdict(score=None if ok is None else float(ok), label=ok,
+                                    rationale=f"extracted {got!r}, gold {sample['answer']!r}"))
         return verdicts

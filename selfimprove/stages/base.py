@@ -71,6 +71,11 @@ class Stage:
         """Checks against the round's earlier stages (`earlier`: name → registry.StageSpec) at config load."""
 
     @classmethod
+    def needs_gold(cls, config) -> bool:
+        """Whether the stage reads gold answers or solutions (refused on label-free data at config load)."""
+        return cls.evaluates
+
+    @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
         """Cells this stage adds to its round's row of the run report, from its metrics."""
         return {}

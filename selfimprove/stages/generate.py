@@ -80,6 +80,10 @@ class Generate(Stage):
         if config.unsolved_in:
             check_critic_choice(config.critic, config.unsolved_in, earlier)
 
+    @classmethod
+    def needs_gold(cls, config) -> bool:
+        return config.hint  # the hint shows the gold answer
+
     outputs = ("data", "sweep.json")
 
     def run(self) -> dict:

@@ -124,6 +124,10 @@ class SpinPairs(Stage):
     def references(cls, config) -> list[str]:
         return [config.samples]
 
+    @classmethod
+    def needs_gold(cls, config) -> bool:
+        return True
+
     def run(self) -> dict:
         ctx = self.ctx
         samples = load_rows(ctx.input_dir(self.config.samples) / "data")

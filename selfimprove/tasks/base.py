@@ -29,8 +29,8 @@ class Grade:
     span anywhere (lm-evaluation-harness reports both for GSM8K). `correct` is the one a method acts on.
     """
 
-    strict: bool
-    flexible: bool
+    strict: bool | None  # None (both): no gold answer to judge against; the answers are still read
+    flexible: bool | None
     strict_answer: str | None
     flexible_answer: str | None
 
@@ -74,6 +74,11 @@ class Task:
     def available_splits(cls, config) -> tuple[str, ...]:
         """The splits a task with this config has (checked against the stages' `problems.split` at load)."""
         return cls.splits
+
+    @classmethod
+    def has_gold(cls, config) -> bool:
+        """Whether its problems carry gold answers (stages that need them are refused at load otherwise)."""
+        return True
 
     def problems(self, split: str) -> list[dict]:
         """All problems of `split`, in a fixed order."""

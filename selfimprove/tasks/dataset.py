@@ -21,7 +21,9 @@ problem whose question is in dev or test, is dropped, and the count is logged. `
 give it a file of its own (`dev: {path: ...}`), or carve it out of train with `dev_fraction` (a fixed slice,
 chosen by random.Random(`dev_seed`)); without either the task has no dev split.
 
-Columns: `question` and `answer` are required (default names: question, answer). `solution` is a worked solution,
+Columns: `question` and `answer` are required (default names: question, answer); `answer: null` declares
+label-free data: grading reads answers and judges none (label-free critics such as `majority` work on it), and
+a stage that needs gold (evaluate, a rationalization hint, SPIN pairs) is refused when the pipeline loads. `solution` is a worked solution,
 the gold completion of SFT and SPIN (`reference_solution`); it should end in the answer format the prompt asks
 for. `id` names each problem; without it a problem's id is a hash of its question, so ids are stable across runs
 and do not depend on row order (a repeated question gets -2, -3, ... in file order). `breakdown` columns are
@@ -95,7 +97,7 @@ class Columns:
     """Which column of the data holds what."""
 
     question: str = "question"
-    answer: str = "answer"  # the gold final answer
+    answer: str | None = "answer"  # the gold final answer; None = label-free data (no gold)
     solution: str | None = None  # a worked solution (SFT/SPIN gold); None = the data has none
     id: str | None = None  # unique problem ids; None = a hash of the question
 
@@ -109,6 +111,10 @@ class DatasetTask(Task):
     @classmethod
     def available_splits(cls, config) -> tuple[str, ...]:
         return tuple(split for split in cls.splits if _has(config, split))
+
+    @classmethod
+    def has_gold(cls, config) -> bool:
+        return config.columns.answer is not None
 
     @dataclass
     class Config:
@@ -176,7 +182,11 @@ class DatasetTask(Task):
                            self.config.hint.format(answer=problem["answer"]) if hint else None)
 
     def grade(self, problem: dict, completion: str) -> Grade:
-        return self.grader.grade(completion, problem["answer"])
+        if problem["answer"]:
+            return self.grader.grade(completion, problem["answer"])
+        # label-free: graded against a placeholder gold only to read the answers; nothing is judged
+        grade = self.grader.grade(completion, "0")
+        return Grade(None, None, grade.strict_answer, grade.flexible_answer)
 
     def reference_solution(self, problem: dict) -> str | None:
         return problem.get("solution") or None
@@ -323,11 +333,13 @@ def _problems(source: Source, columns: Columns, breakdown: tuple[str, ...], grad
         if not question.strip():
             raise ValueError(f"{where}, column {columns.question!r} (columns.question): empty question; "
                              f"fill it in or drop that row")
-        value = row.get(columns.answer)
-        answer = grader.gold(str(value).strip()) if value is not None and str(value).strip() else None
-        if answer is None:
-            raise ValueError(f"{where}, column {columns.answer!r} (columns.answer): {value!r} is not an answer the "
-                             f"{grader.name} grader can read; {_FIX_ROW}{grader.gold_help}")
+        answer = ""  # label-free data (columns.answer: null) has no gold
+        if columns.answer is not None:
+            value = row.get(columns.answer)
+            answer = grader.gold(str(value).strip()) if value is not None and str(value).strip() else None
+            if answer is None:
+                raise ValueError(f"{where}, column {columns.answer!r} (columns.answer): {value!r} is not an answer "
+                                 f"the {grader.name} grader can read; {_FIX_ROW}{grader.gold_help}")
         if columns.id is not None:
             problem_id = str(row[columns.id])
             if problem_id in ids:
