@@ -88,7 +88,7 @@ def test_two_processes_train_the_loss_curve_of_one_at_the_same_global_batch(runs
     # only rank 0 saved: no other process left an adapter behind
     assert not list((runs.root / "two" / "work" / "launch").glob(".rank*-adapter"))
     log = (runs.root / "two" / "train.log").read_text()
-    assert "torch.distributed.run --standalone --nproc_per_node 2" in log and "'loss'" in log
+    assert "--start torchrun --standalone --nproc_per_node 2" in log and "'loss'" in log
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,9 @@ def test_a_failing_process_stops_the_others_and_the_error_names_stage_exit_code_
     message = str(caught.value)
     assert message.startswith("stage train (round 3): training under 2 processes failed: torchrun exited with code 1")
     assert "rank 1 (exit code 1): RuntimeError: rank 1 gives up" in message
-    assert "rank 0 (exit code -15: SIGTERM): ended without a report" in message  # stopped by torchrun
+    assert "rank 0 (exit code -15: SIGTERM): stopped by that signal" in message  # stopped by torchrun
+    failures = json.loads((tmp_path / "work" / "launch" / "failures.json").read_text())  # the elastic agent's record
+    assert failures["1"]["exitcode"] == 1 and 'raise RuntimeError("rank 1 gives up")' in failures["1"]["traceback"]
     assert f"Full log: {tmp_path / 'stage' / 'train.log'}" in message
     assert "rank 1 gives up" in (tmp_path / "stage" / "train.log").read_text()
     assert not (tmp_path / "adapter").exists()

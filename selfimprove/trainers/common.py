@@ -94,7 +94,7 @@ def common_args(opt: Optimization, out_dir: Path, seed: int, round_index: int) -
 
 
 COMPLETE = "checkpoint_complete.json"
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 class TrainingDiverged(RuntimeError):
@@ -175,10 +175,10 @@ def resume_point(work_dir: Path, identity: dict, tidy: bool = True) -> Path | No
     key_file = work_dir / "training_key"
     same = key_file.exists() and key_file.read_text() == key
     found = sorted((int(m.group(1)), p) for p in work_dir.iterdir()
-                   if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)))
+                   if p.is_dir() and (m := CHECKPOINT.fullmatch(p.name)))
     complete = []
     for step, folder in found:
-        if same and _is_complete(folder, step):
+        if same and is_complete(folder, step):
             complete.append(folder)
         elif tidy:
             shutil.rmtree(folder)
@@ -222,7 +222,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _is_complete(folder: Path, step: int) -> bool:
+def is_complete(folder: Path, step: int) -> bool:
     try:
         return json.loads((folder / COMPLETE).read_text())["step"] == step
     except (OSError, ValueError, KeyError, TypeError):

@@ -11,12 +11,17 @@ in the trainer's work folder, like every other part of a run:
                                     round, policy adapter, where the adapter goes, the number of processes
     <work_dir>/launch/rows.jsonl    the training rows, one JSON object a line (JSON keeps them exactly as the
                                     stage loaded them, so the trainer's resume identity sees the same rows)
-    <work_dir>/launch/rank<r>.json  what each process reports when it ends: ok, or its exception
     <work_dir>/launch/result.json   rank 0's metrics (the trainer's return value, plus the process count)
+    <work_dir>/launch/failures.json when processes failed: each one's rank, exit code or signal, and the exception
+                                    it recorded (torch.distributed.elastic's error files, see below)
     <stage folder>/train.log        every process's output, streamed as it comes (appended per launch)
 
 Every process runs `python -m selfimprove.trainers.launch <work_dir>`, which builds the trainer and calls its
-ordinary `train(...)`. How the processes are started:
+ordinary `train(...)` under torch.distributed.elastic's `record`: an exception is written to the error file the
+elastic agent gave that process (TORCHELASTIC_ERROR_FILE). The launcher (torchrun, or accelerate's, which runs
+torchrun's) is run in-process by `python -m selfimprove.trainers.launch --start ...`, which catches the agent's
+ChildFailedError and writes its failures (rank, exit code, signal, the recorded exception) to failures.json:
+the stage names the failing rank from there, not from the console. How the processes are started:
 - with CUDA: `accelerate launch --config_file <launch.config> --num_processes N -m selfimprove.trainers.launch
   <work_dir>` (without a config: a plain multi-GPU DDP config written next to the spec, so that a user's
   ~/.cache/huggingface/accelerate default config does not silently change the run). On one H200, this path with
@@ -82,22 +87,22 @@ import collections
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..registry import TrainerSpec
 from ..shipped import find
+from .common import CHECKPOINT, is_complete
 
 SPEC = "spec.json"
 ROWS = "rows.jsonl"
 RESULT = "result.json"
+FAILURES = "failures.json"
 LAUNCH_KEY = "launch_key"  # in the trainer work folder: which launch wrote its checkpoints
 TAIL_LINES = 40  # of the processes' output, quoted in a failure's message
 
@@ -255,10 +260,9 @@ def run(launch: Launch, trainer: TrainerSpec, rows: list[dict], base_path: str, 
     _drop_unresumable(work_dir, _launch_key(spec, folder / ROWS))
     started = time.time()
     code, tail = _stream(command, env, log_file)
-    reports = {r: _read(folder / f"rank{r}.json") for r in range(n)}
     result = _read(folder / RESULT)
-    if code != 0 or result is None or not all(rep and rep.get("ok") for rep in reports.values()):
-        raise LaunchFailed(_failure(label, n, command, code, reports, tail, log_file))
+    if code != 0 or result is None:
+        raise LaunchFailed(_failure(label, n, command, code, _read(folder / FAILURES), tail, log_file))
     return {**result["metrics"], "processes": n, "launch_seconds": round(time.time() - started, 1)}
 
 
@@ -272,13 +276,11 @@ def _launch_key(spec: dict, rows: Path) -> str:
 
 def _drop_unresumable(work_dir: Path, key: str) -> None:
     """Delete the checkpoints in `work_dir` that this launch's processes must not resume (see the module doc)."""
-    from .common import _CHECKPOINT, _is_complete
-
     key_file = work_dir / LAUNCH_KEY
     same = key_file.exists() and key_file.read_text() == key
     for path in work_dir.iterdir():
-        match = _CHECKPOINT.fullmatch(path.name)
-        if match and path.is_dir() and not (same and _is_complete(path, int(match.group(1)))):
+        match = CHECKPOINT.fullmatch(path.name)
+        if match and path.is_dir() and not (same and is_complete(path, int(match.group(1)))):
             shutil.rmtree(path)
     key_file.write_text(key)
 
@@ -296,6 +298,7 @@ def _command(launch: Launch, config: dict | None, work_dir: Path, folder: Path) 
     n = launch.num_processes
     env = dict(os.environ)
     worker = ["-m", "selfimprove.trainers.launch", str(work_dir.resolve())]
+    start = [sys.executable, "-m", "selfimprove.trainers.launch", "--start"]
     if torch.cuda.is_available():
         if (config or {}).get("distributed_type") == "MULTI_CPU":
             raise LaunchFailed(f"launch.config {launch.config}: distributed_type MULTI_CPU on a machine with CUDA: "
@@ -307,8 +310,7 @@ def _command(launch: Launch, config: dict | None, work_dir: Path, folder: Path) 
                                    "num_machines: 1\nmachine_rank: 0\ngpu_ids: all\nmixed_precision: 'no'\n")
         else:
             config_file = find(launch.config).resolve()
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-                   "--num_processes", str(n)]
+        command = [*start, "accelerate", "--config_file", str(config_file), "--num_processes", str(n)]
         if int((config or {}).get("num_machines") or 1) == 1 and not (config or {}).get("main_process_port"):
             command += ["--main_process_port", "0"]  # a free port: two runs on one machine must not collide
         return command + worker, env
@@ -319,7 +321,7 @@ def _command(launch: Launch, config: dict | None, work_dir: Path, folder: Path) 
                            f"machine's CPUs (configs/accelerate/ddp.yaml or no config)")
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] + worker, env
+    return [*start, "torchrun", "--standalone", "--nproc_per_node", str(n)] + worker, env
 
 
 def _stream(command: list[str], env: dict, log_file: Path) -> tuple[int, list[str]]:
@@ -364,68 +366,84 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-# torchrun's failure summary (also under accelerate, which runs torchrun): "rank : 1 (local_rank: 1)" and, on the
-# next line, "exitcode : -15 (pid: 7282)"; a negative code is the signal that ended the process.
-_EXITCODE = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
-
-
-def _failure(label: str, n: int, command: list[str], code: int, reports: dict, tail: list[str], log_file: Path) -> str:
-    launcher = "accelerate launch" if "accelerate.commands.launch" in command else "torchrun"
-    codes = {int(r): int(c) for r, c in _EXITCODE.findall("\n".join(tail))}  # torchrun's failure summary
+def _failure(label: str, n: int, command: list[str], code: int, failures: dict | None, tail: list[str],
+             log_file: Path) -> str:
+    launcher = "accelerate launch" if "accelerate" in command else "torchrun"
     lines = [f"{label}: training under {n} processes failed: {launcher} exited with code {code}."]
-    for rank, report in reports.items():
-        seen = f" (exit code {codes[rank]}{_signal(codes[rank])})" if rank in codes else ""
-        if report is None:
-            lines.append(f"  rank {rank}{seen}: ended without a report (killed, or stopped by the launcher after "
-                         f"another process failed)")
-        elif not report.get("ok"):
-            lines.append(f"  rank {rank}{seen}: {report.get('error')}")
-    if all(rep and rep.get("ok") for rep in reports.values()):
-        lines.append("  every process finished, but rank 0 wrote no result")
+    for rank, failure in sorted((failures or {}).items(), key=lambda item: int(item[0])):
+        seen = f"exit code {failure['exitcode']}" + (f": {failure['signal']}" if failure["signal"] else "")
+        what = failure["error"] or ("stopped by that signal (by the launcher after another process failed, or "
+                                    "killed)" if failure["signal"] else "recorded no error")
+        lines.append(f"  rank {rank} ({seen}): {what}")
+    if failures is None:
+        lines.append("  no process failure was recorded" + (" (every process finished, but rank 0 wrote no result)"
+                                                           if code == 0 else " (the launcher itself failed)"))
     lines.append(f"Full log: {log_file}. Its last lines:")
     return "\n".join(lines + [f"  | {line}" for line in tail])
 
 
-def _signal(code: int) -> str:
+def _start(argv: list[str]) -> int:
+    """`--start torchrun|accelerate ARGS`: run that launcher in this process; on a failure, write the elastic
+    agent's per-process failures to the work folder's failures.json (the launch's last argument is the work
+    folder)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    kind, args = argv[0], argv[1:]
     try:
-        return f": {signal.Signals(-code).name}" if code < 0 else ""
-    except ValueError:
-        return ""
+        if kind == "torchrun":
+            from torch.distributed.run import parse_args, run as torchrun
+
+            torchrun(parse_args(args))
+        else:
+            from accelerate.commands.launch import launch_command, launch_command_parser
+
+            launch_command(launch_command_parser().parse_args(args))
+        return 0
+    except ChildFailedError as err:
+        failures = {}
+        for rank, failure in err.failures.items():
+            recorded = failure.message if isinstance(failure.message, dict) else {}
+            failures[rank] = {"exitcode": failure.exitcode, "error": recorded.get("message"),
+                              "signal": failure.signal_name() if failure.exitcode < 0 else None,
+                              "traceback": recorded.get("extraInfo", {}).get("py_callstack")}
+        _write_json(Path(args[-1]) / "launch" / FAILURES, failures)
+        return 1
+
+
+def _train(work_dir: Path) -> None:
+    """One launched process: build the trainer from the spec and train; rank 0 writes the result."""
+    folder = work_dir / "launch"
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    spec = json.loads((folder / SPEC).read_text())
+    if world != spec["num_processes"]:
+        raise RuntimeError(f"this process was started as one of {world}, but the launch asked for "
+                           f"{spec['num_processes']}: the launcher did not start the processes it was asked for")
+    trainer = TrainerSpec.from_config(spec["trainer"], str(folder / SPEC), "trainer")
+    with open(folder / ROWS) as f:
+        rows = [json.loads(line) for line in f]
+    # Every process saves (see the module doc); only rank 0 into the stage's adapter folder.
+    out = Path(spec["adapter_out"]) if rank == 0 else folder / f".rank{rank}-adapter"
+    metrics = trainer.build().train(rows, spec["base_path"], spec["init_adapter"], out, work_dir,
+                                    seed=spec["seed"], round_index=spec["round_index"],
+                                    policy_adapter=spec["policy_adapter"])
+    if rank == 0:
+        _write_json(folder / RESULT, {"metrics": metrics})
+    else:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One launched process: build the trainer from the spec and train; rank 0 writes the result."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--start"] and len(argv) > 2:
+        return _start(argv[1:])
     if len(argv) != 1:
         print("usage: python -m selfimprove.trainers.launch <work_dir>  (started by the train stage's launcher)",
               file=sys.stderr)
         return 2
-    work_dir = Path(argv[0])
-    folder = work_dir / "launch"
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    report = folder / f"rank{rank}.json"
-    try:
-        spec = json.loads((folder / SPEC).read_text())
-        if world != spec["num_processes"]:
-            raise RuntimeError(f"this process was started as one of {world}, but the launch asked for "
-                               f"{spec['num_processes']}: the launcher did not start the processes it was asked for")
-        trainer = TrainerSpec.from_config(spec["trainer"], str(folder / SPEC), "trainer")
-        with open(folder / ROWS) as f:
-            rows = [json.loads(line) for line in f]
-        # Every process saves (see the module doc); only rank 0 into the stage's adapter folder.
-        out = Path(spec["adapter_out"]) if rank == 0 else folder / f".rank{rank}-adapter"
-        metrics = trainer.build().train(rows, spec["base_path"], spec["init_adapter"], out, work_dir,
-                                        seed=spec["seed"], round_index=spec["round_index"],
-                                        policy_adapter=spec["policy_adapter"])
-        if rank == 0:
-            _write_json(folder / RESULT, {"metrics": metrics})
-        else:
-            shutil.rmtree(out, ignore_errors=True)
-        _write_json(report, {"ok": True})
-        return 0
-    except BaseException as err:
-        _write_json(report, {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
-        raise
+    from torch.distributed.elastic.multiprocessing.errors import record  # torch: only in a launched process
+
+    record(_train)(Path(argv[0]))  # an exception goes to the error file the elastic agent gave this process
+    return 0
 
 
 def _write_json(path: Path, obj: dict) -> None:
