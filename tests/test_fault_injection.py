@@ -101,3 +101,29 @@ def _tamper(run_dir: Path) -> None:
     save_rows(rows, run_dir / "round_001" / "generate" / "data")
     report = run_dir / "report.md"
     report.write_text(report.read_text() + "\nA line the run did not write.\n")
+
+
+def test_survivors_are_the_run_s_processes_and_its_token_carriers():
+    """The no-survivor check above is only as good as its search: it finds a process the run had and a process
+    that carries the run's token, and none once they are gone."""
+    import os
+    import subprocess
+
+    import psutil
+
+    from selfimprove.lifecycle import RUN_TOKEN
+
+    had = subprocess.Popen(["sleep", "30"])
+    carrier = subprocess.Popen(["sleep", "30"], env=dict(os.environ, **{RUN_TOKEN: "t0ken"}))
+    stranger = subprocess.Popen(["sleep", "30"], env=dict(os.environ, **{RUN_TOKEN: "other"}))
+    try:
+        known = {had.pid: psutil.Process(had.pid).create_time(), 1: 0.0}  # pid 1 with a wrong create time: reused
+        assert sorted(p.pid for p in fi.survivors(known, "t0ken", wait_s=0)) == sorted([had.pid, carrier.pid])
+        for proc in (had, carrier):
+            proc.kill()
+            proc.wait()
+        assert fi.survivors(known, "t0ken", wait_s=0) == []
+    finally:
+        for proc in (had, carrier, stranger):
+            proc.kill()
+            proc.wait()
