@@ -2,7 +2,8 @@
 critique stage, inside training right after its first checkpoint, and between training and evaluation — one kill
 per attempt, the same command run again each time — must end with exactly the uninterrupted run's results (every
 manifest's metrics and checksums, every row, every adapter, metrics.jsonl, the reports) and leave no process of
-any killed attempt alive. scripts/fault_inject.py does the work; this runs its functions.
+any killed attempt alive. scripts/fault_inject.py does the work; this runs its functions, and
+tests/run_diff.py compares.
 
 The kills are placed so that only the first and last attempts start the engine (critique_rationalize, filter and
 train need none): one reference run and four attempts, two of them short.
@@ -14,6 +15,8 @@ import importlib.util
 import shutil
 import sys
 from pathlib import Path
+
+from tests.run_diff import run_differences
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STAR = REPO / "tests" / "pipelines" / "tiny_star.yaml"
@@ -53,26 +56,29 @@ def test_killed_inside_critique_training_and_between_stages_ends_as_if_never_kil
     trial = fi.run_trial(reference, [at_once[k] for k in KILLS], index=1, log=quiet)
 
     assert trial.error is None, trial.error
-    assert [k.fired for k in trial.kills] == [True, True, True], [k.note for k in trial.kills]
+    assert [k.fired for k in trial.kills] == [True, True, True]
     assert trial.attempts == 4
-    landed = [k.landing for k in trial.kills]
-    assert [x.stage for x in landed] == ["round_001/critique_rationalize", "round_001/train", "round_001/evaluate"], \
-        [x.text for x in landed]
-    assert landed[0].inside and landed[1].inside and "complete checkpoints at steps [1]" in landed[1].text, \
-        [x.text for x in landed]
+    landed = dict(k.landed for k in trial.kills)
+    assert list(landed) == ["round_001/critique_rationalize", "round_001/train", "round_001/evaluate"], landed
+    assert "shards/00-00001" in landed["round_001/critique_rationalize"], landed
+    assert "trainer/checkpoint-1/checkpoint_complete.json" in landed["round_001/train"], landed
     # The training that finished resumed from the checkpoint the kill left (it did not start over).
     assert read_json(trial.run_dir / "round_001" / "train" / "manifest.json")["metrics"]["resumed_from_step"] == 1
     assert [k.left for k in trial.kills] == [[], [], []] and trial.left_at_end == []
     assert trial.differences == [], "\n".join(map(str, trial.differences))
 
-    # The comparison sees a result that differs (a metric, an adapter, a sample), and not a timing field.
+    # The comparison sees a result that differs (a metric, an adapter, a sample, the report), and not a timing
+    # field.
     tampered = tmp_path / "tampered"
     shutil.copytree(trial.run_dir, tampered)
     _tamper(tampered)
-    found = [str(d) for d in fi.compare_runs(reference.run_dir, tampered)[0]]
-    assert any("round_001/train: metrics [0] final_loss" in d for d in found), found
-    assert any("adapter hash of round_001/train/adapter" in d for d in found), found
-    assert any("rows of round_001/generate/data [3].completion" in d for d in found), found
+    found = run_differences(reference.run_dir, tampered)
+    assert any(d.startswith("round_001/train/manifest.json: .metrics.final_loss:") for d in found), found
+    assert any(d.startswith("round_001/train/adapter/adapter_model.safetensors:") for d in found), found
+    assert any(d.startswith("round_001/generate/data: [3].completion:") for d in found), found
+    # The manifests' checksums no longer match the tampered adapter and rows: said once per manifest.
+    assert any(d.startswith("round_001/train/manifest.json: its checksums") for d in found), found
+    assert any(d.startswith("report.md: .text:") for d in found), found
     assert not any("seconds" in d or "peak_rss" in d for d in found), found
 
 
@@ -93,3 +99,31 @@ def _tamper(run_dir: Path) -> None:
     rows = load_rows(run_dir / "round_001" / "generate" / "data")
     rows[3]["completion"] += "!"
     save_rows(rows, run_dir / "round_001" / "generate" / "data")
+    report = run_dir / "report.md"
+    report.write_text(report.read_text() + "\nA line the run did not write.\n")
+
+
+def test_survivors_are_the_run_s_processes_and_its_token_carriers():
+    """The no-survivor check above is only as good as its search: it finds a process the run had and a process
+    that carries the run's token, and none once they are gone."""
+    import os
+    import subprocess
+
+    import psutil
+
+    from selfimprove.lifecycle import RUN_TOKEN
+
+    had = subprocess.Popen(["sleep", "30"])
+    carrier = subprocess.Popen(["sleep", "30"], env=dict(os.environ, **{RUN_TOKEN: "t0ken"}))
+    stranger = subprocess.Popen(["sleep", "30"], env=dict(os.environ, **{RUN_TOKEN: "other"}))
+    try:
+        known = {had.pid: psutil.Process(had.pid).create_time(), 1: 0.0}  # pid 1 with a wrong create time: reused
+        assert sorted(p.pid for p in fi.survivors(known, "t0ken", wait_s=0)) == sorted([had.pid, carrier.pid])
+        for proc in (had, carrier):
+            proc.kill()
+            proc.wait()
+        assert fi.survivors(known, "t0ken", wait_s=0) == []
+    finally:
+        for proc in (had, carrier, stranger):
+            proc.kill()
+            proc.wait()
