@@ -16,7 +16,8 @@ Two ways one run used to harm another:
   there if even the watchdog was killed.
 
 The watchdog runs as `python -m selfimprove.lifecycle`, which imports only this module, the config module and
-psutil.
+psutil; so does the supervisor each local vLLM server runs under (`--supervise`, see serve.py): the one that
+stops its server gracefully when the launcher is gone, where the watchdog kills a dead run's leftovers.
 """
 
 from __future__ import annotations
@@ -451,5 +452,82 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def signal_group(pgid: int, sig: int, leader_only: bool = False) -> None:
+    """Signal a process group (or only its leader); one already gone is no error."""
+    try:
+        if leader_only:
+            os.kill(pgid, sig)
+        else:
+            os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- the supervisor of one server (serve.py): `python -m selfimprove.lifecycle --supervise PARENT_PID -- CMD...` --
+
+STOP_GRACE_S = 20.0  # a vLLM server shuts its engine down in a few seconds on SIGTERM
+
+
+def _supervise(argv: list[str]) -> int:
+    parent, cmd = int(argv[0]), argv[argv.index("--") + 1:]
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.append(True))
+    if os.getppid() != parent:  # the launcher died before we got here
+        return 1
+    child = subprocess.Popen(cmd)  # same process group: vLLM's processes all land in it
+    while child.poll() is None and not stop and os.getppid() == parent:
+        time.sleep(0.25)
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    _stop_rest_of_group()
+    return child.returncode if child.returncode is not None else 1
+
+
+def _stop_rest_of_group() -> None:
+    """Stop every other process in this process group: what the server left (its EngineCore, Worker, ... when it
+    died without stopping them). SIGTERM, then SIGKILL after a grace period. multiprocessing's resource tracker
+    goes last, and is killed only if it does not exit by itself once the others are gone: it is what unlinks the
+    shared memory they leave (vLLM's message queues, about 400 MB per server in /dev/shm), which a killed
+    tracker leaks."""
+    me, group = os.getpid(), os.getpgrp()
+
+    def rest() -> list:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != me and os.getpgid(proc.pid) == group:
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                pass
+        return found
+
+    def tracker(proc) -> bool:
+        try:
+            return "resource_tracker" in " ".join(proc.cmdline())
+        except psutil.Error:
+            return False
+
+    for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        procs = [p for p in rest() if not tracker(p)]
+        for proc in procs:
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=grace_s)
+    psutil.wait_procs(rest(), timeout=10.0)  # trackers exit when the last process using them is gone
+    for proc in rest():
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(_supervise(sys.argv[2:]) if sys.argv[1:2] == ["--supervise"] else _main())

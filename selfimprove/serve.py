@@ -24,7 +24,7 @@ Replicas outlive each other: `Servers.revive` (called by `selfimprove serve` eve
 at most `max_restarts` times, logging each step; the others keep serving meanwhile. The engine confirms a
 restarted server's weights (and syncs them) before it sends it work.
 
-No process outlives its launcher: every server runs under a small supervisor (`python -m selfimprove.serve
+No process outlives its launcher: every server runs under a small supervisor (`python -m selfimprove.lifecycle
 --supervise`, which imports nothing heavy) in a session of its own. The supervisor stops its server when asked
 (SIGTERM/SIGINT) or when the launching process is gone, however it died (SIGKILL included: it polls its parent
 pid), and then stops whatever is left in its process group, which is where vLLM's own EngineCore, Worker and
@@ -45,9 +45,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .lifecycle import STOP_GRACE_S, signal_group
+
 __all__ = ["ServerOptions", "Servers", "launch", "add_parser", "main"]
 
-STOP_GRACE_S = 20.0  # a vLLM server shuts its engine down in a few seconds on SIGTERM
 MAX_RESTARTS = 3  # per replica, over its lifetime
 
 
@@ -188,7 +189,7 @@ class Servers:
         for server in self.servers:
             server.given_up = True  # no restarts from here on
             if server.alive():
-                _signal_group(server.process.pid, signal.SIGTERM, leader_only=True)
+                signal_group(server.process.pid, signal.SIGTERM, leader_only=True)
         deadline = time.monotonic() + STOP_GRACE_S + 30  # the supervisor's own grace periods, plus its sweep
         for server in self.servers:
             if server.process is None:
@@ -199,7 +200,7 @@ class Servers:
                 swept = False
             if not swept:
                 # The supervisor hung or was killed by a signal before its sweep: kill the whole group.
-                _signal_group(server.process.pid, signal.SIGKILL)
+                signal_group(server.process.pid, signal.SIGKILL)
                 server.process.wait(timeout=10)
 
     def __enter__(self) -> "Servers":
@@ -230,7 +231,7 @@ def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", p
     try:
         for i in range(replicas):
             cmd = server_command(model_path, host, options, on_gpu)
-            supervisor = [sys.executable, "-m", "selfimprove.serve", "--supervise", str(os.getpid()), "--", *cmd]
+            supervisor = [sys.executable, "-m", "selfimprove.lifecycle", "--supervise", str(os.getpid()), "--", *cmd]
             server = Server(host, port + i if port else 0, log_dir / f"server-{i}.log", supervisor,
                             server_environment(i, replicas, options, on_gpu))
             servers.append(server)
@@ -327,82 +328,6 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _signal_group(pgid: int, sig: int, leader_only: bool = False) -> None:
-    try:
-        if leader_only:
-            os.kill(pgid, sig)
-        else:
-            os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-# --- the supervisor: one per server, `python -m selfimprove.serve --supervise PARENT_PID -- CMD...` ----------
-
-
-def _supervise(argv: list[str]) -> int:
-    parent, cmd = int(argv[0]), argv[argv.index("--") + 1:]
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.append(True))
-    if os.getppid() != parent:  # the launcher died before we got here
-        return 1
-    child = subprocess.Popen(cmd)  # same process group: vLLM's processes all land in it
-    while child.poll() is None and not stop and os.getppid() == parent:
-        time.sleep(0.25)
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-    _stop_rest_of_group()
-    return child.returncode if child.returncode is not None else 1
-
-
-def _stop_rest_of_group() -> None:
-    """Stop every other process in this process group: what the server left (its EngineCore, Worker, ... when it
-    died without stopping them). SIGTERM, then SIGKILL after a grace period. multiprocessing's resource tracker
-    goes last, and is killed only if it does not exit by itself once the others are gone: it is what unlinks the
-    shared memory they leave (vLLM's message queues, about 400 MB per server in /dev/shm), which a killed
-    tracker leaks."""
-    import psutil
-
-    me, group = os.getpid(), os.getpgrp()
-
-    def rest() -> list:
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.pid != me and os.getpgid(proc.pid) == group:
-                    found.append(proc)
-            except (psutil.Error, OSError):
-                pass
-        return found
-
-    def tracker(proc) -> bool:
-        try:
-            return "resource_tracker" in " ".join(proc.cmdline())
-        except psutil.Error:
-            return False
-
-    for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        procs = [p for p in rest() if not tracker(p)]
-        for proc in procs:
-            try:
-                proc.send_signal(sig)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=grace_s)
-    psutil.wait_procs(rest(), timeout=10.0)  # trackers exit when the last process using them is gone
-    for proc in rest():
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-
-
 # --- the command ----------------------------------------------------------------------------------------------
 
 
@@ -466,8 +391,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--supervise"]:
-        sys.exit(_supervise(sys.argv[2:]))
     _parser = argparse.ArgumentParser(prog="python -m selfimprove.serve")
     add_parser(_parser.add_subparsers(dest="command", required=True))
     sys.exit(main(_parser.parse_args(["serve", *sys.argv[1:]])))
