@@ -264,7 +264,7 @@ def test_plugin_by_dotted_path_function_and_class():
     ("nopkg.critics:C", "cannot import module 'nopkg.critics'"),
     ("selfimprove.tasks.math:MATH500", "is a class but not a subclass of selfimprove.critics.Critic"),
     ("selfimprove.tasks.math:INSTRUCTION", "is neither a Critic class nor a function"),
-    ("no_such_critic", "unknown critic 'no_such_critic'; valid names: answer, combine, llm_judge, majority"),
+    ("no_such_critic", "unknown critic 'no_such_critic'; valid names: answer, combine, likelihood, llm_judge, majority"),
 ])
 def test_wrong_plugin_names_fail_with_the_reason(name, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -24,6 +24,9 @@ How the critique stage calls a critic depends on two class attributes (a functio
   if the call raises, the whole batch fails.
 - `per_problem = True`: every call holds all samples of the problems it covers (majority voting needs them).
 Failed verdicts are recorded and counted; the stage fails only past its `max_error_rate`.
+
+A critic may also describe a judged batch: `stats(samples, verdicts)` returns {name: number} that the rl stage
+logs per step under `<critic id>/<name>` (signal quality against gold where the data has it, for the record only).
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ class Critic:
 
     def judge(self, samples: list[dict]) -> list[Verdict]:
         raise NotImplementedError
+
+    def stats(self, samples: list[dict], verdicts: list[Verdict]) -> dict[str, float | None]:
+        """Per-batch metrics about the verdicts just given (module docstring); none by default."""
+        return {}
 
     def close(self) -> None:
         """Release what the critic holds (a judge's own engine, a reward model); called after the stage."""

@@ -2,6 +2,7 @@
 
 `filter` keeps the samples a critic labelled correct (or, with `min_score`, those it scored at least that; a
 critic that gives scores without labels needs it, and the filter stops with that fix rather than keep nothing),
+or, with `best_of`, each problem's highest-scored sample per source (best-of-N: Sharpening's selection),
 leaves out samples whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py: exploration —
 pass@k, distinct correct answers and completions, correct samples per prompt — and exploitation — precision of
 what was kept, the balance score) on its first source, the round's own samples, graded against gold by the task. Each source is a pair of a generate stage and the
@@ -57,6 +58,8 @@ class Filter(Stage):
         # min_score_from: a generate stage with `adapt` whose chosen threshold to use (B-STaR), when it chose one.
         min_score: float | None = None
         min_score_from: str | None = None
+        # Keep only each problem's highest-scored sample (per source; the first of equal scores) instead of by label.
+        best_of: bool = False
         max_per_problem: int | None = None  # cap on kept samples per problem (None = keep all)
         dedupe: bool = True  # drop a completion identical to one already kept for the same problem
         bstar_n_star: int = N_STAR  # B-STaR's n*: correct kept samples for a query to count fully
@@ -64,6 +67,8 @@ class Filter(Stage):
         def __post_init__(self):
             if not self.sources:
                 raise ValueError("sources must name at least one {samples, verdicts} pair")
+            if self.best_of and (self.min_score is not None or self.min_score_from):
+                raise ValueError("best_of selects by score rank; drop min_score / min_score_from (or best_of)")
 
     @classmethod
     def references(cls, config) -> list[str]:
@@ -92,17 +97,22 @@ class Filter(Stage):
             samples = load_rows(ctx.input_dir(source.samples) / "data")
             monitored = monitored or samples
             verdicts = load_rows(ctx.input_dir(source.verdicts) / "data")
-            for sample in join_verdicts(samples, verdicts):
-                verdict = pick_verdict(sample["verdicts"], c.critic, source.verdicts)
+            joined = [(s, pick_verdict(s["verdicts"], c.critic, source.verdicts))
+                      for s in join_verdicts(samples, verdicts)]
+            best = _best_per_problem(joined) if c.best_of else None
+            for sample, verdict in joined:
                 if verdict is not None and verdict["error"] is not None:
                     counts["invalid"] += 1  # left out: an invalid verdict is no evidence either way
                     continue
-                if verdict is not None and threshold is None and verdict["label"] is None:
+                if best is not None:
+                    if best.get(sample["problem_id"]) != sample["sample_id"]:
+                        continue
+                elif verdict is not None and threshold is None and verdict["label"] is None:
                     raise ValueError(
                         f"filter {ctx.stage!r}: critic {verdict['critic']!r} in stage {source.verdicts!r} gives "
                         f"scores without labels, so selecting by label would keep nothing; set `min_score:` on "
-                        f"{ctx.stage!r} to keep samples scored at least that")
-                if not _selected(verdict, threshold):
+                        f"{ctx.stage!r} to keep samples scored at least that, or `best_of: true` to keep the best")
+                elif not _selected(verdict, threshold):
                     continue
                 pid = sample["problem_id"]
                 if c.dedupe and sample["completion"].strip() in texts[pid]:
@@ -143,6 +153,18 @@ class Filter(Stage):
         if metrics.get("bstar/balance") is not None and metrics.get("bstar/pass@k") is not None:
             cells["B-STaR pass@k / balance"] = f"{metrics['bstar/pass@k']:.2f} / {metrics['bstar/balance']:.3f}"
         return cells
+
+
+def _best_per_problem(joined: list[tuple[dict, dict | None]]) -> dict[str, str]:
+    """Per problem, the sample id with the highest valid score (the first of equal ones)."""
+    best: dict[str, tuple[float, str]] = {}
+    for sample, verdict in joined:
+        if verdict is None or verdict["error"] is not None or verdict["score"] is None:
+            continue
+        pid = sample["problem_id"]
+        if pid not in best or verdict["score"] > best[pid][0]:
+            best[pid] = (verdict["score"], sample["sample_id"])
+    return {pid: sample_id for pid, (_, sample_id) in best.items()}
 
 
 def _selected(verdict: dict | None, threshold: float | None) -> bool:

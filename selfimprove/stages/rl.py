@@ -136,7 +136,7 @@ class RL(Stage):
             id_prefix=f"r{ctx.round:03d}/{ctx.stage}/s{step:05d}",
             extra={"round": ctx.round, "stage": ctx.stage, "step": step})
         generated = time.time()
-        scores, errors = self._scores(critic, rows, objective.attempts)
+        scores, errors, critic_stats = self._scores(critic, rows, objective.attempts)
         # a row with an invalid verdict on any attempt gets no rewards and is left out of training
         rewards = [None if None in s else objective.rewards(s) for s in scores]
         for row, row_scores, row_rewards in zip(rows, scores, rewards):
@@ -158,14 +158,15 @@ class RL(Stage):
         metrics = {"step": step, "policy_version": weights.adapter_hash, "samples": len(rows), "invalid_rewards": errors,
                    "trained_samples": len(rollouts),
                    **{f"reward/attempt{t + 1}": _mean([s[t] for s in scores]) for t in range(objective.attempts)},
-                   **update, "weight_sync_seconds": round(prepared - started, 2),
+                   **critic_stats, **update, "weight_sync_seconds": round(prepared - started, 2),
                    "generate_seconds": round(generated - prepared, 2), "reward_seconds": round(scored - generated, 2)}
         metrics["step_seconds"] = round(time.time() - started, 2)
         return rows, metrics
 
-    def _scores(self, critic, rows: list[dict], attempts: int) -> tuple[list[list[float]], int]:
+    def _scores(self, critic, rows: list[dict], attempts: int) -> tuple[list[list[float]], int, dict]:
         """The critic's score per attempt per row; an invalid verdict's is None (no reward, not 0: the row is
-        left out of training), and more failures than the error budget allows stop the stage."""
+        left out of training), and more failures than the error budget allows stop the stage. Also the critic's
+        `stats` of the last attempt's verdicts, under `<critic id>/`."""
         c, ctx = self.config, self.ctx
         out: list[list[float | None]] = [[] for _ in rows]
         errors = 0
@@ -177,7 +178,8 @@ class RL(Stage):
                 invalid = v.error is not None or v.score is None
                 errors += invalid
                 out[i].append(None if invalid else float(v.score))
-        return out, errors
+        stats = {f"{c.critic.id}/{k}": v for k, v in critic.stats(inputs, verdicts).items()}
+        return out, errors, stats
 
     def _commit(self, trainer, versions, index: int, rows: list[dict] | None, metrics: dict | None) -> None:
         """Write version `index` (adapter, optimizer state, the rollouts and metrics of the step that made it)."""
@@ -212,8 +214,12 @@ class RL(Stage):
             "adapter_hash": adapter_hash(adapter_dir), "label": f"round_{ctx.round:03d}/{ctx.stage}",
             "init": start.to_dict(), "policy": ctx.weights("policy").to_dict(), "trained": True,
         })
-        out: dict = {"steps": len(steps), "samples": len(rows), "objective": self.config.objective.name,
+        c = self.config
+        out: dict = {"steps": len(steps), "samples": len(rows), "objective": c.objective.name, "critic": c.critic.id,
+                     "split": c.problems.split,
                      "invalid_rewards": sum(s.get("invalid_rewards", 0) for s in steps)}  # invalid verdicts, all steps
+        for key in [k for k in steps[-1] if k.startswith(f"{c.critic.id}/")]:  # the critic's stats
+            out[f"{key}/mean"], out[f"{key}/last"] = _mean([s.get(key) for s in steps]), steps[-1][key]
         for key in [k for k in steps[0] if k.startswith("reward/")]:
             out[f"{key}/first"], out[f"{key}/last"] = steps[0][key], steps[-1][key]
             out[f"{key}/mean"] = _mean([s[key] for s in steps])
@@ -227,6 +233,13 @@ class RL(Stage):
     def report(cls, metrics: dict) -> dict[str, str]:
         keys = sorted(k[: -len("/mean")] for k in metrics if k.startswith("reward/") and k.endswith("/mean"))
         cells = {"trained on": f"{metrics['steps']} RL steps"}
+        if metrics.get("split") == "test":  # so no one reads the evaluation as held-out
+            cells["trained on"] += " (test-time training on the evaluation problems)"
+        prefix = f"{metrics.get('critic')}/"
+        stats = [f"{k[len(prefix):-len('/mean')]} {metrics[k]:.3f}" for k in sorted(metrics)
+                 if k.startswith(prefix) and k.endswith("/mean") and metrics[k] is not None]
+        if stats:
+            cells["critic signal (mean over steps)"] = ", ".join(stats)
         if keys:
             k = keys[-1]
             first, last, mean = (_num(metrics[k + suffix]) for suffix in ("/first", "/last", "/mean"))
