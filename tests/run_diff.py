@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from selfimprove.artifacts import EMPTY_MARKER, MANIFEST, checksum_files, load_rows, read_json
-from selfimprove.compare import _html_table
+from selfimprove.render import html_table
 from selfimprove.lifecycle import LOCK_FILE, MEMORY_FILE, PROCESS_FILE
 from selfimprove.records import adapter_hash
 from selfimprove.report import markdown_table, table
@@ -78,7 +78,7 @@ def _untimed(value):
 def _report(run_dir: Path, path: Path) -> dict:
     """A report with its table cut out (its widths and timing cells vary), and the table without timing columns."""
     header, rows = table(run_dir)
-    rendered = markdown_table(run_dir) if path.suffix == ".md" else _html_table(header, rows)
+    rendered = markdown_table(run_dir) if path.suffix == ".md" else html_table(header, rows)
     keep = [i for i, h in enumerate(header) if h not in TIMING_COLUMNS]
     return {"text": path.read_text().replace(rendered, "<the run's table>"),
             "table": [[h for i, h in enumerate(header) if i in keep]] + [[r[i] for i in keep] for r in rows]}
