@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from selfimprove.trainers.rl import (PolicyGradient, Rollout, aggregate, encode_rollout, gap_k3, is_weights, kl_k3,
+from selfimprove.trainers.rl import (PolicyGradient, Rollout, aggregate, encode_rollout, is_weights, kl_k3,
                                      sampled_logprobs)
 
 MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -89,8 +89,8 @@ def test_truncated_importance_weights_and_gap_by_hand():
     (w * logp).sum().backward()
     assert logp.grad.tolist() == pytest.approx([2.0, 0.5, 1.0])  # the weight is a constant
     # r − 1 − ln r with r = π_trainer / π_sampler: 3 − 1 − ln 3, 0.5 − 1 − ln 0.5, 0
-    assert gap_k3(logp.detach(), sampler).tolist() == pytest.approx([2 - math.log(3), -0.5 + math.log(2), 0.0],
-                                                                    abs=1e-6)
+    assert kl_k3(sampler, logp.detach()).tolist() == pytest.approx([2 - math.log(3), -0.5 + math.log(2), 0.0],
+                                                                   abs=1e-6)
 
 
 def test_sampled_logprobs_align_with_each_attempts_tokens():

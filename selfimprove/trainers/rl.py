@@ -77,6 +77,8 @@ class StalePolicyError(RuntimeError):
     """Rollouts sampled with another version of the policy than the one being updated."""
 
 
+_NO_GAP = dict.fromkeys(("sampler_gap/mean_abs", "sampler_gap/max_abs", "sampler_gap/kl"))  # not measured
+
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
@@ -101,14 +103,6 @@ def is_weights(logp, sampler_logp, cap: float):
     import torch
 
     return torch.clamp(torch.exp(logp.detach() - sampler_logp), max=cap)
-
-
-def gap_k3(logp, sampler_logp):
-    """Per-token k3 estimate of KL(π_sampler ‖ π_trainer) from the sampler's samples: r − 1 − log r, r = π_t/π_s."""
-    import torch
-
-    log_ratio = logp - sampler_logp
-    return torch.exp(log_ratio) - 1 - log_ratio
 
 
 def sampled_logprobs(turn: list[int], logprobs: list[list[float] | None] | None,
@@ -275,8 +269,7 @@ class PolicyGradient:
         started = time.time()
         if not rollouts:
             return {"loss": None, **{f"kl/attempt{t + 1}": None for t in range(len(kl_weights))}, "grad_norm": None,
-                    "sampler_gap/mean_abs": None, "sampler_gap/max_abs": None, "sampler_gap/kl": None,
-                    "tokens": 0, "update_seconds": 0.0}
+                    **_NO_GAP, "tokens": 0, "update_seconds": 0.0}
         c = self.config
         groups = [r.group for r in rollouts]
         advantages = [self.baseline.advantages([r.rewards[t] for r in rollouts], groups) for t in range(len(kl_weights))]
@@ -311,7 +304,8 @@ class PolicyGradient:
                 diff = (logp.detach() - sampled)[known]
                 gap["abs"] += diff.abs().sum().item()
                 gap["max"] = max(gap["max"], diff.abs().max().item())
-                gap["k3"] += gap_k3(logp.detach()[known], sampled[known]).sum().item()
+                # KL(π_sampler ‖ π_trainer), from the sampler's samples: k3 with the roles swapped.
+                gap["k3"] += kl_k3(sampled[known], logp.detach()[known]).sum().item()
                 gap["n"] += int(known.sum())
             weight = torch.ones_like(logp)
             if c.importance_sampling_cap is not None:
@@ -344,8 +338,7 @@ class PolicyGradient:
         self.version = None  # the weights changed: unsaved until `save`
         out = {"loss": sums.pop("loss"), **{k: v / len(rollouts) for k, v in sums.items()}}
         out.update({"sampler_gap/mean_abs": gap["abs"] / gap["n"], "sampler_gap/max_abs": gap["max"],
-                    "sampler_gap/kl": gap["k3"] / gap["n"]} if gap["n"] else
-                   {"sampler_gap/mean_abs": None, "sampler_gap/max_abs": None, "sampler_gap/kl": None})
+                    "sampler_gap/kl": gap["k3"] / gap["n"]} if gap["n"] else _NO_GAP)
         if not need_reference:  # no reference forward ran: the KL was not measured
             out.update({k: None for k in out if k.startswith("kl/")})
         return {**out, "grad_norm": grad_norm, "tokens": tokens, "update_seconds": round(time.time() - started, 2)}
@@ -353,20 +346,18 @@ class PolicyGradient:
     def _pad(self, encoded: list[tuple[list[int], list[int]]], sampled: list[list[float]]):
         import torch
 
+        from torch.nn.utils.rnn import pad_sequence
+
         limit = self.config.max_length
-        encoded = [(ids[:limit], owner[:limit]) for ids, owner in encoded]
-        width = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        owner = torch.zeros((len(encoded), width), dtype=torch.long)  # padding belongs to no attempt
-        logprobs = torch.full((len(encoded), width), math.nan)  # the sampler's, where reported
-        for i, (seq, own) in enumerate(encoded):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            attention[i, :len(seq)] = 1
-            owner[i, :len(seq)] = torch.tensor(own)
-            logprobs[i, :len(seq)] = torch.tensor(sampled[i][:len(seq)])
-        return ids, attention, owner, logprobs
+
+        def pad(rows, value, dtype=torch.long):
+            return pad_sequence([torch.tensor(row[:limit], dtype=dtype) for row in rows], batch_first=True,
+                                padding_value=value)
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return (pad([ids for ids, _ in encoded], pad_id), pad([[1] * len(ids) for ids, _ in encoded], 0),
+                pad([owner for _, owner in encoded], 0),  # padding belongs to no attempt
+                pad(sampled, math.nan, torch.float32))  # the sampler's log-probabilities, where reported
 
     def _logps(self, ids, attention, temperature: float):
         from trl.trainer.utils import selective_log_softmax
