@@ -327,25 +327,21 @@ class Runner:
         """A finished stage whose outputs no longer match its manifest's checksums (a truncated file, a
         corrupted disk, a hand edit) is redone, with every stage after it: later stages were built on it."""
         order = [(r, s.name) for r in self.rounds() for s in self.stages_of(r)]
-        damaged = None
         for index, (round_index, name) in enumerate(order):
             folder = self.stage_dir(round_index, name)
             if not is_done(folder):
                 continue
             manifest = read_json(folder / MANIFEST)
-            outputs = manifest["outputs"]
-            if checksum_files(folder / o for o in outputs if (folder / o).exists()) != manifest["checksums"] or \
-                    not all((folder / o).exists() for o in outputs):
-                damaged = index
-                self.log(f"[round {round_index}] {name}: its outputs do not match their checksums; redoing it and "
-                         f"every stage after it")
-                break
-        if damaged is None:
+            paths = [folder / o for o in manifest["outputs"]]
+            if all(p.exists() for p in paths) and checksum_files(paths) == manifest["checksums"]:
+                continue
+            self.log(f"[round {round_index}] {name}: its outputs do not match their checksums; redoing it and "
+                     f"every stage after it")
+            for later_round, later in order[index:]:
+                manifest_path = self.stage_dir(later_round, later) / MANIFEST
+                if manifest_path.exists():
+                    manifest_path.replace(manifest_path.with_name("manifest.distrusted.json"))
             return
-        for round_index, name in order[damaged:]:
-            manifest = self.stage_dir(round_index, name) / MANIFEST
-            if manifest.exists():
-                manifest.replace(manifest.with_name("manifest.distrusted.json"))
 
     def _rebuild_metrics(self) -> None:
         lines = []
