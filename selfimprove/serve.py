@@ -124,13 +124,12 @@ class Server:
         return False
 
 
+@dataclass
 class Servers:
     """Running servers started by `launch`; a context manager that stops them all on exit."""
 
-    def __init__(self, servers: list[Server], log_dir: Path, max_restarts: int = MAX_RESTARTS):
-        self.servers = servers
-        self.log_dir = log_dir
-        self.max_restarts = max_restarts
+    servers: list[Server]
+    max_restarts: int = MAX_RESTARTS
 
     @property
     def urls(self) -> list[str]:
@@ -140,7 +139,7 @@ class Servers:
         """Return once every server answers /health with 200; raise with the log tail of one that died."""
         deadline = time.monotonic() + timeout_s
         waiting = list(self.servers)
-        while waiting:
+        while True:
             for server in list(waiting):
                 if not server.alive():
                     raise ServerStartError(f"vLLM server {server.url} exited with code {server.process.returncode} "
@@ -148,12 +147,12 @@ class Servers:
                 if server.answers():
                     server.starting = False
                     waiting.remove(server)
-            if waiting and time.monotonic() > deadline:
-                server = waiting[0]
-                raise ServerStartError(f"vLLM server {server.url} not healthy after {timeout_s:.0f}s; log "
-                                       f"{server.log}:\n{server.log_tail()}")
-            if waiting:
-                time.sleep(1.0)
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"vLLM server {waiting[0].url} not healthy after {timeout_s:.0f}s; log "
+                                       f"{waiting[0].log}:\n{waiting[0].log_tail()}")
+            time.sleep(1.0)
 
     def revive(self, log=print) -> int:
         """Restart the servers that died (on their ports, after a backoff, at most `max_restarts` times each),
@@ -226,15 +225,14 @@ def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", p
         on_gpu = cuda_available()
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="selfimprove-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    servers: list[Server] = []
-    group = Servers(servers, log_dir, max_restarts)
+    group = Servers([], max_restarts)
     try:
         for i in range(replicas):
             cmd = server_command(model_path, host, options, on_gpu)
             supervisor = [sys.executable, "-m", "selfimprove.lifecycle", "--supervise", str(os.getpid()), "--", *cmd]
             server = Server(host, port + i if port else 0, log_dir / f"server-{i}.log", supervisor,
                             server_environment(i, replicas, options, on_gpu))
-            servers.append(server)
+            group.servers.append(server)
             server.start()
         group.wait_healthy(start_timeout_s)
     except BaseException:
