@@ -35,7 +35,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def html_table(header: list[str], rows: list[list[str]]) -> str:
-    """Every cell escaped, in plain <th>/<td> (scripts/fault_inject.py reads report.html's tables by them)."""
+    """Every cell escaped, in plain <th>/<td> (tests/fault_inject.py reads report.html's tables by them)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,5 +1,5 @@
 """What differs between two finished run directories, wall-clock measurements aside: the check that a killed and
-resumed run ended exactly where an uninterrupted one ends (scripts/fault_inject.py, test_fault_injection.py).
+resumed run ended exactly where an uninterrupted one ends (tests/fault_inject.py, test_fault_injection.py).
 
 Every file is compared, as a value: datasets by their rows, adapter weights by `adapter_hash`, JSON and JSON
 lines with the timing keys dropped, reports with their table replaced by the table of the run's manifests (so a

@@ -2,7 +2,7 @@
 critique stage, inside training right after its first checkpoint, and between training and evaluation — one kill
 per attempt, the same command run again each time — must end with exactly the uninterrupted run's results (every
 manifest's metrics and checksums, every row, every adapter, metrics.jsonl, the reports) and leave no process of
-any killed attempt alive. scripts/fault_inject.py does the work; this runs its functions, and
+any killed attempt alive. tests/fault_inject.py does the work; this runs its functions, and
 tests/run_diff.py compares.
 
 The kills are placed so that only the first and last attempts start the engine (critique_rationalize, filter and
@@ -11,11 +11,10 @@ train need none): one reference run and four attempts, two of them short.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
+from tests import fault_inject as fi
 from tests.run_diff import run_differences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,15 +29,6 @@ KILLS = ["round_001/critique_rationalize/shards/00-00001",  # inside critique: c
          "round_001/train/manifest.json"]  # between stages: train done, evaluate not started
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("fault_inject", REPO / "scripts" / "fault_inject.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_inject"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-fi = _load_script()
 
 
 def quiet(*_):

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Fault injection: SIGKILL a pipeline run at chosen moments, run the same command again until it finishes, and
 check that it ends exactly where an uninterrupted run ends, and that no process of a killed run survives it.
 
-    python scripts/fault_inject.py tests/pipelines/tiny_star.yaml --kills 6 --seed 0 rounds=1
+    python -m tests.fault_inject tests/pipelines/tiny_star.yaml --kills 6 --seed 0 rounds=1
 
 The reference run is polled for the moment each resume-relevant path first appears (stage folders, chunks,
 data/, trainer checkpoints, RL versions, adapters, manifests, plots, reports). A kill point is right after one
@@ -31,15 +30,13 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python scripts/fault_inject.py`: sys.path[0] is scripts/
-    sys.path.insert(0, str(REPO))
+from selfimprove.artifacts import MANIFEST, read_json
+from selfimprove.lifecycle import PROCESS_FILE, RUN_TOKEN
+from selfimprove.report import collect
+from selfimprove.trainers.common import COMPLETE
+from tests.run_diff import run_differences
 
-from selfimprove.artifacts import MANIFEST, read_json  # noqa: E402
-from selfimprove.lifecycle import PROCESS_FILE, RUN_TOKEN  # noqa: E402
-from selfimprove.report import collect  # noqa: E402
-from selfimprove.trainers.common import COMPLETE  # noqa: E402
-from tests.run_diff import run_differences  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STAGE_KINDS = {"generate": "generation", "critique": "critique", "filter": "selection", "pairs": "selection",
                "spin_pairs": "selection", "train": "training", "rl": "rl", "evaluate": "evaluation",
