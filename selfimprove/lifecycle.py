@@ -23,6 +23,7 @@ stops its server gracefully when the launcher is gone, where the watchdog kills 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -74,7 +75,7 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if not _flock(fd):
-                owner = _read_json_fd(fd)
+                owner = _json_dict(lambda: os.pread(fd, 1 << 16, 0))
                 if owner and not _owner_alive(owner):
                     # The run that locked it is gone, so what holds the lock is a process that inherited the
                     # descriptor from it (a forked engine worker): a leftover, and killing leftovers is our job.
@@ -150,17 +151,10 @@ def _process(pid, create_time) -> psutil.Process | None:
         return None
 
 
-def _read_json_fd(fd: int) -> dict | None:
+def _json_dict(read) -> dict | None:
+    """The JSON object `read()` returns the text of; None for anything else (empty, cut, unreadable)."""
     try:
-        data = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
+        data = json.loads(read() or "null")
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -169,7 +163,7 @@ def _read_json(path: Path) -> dict | None:
 # -- engine processes never outlive the run ----------------------------------------------------------------------
 
 class ChildReaper:
-    """While started, a watchdog kills this process's descendants if this process dies (SIGKILL included).
+    """Until `stop()`, a watchdog kills this process's descendants if this process dies (SIGKILL included).
 
     `stop()` (or leaving the `with` block) ends the watchdog without killing anything: the run ended normally
     and closed its engine. A process that exits without stopping it has its remaining descendants killed.
@@ -178,43 +172,29 @@ class ChildReaper:
     """
 
     def __init__(self, run_dir: str | Path | None = None, interval_s: float = 0.5):
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.interval_s = interval_s
-        self.watchdog: subprocess.Popen | None = None
-        self._token_before: str | None = None
-
-    def __enter__(self) -> "ChildReaper":
-        if self.watchdog is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> "ChildReaper":
-        if self.watchdog is not None:
-            raise RuntimeError("this ChildReaper is already started")
-        record = None
-        if self.run_dir is not None:
-            kill_stale_processes(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            record = self.run_dir / PROCESS_FILE
         token = secrets.token_hex(8)
         me = psutil.Process()
         args = [sys.executable, "-m", "selfimprove.lifecycle", "--pid", str(me.pid),
-                "--create-time", repr(me.create_time()), "--token", token, "--interval", str(self.interval_s)]
-        if record is not None:
-            args += ["--record", str(record)]
+                "--create-time", repr(me.create_time()), "--token", token, "--interval", str(interval_s)]
+        if run_dir is not None:
+            kill_stale_processes(run_dir)
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            args += ["--record", str(Path(run_dir) / PROCESS_FILE)]
         env = {k: v for k, v in os.environ.items() if k != RUN_TOKEN}
         package_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         # Its own session: a Ctrl-C or a kill of the run's process group must not take the watchdog with it.
-        self.watchdog = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL)
+        self.watchdog: subprocess.Popen | None = subprocess.Popen(
+            args, env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         # Set after the watchdog started, so it does not carry the token it hunts for.
         self._token_before = os.environ.get(RUN_TOKEN)
         os.environ[RUN_TOKEN] = token
+
+    def __enter__(self) -> "ChildReaper":
         return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.watchdog is None:
@@ -234,7 +214,7 @@ class ChildReaper:
 
 def reap_children_on_exit(run_dir: str | Path | None = None, interval_s: float = 0.5) -> ChildReaper:
     """Start a `ChildReaper` for this process (see there); use it as `with reap_children_on_exit(run_dir):`."""
-    return ChildReaper(run_dir, interval_s).start()
+    return ChildReaper(run_dir, interval_s)
 
 
 def kill_stale_processes(run_dir: str | Path) -> list[int]:
@@ -244,7 +224,7 @@ def kill_stale_processes(run_dir: str | Path) -> list[int]:
     went on with other work), nor this process, its ancestors or its descendants, nor any process whose create
     time differs from the recorded one (its pid was reused).
     """
-    record = _read_json(Path(run_dir) / PROCESS_FILE)
+    record = _json_dict((Path(run_dir) / PROCESS_FILE).read_text)
     if not record or _process(record.get("pid"), record.get("create_time")) is not None:
         return []
     remembered = {}
@@ -258,10 +238,8 @@ def kill_stale_processes(run_dir: str | Path) -> list[int]:
 def _own_family() -> set[int]:
     me = psutil.Process()
     family = {me.pid} | {p.pid for p in me.parents()}
-    try:
+    with contextlib.suppress(psutil.Error):
         family |= {p.pid for p in me.children(recursive=True)}
-    except psutil.Error:
-        pass
     return family
 
 
@@ -272,42 +250,29 @@ def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int],
     `before_kill({pid: create_time})` runs before each pass's signals are sent."""
     killed: set[int] = set()
     for _ in range(3):
-        targets: dict[int, psutil.Process] = {}
-        for pid, create_time in remembered.items():
-            proc = _process(pid, create_time)
-            if proc is not None:
-                targets[pid] = proc
+        targets = {pid: proc for pid, create_time in remembered.items()
+                   if (proc := _process(pid, create_time)) is not None}
         if token:
             for proc in psutil.process_iter():
-                if proc.pid in targets or proc.pid in spare:
-                    continue
-                try:
-                    if proc.environ().get(RUN_TOKEN) == token:
+                with contextlib.suppress(psutil.Error):  # another user's process, or gone
+                    if proc.pid not in targets and proc.pid not in spare and proc.environ().get(RUN_TOKEN) == token:
                         targets[proc.pid] = proc
-                except psutil.Error:  # another user's process, or gone
-                    continue
         for proc in list(targets.values()):
-            try:
+            with contextlib.suppress(psutil.Error):
                 targets.update({child.pid: child for child in proc.children(recursive=True)})
-            except psutil.Error:
-                pass
         fresh = [proc for pid, proc in targets.items() if pid not in spare and pid not in killed]
         if not fresh:
             break
         if before_kill is not None:
             times = {}
             for proc in fresh:
-                try:
+                with contextlib.suppress(psutil.Error):
                     times[proc.pid] = proc.create_time()
-                except psutil.Error:
-                    pass
             before_kill(times)
         for proc in fresh:
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.kill()  # psutil refuses if the pid now belongs to another process
                 killed.add(proc.pid)
-            except psutil.Error:
-                pass
     return sorted(killed)
 
 
@@ -329,8 +294,7 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
     remembered: dict[int, float] = {}
     me = os.getpid()
     memory = MemoryLog(record.parent / MEMORY_FILE) if record is not None else None
-    if record is not None:  # at once, so that the token is on record before any descendant exists
-        _write_record(record, pid, create_time, token, remembered)
+    _write_record(record, pid, create_time, token, remembered)  # at once: the token is on record before any descendant
     try:
         while (parent := _process(pid, create_time)) is not None:
             changed = False
@@ -350,7 +314,7 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
             for old in [p for p in remembered if p not in current and _process(p, remembered[p]) is None]:
                 del remembered[old]
                 changed = True
-            if changed and record is not None:
+            if changed:
                 _write_record(record, pid, create_time, token, remembered)
             if memory is not None:
                 memory.sample([parent, *current.values()])
@@ -365,15 +329,13 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
         # to `killing` before signalling them, so `children` never lists a process already dead, and a watchdog
         # killed mid-way still leaves every target on record for `kill_stale_processes`.
         killing.update(procs)
-        if record is not None:
-            _write_record(record, pid, create_time, token, {}, killing)
+        _write_record(record, pid, create_time, token, {}, killing)
 
     killed = _kill_all(remembered, token, spare={me}, before_kill=move_to_killing)
     if killed:
         print(f"selfimprove: run pid {pid} ended; killed {len(killed)} process(es) it left: "
               f"{', '.join(map(str, killed))}", file=sys.stderr)
-    if record is not None:
-        _write_record(record, pid, create_time, token, {})
+    _write_record(record, pid, create_time, token, {})
     return killed
 
 
@@ -391,10 +353,8 @@ class MemoryLog:
     def sample(self, processes: list) -> None:
         total = 0
         for proc in processes:
-            try:
+            with contextlib.suppress(psutil.Error):
                 total += proc.memory_info().rss
-            except psutil.Error:
-                pass
         mib, now = total / 2**20, time.time()
         if abs(mib - self.last) > 0.01 * self.last or now - self.last_time > 10:
             try:
@@ -421,9 +381,11 @@ def peak_memory_mib(run_dir: str | Path, since: float, until: float) -> float | 
     return max(values) if values else None
 
 
-def _write_record(path: Path, pid: int, create_time: float, token: str, children: dict[int, float],
+def _write_record(path: Path | None, pid: int, create_time: float, token: str, children: dict[int, float],
                   killing: dict[int, float] | None = None) -> None:
-    """Atomically, so that `kill_stale_processes` never reads half a record."""
+    """Atomically, so that `kill_stale_processes` never reads half a record (none without a path)."""
+    if path is None:
+        return
     data = {"pid": pid, "create_time": create_time, "token": token, "watchdog": os.getpid(),
             "children": {str(p): t for p, t in sorted(children.items())}}
     if killing:
@@ -454,13 +416,8 @@ def _main(argv: list[str] | None = None) -> int:
 
 def signal_group(pgid: int, sig: int, leader_only: bool = False) -> None:
     """Signal a process group (or only its leader); one already gone is no error."""
-    try:
-        if leader_only:
-            os.kill(pgid, sig)
-        else:
-            os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        (os.kill if leader_only else os.killpg)(pgid, sig)
 
 
 # -- the supervisor of one server (serve.py): `python -m selfimprove.lifecycle --supervise PARENT_PID -- CMD...` --
@@ -500,11 +457,9 @@ def _stop_rest_of_group() -> None:
     def rest() -> list:
         found = []
         for proc in psutil.process_iter():
-            try:
+            with contextlib.suppress(psutil.Error, OSError):
                 if proc.pid != me and os.getpgid(proc.pid) == group:
                     found.append(proc)
-            except (psutil.Error, OSError):
-                pass
         return found
 
     def tracker(proc) -> bool:
@@ -516,17 +471,13 @@ def _stop_rest_of_group() -> None:
     for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         procs = [p for p in rest() if not tracker(p)]
         for proc in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
-            except psutil.Error:
-                pass
         psutil.wait_procs(procs, timeout=grace_s)
     psutil.wait_procs(rest(), timeout=10.0)  # trackers exit when the last process using them is gone
     for proc in rest():
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
 
 
 if __name__ == "__main__":
