@@ -84,6 +84,7 @@ Deviations and limits, stated where they are enforced:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -95,6 +96,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..lifecycle import signal_group
 from ..registry import TrainerSpec
 from ..shipped import find
 from .common import CHECKPOINT, is_complete
@@ -159,9 +161,9 @@ class Launch:
         except (ValueError, TypeError, KeyError) as err:  # unknown keys, an unknown distributed_type, bad YAML shape
             raise ValueError(f"launch.config: {path} is not an accelerate config accelerate can read: {err}") from err
         config = loaded.to_dict()
-        kind = str(config.get("distributed_type"))
+        kind, ds = str(config.get("distributed_type")), config.get("deepspeed_config") or {}
         where = f"launch.config: {path}: distributed_type {kind}"
-        if kind in SHARDED or (kind == "DEEPSPEED" and _zero_stage(config, path) == 3):
+        if kind in SHARDED or (kind == "DEEPSPEED" and _zero_stage(ds, path) == 3):
             raise ValueError(
                 f"{where}{' (ZeRO-3)' if kind == 'DEEPSPEED' else ''} shards the parameters across processes, and "
                 f"the trainers save their adapter from the unwrapped model of each process "
@@ -179,14 +181,14 @@ class Launch:
             raise ValueError(f"launch.config: {path}: machine_rank must be 0: the train stage launches from the "
                              f"machine the pipeline runs on")
         if machines > 1:
-            launcher = (config.get("deepspeed_config") or {}).get("deepspeed_multinode_launcher")
+            launcher = ds.get("deepspeed_multinode_launcher")
             if kind != "DEEPSPEED" or launcher not in REMOTE_STARTING:
                 raise ValueError(
                     f"launch.config: {path}: num_machines {machines} needs a launcher that starts the other "
                     f"machines' processes from this one, since the train stage runs on one machine: DeepSpeed "
                     f"with deepspeed_config.deepspeed_multinode_launcher one of {sorted(REMOTE_STARTING)} and a "
                     f"deepspeed_hostfile (got distributed_type {kind}, launcher {launcher})")
-            hostfile = (config.get("deepspeed_config") or {}).get("deepspeed_hostfile")
+            hostfile = ds.get("deepspeed_hostfile")
             if not hostfile or not Path(hostfile).is_file():
                 raise ValueError(f"launch.config: {path}: num_machines {machines} needs deepspeed_config."
                                  f"deepspeed_hostfile, a file naming the machines (\"host slots=N\" a line); got "
@@ -197,8 +199,7 @@ class Launch:
         return config
 
 
-def _zero_stage(config: dict, path: Path) -> int:
-    ds = config.get("deepspeed_config") or {}
+def _zero_stage(ds: dict, path: Path) -> int:
     if ds.get("deepspeed_config_file"):
         file = Path(ds["deepspeed_config_file"])
         try:
@@ -229,13 +230,6 @@ def check_batch(trainer: TrainerSpec, launch: Launch) -> None:
             f"(e.g. {n * max(1, round(batch / n))}), or num_processes in {fits or '(none: batch_size is 1)'}")
 
 
-def per_process(trainer: TrainerSpec, n: int) -> TrainerSpec:
-    """`trainer` with each process's share of the global batch (batch_size / n)."""
-    optim = trainer.config.optim
-    config = replace(trainer.config, optim=replace(optim, batch_size=optim.batch_size // n))
-    return TrainerSpec(trainer.name, trainer.target, config)
-
-
 def run(launch: Launch, trainer: TrainerSpec, rows: list[dict], base_path: str, init_adapter: str | None,
         adapter_out: Path, work_dir: Path, seed: int, round_index: int, policy_adapter: str | None,
         log_file: Path, label: str) -> dict:
@@ -249,9 +243,11 @@ def run(launch: Launch, trainer: TrainerSpec, rows: list[dict], base_path: str, 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     with open(folder / ROWS, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    spec = {"trainer": per_process(trainer, n).as_config(), "global_batch_size": trainer.config.optim.batch_size,
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    optim = trainer.config.optim  # each process gets its share of the global batch
+    each = TrainerSpec(trainer.name, trainer.target, replace(trainer.config, optim=replace(
+        optim, batch_size=optim.batch_size // n)))
+    spec = {"trainer": each.as_config(), "global_batch_size": optim.batch_size,
             "num_processes": n, "base_path": base_path, "init_adapter": init_adapter,
             "policy_adapter": policy_adapter, "adapter_out": str(adapter_out.resolve()), "seed": seed,
             "round_index": round_index, "config": config}
@@ -295,12 +291,11 @@ def forget_launch(work_dir: Path) -> None:
 def _command(launch: Launch, config: dict | None, work_dir: Path, folder: Path) -> tuple[list[str], dict]:
     import torch
 
-    n = launch.num_processes
-    env = dict(os.environ)
+    n, config, env = launch.num_processes, config or {}, dict(os.environ)
     worker = ["-m", "selfimprove.trainers.launch", str(work_dir.resolve())]
     start = [sys.executable, "-m", "selfimprove.trainers.launch", "--start"]
     if torch.cuda.is_available():
-        if (config or {}).get("distributed_type") == "MULTI_CPU":
+        if config.get("distributed_type") == "MULTI_CPU":
             raise LaunchFailed(f"launch.config {launch.config}: distributed_type MULTI_CPU on a machine with CUDA: "
                                f"accelerate's launcher starts a single process from it; use "
                                f"configs/accelerate/ddp.yaml")
@@ -311,16 +306,15 @@ def _command(launch: Launch, config: dict | None, work_dir: Path, folder: Path) 
         else:
             config_file = find(launch.config).resolve()
         command = [*start, "accelerate", "--config_file", str(config_file), "--num_processes", str(n)]
-        if int((config or {}).get("num_machines") or 1) == 1 and not (config or {}).get("main_process_port"):
+        if int(config.get("num_machines") or 1) == 1 and not config.get("main_process_port"):
             command += ["--main_process_port", "0"]  # a free port: two runs on one machine must not collide
         return command + worker, env
-    kind = str((config or {}).get("distributed_type", "MULTI_GPU"))
-    if kind not in ("MULTI_GPU", "MULTI_CPU") or int((config or {}).get("num_machines") or 1) > 1:
-        raise LaunchFailed(f"launch.config {launch.config} asks for {kind} on {(config or {}).get('num_machines')} "
+    kind = str(config.get("distributed_type", "MULTI_GPU"))
+    if kind not in ("MULTI_GPU", "MULTI_CPU") or int(config.get("num_machines") or 1) > 1:
+        raise LaunchFailed(f"launch.config {launch.config} asks for {kind} on {config.get('num_machines')} "
                            f"machine(s), which needs GPUs; without CUDA the launcher runs DDP over gloo on this "
                            f"machine's CPUs (configs/accelerate/ddp.yaml or no config)")
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // n)))
     return [*start, "torchrun", "--standalone", "--nproc_per_node", str(n)] + worker, env
 
 
@@ -329,15 +323,13 @@ def _stream(command: list[str], env: dict, log_file: Path) -> tuple[int, list[st
     runs in a process group of its own, which an interrupted stage kills whole, its training processes too."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    with open(log_file, "a") as log:
+    with open(log_file, "a", buffering=1) as log:  # line-buffered: each line reaches the file as it comes
         log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n")
-        log.flush()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                    errors="replace", start_new_session=True)
         try:
             for line in process.stdout:  # text mode: a progress bar's \r ends a line too
                 log.write(line)
-                log.flush()
                 if line.strip():
                     tail.append(line.rstrip("\n"))
             return process.wait(), list(tail)
@@ -348,15 +340,10 @@ def _stream(command: list[str], env: dict, log_file: Path) -> tuple[int, list[st
 
 def _kill_group(process: subprocess.Popen) -> None:
     for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
+        signal_group(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(wait_s)
             return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _read(path: Path) -> dict | None:
