@@ -78,7 +78,10 @@ Deviations and limits, stated where they are enforced:
   `fit`/`MarkComplete`.
 - The pipeline's experiment trackers (`report_to`) receive the stage's metrics, not the per-step training logs:
   those are emitted in the launched processes, where no tracker run is open (they are in train.log).
-- The policy-gradient trainer (trainers/rl.py) is not launched here: see `ONLINE_NOT_LAUNCHED`.
+- The policy-gradient trainer (trainers/rl.py) is not launched here (the train stage refuses online trainers): it
+  runs inside the rl stage's process, one update at a time between the engine's sampling steps, and a launched copy
+  would need a persistent process group that receives each step's rollouts and answers with the update, not one
+  `train()` call per stage.
 """
 
 from __future__ import annotations
@@ -114,12 +117,6 @@ SHARDED = {"FSDP"}
 # DeepSpeed multi-node launchers that start the other machines' processes from this one (accelerate's
 # DEEPSPEED_MULTINODE_LAUNCHERS minus those that expect a command run on every machine).
 REMOTE_STARTING = {"pdsh", "openmpi", "mvapich", "mpich"}
-
-ONLINE_NOT_LAUNCHED = (
-    "the policy-gradient trainer runs inside the rl stage's process, one update at a time between the engine's "
-    "sampling steps (stages/rl.py calls setup/step/save): a launched copy would need a persistent process group "
-    "that receives each step's rollouts and answers with the update, not one `train()` call per stage")
-
 
 class LaunchFailed(RuntimeError):
     """A launched training did not finish: a process failed, was killed, or reported nothing."""
@@ -214,8 +211,6 @@ def check_batch(trainer: TrainerSpec, launch: Launch) -> None:
     n = launch.num_processes
     if n == 1:
         return
-    if getattr(trainer.target, "online", False):
-        raise ValueError(f"launch: trainer {trainer.name!r} cannot be launched: {ONLINE_NOT_LAUNCHED}")
     optim = getattr(trainer.config, "optim", None)
     batch = getattr(optim, "batch_size", None)
     if not isinstance(batch, int):
@@ -370,9 +365,8 @@ def _failure(label: str, n: int, command: list[str], code: int, failures: dict |
 
 
 def _start(argv: list[str]) -> int:
-    """`--start torchrun|accelerate ARGS`: run that launcher in this process; on a failure, write the elastic
-    agent's per-process failures to the work folder's failures.json (the launch's last argument is the work
-    folder)."""
+    """`--start torchrun|accelerate ARGS`: run that launcher here and record its failures (see the module doc);
+    the launch's last argument is the work folder."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     kind, args = argv[0], argv[1:]
