@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import serve, shipped
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--run-dir", help="where generations and metrics go (default runs/eval/<model>-<task>-<hash>)")
     ev.add_argument("overrides", nargs="*", help="extra key=value overrides, e.g. task.prompt_format=fewshot")
 
-    rep = sub.add_parser("report", help="print the per-round table of a run")
-    rep.add_argument("run_dir")
+    sub.add_parser("report", help="print the per-round table of a run").add_argument("run_dir")
 
     cmp = sub.add_parser("compare", help="compare finished runs: accuracy curves, config differences, paired test")
     cmp.add_argument("run_dirs", nargs="+")
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("run_dir")
     tr.add_argument("sample_id", help="as in the samples' sample_id column, e.g. r001/generate/add-train-00011/0")
 
-    prep = sub.add_parser("prepare", help="prepare a registered model folder (GGUF → safetensors, once)")
-    prep.add_argument("model")
+    sub.add_parser("prepare", help="prepare a registered model folder (GGUF → safetensors, once)").add_argument("model")
 
     sub.add_parser("list", help="list shipped pipelines and registered models, tasks, critics, stages, engines, ...")
     serve.add_parser(sub)
@@ -85,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def quiet_libraries() -> None:
     """Keep the console to our own progress and tables: vLLM's INFO lines and datasets' save bars drown them."""
-    import os
-
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # torch's C++ notices (e.g. the CPU worker's NUMA binding) bypass Python logging; read when torch loads
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
