@@ -45,11 +45,8 @@ def _on_alarm(signum, frame) -> None:
 
 
 def _arm() -> None:
-    if _active:
-        remaining = min(expiry for expiry, _ in _active) - time.monotonic()
-        signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-4))
-    else:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+    delay = max(min(expiry for expiry, _ in _active) - time.monotonic(), 1e-4) if _active else 0
+    signal.setitimer(signal.ITIMER_REAL, delay)
 
 
 def call_with_timeout(seconds: float | None, fn: Callable, *args, **kwargs):
