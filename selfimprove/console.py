@@ -9,8 +9,9 @@ vLLM configures logging in every process it starts from the environment (`VLLM_L
 engine's own subprocesses write to the same file. Python warnings raised in those subprocesses (FutureWarnings of
 vLLM's imports) cannot be routed there: the environment they inherit ignores them, while the run's own process
 still files its warnings in the log. Bars that are not ours go too: transformers' per-shard "Loading weights" bars
-are switched off (and vLLM's, by the engine: `use_tqdm_on_load=False`), and the Trainer's training bar stays but writes its loss dicts to the log instead of the console
-(`quiet_training_logs`; the training step metrics reach the trackers and the stage manifest either way).
+are switched off (and vLLM's, by the engine: `use_tqdm_on_load=False`), and the Trainer's training bar stays but
+writes its loss dicts to the log instead of the console (`quiet_training_logs`; the training step metrics reach
+the trackers and the stage manifest either way).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 LIBRARIES = ("vllm", "transformers", "datasets", "trl", "peft", "torch", "accelerate", "httpx", "py.warnings")
@@ -44,10 +45,9 @@ def library_logs(run_dir: Path):
     os.environ.update(VLLM_LOGGING_CONFIG_PATH=str(config), VLLM_CONFIGURE_LOGGING="1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # subprocesses only: this process has started already
 
-    try:  # torch installs its own console handler when it is first imported: let that happen before it is tamed
+    # torch installs its own console handler when it is first imported: let that happen before it is tamed
+    with suppress(ImportError):
         import torch  # noqa: F401
-    except ImportError:
-        pass
     file_handler = logging.FileHandler(log_file)
     file_handler.setFormatter(logging.Formatter(FORMAT))
     console = logging.StreamHandler()
