@@ -278,18 +278,10 @@ def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int],
 
 # -- the watchdog process -----------------------------------------------------------------------------------------
 
-class _Stop(Exception):
-    pass
-
-
 def _watch(pid: int, create_time: float, token: str, record: Path | None, interval_s: float) -> list[int]:
     """Remember `pid`'s descendants until it is gone, then kill those still alive; a SIGTERM ends the watch
     without killing. Returns the pids killed."""
-
-    def on_term(signum, frame):
-        raise _Stop
-
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt: only SIGTERM can
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     remembered: dict[int, float] = {}
     me = os.getpid()
@@ -297,29 +289,22 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
     _write_record(record, pid, create_time, token, remembered)  # at once: the token is on record before any descendant
     try:
         while (parent := _process(pid, create_time)) is not None:
-            changed = False
+            before = dict(remembered)
             try:
                 current = {p.pid: p for p in parent.children(recursive=True) if p.pid != me}
             except psutil.Error:
                 current = {}
             for child_pid, child in current.items():
-                try:
-                    child_time = child.create_time()
-                except psutil.Error:
-                    continue
-                if remembered.get(child_pid) != child_time:
-                    remembered[child_pid] = child_time
-                    changed = True
+                with contextlib.suppress(psutil.Error):
+                    remembered[child_pid] = child.create_time()
             # Forget the ones that ended; keep the ones that are only reparented (their parent exited).
-            for old in [p for p in remembered if p not in current and _process(p, remembered[p]) is None]:
-                del remembered[old]
-                changed = True
-            if changed:
+            remembered = {p: t for p, t in remembered.items() if p in current or _process(p, t) is not None}
+            if remembered != before:
                 _write_record(record, pid, create_time, token, remembered)
             if memory is not None:
                 memory.sample([parent, *current.values()])
             time.sleep(interval_s)
-    except _Stop:
+    except KeyboardInterrupt:  # SIGTERM
         return []
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # from here on, finish the job
     killing: dict[int, float] = {}
