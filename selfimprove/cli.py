@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
+from pathlib import Path
 
 from . import serve, shipped
 from .config import ConfigError
@@ -108,10 +111,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import hashlib
-    import json
-    from pathlib import Path
-
     from .pipeline import Runner, load_pipeline
 
     temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 0.7)
