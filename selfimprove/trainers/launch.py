@@ -7,8 +7,7 @@ override (`stages.train.launch.num_processes=1`) turns the launcher off. The two
 in the trainer's work folder, like every other part of a run:
 
     <work_dir>/launch/spec.json     the trainer as its YAML form (TrainerSpec.as_config, re-resolved in every
-                                    process with TrainerSpec.from_config), base model, starting adapter, seed,
-                                    round, policy adapter, where the adapter goes, the number of processes
+                                    process), the rest of `train()`'s arguments, the number of processes
     <work_dir>/launch/rows.jsonl    the training rows, one JSON object a line (JSON keeps them exactly as the
                                     stage loaded them, so the trainer's resume identity sees the same rows)
     <work_dir>/launch/result.json   rank 0's metrics (the trainer's return value, plus the process count)
