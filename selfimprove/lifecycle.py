@@ -227,11 +227,9 @@ def kill_stale_processes(run_dir: str | Path) -> list[int]:
     record = _json_dict((Path(run_dir) / PROCESS_FILE).read_text)
     if not record or _process(record.get("pid"), record.get("create_time")) is not None:
         return []
-    remembered = {}
-    for key in ("children", "killing"):  # "killing": what a watchdog was killing when it died itself
-        entries = record.get(key)
-        if isinstance(entries, dict):
-            remembered.update({int(pid): ct for pid, ct in entries.items()})
+    # "killing": what a watchdog was killing when it died itself
+    remembered = {int(pid): ct for key in ("children", "killing") if isinstance(record.get(key), dict)
+                  for pid, ct in record[key].items()}
     return _kill_all(remembered, record.get("token"), spare=_own_family())
 
 
@@ -281,7 +279,7 @@ def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int],
 def _watch(pid: int, create_time: float, token: str, record: Path | None, interval_s: float) -> list[int]:
     """Remember `pid`'s descendants until it is gone, then kill those still alive; a SIGTERM ends the watch
     without killing. Returns the pids killed."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt: only SIGTERM can
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop() raises KeyboardInterrupt; SIGINT is ignored
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     remembered: dict[int, float] = {}
     me = os.getpid()
@@ -428,7 +426,7 @@ def _supervise(argv: list[str]) -> int:
             child.kill()
             child.wait()
     _stop_rest_of_group()
-    return child.returncode if child.returncode is not None else 1
+    return child.returncode  # set: the child was waited for
 
 
 def _stop_rest_of_group() -> None:
