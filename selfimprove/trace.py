@@ -119,13 +119,9 @@ class _Data:
 
     def some_ids(self, limit: int = 6) -> list[str]:
         """The first sample id of each stage that wrote samples, for the unknown-id message."""
-        ids = []
-        for stages in self.rounds.values():
-            for m in stages:
-                first = next((r["sample_id"] for r in self.rows(m) if "sample_id" in r and "completion" in r), None)
-                if first:
-                    ids.append(first)
-        return ids[:limit]
+        firsts = (next((r["sample_id"] for r in self.rows(m) if "sample_id" in r and "completion" in r), None)
+                  for stages in self.rounds.values() for m in stages)
+        return [first for first in firsts if first][:limit]
 
 
 def render(t: dict) -> str:
