@@ -274,7 +274,7 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         self.log(f"[round {round_index}] {name} ({spec.name}) ...")
         started = time.time()
-        failover_before = dict(getattr(self._engine, "failover", {}))
+        at_start = dict(getattr(self._engine, "failover", {}))
         stage = spec.build(StageRun(self, round_index, name))
         if trackers.active():
             trackers.active().stage = name
@@ -284,7 +284,7 @@ class Runner:
             raise StageFailed(self._failure(round_index, name, spec.name, err)) from err
         seconds = time.time() - started
         # A served engine's failover during this stage (servers lost, requests moved, their seconds), if any.
-        failover = {k: round(v - failover_before.get(k, 0), 2) for k, v in getattr(self._engine, "failover", {}).items()}
+        failover = {k: round(v - at_start.get(k, 0), 2) for k, v in getattr(self._engine, "failover", {}).items()}
         if any(failover.values()):
             metrics = {**metrics, **{f"failover_{k}": v for k, v in failover.items()}}
         outputs = [out for out in spec.target.outputs if (folder / out).exists()]
@@ -335,14 +335,10 @@ class Runner:
             return
 
     def _rebuild_metrics(self) -> None:
-        lines = []
-        for round_dir in sorted(self.run_dir.glob("round_*")):
-            for name in self.pipeline.config.stages:
-                manifest = round_dir / name / MANIFEST
-                if manifest.exists():
-                    m = read_json(manifest)
-                    lines.append({"round": m["round"], "stage": m["stage"], "type": m["type"],
-                                  "seconds": m["seconds"], **m["metrics"]})
+        manifests = [round_dir / name / MANIFEST for round_dir in sorted(self.run_dir.glob("round_*"))
+                     for name in self.pipeline.config.stages]
+        lines = [{"round": m["round"], "stage": m["stage"], "type": m["type"], "seconds": m["seconds"], **m["metrics"]}
+                 for m in map(read_json, filter(Path.exists, manifests))]
         tmp = self.run_dir / ".metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
         tmp.replace(self.run_dir / "metrics.jsonl")
@@ -355,26 +351,23 @@ class Runner:
             self._engine = spec.build(self.base_model, seed=self.pipeline.config.seed)
         return self._engine
 
-    def weights(self, round_index: int, which: str, before: str | None = None) -> Weights:
+    def weights(self, round_index: int, which: str, before: str) -> Weights:
+        """StageContext.weights for stage `before` of round `round_index`."""
         base = Weights(self.base_model, None, "base")
         if which == "base":
             return base
+        if which not in ("latest", "policy"):
+            return self._read_weights(round_index, which)
         names = list(self.pipeline.config.stages)
-        producers = [name for name, s in self.pipeline.config.stages.items() if s.target.produces_weights]
-        if which == "latest":
-            limit = names.index(before) if before in names else len(names)
-            for name in reversed([p for p in producers if names.index(p) < limit]):
-                if is_done(self.stage_dir(round_index, name)):
-                    return self._read_weights(round_index, name)
-            which = "policy"
-        if which == "policy":
-            for r in range(round_index - 1, 0, -1):
-                for name in reversed(producers):
-                    if is_done(self.stage_dir(r, name)):
-                        return self._read_weights(r, name)
-            adapter = self.pipeline.config.adapter
-            return Weights.of(self.base_model, str(Path(adapter).resolve()), "initial adapter") if adapter else base
-        return self._read_weights(round_index, which)
+        producers = [name for name, s in reversed(self.pipeline.config.stages.items()) if s.target.produces_weights]
+        # Newest first: for `latest`, this round's producers before the asking stage; then, as for `policy`, the
+        # producers of earlier rounds.
+        found = [(round_index, p) for p in producers if which == "latest" and names.index(p) < names.index(before)]
+        for r, name in found + [(r, p) for r in range(round_index - 1, 0, -1) for p in producers]:
+            if is_done(self.stage_dir(r, name)):
+                return self._read_weights(r, name)
+        adapter = self.pipeline.config.adapter
+        return Weights.of(self.base_model, str(Path(adapter).resolve()), "initial adapter") if adapter else base
 
     def _read_weights(self, round_index: int, stage: str) -> Weights:
         return Weights.from_dict(read_json(self.stage_dir(round_index, stage) / "weights.json"))
