@@ -116,11 +116,11 @@ def convert(tp: Any, value: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            if origin is list and typing.get_args(tp) and typing.get_args(tp)[0] is str and isinstance(value, str):
-                return [value]  # `stop: "\n\n"` reads as a one-item list
-            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         (arg, *_) = typing.get_args(tp) or (Any,)
+        if origin is list and arg is str and isinstance(value, str):
+            return [value]  # `stop: "\n\n"` reads as a one-item list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         items = [convert(arg, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:

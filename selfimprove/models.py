@@ -95,7 +95,8 @@ def prepare_model(ref: str) -> Path:
     try:
         {"gguf_package": _from_gguf_package, "hub": _from_hub, "random": _random}[spec.source](spec, tmp)
         if spec.add_bos_token is not None:
-            _set_add_bos(tmp, spec.add_bos_token)
+            path = tmp / "tokenizer_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "add_bos_token": spec.add_bos_token}, indent=2))
         write_json(tmp / "prepared.json", {"fingerprint": fingerprint, "spec": to_dict(spec)})
         replace_dir(tmp, out)
     finally:
@@ -159,13 +160,6 @@ def _random(spec: ModelSpec, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _set_add_bos(folder: Path, value: bool) -> None:
-    path = folder / "tokenizer_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["add_bos_token"] = value
-    path.write_text(json.dumps(cfg, indent=2))
-
-
 def model_identity(folder: Path) -> dict:
     """What a weights record says about its base model: name, folder and the prepared fingerprint."""
     marker = Path(folder) / "prepared.json"
@@ -209,9 +203,9 @@ def check_adapter_fits(adapter: str | Path, folder: Path, where: str, key: str) 
                         hidden is not None and module in READS_RESIDUAL and in_features != hidden):
                     raise ConfigError(
                         f"{where}: {key}: adapter {adapter} was trained for another base model: its {name} has "
-                        f"{in_features} inputs (layer {layer}), but {folder.name} has hidden size {hidden} and {layers} "
-                        f"layers. Use an adapter trained on this model, or set `model:` to the adapter's base "
-                        f"({_adapter_base(adapter)})")
+                        f"{in_features} inputs (layer {layer}), but {folder.name} has hidden size {hidden} and "
+                        f"{layers} layers. Use an adapter trained on this model, or set `model:` to the adapter's "
+                        f"base ({_adapter_base(adapter)})")
 
 
 READS_RESIDUAL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
