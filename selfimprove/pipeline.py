@@ -147,15 +147,13 @@ def _check_stages(config: PipelineConfig, where: str) -> None:
         key = f"stages.{name}"
         for ref in spec.target.references(spec.config):
             if ref not in earlier:
-                raise ConfigError(
-                    f"{where}: {key}: refers to stage {ref!r}, which is not an earlier stage of the round; "
-                    f"earlier stages: {', '.join(earlier) or '(none)'}"
-                )
+                raise ConfigError(f"{where}: {key}: refers to stage {ref!r}, which is not an earlier stage of the "
+                                  f"round; earlier stages: {', '.join(earlier) or '(none)'}")
         which = getattr(spec.config, "weights", None)
-        if which is not None and which not in ("policy", "latest", "base"):
-            if which not in earlier or not earlier[which].target.produces_weights:
-                raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or an earlier "
-                                  f"weights-producing stage")
+        if which not in (None, "policy", "latest", "base") and not (
+                which in earlier and earlier[which].target.produces_weights):
+            raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or an earlier "
+                              f"weights-producing stage")
         problems = getattr(spec.config, "problems", None)
         if problems is not None and problems.split not in splits:
             raise ConfigError(f"{where}: {key}.problems.split: {problems.split!r}; task "
