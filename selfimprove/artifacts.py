@@ -92,11 +92,8 @@ def checksum_dir(path: str | Path) -> str:
 
 
 def checksum_files(paths: Iterable[str | Path]) -> dict[str, str]:
-    out = {}
-    for p in paths:
-        p = Path(p)
-        out[p.name] = checksum_dir(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return {p.name: checksum_dir(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in map(Path, paths)}
 
 
 def is_done(stage_dir: str | Path) -> bool:
