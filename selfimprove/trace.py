@@ -133,8 +133,7 @@ def render(t: dict) -> str:
              f"  weights: {w.get('label')} (adapter {w.get('adapter') or '-'}, hash {w.get('adapter_hash') or '-'}, "
              f"base {w.get('base')})",
              "  sampling: " + ", ".join(f"{k} {v}" for k, v in t["sampling"].items()) + f"; seed {t['seed']}"]
-    attempts = t.get("attempts") or [{"prompt": t["prompt"], "completion": t["completion"],
-                                      "finish_reason": t["finish_reason"], "num_tokens": t["num_tokens"]}]
+    attempts = t.get("attempts") or [{k: t[k] for k in ("prompt", "completion", "finish_reason", "num_tokens")}]
     for n, a in enumerate(attempts, start=1):
         label = f"attempt {n} " if len(attempts) > 1 else ""
         lines += [f"{label}prompt:", _indent(_prompt_text(a["prompt"])),
