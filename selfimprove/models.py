@@ -108,12 +108,6 @@ def _fingerprint(spec: ModelSpec) -> str:
     return hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
 def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -124,13 +118,13 @@ def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
     if not (folder / spec.file).exists():
         raise ConfigError(f"model {spec.name!r}: {folder / spec.file} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.file, dtype=_torch_dtype(spec.dtype))
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.file, dtype=spec.dtype)
     # transformers 5 refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from the config.
     config = AutoConfig.from_pretrained(folder, gguf_file=spec.file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = spec.dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(spec.dtype))
+    model = AutoModelForCausalLM.from_config(config, dtype=spec.dtype)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -140,7 +134,7 @@ def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
 def _from_hub(spec: ModelSpec, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec.hub_id, revision=spec.revision, dtype=_torch_dtype(spec.dtype))
+    model = AutoModelForCausalLM.from_pretrained(spec.hub_id, revision=spec.revision, dtype=spec.dtype)
     AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision).save_pretrained(out)
     model.save_pretrained(out)
 
@@ -155,7 +149,7 @@ def _random(spec: ModelSpec, out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id, **spec.config,
     )
     torch.manual_seed(spec.init_seed)
-    model = LlamaForCausalLM(config).to(_torch_dtype(spec.dtype))
+    model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
