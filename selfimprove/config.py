@@ -44,10 +44,8 @@ def _other_component(base: dict, over: dict) -> bool:
 
 
 def build(cls: type, data: Any, where: str, key: str = "") -> Any:
-    """Build dataclass `cls` from `data`, checking every key and type.
-
-    `where` is the file (or other source) reported in errors; `key` the dotted path to `data` within it.
-    """
+    """Build dataclass `cls` from `data`, checking every key and type; errors name `where` (the file or other
+    source) and `key` (the dotted path to `data` within it)."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {key or '<top>'}: expected a mapping for {cls.__name__}, got {data!r}")

@@ -123,7 +123,6 @@ class Component:
     name_from_key: ClassVar[bool] = False  # without `name_key:`, the last part of its key names it
 
     def build(self, *args, **kwargs):
-        """An instance: `target(config, *args, **kwargs)`."""
         return self.target(self.config, *args, **kwargs)
 
     def as_config(self) -> dict:
