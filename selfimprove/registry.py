@@ -19,7 +19,7 @@ import importlib
 import importlib.metadata
 import inspect
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
 
 from .config import ConfigError, build, convert, to_dict
@@ -229,8 +229,7 @@ class CriticSpec(Component):
             if target.judge is Critic.judge:
                 raise ConfigError(f"{where}: {key}: critic class {name!r} must implement "
                                   f"judge(self, samples: list[dict]) -> list[Verdict] (one verdict per sample)")
-            spec = super().resolve(name, params, where, key)
-            return cls(spec.name, spec.target, spec.config, critic_id)
+            return replace(super().resolve(name, params, where, key), id=critic_id)
         if not callable(target):
             raise ConfigError(f"{where}: {key}: {name!r} is neither a Critic class nor a function")
         return cls(name, target, _function_params(target, params, where, key), critic_id)
