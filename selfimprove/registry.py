@@ -19,20 +19,19 @@ import importlib
 import importlib.metadata
 import inspect
 import typing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 from .config import ConfigError, build, convert, to_dict
 
 
+@dataclass(eq=False)
 class Registry:
-    def __init__(self, kind: str, package: str, entry_point_group: str | None = None,
-                 own: str = "a dotted path package.module:Name to your own"):
-        self.kind = kind
-        self.package = package  # imported on first lookup: it registers the built-in components
-        self.entry_point_group = entry_point_group
-        self.own = own  # how else a user names one, for the unknown-name error
-        self._classes: dict[str, type] = {}
+    kind: str
+    package: str  # imported on first lookup: it registers the built-in components
+    entry_point_group: str | None = None
+    own: str = "a dotted path package.module:Name to your own"  # how else a user names one, for unknown names
+    _classes: dict[str, type] = field(default_factory=dict, init=False, repr=False)
 
     def register(self, name: str) -> Callable[[type], type]:
         def decorator(cls: type) -> type:
