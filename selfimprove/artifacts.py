@@ -45,23 +45,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def save_rows(rows: list[dict], path: str | Path) -> None:
     """Save rows as a Hugging Face dataset folder, atomically. `datasets` cannot write (or read back) a dataset
     with no rows and no schema, so an empty one is a folder holding only `EMPTY_MARKER`."""
-    if not rows:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        write_json(tmp / EMPTY_MARKER, {"rows": 0})
-        replace_dir(tmp, path)
-        return
-    from datasets import Dataset
-
-    save_dataset(Dataset.from_list(rows), path)
-
-
-def save_dataset(dataset, path: str | Path) -> None:
     path = Path(path)
+    if rows:
+        from datasets import Dataset
+
+        dataset = Dataset.from_list(rows)  # before the temporary folder: rows it refuses leave nothing behind
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    dataset.save_to_disk(str(tmp))
+    if rows:
+        dataset.save_to_disk(str(tmp))
+    else:
+        write_json(tmp / EMPTY_MARKER, {"rows": 0})
     replace_dir(tmp, path)
 
 
@@ -70,8 +64,7 @@ def load_rows(path: str | Path) -> list[dict]:
 
     if (Path(path) / EMPTY_MARKER).exists():
         return []
-    dataset = load_from_disk(str(path))
-    return dataset.to_list()
+    return load_from_disk(str(path)).to_list()
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
@@ -99,11 +92,8 @@ def checksum_dir(path: str | Path) -> str:
 
 
 def checksum_files(paths: Iterable[str | Path]) -> dict[str, str]:
-    out = {}
-    for p in paths:
-        p = Path(p)
-        out[p.name] = checksum_dir(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return {p.name: checksum_dir(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in map(Path, paths)}
 
 
 def is_done(stage_dir: str | Path) -> bool:

@@ -44,12 +44,9 @@ def _other_component(base: dict, over: dict) -> bool:
 
 
 def build(cls: type, data: Any, where: str, key: str = "") -> Any:
-    """Build dataclass `cls` from `data`, checking every key and type.
-
-    `where` is the file (or other source) reported in errors; `key` the dotted path to `data` within it.
-    """
-    if data is None:
-        data = {}
+    """Build dataclass `cls` from `data`, checking every key and type; errors name `where` (the file or other
+    source) and `key` (the dotted path to `data` within it)."""
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {key or '<top>'}: expected a mapping for {cls.__name__}, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -87,6 +84,12 @@ def _over_default(field: dataclasses.Field, value: Any) -> Any:
     return value if _other_component(base, value) else deep_merge(base, value)
 
 
+# Scalar type → the Python types a YAML value of it may have, and its name in errors. A bool is accepted only
+# where a bool is asked for: Python's True is also an int.
+_SCALARS = {float: ((int, float), "a number"), int: (int, "an integer"), bool: (bool, "true or false"),
+            str: ((str, int, float), "a string")}
+
+
 def convert(tp: Any, value: Any, where: str, key: str) -> Any:
     """Check `value` against type annotation `tp`, converting where YAML is looser than Python (int → float)."""
     origin = typing.get_origin(tp) or (tp if tp in (list, dict, tuple) else None)
@@ -99,9 +102,7 @@ def convert(tp: Any, value: Any, where: str, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return convert(arg, value, where, key)
             except ConfigError as err:
@@ -113,11 +114,11 @@ def convert(tp: Any, value: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            if origin is list and typing.get_args(tp) and typing.get_args(tp)[0] is str and isinstance(value, str):
-                return [value]  # `stop: "\n\n"` reads as a one-item list
-            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         (arg, *_) = typing.get_args(tp) or (Any,)
+        if origin is list and arg is str and isinstance(value, str):
+            return [value]  # `stop: "\n\n"` reads as a one-item list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         items = [convert(arg, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
@@ -126,25 +127,12 @@ def convert(tp: Any, value: Any, where: str, key: str) -> Any:
         _, vt = typing.get_args(tp) or (str, Any)
         return {str(k): convert(vt, v, where, _join(key, str(k))) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return build(tp, value, where, key)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
-        return str(value)
+        return value if isinstance(value, tp) else build(tp, value, where, key)
+    if tp in _SCALARS:
+        accepted, expected = _SCALARS[tp]
+        if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
+        return tp(value)
     raise ConfigError(f"{where}: {key}: unsupported field type {tp!r}")
 
 

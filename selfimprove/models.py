@@ -95,7 +95,8 @@ def prepare_model(ref: str) -> Path:
     try:
         {"gguf_package": _from_gguf_package, "hub": _from_hub, "random": _random}[spec.source](spec, tmp)
         if spec.add_bos_token is not None:
-            _set_add_bos(tmp, spec.add_bos_token)
+            path = tmp / "tokenizer_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "add_bos_token": spec.add_bos_token}, indent=2))
         write_json(tmp / "prepared.json", {"fingerprint": fingerprint, "spec": to_dict(spec)})
         replace_dir(tmp, out)
     finally:
@@ -105,12 +106,6 @@ def prepare_model(ref: str) -> Path:
 
 def _fingerprint(spec: ModelSpec) -> str:
     return hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
@@ -123,13 +118,13 @@ def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
     if not (folder / spec.file).exists():
         raise ConfigError(f"model {spec.name!r}: {folder / spec.file} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.file, dtype=_torch_dtype(spec.dtype))
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.file, dtype=spec.dtype)
     # transformers 5 refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from the config.
     config = AutoConfig.from_pretrained(folder, gguf_file=spec.file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = spec.dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(spec.dtype))
+    model = AutoModelForCausalLM.from_config(config, dtype=spec.dtype)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -139,7 +134,7 @@ def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
 def _from_hub(spec: ModelSpec, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec.hub_id, revision=spec.revision, dtype=_torch_dtype(spec.dtype))
+    model = AutoModelForCausalLM.from_pretrained(spec.hub_id, revision=spec.revision, dtype=spec.dtype)
     AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision).save_pretrained(out)
     model.save_pretrained(out)
 
@@ -154,16 +149,9 @@ def _random(spec: ModelSpec, out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id, **spec.config,
     )
     torch.manual_seed(spec.init_seed)
-    model = LlamaForCausalLM(config).to(_torch_dtype(spec.dtype))
+    model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _set_add_bos(folder: Path, value: bool) -> None:
-    path = folder / "tokenizer_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["add_bos_token"] = value
-    path.write_text(json.dumps(cfg, indent=2))
 
 
 def model_identity(folder: Path) -> dict:
@@ -209,9 +197,9 @@ def check_adapter_fits(adapter: str | Path, folder: Path, where: str, key: str) 
                         hidden is not None and module in READS_RESIDUAL and in_features != hidden):
                     raise ConfigError(
                         f"{where}: {key}: adapter {adapter} was trained for another base model: its {name} has "
-                        f"{in_features} inputs (layer {layer}), but {folder.name} has hidden size {hidden} and {layers} "
-                        f"layers. Use an adapter trained on this model, or set `model:` to the adapter's base "
-                        f"({_adapter_base(adapter)})")
+                        f"{in_features} inputs (layer {layer}), but {folder.name} has hidden size {hidden} and "
+                        f"{layers} layers. Use an adapter trained on this model, or set `model:` to the adapter's "
+                        f"base ({_adapter_base(adapter)})")
 
 
 READS_RESIDUAL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}

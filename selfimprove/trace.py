@@ -119,13 +119,9 @@ class _Data:
 
     def some_ids(self, limit: int = 6) -> list[str]:
         """The first sample id of each stage that wrote samples, for the unknown-id message."""
-        ids = []
-        for stages in self.rounds.values():
-            for m in stages:
-                first = next((r["sample_id"] for r in self.rows(m) if "sample_id" in r and "completion" in r), None)
-                if first:
-                    ids.append(first)
-        return ids[:limit]
+        firsts = (next((r["sample_id"] for r in self.rows(m) if "sample_id" in r and "completion" in r), None)
+                  for stages in self.rounds.values() for m in stages)
+        return [first for first in firsts if first][:limit]
 
 
 def render(t: dict) -> str:
@@ -137,8 +133,7 @@ def render(t: dict) -> str:
              f"  weights: {w.get('label')} (adapter {w.get('adapter') or '-'}, hash {w.get('adapter_hash') or '-'}, "
              f"base {w.get('base')})",
              "  sampling: " + ", ".join(f"{k} {v}" for k, v in t["sampling"].items()) + f"; seed {t['seed']}"]
-    attempts = t.get("attempts") or [{"prompt": t["prompt"], "completion": t["completion"],
-                                      "finish_reason": t["finish_reason"], "num_tokens": t["num_tokens"]}]
+    attempts = t.get("attempts") or [{k: t[k] for k in ("prompt", "completion", "finish_reason", "num_tokens")}]
     for n, a in enumerate(attempts, start=1):
         label = f"attempt {n} " if len(attempts) > 1 else ""
         lines += [f"{label}prompt:", _indent(_prompt_text(a["prompt"])),

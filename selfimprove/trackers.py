@@ -43,8 +43,6 @@ class Tracker:
 
 
 class TrackerSpec(Component):
-    """A tracker named in `report_to`; the package it needs must be installed when the config loads, not at round 3."""
-
     registry = TRACKERS
 
     @classmethod

@@ -32,14 +32,14 @@ def load_yaml(path: str | Path) -> dict:
     return _load(Path(path), Counter(), depth=0, chain=())  # the nodes and files the config has used so far
 
 
-def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings, each value read as YAML, to a nested mapping (copying, not mutating)."""
     data = dict(data)
     for item in overrides:
         dotted, eq, raw = item.partition("=")
         if not eq:
-            raise ConfigError(f"{source}: override {item!r} is not of the form key.sub=value")
-        where = f"{source}: override {dotted!r}"
+            raise ConfigError(f"command line: override {item!r} is not of the form key.sub=value")
+        where = f"command line: override {dotted!r}"
         *parents, last = dotted.split(".")
         node = data
         for i, key in enumerate(parents):
