@@ -116,7 +116,10 @@ class PublishedTask(Task):
     """A published dataset (GSM8K, MATH): shipped files under `seeds/`, or, for users with a network, a hub dataset
     with the same columns (`source: <hub dataset>`). Test is as published; train drops every problem whose question
     (up to spacing) is in test (tasks/overlap.py); dev is then a fixed slice of train (`num_dev` problems chosen by
-    random.Random(`dev_seed`)) and train the rest: choices are made on dev, never on test."""
+    random.Random(`dev_seed`)) and train the rest: choices are made on dev, never on test.
+
+    Subclasses set the class attributes below and two classmethods: `problem(row, split, index, source)`, a data
+    row as a problem, and `describe(source, hub_splits)`, the train set as errors and logs name it."""
 
     splits = ("train", "test", "dev")
     seeds: str  # the folder under seeds/
@@ -158,16 +161,6 @@ class PublishedTask(Task):
 
     def reference_solution(self, problem: dict) -> str | None:
         return problem.get("solution")
-
-    @classmethod
-    def problem(cls, row: dict, split: str, index: int, source: str) -> dict:
-        """Row `index` of `split` as a problem."""
-        raise NotImplementedError
-
-    @classmethod
-    def describe(cls, source: str, hub_splits: dict[str, str]) -> str:
-        """The train set as errors and the log of dropped duplicates name it."""
-        raise NotImplementedError
 
 
 @lru_cache(maxsize=8)

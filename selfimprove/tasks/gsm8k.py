@@ -14,7 +14,7 @@ from typing import Literal
 
 from ..registry import TASKS
 from .base import Grade, PublishedTask
-from .numeric import extract_flexible, extract_strict, normalize_number, same_number
+from .numeric import grade_number, normalize_number
 
 
 def clean_solution(solution: str) -> str:
@@ -41,9 +41,7 @@ class GSM8K(PublishedTask):
         strict_pick: Literal["last", "first"] = "last"
 
     def grade(self, problem: dict, completion: str) -> Grade:
-        strict, flexible = extract_strict(completion, self.config.strict_pick), extract_flexible(completion)
-        gold = problem["answer"]
-        return Grade(same_number(strict, gold), same_number(flexible, gold), strict, flexible)
+        return grade_number(completion, problem["answer"], self.config.strict_pick)
 
     @classmethod
     def problem(cls, row: dict, split: str, index: int, source: str) -> dict:
