@@ -17,14 +17,8 @@ Prompt formats:
 - `chat` (default): an instruction to add digit by digit and end with "The answer is <number>."; the model
   writes its own rationale. This prompt was chosen by its accuracy on what was then the test split, before dev
   splits existed (docs/results.md marks the figures that need a rerun); choices from now on are made on `dev`.
-- `fewshot`: three worked column-by-column scratchpads as earlier turns:
-
-      7 + 5 = 12, write 2, carry 1.
-      4 + 8 + 1 = 13, write 3, carry 1.
-      The carry 1 is the leading digit.
-      The answer is 132.
-
-  Closer to the paper's scratchpad; the embedded 135M model tends to copy the exemplars' digits.
+- `fewshot`: three worked column-by-column scratchpads (`scratchpad`) as earlier turns. Closer to the paper's
+  scratchpad; the embedded 135M model tends to copy the exemplars' digits.
 The gold scratchpad is every problem's `solution` (reference rationale for SFT/SPIN).
 
 Deviation from the paper: STaR's scratchpad is a compact symbolic trace for a model fine-tuned on it; ours is
@@ -52,7 +46,8 @@ HINT = "(The correct answer is {answer}. Show the digit-by-digit steps that reac
 
 
 def scratchpad(a: int, b: int) -> str:
-    """The gold rationale for a + b."""
+    """The gold rationale for a + b, one line per column ("4 + 8 + 1 = 13, write 3, carry 1."), ending in "The
+    carry 1 is the leading digit." when there is one and "The answer is <a + b>."."""
     xs, ys = str(a)[::-1], str(b)[::-1]
     lines, carry = [], 0
     for x, y in itertools.zip_longest(map(int, xs), map(int, ys), fillvalue=0):
