@@ -19,8 +19,7 @@ class AnswerCritic(Critic):
         verdicts = []
         for sample in samples:
             grade = self.context.task.grade(sample, sample["completion"])
-            ok = grade.strict if self.config.mode == "strict" else grade.flexible
-            got = grade.strict_answer if self.config.mode == "strict" else grade.flexible_answer
+            ok, got = getattr(grade, self.config.mode), getattr(grade, f"{self.config.mode}_answer")
             # ok is None where the problem has no gold (label-free data): an unlabelled verdict, not a 0
             verdicts.append(Verdict(score=None if ok is None else float(ok), label=ok,
                                     rationale=f"extracted {got!r}, gold {sample['answer']!r}"))

@@ -108,5 +108,4 @@ class FunctionCritic(Critic):
             raise ValueError(f"critic function {fn.__name__} takes no parameter(s) {unknown}")
 
     def judge(self, samples: list[dict]) -> list[Verdict]:
-        out = self.fn(samples, **self.config)
-        return [as_verdict(v) for v in out]
+        return [as_verdict(v) for v in self.fn(samples, **self.config)]

@@ -1,14 +1,11 @@
 """Calling a critic over many samples: batching, time limits, per-sample failures and the error budget.
 
 Every stage that judges samples (critique, rl) calls critics through `judge_all`, so a critic behaves the same
-wherever it runs. How a critic is called depends on its class attributes (see base.py):
-- unbatched critics (the default): one sample at a time, or one problem's samples for `per_problem` critics,
-  each call under `timeout` seconds per sample;
-- batched critics (model-backed): `batch_size` samples per call, whole problems per call, no time limit
-  (interrupting an engine mid-call could corrupt it; their own calls are bounded by max_tokens and timeouts).
-A call that raises, times out, returns the wrong number of verdicts or a NaN score fails the verdicts of the
-samples it held (score and label None, the error recorded); `check_error_budget` fails the stage only when
-more than `max_error_rate` of one critic's verdicts failed.
+wherever it runs; how it is called (one sample, one problem, or `batch_size` samples of whole problems, under
+`timeout` or not) depends on its class attributes (base.py). A call that raises, times out, returns the wrong
+number of verdicts or a NaN score fails the verdicts of the samples it held (score and label None, the error
+recorded); `check_error_budget` fails the stage only when more than `max_error_rate` of one critic's verdicts
+failed.
 
 Samples are judged with the weights that produced them: a sample's `weights` record is handed to the critic as
 `context.weights` (self-verification and policy judges query exactly the policy that wrote the sample).
@@ -69,16 +66,23 @@ def check_error_budget(stage: str, critic_id: str, verdicts: list[Verdict], call
 
 def _by_weights(samples: list[dict]) -> dict:
     """Sample positions grouped by the weights that produced them (a hashable form of the record), in order."""
+    weights = [s.get("weights") for s in samples]
+    return _groups(tuple(sorted(w.items())) if isinstance(w, dict) else None for w in weights)
+
+
+def _groups(keys) -> dict:
+    """Positions grouped by their key, in order."""
     groups: dict = {}
-    for i, s in enumerate(samples):
-        w = s.get("weights")
-        key = tuple(sorted(w.items())) if isinstance(w, dict) else None
+    for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
     return groups
 
 
 def _calls(critic, samples: list[dict], batch_size: int) -> list[list[int]]:
-    units = _units(samples, critic.per_problem or critic.batched)
+    if critic.per_problem or critic.batched:
+        units = list(_groups(s["problem_id"] for s in samples).values())
+    else:
+        units = [[i] for i in range(len(samples))]
     if not critic.batched:
         return units
     calls: list[list[int]] = []
@@ -90,30 +94,15 @@ def _calls(critic, samples: list[dict], batch_size: int) -> list[list[int]]:
     return calls
 
 
-def _units(samples: list[dict], per_problem: bool) -> list[list[int]]:
-    if not per_problem:
-        return [[i] for i in range(len(samples))]
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(s["problem_id"], []).append(i)
-    return list(groups.values())
-
-
 def _call(critic, batch: list[dict], limit: float | None) -> tuple[list[Verdict], bool]:
     try:
         verdicts = [as_verdict(v) for v in call_with_timeout(limit, critic.judge, batch)]
         if len(verdicts) != len(batch):
             raise ValueError(f"critic returned {len(verdicts)} verdicts for {len(batch)} samples")
-        return [_nan_checked(v) for v in verdicts], False
-    except TimedOut:
-        message = f"timed out: no verdict within {limit:g}s"
-        return [Verdict(score=None, label=None, error=message) for _ in batch], True
+        return [v if v.score is None or math.isfinite(float(v.score))
+                else Verdict(score=None, rationale=v.rationale, error=f"critic returned score {v.score}")
+                for v in verdicts], False
     except Exception as err:  # noqa: BLE001 - a critic's failure is recorded per sample, not fatal
-        message = f"{type(err).__name__}: {err}"
-        return [Verdict(score=None, label=None, error=message) for _ in batch], False
-
-
-def _nan_checked(v: Verdict) -> Verdict:
-    if v.score is not None and not math.isfinite(float(v.score)):
-        return Verdict(score=None, label=None, rationale=v.rationale, error=f"critic returned score {v.score}")
-    return v
+        timed_out = isinstance(err, TimedOut)
+        message = f"timed out: no verdict within {limit:g}s" if timed_out else f"{type(err).__name__}: {err}"
+        return [Verdict(score=None, error=message) for _ in batch], timed_out

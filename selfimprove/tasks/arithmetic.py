@@ -17,14 +17,8 @@ Prompt formats:
 - `chat` (default): an instruction to add digit by digit and end with "The answer is <number>."; the model
   writes its own rationale. This prompt was chosen by its accuracy on what was then the test split, before dev
   splits existed (docs/results.md marks the figures that need a rerun); choices from now on are made on `dev`.
-- `fewshot`: three worked column-by-column scratchpads as earlier turns:
-
-      7 + 5 = 12, write 2, carry 1.
-      4 + 8 + 1 = 13, write 3, carry 1.
-      The carry 1 is the leading digit.
-      The answer is 132.
-
-  Closer to the paper's scratchpad; the embedded 135M model tends to copy the exemplars' digits.
+- `fewshot`: three worked column-by-column scratchpads (`scratchpad`) as earlier turns. Closer to the paper's
+  scratchpad; the embedded 135M model tends to copy the exemplars' digits.
 The gold scratchpad is every problem's `solution` (reference rationale for SFT/SPIN).
 
 Deviation from the paper: STaR's scratchpad is a compact symbolic trace for a model fine-tuned on it; ours is
@@ -33,6 +27,7 @@ worded for an instruct model, and by default the model's own wording is what STa
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -41,7 +36,7 @@ from typing import Literal
 from ..records import Prompt
 from ..registry import TASKS
 from .base import Grade, Task, chat_prompt
-from .numeric import extract_flexible, extract_strict, same_number
+from .numeric import grade_number
 
 INSTRUCTION = (
     "Add the two numbers digit by digit, from right to left, keeping track of the carry. "
@@ -51,11 +46,11 @@ HINT = "(The correct answer is {answer}. Show the digit-by-digit steps that reac
 
 
 def scratchpad(a: int, b: int) -> str:
-    """The gold rationale for a + b."""
+    """The gold rationale for a + b, one line per column ("4 + 8 + 1 = 13, write 3, carry 1."), ending in "The
+    carry 1 is the leading digit." when there is one and "The answer is <a + b>."."""
     xs, ys = str(a)[::-1], str(b)[::-1]
     lines, carry = [], 0
-    for i in range(max(len(xs), len(ys))):
-        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+    for x, y in itertools.zip_longest(map(int, xs), map(int, ys), fillvalue=0):
         total = x + y + carry
         terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
         carry_text = f", carry {total // 10}" if total >= 10 else ""
@@ -90,8 +85,8 @@ class Arithmetic(Task):
             _check_capacity(self.digits, self.split_sizes())
 
         def split_sizes(self) -> dict[str, int]:
-            """Split → size, in the order the generator draws them (each excluding what came before)."""
-            return {"test": self.num_test, "dev": self.num_dev, "shots": self.num_shots, "train": self.num_train}
+            """Split → size (field num_<split>), in the order the generator draws them (each excluding the last)."""
+            return {split: getattr(self, f"num_{split}") for split in ("test", "dev", "shots", "train")}
 
     splits = ("train", "test", "dev", "shots")
     breakdown = ("digits",)
@@ -113,9 +108,7 @@ class Arithmetic(Task):
                            HINT.format(answer=problem["answer"]) if hint else None)
 
     def grade(self, problem: dict, completion: str) -> Grade:
-        strict, flexible = extract_strict(completion), extract_flexible(completion)
-        gold = problem["answer"]
-        return Grade(same_number(strict, gold), same_number(flexible, gold), strict, flexible)
+        return grade_number(completion, problem["answer"])
 
     def reference_solution(self, problem: dict) -> str | None:
         return problem["solution"]
@@ -142,11 +135,10 @@ def _check_capacity(digits: list[int], sizes: dict[str, int]) -> None:
     in what is left of its digit count's pool could only be met by repeating problems or by silently making the
     split smaller, so it is an error naming the field and the largest value that fits.
     """
-    fields = {"test": "num_test", "dev": "num_dev", "shots": "num_shots", "train": "num_train"}
     left = [_capacity(d) for d in digits]
     before: list[str] = []
     for split, size in sizes.items():
-        shares = _shares(size, len(digits))
+        shares, name = _shares(size, len(digits)), f"num_{split}"
         if any(share > room for share, room in zip(shares, left)):
             # The largest size whose equal shares fit: every part takes min(left), and the first parts one more
             # each for as long as they have room for it (_shares gives the remainder to the first parts).
@@ -154,13 +146,13 @@ def _check_capacity(digits: list[int], sizes: dict[str, int]) -> None:
             most = low * len(digits) + next(i for i, room in enumerate(left) if room == low)
             pools = ", ".join(f"{_capacity(d)} {d}-digit" for d in digits)
             raise ValueError(
-                f"{fields[split]}: {size} does not fit: digits {digits} give {pools} distinct sums up to the order "
+                f"{name}: {size} does not fit: digits {digits} give {pools} distinct sums up to the order "
                 f"of the operands, every split takes an equal share of each digit count, and after "
-                f"{', '.join(before) or 'nothing'} at most {fields[split]}={most} is left; lower {fields[split]} "
+                f"{', '.join(before) or 'nothing'} at most {name}={most} is left; lower {name} "
                 f"to at most {most}, or add longer digit counts (e.g. digits: "
                 f"{sorted(set(digits) | {max(digits) + 1})})")
         left = [room - share for share, room in zip(shares, left)]
-        before.append(f"{fields[split]}={size}")
+        before.append(f"{name}={size}")
 
 
 @lru_cache(maxsize=8)
@@ -190,7 +182,7 @@ def _generate(digits: tuple[int, ...], sizes: tuple[tuple[str, int], ...], seed:
     for split, _ in sizes:
         # Interleave digit counts so any prefix of a split has the same difficulty mix.
         columns = [[(d, a, b) for a, b in per_digit[d][split]] for d in digits]
-        ordered = [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
+        ordered = [x for row in itertools.zip_longest(*columns) for x in row if x is not None]
         out[split] = tuple(
             {"problem_id": f"add-{split}-{i:05d}", "question": f"{a} + {b}", "answer": str(a + b),
              "digits": d, "solution": scratchpad(a, b)}

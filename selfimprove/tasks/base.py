@@ -16,9 +16,14 @@ reported. tests/test_splits.py checks every registered task.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
 
 from ..records import Prompt
+from ..shipped import root
+from .overlap import carve, drop_seen
 
 
 @dataclass
@@ -105,3 +110,74 @@ class Task:
     def check_split(self, split: str) -> None:
         if split not in self.splits:
             raise ValueError(f"task {type(self).__name__} has splits {', '.join(self.splits)}, not {split!r}")
+
+
+class PublishedTask(Task):
+    """A published dataset (GSM8K, MATH): shipped files under `seeds/`, or, for users with a network, a hub dataset
+    with the same columns (`source: <hub dataset>`). Test is as published; train drops every problem whose question
+    (up to spacing) is in test (tasks/overlap.py); dev is then a fixed slice of train (`num_dev` problems chosen by
+    random.Random(`dev_seed`)) and train the rest: choices are made on dev, never on test.
+
+    Subclasses set the class attributes below and two classmethods: `problem(row, split, index, source)`, a data
+    row as a problem, and `describe(source, hub_splits)`, the train set as errors and logs name it."""
+
+    splits = ("train", "test", "dev")
+    seeds: str  # the folder under seeds/
+    seed_files: dict[str, str]  # train/test → its file in that folder
+    instruction: str  # the user turn's first paragraph
+    hint_template: str  # STaR's rationalization hint; {answer} is the gold answer
+
+    @dataclass
+    class Config:
+        source: str = "seeds"  # "seeds" (shipped files) or a hub dataset name, e.g. "openai/gsm8k"
+        hub_config: str | None = None
+        prompt_format: Literal["chat", "fewshot"] = "chat"
+        num_shots: int = 4  # fewshot: worked train solutions shown as earlier turns
+        num_dev: int = 500  # held out of train for choices (prompt, temperature, ...); dev_seed picks which
+        dev_seed: int = 0
+
+        def __post_init__(self):
+            if self.num_dev < 0:
+                raise ValueError("num_dev must be >= 0")
+
+    def problems(self, split: str) -> list[dict]:
+        self.check_split(split)
+        c = self.config
+        return [dict(p) for p in _published(type(self), c.source, c.hub_config, self.hub_splits(), c.num_dev,
+                                            c.dev_seed)[split]]
+
+    def hub_splits(self) -> tuple[tuple[str, str], ...]:
+        """(our split, the hub dataset's split) pairs, read with `source: <hub dataset>`."""
+        return ("test", "test"), ("train", "train")
+
+    def prompt(self, problem: dict, hint: bool = False) -> Prompt:
+        shots = [(s["question"], s["solution"]) for s in self.shots()] if self.config.prompt_format == "fewshot" else []
+        return chat_prompt(self.instruction, problem["question"], shots,
+                           self.hint_template.format(answer=problem["answer"]) if hint else None)
+
+    def shots(self) -> list[dict]:
+        """The worked train problems a few-shot prompt shows."""
+        return self.problems("train")[: self.config.num_shots]
+
+    def reference_solution(self, problem: dict) -> str | None:
+        return problem.get("solution")
+
+
+@lru_cache(maxsize=8)
+def _published(cls, source: str, hub_config: str | None, hub_splits: tuple, num_dev: int,
+               dev_seed: int) -> dict[str, tuple[dict, ...]]:
+    """train, dev and test: test as published; train without test's questions, then dev carved out of it."""
+    loaded = {}
+    for split in ("test", "train"):
+        if source == "seeds":
+            text = (root() / "seeds" / cls.seeds / cls.seed_files[split]).read_text()
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            from datasets import load_dataset
+
+            rows = load_dataset(source, hub_config, split=dict(hub_splits)[split]).to_list()
+        loaded[split] = [cls.problem(row, split, i, source) for i, row in enumerate(rows)]
+    what = cls.describe(source, dict(hub_splits))
+    train, dev = carve(drop_seen(loaded["train"], {"test": loaded["test"]}, same_text, what), num_dev, dev_seed,
+                       same_text, what)
+    return {"train": tuple(train), "dev": tuple(dev), "test": tuple(loaded["test"])}

@@ -23,11 +23,11 @@ chosen by random.Random(`dev_seed`)); without either the task has no dev split.
 
 Columns: `question` and `answer` are required (default names: question, answer); `answer: null` declares
 label-free data: grading reads answers and judges none (label-free critics such as `majority` work on it), and
-a stage that needs gold (evaluate, a rationalization hint, SPIN pairs) is refused when the pipeline loads. `solution` is a worked solution,
-the gold completion of SFT and SPIN (`reference_solution`); it should end in the answer format the prompt asks
-for. `id` names each problem; without it a problem's id is a hash of its question, so ids are stable across runs
-and do not depend on row order (a repeated question gets -2, -3, ... in file order). `breakdown` columns are
-carried into every problem, and the evaluate stage reports accuracy per value of each.
+a stage that needs gold (evaluate, a rationalization hint, SPIN pairs) is refused when the pipeline loads.
+`solution` is a worked solution, the gold completion of SFT and SPIN (`reference_solution`); it should end in the
+answer format the prompt asks for. `id` names each problem; without it a problem's id is a hash of its question,
+so ids are stable across runs and do not depend on row order (a repeated question gets -2, -3, ... in file order).
+`breakdown` columns are carried into every problem, and the evaluate stage reports accuracy per value of each.
 
 `grader` reads the gold answers and grades completions (tasks/graders.py: `numeric`, the default, as GSM8K;
 `math_verify` as MATH; `exact` normalised text; or a dotted path to your own `Grader`).
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -134,7 +135,13 @@ class DatasetTask(Task):
         def __post_init__(self):
             if self.train is None and self.test is None:
                 raise ValueError("give the data of train and/or test, e.g. test: {path: data/test.jsonl}")
-            _check_dev(self)
+            if not 0 <= self.dev_fraction < 1:
+                raise ValueError(f"dev_fraction: {self.dev_fraction} must be in [0, 1): the share of train held out "
+                                 f"as dev")
+            if self.dev_fraction > 0 and self.dev is not None:
+                raise ValueError("dev_fraction: give either a dev file (dev: {path: ...}) or dev_fraction, not both")
+            if self.dev_fraction > 0 and self.train is None:
+                raise ValueError("dev_fraction: there is no train data to carve dev from; add train: {path: ...}")
             if "{answer}" not in self.hint:
                 raise ValueError(f"hint: {self.hint!r} must contain {{answer}}, where the gold answer goes")
             try:
@@ -202,15 +209,6 @@ def _grader(spec: GraderSpec):
     grader = spec.build()
     grader.name = spec.name  # errors name it as the YAML does
     return grader
-
-
-def _check_dev(config) -> None:
-    if not 0 <= config.dev_fraction < 1:
-        raise ValueError(f"dev_fraction: {config.dev_fraction} must be in [0, 1): the share of train held out as dev")
-    if config.dev_fraction > 0 and config.dev is not None:
-        raise ValueError("dev_fraction: give either a dev file (dev: {path: ...}) or dev_fraction, not both")
-    if config.dev_fraction > 0 and config.train is None:
-        raise ValueError("dev_fraction: there is no train data to carve dev from; add train: {path: ...}")
 
 
 def _check(split: str, source: Source, columns: Columns, breakdown: tuple[str, ...], grader) -> None:
@@ -320,15 +318,13 @@ _FIX_ROW = "fix or drop that row; if the whole column reads like this, "
 def _problems(source: Source, columns: Columns, breakdown: tuple[str, ...], grader):
     """The problems of one split, one at a time; a row the run could not use is a ValueError naming its number,
     column and fix. The config check and the run read rows through this one function."""
-    ids, repeats = {}, {}
+    ids, repeats = {}, Counter()
     for number, row in enumerate(_rows(source), 1):
         where = f"{source.describe()} row {number}"
-        missing = [(f"columns.{k}", c) for k, c in (("question", columns.question), ("id", columns.id))
-                   if c is not None and row.get(c) is None]
-        if missing:
-            field_key, column = missing[0]
-            raise ValueError(f"{where} has no {column!r} ({field_key}); every row needs it: add it to that row, or "
-                             f"map {field_key} to a column every row has")
+        for field_key, column in (("columns.question", columns.question), ("columns.id", columns.id)):
+            if column is not None and row.get(column) is None:
+                raise ValueError(f"{where} has no {column!r} ({field_key}); every row needs it: add it to that row, "
+                                 f"or map {field_key} to a column every row has")
         question = str(row[columns.question])
         if not question.strip():
             raise ValueError(f"{where}, column {columns.question!r} (columns.question): empty question; "
@@ -349,7 +345,7 @@ def _problems(source: Source, columns: Columns, breakdown: tuple[str, ...], grad
             ids[problem_id] = number
         else:
             problem_id = question_id(question)
-            repeats[problem_id] = repeats.get(problem_id, 0) + 1
+            repeats[problem_id] += 1
             if repeats[problem_id] > 1:
                 problem_id = f"{problem_id}-{repeats[problem_id]}"
         problem = {"problem_id": problem_id, "question": question, "answer": answer}

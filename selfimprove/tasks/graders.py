@@ -20,7 +20,7 @@ from typing import ClassVar
 from ..registry import GRADERS
 from .base import Grade
 from .math import MathTask, last_boxed
-from .numeric import extract_flexible, extract_strict, normalize_number, same_number
+from .numeric import extract_strict, grade_number, normalize_number
 
 _EDGES = re.compile(r"^[\s*_`\"']+|[\s*_`\"'.]+$")
 _ANSWER_IS = re.compile(r"[Tt]he (?:final )?answer is:?[ \t]*([^\n]*)")
@@ -54,8 +54,7 @@ class Numeric(Grader):
         return normalize_number(text) or extract_strict(text)
 
     def grade(self, completion: str, gold: str) -> Grade:
-        strict, flexible = extract_strict(completion), extract_flexible(completion)
-        return Grade(same_number(strict, gold), same_number(flexible, gold), strict, flexible)
+        return grade_number(completion, gold)
 
 
 @GRADERS.register("math_verify")
@@ -87,9 +86,14 @@ class Exact(Grader):
     answer_format = 'End with "The answer is <answer>."'
 
     def grade(self, completion: str, gold: str) -> Grade:
-        strict, flexible = _strict_text(completion), _flexible_text(completion)
+        # strict: the rest of the line after the last "The answer is" (the format the prompt asks for)
+        matches = _ANSWER_IS.findall(completion)
+        strict = normalize_text(matches[-1]) if matches and matches[-1].strip() else None
+        # flexible: the last non-empty line, after its last "answer is" or "answer:" when it has one
+        lines = [line for line in completion.splitlines() if line.strip()]
+        flexible = normalize_text(re.split(r"answer(?: is|:)", lines[-1], flags=re.IGNORECASE)[-1]) if lines else None
         gold = normalize_text(gold)
-        return Grade(strict is not None and strict == gold, flexible is not None and flexible == gold, strict, flexible)
+        return Grade(strict == gold, bool(flexible) and flexible == gold, strict, flexible or None)
 
 
 def normalize_text(text: str) -> str:
@@ -98,18 +102,3 @@ def normalize_text(text: str) -> str:
     Idempotent, so an extracted answer put in place of the gold (majority votes) compares as the gold does."""
     text = " ".join(str(text).split()).casefold()
     return _EDGES.sub("", text)
-
-
-def _strict_text(completion: str) -> str | None:
-    """The rest of the line after the last "The answer is" (the format the prompt asks for)."""
-    matches = _ANSWER_IS.findall(completion)
-    return normalize_text(matches[-1]) if matches and matches[-1].strip() else None
-
-
-def _flexible_text(completion: str) -> str | None:
-    """The last non-empty line, after its last "answer is" or "answer:" when it has one."""
-    lines = [line for line in completion.splitlines() if line.strip()]
-    if not lines:
-        return None
-    last = re.split(r"answer(?: is|:)", lines[-1], flags=re.IGNORECASE)[-1]
-    return normalize_text(last) or None

@@ -7,8 +7,7 @@ Both train on `seeds/math/train_reconstructed.jsonl`: the 7,500 MATH train probl
 problems outside MATH500 (PRM800K's train split, rebuilt; see `seeds/math/README.md`). That file therefore
 overlaps the full test set: train always drops every problem whose text (up to spacing) is in the task's test
 set, counted in the log (tasks/overlap.py), so `math` trains on the 7,500 original train problems (7,499: one
-repeats a test problem's text) and `math500` on all 12,000. `dev` is then a fixed slice of that train set
-(`num_dev` problems chosen by random.Random(`dev_seed`)), and `train` the rest: choices are made on dev.
+repeats a test problem's text) and `math500` on all 12,000; `dev` is then carved out of it (`PublishedTask`).
 
 `source: <hub dataset>` (e.g. `HuggingFaceH4/MATH-500`) reads a hub dataset instead, mapping `hub_splits`
 onto ours; rows need `problem` and `solution` (or `answer`), and may name the subject `type` and give the
@@ -25,38 +24,21 @@ that runs past it counts as no answer / not equal, so it cannot stall a run.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Literal
 
-from ..records import Prompt
 from ..registry import TASKS
-from ..shipped import root
 from ..timeouts import TimedOut, call_with_timeout
-from .base import Grade, Task, chat_prompt, same_text
-from .overlap import carve, drop_seen
-
-SEEDS = root() / "seeds" / "math"
+from .base import Grade, PublishedTask
 
 INSTRUCTION = "Solve the following math problem step by step. Put your final answer within \\boxed{}."
-HINT = ("(The correct answer is ${answer}$. Explain step by step how to reach it, and put it within \\boxed{{}}, "
-        "without mentioning that you were told.)")
 
 log = logging.getLogger(__name__)
 
-
-class _NoTimeoutWarning(logging.Filter):
-    """Math-Verify warns once that its signal timeouts are off: we turn them off on purpose (see timeouts.py)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Timeout is disabled" not in record.getMessage()
-
-
+# Math-Verify warns once that its signal timeouts are off: we turn them off on purpose (see timeouts.py).
 for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_NoTimeoutWarning())
+    logging.getLogger(_name).addFilter(lambda record: "Timeout is disabled" not in record.getMessage())
 
 
 def last_boxed(text: str) -> str | None:
@@ -80,41 +62,29 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-class MathTask(Task):
-    """Shared by `math500` and `math`; subclasses set `test_file`."""
+class MathTask(PublishedTask):
+    """Shared by `math500` and `math`; subclasses set the test file."""
 
-    test_file: str
-    splits = ("train", "test", "dev")
+    seeds = "math"
+    instruction = INSTRUCTION
+    hint_template = ("(The correct answer is ${answer}$. Explain step by step how to reach it, and put it within "
+                     "\\boxed{{}}, without mentioning that you were told.)")
     breakdown = ("subject", "level")  # the evaluate stage's default accuracy breakdowns
 
     @dataclass
-    class Config:
-        source: str = "seeds"  # "seeds" (shipped files) or a hub dataset name
-        hub_config: str | None = None
+    class Config(PublishedTask.Config):
         hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
-        prompt_format: Literal["chat", "fewshot"] = "chat"
-        num_shots: int = 4  # fewshot: short worked train solutions shown as earlier turns
         grading_timeout: float = 5.0  # seconds per Math-Verify parse or comparison
-        num_dev: int = 500  # held out of train for choices (prompt, temperature, ...); dev_seed picks which
-        dev_seed: int = 0
 
         def __post_init__(self):
             if self.grading_timeout <= 0:
                 raise ValueError("grading_timeout must be > 0 seconds")
-            if self.num_dev < 0:
-                raise ValueError("num_dev must be >= 0")
+            super().__post_init__()
 
-    def problems(self, split: str) -> list[dict]:
-        self.check_split(split)
-        c = self.config
-        return [dict(p) for p in _splits(c.source, c.hub_config, tuple(sorted(c.hub_splits.items())),
-                                         self.test_file, c.num_dev, c.dev_seed)[split]]
+    def hub_splits(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(self.config.hub_splits.items()))
 
-    def prompt(self, problem: dict, hint: bool = False) -> Prompt:
-        shots = [(s["question"], s["solution"]) for s in self._shots()] if self.config.prompt_format == "fewshot" else []
-        return chat_prompt(INSTRUCTION, problem["question"], shots, HINT.format(answer=problem["answer"]) if hint else None)
-
-    def _shots(self) -> list[dict]:
+    def shots(self) -> list[dict]:
         # Short solutions only: a 2k-token context holds four of them plus the problem.
         short = [p for p in self.problems("train") if len(p["solution"]) < 400 and p["answer"]]
         return short[: self.config.num_shots]
@@ -124,13 +94,8 @@ class MathTask(Task):
         boxed = last_boxed(completion)
         strict_answer = _canonical(boxed) if boxed is not None else None
         strict = bool(gold) and boxed is not None and self._verify(gold, self._parse(f"\\boxed{{{boxed}}}"))
-        flexible_parsed = self._parse(completion)
-        flexible = bool(gold) and self._verify(gold, flexible_parsed)
-        flexible_answer = _as_text(flexible_parsed)
-        return Grade(strict, flexible, strict_answer, flexible_answer)
-
-    def reference_solution(self, problem: dict) -> str | None:
-        return problem.get("solution")
+        flexible = self._parse(completion)
+        return Grade(strict, self._verify(gold, flexible), strict_answer, _as_text(flexible))
 
     # -- Math-Verify, each call under the grading timeout ------------------------------------------------------
     def _parse_gold(self, answer: str) -> list:
@@ -164,15 +129,33 @@ class MathTask(Task):
             log.warning("MATH grading: comparison timed out after %ss", self.config.grading_timeout)
             return False
 
+    @classmethod
+    def problem(cls, row: dict, split: str, index: int, source: str) -> dict:
+        answer = row.get("answer")
+        if answer is None:
+            answer = last_boxed(row["solution"]) or ""
+        unique_id = row.get("unique_id") or f"{split}/{index:05d}"
+        level = row.get("level")
+        if isinstance(level, str):  # "Level 3"; "Level ?" in two original train files
+            digits = re.findall(r"\d+", level)
+            level = int(digits[0]) if digits else None
+        return {"problem_id": "math-" + unique_id.removesuffix(".json"), "question": row["problem"],
+                "answer": str(answer).strip(), "solution": row.get("solution", ""),
+                "subject": row.get("subject", row.get("type")), "level": level, "unique_id": unique_id}
+
+    @classmethod
+    def describe(cls, source: str, hub_splits: dict[str, str]) -> str:
+        return f"MATH {source} train (test: {cls.seed_files['test'] if source == 'seeds' else hub_splits['test']})"
+
 
 @TASKS.register("math500")
 class MATH500(MathTask):
-    test_file = "test.jsonl"
+    seed_files = {"train": "train_reconstructed.jsonl", "test": "test.jsonl"}
 
 
 @TASKS.register("math")
 class MATH(MathTask):
-    test_file = "test_full.jsonl"
+    seed_files = {"train": "train_reconstructed.jsonl", "test": "test_full.jsonl"}
 
 
 def _canonical(latex: str) -> str:
@@ -190,49 +173,4 @@ def _canonical(latex: str) -> str:
 
 def _as_text(parsed: list) -> str | None:
     """The text Math-Verify extracted (its fallback string), else the parsed expression printed."""
-    if not parsed:
-        return None
-    text = next((p for p in parsed if isinstance(p, str)), None)
-    return text if text is not None else str(parsed[0])
-
-
-def _subject_level(row: dict) -> tuple[str | None, int | None]:
-    subject = row.get("subject", row.get("type"))
-    level = row.get("level")
-    if isinstance(level, str):  # "Level 3"; "Level ?" in two original train files
-        digits = re.findall(r"\d+", level)
-        level = int(digits[0]) if digits else None
-    return subject, level
-
-
-def _problem(row: dict, split: str, index: int) -> dict:
-    answer = row.get("answer")
-    if answer is None:
-        answer = last_boxed(row["solution"]) or ""
-    unique_id = row.get("unique_id") or f"{split}/{index:05d}"
-    subject, level = _subject_level(row)
-    return {"problem_id": "math-" + unique_id.removesuffix(".json"), "question": row["problem"],
-            "answer": str(answer).strip(), "solution": row.get("solution", ""), "subject": subject, "level": level,
-            "unique_id": unique_id}
-
-
-def _read(source: str, hub_config: str | None, hub_splits: dict, filename: str, split: str) -> list[dict]:
-    if source == "seeds":
-        text = (SEEDS / filename).read_text()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    from datasets import load_dataset
-
-    return load_dataset(source, hub_config, split=hub_splits[split]).to_list()
-
-
-@lru_cache(maxsize=8)
-def _splits(source: str, hub_config: str | None, hub_splits: tuple, test_file: str, num_dev: int,
-            dev_seed: int) -> dict[str, tuple[dict, ...]]:
-    """train, dev and test: test as published; train without test's questions, then dev carved out of it."""
-    splits = dict(hub_splits)
-    test = [_problem(r, "test", i) for i, r in enumerate(_read(source, hub_config, splits, test_file, "test"))]
-    train = [_problem(r, "train", i)
-             for i, r in enumerate(_read(source, hub_config, splits, "train_reconstructed.jsonl", "train"))]
-    what = f"MATH {source} train (test: {test_file if source == 'seeds' else splits['test']})"
-    train, dev = carve(drop_seen(train, {"test": test}, same_text, what), num_dev, dev_seed, same_text, what)
-    return {"train": tuple(train), "dev": tuple(dev), "test": tuple(test)}
+    return next((p for p in parsed if isinstance(p, str)), str(parsed[0])) if parsed else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
+from .base import Grade
+
 # A number: optional sign, digits with optional thousands commas, optional decimals; or a bare decimal (".5").
 _NUMBER = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\.\d+"
 STRICT_PATTERNS = (
@@ -42,9 +44,7 @@ def extract_strict(completion: str, pick: str = "last") -> str | None:
     lm-evaluation-harness's GSM8K strict-match takes the first "The answer is N."; `pick="first"` reproduces it.
     """
     matches = sorted((m.start(), m.group(1)) for pattern in STRICT_PATTERNS for m in pattern.finditer(completion))
-    if not matches:
-        return None
-    return normalize_number(matches[-1][1] if pick == "last" else matches[0][1])
+    return normalize_number(matches[-1 if pick == "last" else 0][1]) if matches else None
 
 
 def extract_flexible(completion: str) -> str | None:
@@ -53,6 +53,10 @@ def extract_flexible(completion: str) -> str | None:
 
 
 def same_number(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return False
-    return Decimal(a) == Decimal(b)
+    return a is not None and b is not None and Decimal(a) == Decimal(b)
+
+
+def grade_number(completion: str, gold: str, pick: str = "last") -> Grade:
+    """`completion` graded against the numeric `gold` answer, strict and flexible."""
+    strict, flexible = extract_strict(completion, pick), extract_flexible(completion)
+    return Grade(same_number(strict, gold), same_number(flexible, gold), strict, flexible)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -33,17 +34,11 @@ def drop_seen(problems: Sequence[dict], held_out: Mapping[str, Sequence[dict]], 
     for split, rows in held_out.items():
         for p in rows:
             seen.setdefault(canonical(p), split)
-    kept, dropped = [], {}
-    for p in problems:
-        split = seen.get(canonical(p))
-        if split is None:
-            kept.append(p)
-        else:
-            dropped[split] = dropped.get(split, 0) + 1
-    for split, count in dropped.items():
+    keys = [canonical(p) for p in problems]
+    for split, count in Counter(seen[k] for k in keys if k in seen).items():
         log.warning("%s: dropped %d of %d problems that duplicate a %s problem (splits are kept disjoint)",
                     what, count, len(problems), split)
-    return kept
+    return [p for p, k in zip(problems, keys) if k not in seen]
 
 
 def carve(problems: Sequence[dict], count: int, seed: int, canonical: Canonical,
