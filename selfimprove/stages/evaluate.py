@@ -49,10 +49,21 @@ class Evaluation:
     chunking: Chunking = field(default_factory=Chunking)
 
 
-@STAGES.register("evaluate")
-class Evaluate(Stage):
+class _Evaluating(Stage):
     evaluates = True
 
+    def _sample(self, **extra):
+        """The weights evaluated and the sample rows of the evaluation problems."""
+        c, ctx = self.config, self.ctx
+        weights = ctx.weights(c.weights)
+        return weights, sample_problems(
+            engine=ctx.engine, task=ctx.task, problems=c.problems.take(ctx.task), sampling=c.sampling,
+            weights=weights, chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed,
+            round_index=ctx.round, stage=ctx.stage, **extra)
+
+
+@STAGES.register("evaluate")
+class Evaluate(_Evaluating):
     @dataclass
     class Config(Evaluation):
         pass_k: list[int] = field(default_factory=list)  # default: [1, n] when n > 1
@@ -65,15 +76,7 @@ class Evaluate(Stage):
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
-        problems = ctx.task.problems(c.problems.split)
-        if c.problems.num_problems is not None:
-            problems = problems[: c.problems.num_problems]
-        weights = ctx.weights(c.weights)
-        rows = sample_problems(
-            engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=weights,
-            chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed, round_index=ctx.round,
-            stage=ctx.stage,
-        )
+        weights, rows = self._sample()
         for row in rows:
             grade = ctx.task.grade(row, row["completion"])
             row.update(correct=grade.strict, correct_flexible=grade.flexible, extracted=grade.answer)
@@ -118,9 +121,7 @@ def score(rows: list[dict], config: "Evaluate.Config", seed: int, breakdown: lis
 
 
 @STAGES.register("evaluate_self_correction")
-class EvaluateSelfCorrection(Stage):
-    evaluates = True
-
+class EvaluateSelfCorrection(_Evaluating):
     @dataclass
     class Config(Evaluation):
         instruction: str = INSTRUCTION
@@ -128,13 +129,8 @@ class EvaluateSelfCorrection(Stage):
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
-        problems = ctx.task.problems(c.problems.split)[: c.problems.num_problems]
-        weights = ctx.weights(c.weights)
-        rows = sample_problems(
-            engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=weights,
-            chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed, round_index=ctx.round,
-            stage=ctx.stage, attempts=2, follow_up=lambda prompt, answer: second_prompt(prompt, answer, c.instruction),
-        )
+        weights, rows = self._sample(attempts=2,
+                                     follow_up=lambda prompt, answer: second_prompt(prompt, answer, c.instruction))
         for row in rows:
             for attempt in row["attempts"]:
                 g = ctx.task.grade(row, attempt["completion"])
@@ -143,12 +139,9 @@ class EvaluateSelfCorrection(Stage):
         metrics = self_correction_metrics([(r["attempts"][0]["correct"], r["attempts"][1]["correct"]) for r in rows],
                                           seed=ctx.seed("bootstrap"), resamples=c.bootstrap.resamples,
                                           groups=[r["problem_id"] for r in rows])
-        tokens = defaultdict(list)
-        for r in rows:
-            for t, attempt in enumerate(r["attempts"], start=1):
-                tokens[t].append(attempt["num_tokens"])
         return {"weights": weights.label, **metrics, "samples": len(rows),
-                **{f"mean_tokens@t{t}": sum(v) / len(v) for t, v in tokens.items()}}
+                **{f"mean_tokens@t{t + 1}": sum(r["attempts"][t]["num_tokens"] for r in rows) / len(rows)
+                   for t in range(2) if rows}}
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
