@@ -48,10 +48,8 @@ def canonical(value):
     """A JSON value with every list of strings sorted (PEFT's `target_modules` is written in set order)."""
     if isinstance(value, dict):
         return {k: canonical(v) for k, v in value.items()}
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return sorted(value)
     if isinstance(value, list):
-        return [canonical(v) for v in value]
+        return sorted(value) if all(isinstance(v, str) for v in value) else [canonical(v) for v in value]
     return value
 
 

@@ -81,8 +81,8 @@ class Critique(Stage):
         earlier: dict[str, dict] = defaultdict(dict)  # sample id → {critic id: verdict row}
         rows: list[dict] = []
         metrics: dict = {"samples": len(samples)}
-        if any(g is not None for g in gold):
-            known = [g for g in gold if g is not None]
+        known = [g for g in gold if g is not None]
+        if known:
             metrics["gold_accuracy"] = sum(known) / len(known)
         for i, spec in enumerate(c.critics):
             critic_rows, timeouts = self._judge(i, spec, samples, chunks, earlier)

@@ -13,12 +13,9 @@ k < n):
 This is the code `selfimprove eval` runs too (as a pipeline with only this stage).
 
 `evaluate_self_correction` samples the test problems twice — attempt 1, then attempt 2 after the
-self-correction instruction (selfcorrection.py) — grades both attempts with the task's grader and reports
-Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c and Δc→i (t = attempt, the paper's names) and the Confidence/Critique
-decomposition, P(right at t2 | right at t1) and P(right at t2 | wrong at t1), each with its interval
-(selfcorrection.py). Being
-an evaluating stage, round 0 runs it on the base model: SCoRe's prompting-only baseline, measured by the same code
-as every trained round.
+self-correction instruction — grades both attempts with the task's grader and reports selfcorrection.py's
+metrics. Being an evaluating stage, round 0 runs it on the base model: SCoRe's prompting-only baseline, measured
+by the same code as every trained round.
 """
 
 from __future__ import annotations
@@ -97,8 +94,7 @@ def score(rows: list[dict], config: "Evaluate.Config", seed: int, breakdown: lis
     for row in rows:
         by_problem[row["problem_id"]].append(row)
     groups = [sorted(g, key=lambda r: r["index"]) for g in by_problem.values()]
-    resamples = config.bootstrap.resamples
-    n = config.sampling.n
+    resamples, n = config.bootstrap.resamples, config.sampling.n
     out: dict = {"problems": len(groups), "samples": len(rows),
                  "mean_tokens": sum(r["num_tokens"] for r in rows) / len(rows) if rows else 0.0,
                  "truncated": sum(r["finish_reason"] == "length" for r in rows)}

@@ -10,8 +10,7 @@ critique stage that judged it; a source generated with a hint (STaR's rationaliz
 the hint: its training prompt is the task's ordinary prompt, so the model learns to produce the rationale
 from the question alone.
 
-Output rows: `prompt` (chat messages), `completion` (one assistant message), `problem_id`, `sample_ids`
-(lineage), `source` (the generate stage) and `rationalized`.
+Output rows: the training row schema of records.py (`source`: the generate stage).
 
 STaR as `pipelines/star_arithmetic.yaml` arranges it (generate → critique → rationalize → critique → filter →
 train from the base → evaluate) deviates from Zelikman et al. (2022) in these ways, each a config choice:
@@ -86,7 +85,6 @@ class Filter(Stage):
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
         kept: dict[str, list[dict]] = defaultdict(list)
-        texts: dict[str, set[str]] = defaultdict(set)
         counts: dict[str, int] = defaultdict(int)
         threshold = c.min_score
         if c.min_score_from:
@@ -114,13 +112,12 @@ class Filter(Stage):
                         f"{ctx.stage!r} to keep samples scored at least that, or `best_of: true` to keep the best")
                 elif not _selected(verdict, threshold):
                     continue
-                pid = sample["problem_id"]
-                if c.dedupe and sample["completion"].strip() in texts[pid]:
+                pid, text = sample["problem_id"], sample["completion"].strip()
+                if c.dedupe and text in {r["completion"][0]["content"].strip() for r in kept[pid]}:
                     counts["duplicates"] += 1
                     continue
                 if c.max_per_problem is not None and len(kept[pid]) >= c.max_per_problem:
                     continue
-                texts[pid].add(sample["completion"].strip())
                 kept[pid].append({
                     "prompt": ctx.task.prompt(sample, hint=False),  # rationalizations lose their hint here
                     "completion": [{"role": "assistant", "content": sample["completion"]}],

@@ -8,9 +8,7 @@
 - `spin_pairs` builds SPIN's pairs (Chen et al., 2024): the task's gold solution is "chosen", the current
   model's own generation for the same prompt is "rejected".
 
-Rows: `prompt` (chat messages), `chosen` / `rejected` (one assistant message each), `problem_id`,
-`chosen_sample_id` / `rejected_sample_id` (lineage; None for a gold solution), `chosen_score` /
-`rejected_score`, `round`.
+Rows: the pair schema of records.py; `chosen_sample_id` and the scores are None for a gold solution.
 """
 
 from __future__ import annotations
@@ -63,8 +61,7 @@ class Pairs(Stage):
             by_problem[s["problem_id"]].append(s)
         rows, skipped = [], defaultdict(int)
         for pid, group in by_problem.items():
-            judged = []
-            seen_texts = set()
+            judged, seen_texts = [], set()
             for s in sorted(group, key=lambda s: s["index"]):
                 verdict = pick_verdict(s["verdicts"], c.critic, c.verdicts)
                 text = s["completion"].strip()
