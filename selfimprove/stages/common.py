@@ -102,6 +102,15 @@ def pick_verdict(verdicts: dict, critic: str | None, stage: str) -> dict | None:
     return next(iter(verdicts.values()), None)
 
 
+def selected(verdict: dict | None, threshold: float | None) -> bool:
+    """By the verdict's label, or, with a threshold, by its score."""
+    if verdict is None:
+        return False
+    if threshold is None:
+        return bool(verdict["label"])
+    return verdict["score"] is not None and verdict["score"] >= threshold
+
+
 def check_critic_choice(critic: str | None, verdicts: str, earlier: dict) -> None:
     """Config-time check of a `critic:` choice against the critics that stage `verdicts` runs (`earlier`: the
     specs of the round's earlier stages by name): the stage must judge samples, the id must be one of its

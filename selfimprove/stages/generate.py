@@ -24,7 +24,7 @@ from ..monitor import N_STAR, choose_setting, exploitation
 from ..records import SamplingConfig
 from ..registry import STAGES, CriticSpec
 from .base import Stage
-from .common import Chunking, ProblemSelection, check_critic_choice, unsolved_problem_ids
+from .common import Chunking, ProblemSelection, check_critic_choice, selected, unsolved_problem_ids
 from .rollout import sample_chunk, sample_problems
 
 
@@ -127,8 +127,7 @@ class Generate(Stage):
                     save_rows(rows, shard)
                 gold = [r["gold"] for r in rows]
                 for threshold in a.thresholds:
-                    kept = {r["sample_id"] for r in rows if (r["label"] if threshold is None
-                                                             else r["score"] is not None and r["score"] >= threshold)}
+                    kept = {r["sample_id"] for r in rows if selected(r, threshold)}
                     m = exploitation(rows, gold, kept, a.n_star)  # the filter's monitor scores with it too
                     results.append({"temperature": temperature, "threshold": threshold,
                                     "balance": m["bstar/balance"], "kept": m["bstar/kept"]})
