@@ -99,13 +99,11 @@ def build_pairs(judged: list[tuple[dict, dict]], rule: str, min_margin: float, c
         return list(zip(good, bad))[:cap]
     ranked = sorted(judged, key=lambda x: -x[1]["score"])
     pairs = []
-    i, j = 0, len(ranked) - 1
-    while i < j and len(pairs) < cap:
-        margin = ranked[i][1]["score"] - ranked[j][1]["score"]
-        if margin <= 0 or margin < min_margin:
+    for best, worst in zip(ranked[: len(ranked) // 2], reversed(ranked)):  # the i-th best with the i-th worst
+        margin = best[1]["score"] - worst[1]["score"]
+        if len(pairs) == cap or margin <= 0 or margin < min_margin:
             break
-        pairs.append((ranked[i], ranked[j]))
-        i, j = i + 1, j - 1
+        pairs.append((best, worst))
     return pairs
 
 

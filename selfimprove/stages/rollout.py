@@ -10,9 +10,8 @@ and is saved atomically as a shard before the next starts. A resumed run loads t
 only the rest, so nothing is repeated or lost; since a chunk's samples depend only on (its problems, sampling,
 weights, seeds), a resumed run's samples equal an uninterrupted run's.
 
-Rows follow the sample schema in records.py; a multi-attempt row also has `attempts`, one
-{prompt, completion, finish_reason, num_tokens, token_ids, logprobs, seed} per attempt, with `completion` = the last
-attempt's.
+Rows follow the sample schema in records.py; a multi-attempt row's `attempts` holds one {prompt, completion,
+finish_reason, num_tokens, token_ids, logprobs, seed} per attempt.
 """
 
 from __future__ import annotations
