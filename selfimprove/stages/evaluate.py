@@ -78,8 +78,7 @@ class Evaluate(_Evaluating):
             grade = ctx.task.grade(row, row["completion"])
             row.update(correct=grade.strict, correct_flexible=grade.flexible, extracted=grade.answer)
         save_rows(rows, ctx.out_dir / "data")
-        breakdown = c.breakdown or list(ctx.task.breakdown)
-        metrics = score(rows, c, seed=ctx.seed("bootstrap"), breakdown=breakdown)
+        metrics = score(rows, c, seed=ctx.seed("bootstrap"), breakdown=c.breakdown or list(ctx.task.breakdown))
         return {"weights": weights.label, **metrics}
 
     @classmethod

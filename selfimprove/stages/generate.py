@@ -158,8 +158,7 @@ class Generate(Stage):
     def _problems(self) -> list[dict]:
         c, ctx = self.config, self.ctx
         problems = ctx.task.problems(c.problems.split)
-        if c.unsolved_in:
-            verdicts = load_rows(ctx.input_dir(c.unsolved_in) / "data")
-            unsolved = unsolved_problem_ids(verdicts, c.critic, c.unsolved_in)
-            return [p for p in problems if p["problem_id"] in unsolved]
-        return c.problems.select(problems, ctx.seed("problems"))
+        if not c.unsolved_in:
+            return c.problems.select(problems, ctx.seed("problems"))
+        unsolved = unsolved_problem_ids(load_rows(ctx.input_dir(c.unsolved_in) / "data"), c.critic, c.unsolved_in)
+        return [p for p in problems if p["problem_id"] in unsolved]
