@@ -110,9 +110,7 @@ class Critique(Stage):
                earlier: dict) -> tuple[list[dict], int]:
         """One critic's verdict rows over every sample, chunk by chunk, each chunk saved as a resume point."""
         ctx, c = self.ctx, self.config
-        critic = None
-        rows: list[dict] = []
-        timeouts = 0
+        critic, rows, timeouts = None, [], 0
         bar = tqdm(total=len(samples), desc=f"round {ctx.round} {ctx.stage} {spec.id}", unit="sample", leave=False)
         try:
             for k, problem_ids in enumerate(chunks):
