@@ -140,15 +140,10 @@ def choose_setting(results: Mapping[Any, float] | Iterable[tuple[Any, float]]) -
     the choice depends only on the order the sweep lists its candidates. A NaN score (no query with gold to
     measure) never wins; a sweep with no finite score is an error."""
     pairs = list(results.items() if isinstance(results, Mapping) else results)
-    best = None
-    for setting, score in pairs:
-        if math.isnan(score):
-            continue
-        if best is None or score > best[1]:
-            best = (setting, score)
-    if best is None:
+    finite = [(setting, score) for setting, score in pairs if not math.isnan(score)]
+    if not finite:
         raise ValueError(f"no candidate setting has a balance score (got {len(pairs)} candidates, none finite)")
-    return best[0]
+    return max(finite, key=lambda pair: pair[1])[0]  # max keeps the first of equal scores
 
 
 def _text(completion: str) -> str:

@@ -6,11 +6,9 @@ Row schemas (each a Hugging Face `datasets` row, written by the stage named):
 - sample (generate, evaluate, rl rollouts): the problem's columns, then `sample_id`, `round`, `stage`, `index`,
   `weights` (the full `Weights` record of the policy that produced it), `seed`, `temperature`, `top_p`,
   `max_tokens`, `hint`, `prompt`, `completion`, `finish_reason`, `num_tokens`, `token_ids` (the sampled tokens,
-  where the engine reports them), `logprobs` (the sampler's log-probability of each); samples of several attempts also
-  carry `attempts` (one `{completion, finish_reason, num_tokens}` per attempt) and `instruction`, with
-  `completion` = the last attempt's.
-- verdict (critique): `sample_id`, `problem_id`, `critic` (the critic's id), `score`, `label`, `rationale`,
-  `error`.
+  where the engine reports them), `logprobs` (the sampler's log-probability of each); samples of several
+  attempts also carry `attempts` (stages/rollout.py), with `completion` = the last attempt's.
+- verdict (critique): `sample_id`, `problem_id`, `critic` (the critic's id), `score`, `label`, `rationale`, `error`.
 - training row (filter): `prompt`, `completion` (one assistant message), `problem_id`, `sample_ids`, `source`,
   `rationalized`.
 - pair (pairs, spin_pairs): `prompt`, `chosen`, `rejected` (one assistant message each), `problem_id`,
@@ -48,10 +46,8 @@ def canonical(value):
     """A JSON value with every list of strings sorted (PEFT's `target_modules` is written in set order)."""
     if isinstance(value, dict):
         return {k: canonical(v) for k, v in value.items()}
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return sorted(value)
     if isinstance(value, list):
-        return [canonical(v) for v in value]
+        return sorted(value) if all(isinstance(v, str) for v in value) else [canonical(v) for v in value]
     return value
 
 

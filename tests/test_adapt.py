@@ -118,7 +118,7 @@ def test_a_sweep_that_keeps_nothing_says_so(tmp_path):
 
 def test_filter_takes_the_threshold_the_sweep_chose(tmp_path):
     from selfimprove.pipeline import load_pipeline
-    from selfimprove.stages.filter import _selected
+    from selfimprove.stages.common import selected
 
     base = root() / "pipelines" / "star_arithmetic.yaml"
     pipeline = load_pipeline(base, ["stages.generate.adapt={temperatures: [0.5, 0.7], thresholds: [0.3, 0.6]}",
@@ -128,5 +128,5 @@ def test_filter_takes_the_threshold_the_sweep_chose(tmp_path):
 
     with pytest.raises(ConfigError, match="min_score_from: stage 'rationalize' does not adapt"):
         load_pipeline(base, ["stages.filter.min_score_from=rationalize"])
-    assert _selected({"score": 0.7, "label": False}, 0.6) and not _selected({"score": 0.5, "label": True}, 0.6)
-    assert _selected({"score": 0.1, "label": True}, None) and not _selected(None, None)
+    assert selected({"score": 0.7, "label": False}, 0.6) and not selected({"score": 0.5, "label": True}, 0.6)
+    assert selected({"score": 0.1, "label": True}, None) and not selected(None, None)

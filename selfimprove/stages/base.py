@@ -12,9 +12,7 @@ What a stage declares, for the runner and the report:
   written atomically and is not an output.
 - `produces_weights`: it writes `adapter/` + `weights.json`, which later stages can name.
 - `evaluates`: it only measures weights, so it also runs in round 0, on the base model.
-- `references(config)`: the earlier stages of the round whose outputs it reads; `check(config, earlier)`:
-  further checks against those stages' specs (raise ValueError); both run at config load.
-- `report(metrics)`: the cells it adds to its round's row of the run report ({column: text}).
+- `references(config)`, `check(config, earlier)`, `needs_gold(config)`: checks at config load; `report(metrics)`.
 `run()` returns a flat dict of metrics/counts, which the runner stores in the manifest and `metrics.jsonl`.
 """
 

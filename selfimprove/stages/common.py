@@ -17,8 +17,11 @@ class ProblemSelection:
     shuffle: bool = True
 
     def select(self, problems: list[dict], seed: int) -> list[dict]:
-        rng = random.Random(seed) if self.shuffle else None
-        return problem_subset(problems, self.num_problems, rng)
+        """`num_problems` of them: a seeded random subset (kept in the split's order) when shuffling, else the first."""
+        if self.num_problems is None or self.num_problems >= len(problems) or not self.shuffle:
+            return list(problems[: self.num_problems])
+        chosen = sorted(random.Random(seed).sample(range(len(problems)), self.num_problems))
+        return [problems[i] for i in chosen]
 
 
 @dataclass
@@ -27,6 +30,9 @@ class EvalProblems:
 
     split: str = "test"
     num_problems: int | None = None  # None = the whole split
+
+    def take(self, task) -> list[dict]:
+        return task.problems(self.split)[: self.num_problems]
 
 
 @dataclass
@@ -56,43 +62,34 @@ class Bootstrap:
             raise ValueError("resamples must be >= 10")
 
 
-def problem_subset(problems: list[dict], num: int | None, rng: random.Random | None) -> list[dict]:
-    """`num` problems: a seeded random subset (kept in the split's order) when `rng` is given, else the first."""
-    if num is None or num >= len(problems):
-        return list(problems)
-    if rng is None:
-        return list(problems[:num])
-    chosen = sorted(rng.sample(range(len(problems)), num))
-    return [problems[i] for i in chosen]
-
-
 def unsolved_problem_ids(verdicts: list[dict], critic: str | None, stage: str) -> set[str]:
     """Problems none of whose samples the deciding critic (`pick_verdict`) labelled correct, from verdict rows; a
     problem whose verdicts are all invalid (`error` set) is unknown, not unsolved, and left out."""
-    by_sample: dict[str, dict] = defaultdict(dict)
-    problem_of: dict[str, str] = {}
-    for v in verdicts:
-        by_sample[v["sample_id"]][v["critic"]] = v
-        problem_of[v["sample_id"]] = v["problem_id"]
     solved, judged = set(), set()
-    for sample_id, sample_verdicts in by_sample.items():
+    for sample_verdicts in _by_sample(verdicts).values():
         verdict = pick_verdict(sample_verdicts, critic, stage)
         if verdict and verdict["error"] is None:
             if verdict["label"] is None:
                 raise ValueError(f"critic {verdict['critic']!r} in stage {stage!r} gives scores without labels, so "
                                  f"no problem would count as solved; `unsolved_in` needs a critic that labels")
-            judged.add(problem_of[sample_id])
+            judged.add(verdict["problem_id"])
         if verdict and verdict["label"]:
-            solved.add(problem_of[sample_id])
+            solved.add(verdict["problem_id"])
     return judged - solved
 
 
 def join_verdicts(samples: list[dict], verdicts: list[dict]) -> list[dict]:
     """Each sample with `verdicts`: {critic id: verdict row} for the critics that judged it."""
+    by_sample = _by_sample(verdicts)
+    return [{**s, "verdicts": by_sample.get(s["sample_id"], {})} for s in samples]
+
+
+def _by_sample(verdicts: list[dict]) -> dict[str, dict]:
+    """Verdict rows grouped: sample id → {critic id: verdict row}."""
     by_sample: dict[str, dict] = defaultdict(dict)
     for v in verdicts:
         by_sample[v["sample_id"]][v["critic"]] = v
-    return [{**s, "verdicts": by_sample.get(s["sample_id"], {})} for s in samples]
+    return by_sample
 
 
 def pick_verdict(verdicts: dict, critic: str | None, stage: str) -> dict | None:
@@ -103,6 +100,15 @@ def pick_verdict(verdicts: dict, critic: str | None, stage: str) -> dict | None:
     if len(verdicts) > 1:
         raise ValueError(f"critique stage {stage!r} ran {sorted(verdicts)}: set `critic:` to say which one decides")
     return next(iter(verdicts.values()), None)
+
+
+def selected(verdict: dict | None, threshold: float | None) -> bool:
+    """By the verdict's label, or, with a threshold, by its score."""
+    if verdict is None:
+        return False
+    if threshold is None:
+        return bool(verdict["label"])
+    return verdict["score"] is not None and verdict["score"] >= threshold
 
 
 def check_critic_choice(critic: str | None, verdicts: str, earlier: dict) -> None:

@@ -81,8 +81,8 @@ class Critique(Stage):
         earlier: dict[str, dict] = defaultdict(dict)  # sample id → {critic id: verdict row}
         rows: list[dict] = []
         metrics: dict = {"samples": len(samples)}
-        if any(g is not None for g in gold):
-            known = [g for g in gold if g is not None]
+        known = [g for g in gold if g is not None]
+        if known:
             metrics["gold_accuracy"] = sum(known) / len(known)
         for i, spec in enumerate(c.critics):
             critic_rows, timeouts = self._judge(i, spec, samples, chunks, earlier)
@@ -93,8 +93,8 @@ class Critique(Stage):
             if metrics[f"{spec.id}/unlabelled"] and not metrics[f"{spec.id}/positive"]:
                 log.warning("critic %s gives scores without labels: a filter selecting by label keeps nothing from "
                             "it; set `min_score:` on the filter", spec.id)
-            check_error_budget(ctx.stage, spec.id, [Verdict(r["score"], r["label"], error=r["error"]) for r in critic_rows],
-                               c.calls)
+            check_error_budget(ctx.stage, spec.id,
+                               [Verdict(r["score"], r["label"], error=r["error"]) for r in critic_rows], c.calls)
         save_rows(rows, ctx.out_dir / "data")
         metrics.update(verdicts=len(rows), invalid=sum(r["error"] is not None for r in rows))
         return metrics
@@ -110,9 +110,7 @@ class Critique(Stage):
                earlier: dict) -> tuple[list[dict], int]:
         """One critic's verdict rows over every sample, chunk by chunk, each chunk saved as a resume point."""
         ctx, c = self.ctx, self.config
-        critic = None
-        rows: list[dict] = []
-        timeouts = 0
+        critic, rows, timeouts = None, [], 0
         bar = tqdm(total=len(samples), desc=f"round {ctx.round} {ctx.stage} {spec.id}", unit="sample", leave=False)
         try:
             for k, problem_ids in enumerate(chunks):
@@ -146,18 +144,14 @@ class Critique(Stage):
 
     def _gold(self, samples: list[dict]) -> list[bool | None]:
         """task.grade's verdict where the sample has a gold answer; None where it has none or grading failed."""
-        out: list[bool | None] = []
-        for s in samples:
-            if not s.get("answer"):
-                out.append(None)
-                continue
-            try:
-                grade = call_with_timeout(self.config.calls.timeout, self.ctx.task.grade, s, s["completion"])
-                out.append(bool(grade.correct))
-            except Exception as err:  # noqa: BLE001 - TimedOut included; such a sample just has no gold
-                log.warning("gold grading failed on %s: %s", s["sample_id"], err)
-                out.append(None)
-        return out
+        return [self._grade(s) if s.get("answer") else None for s in samples]
+
+    def _grade(self, s: dict) -> bool | None:
+        try:
+            return bool(call_with_timeout(self.config.calls.timeout, self.ctx.task.grade, s, s["completion"]).correct)
+        except Exception as err:  # noqa: BLE001 - TimedOut included; such a sample just has no gold
+            log.warning("gold grading failed on %s: %s", s["sample_id"], err)
+            return None
 
 
 def critic_metrics(critic_id: str, rows: list[dict], gold: list[bool | None], timeouts: int) -> dict:

@@ -13,12 +13,9 @@ k < n):
 This is the code `selfimprove eval` runs too (as a pipeline with only this stage).
 
 `evaluate_self_correction` samples the test problems twice — attempt 1, then attempt 2 after the
-self-correction instruction (selfcorrection.py) — grades both attempts with the task's grader and reports
-Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c and Δc→i (t = attempt, the paper's names) and the Confidence/Critique
-decomposition, P(right at t2 | right at t1) and P(right at t2 | wrong at t1), each with its interval
-(selfcorrection.py). Being
-an evaluating stage, round 0 runs it on the base model: SCoRe's prompting-only baseline, measured by the same code
-as every trained round.
+self-correction instruction — grades both attempts with the task's grader and reports selfcorrection.py's
+metrics. Being an evaluating stage, round 0 runs it on the base model: SCoRe's prompting-only baseline, measured
+by the same code as every trained round.
 """
 
 from __future__ import annotations
@@ -49,10 +46,21 @@ class Evaluation:
     chunking: Chunking = field(default_factory=Chunking)
 
 
-@STAGES.register("evaluate")
-class Evaluate(Stage):
+class _Evaluating(Stage):
     evaluates = True
 
+    def _sample(self, **extra):
+        """The weights evaluated and the sample rows of the evaluation problems."""
+        c, ctx = self.config, self.ctx
+        weights = ctx.weights(c.weights)
+        return weights, sample_problems(
+            engine=ctx.engine, task=ctx.task, problems=c.problems.take(ctx.task), sampling=c.sampling,
+            weights=weights, chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed,
+            round_index=ctx.round, stage=ctx.stage, **extra)
+
+
+@STAGES.register("evaluate")
+class Evaluate(_Evaluating):
     @dataclass
     class Config(Evaluation):
         pass_k: list[int] = field(default_factory=list)  # default: [1, n] when n > 1
@@ -65,21 +73,12 @@ class Evaluate(Stage):
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
-        problems = ctx.task.problems(c.problems.split)
-        if c.problems.num_problems is not None:
-            problems = problems[: c.problems.num_problems]
-        weights = ctx.weights(c.weights)
-        rows = sample_problems(
-            engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=weights,
-            chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed, round_index=ctx.round,
-            stage=ctx.stage,
-        )
+        weights, rows = self._sample()
         for row in rows:
             grade = ctx.task.grade(row, row["completion"])
             row.update(correct=grade.strict, correct_flexible=grade.flexible, extracted=grade.answer)
         save_rows(rows, ctx.out_dir / "data")
-        breakdown = c.breakdown or list(ctx.task.breakdown)
-        metrics = score(rows, c, seed=ctx.seed("bootstrap"), breakdown=breakdown)
+        metrics = score(rows, c, seed=ctx.seed("bootstrap"), breakdown=c.breakdown or list(ctx.task.breakdown))
         return {"weights": weights.label, **metrics}
 
     @classmethod
@@ -94,8 +93,7 @@ def score(rows: list[dict], config: "Evaluate.Config", seed: int, breakdown: lis
     for row in rows:
         by_problem[row["problem_id"]].append(row)
     groups = [sorted(g, key=lambda r: r["index"]) for g in by_problem.values()]
-    resamples = config.bootstrap.resamples
-    n = config.sampling.n
+    resamples, n = config.bootstrap.resamples, config.sampling.n
     out: dict = {"problems": len(groups), "samples": len(rows),
                  "mean_tokens": sum(r["num_tokens"] for r in rows) / len(rows) if rows else 0.0,
                  "truncated": sum(r["finish_reason"] == "length" for r in rows)}
@@ -118,9 +116,7 @@ def score(rows: list[dict], config: "Evaluate.Config", seed: int, breakdown: lis
 
 
 @STAGES.register("evaluate_self_correction")
-class EvaluateSelfCorrection(Stage):
-    evaluates = True
-
+class EvaluateSelfCorrection(_Evaluating):
     @dataclass
     class Config(Evaluation):
         instruction: str = INSTRUCTION
@@ -128,13 +124,8 @@ class EvaluateSelfCorrection(Stage):
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
-        problems = ctx.task.problems(c.problems.split)[: c.problems.num_problems]
-        weights = ctx.weights(c.weights)
-        rows = sample_problems(
-            engine=ctx.engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=weights,
-            chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed, round_index=ctx.round,
-            stage=ctx.stage, attempts=2, follow_up=lambda prompt, answer: second_prompt(prompt, answer, c.instruction),
-        )
+        weights, rows = self._sample(attempts=2,
+                                     follow_up=lambda prompt, answer: second_prompt(prompt, answer, c.instruction))
         for row in rows:
             for attempt in row["attempts"]:
                 g = ctx.task.grade(row, attempt["completion"])
@@ -143,12 +134,9 @@ class EvaluateSelfCorrection(Stage):
         metrics = self_correction_metrics([(r["attempts"][0]["correct"], r["attempts"][1]["correct"]) for r in rows],
                                           seed=ctx.seed("bootstrap"), resamples=c.bootstrap.resamples,
                                           groups=[r["problem_id"] for r in rows])
-        tokens = defaultdict(list)
-        for r in rows:
-            for t, attempt in enumerate(r["attempts"], start=1):
-                tokens[t].append(attempt["num_tokens"])
         return {"weights": weights.label, **metrics, "samples": len(rows),
-                **{f"mean_tokens@t{t}": sum(v) / len(v) for t, v in tokens.items()}}
+                **{f"mean_tokens@t{t + 1}": sum(r["attempts"][t]["num_tokens"] for r in rows) / len(rows)
+                   for t in range(2) if rows}}
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:

@@ -3,15 +3,13 @@
 `filter` keeps the samples a critic labelled correct (or, with `min_score`, those it scored at least that; a
 critic that gives scores without labels needs it, and the filter stops with that fix rather than keep nothing),
 or, with `best_of`, each problem's highest-scored sample per source (best-of-N: Sharpening's selection),
-leaves out samples whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py: exploration —
-pass@k, distinct correct answers and completions, correct samples per prompt — and exploitation — precision of
-what was kept, the balance score) on its first source, the round's own samples, graded against gold by the task. Each source is a pair of a generate stage and the
-critique stage that judged it; a source generated with a hint (STaR's rationalization) is stored *without*
-the hint: its training prompt is the task's ordinary prompt, so the model learns to produce the rationale
-from the question alone.
+leaves out samples whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py)
+on its first source, the round's own samples, graded against gold by the task. Each source is a pair of a
+generate stage and the critique stage that judged it; a source generated with a hint (STaR's rationalization)
+is stored *without* the hint: its training prompt is the task's ordinary prompt, so the model learns to produce
+the rationale from the question alone.
 
-Output rows: `prompt` (chat messages), `completion` (one assistant message), `problem_id`, `sample_ids`
-(lineage), `source` (the generate stage) and `rationalized`.
+Output rows: the training row schema of records.py (`source`: the generate stage).
 
 STaR as `pipelines/star_arithmetic.yaml` arranges it (generate → critique → rationalize → critique → filter →
 train from the base → evaluate) deviates from Zelikman et al. (2022) in these ways, each a config choice:
@@ -38,7 +36,7 @@ from ..artifacts import load_rows, read_json, save_rows
 from ..monitor import N_STAR, monitor_round
 from ..registry import STAGES
 from .base import Stage
-from .common import check_critic_choice, join_verdicts, pick_verdict
+from .common import check_critic_choice, join_verdicts, pick_verdict, selected
 
 
 @dataclass
@@ -86,7 +84,6 @@ class Filter(Stage):
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
         kept: dict[str, list[dict]] = defaultdict(list)
-        texts: dict[str, set[str]] = defaultdict(set)
         counts: dict[str, int] = defaultdict(int)
         threshold = c.min_score
         if c.min_score_from:
@@ -112,15 +109,14 @@ class Filter(Stage):
                         f"filter {ctx.stage!r}: critic {verdict['critic']!r} in stage {source.verdicts!r} gives "
                         f"scores without labels, so selecting by label would keep nothing; set `min_score:` on "
                         f"{ctx.stage!r} to keep samples scored at least that, or `best_of: true` to keep the best")
-                elif not _selected(verdict, threshold):
+                elif not selected(verdict, threshold):
                     continue
-                pid = sample["problem_id"]
-                if c.dedupe and sample["completion"].strip() in texts[pid]:
+                pid, text = sample["problem_id"], sample["completion"].strip()
+                if c.dedupe and text in {r["completion"][0]["content"].strip() for r in kept[pid]}:
                     counts["duplicates"] += 1
                     continue
                 if c.max_per_problem is not None and len(kept[pid]) >= c.max_per_problem:
                     continue
-                texts[pid].add(sample["completion"].strip())
                 kept[pid].append({
                     "prompt": ctx.task.prompt(sample, hint=False),  # rationalizations lose their hint here
                     "completion": [{"role": "assistant", "content": sample["completion"]}],
@@ -130,8 +126,8 @@ class Filter(Stage):
                 counts[f"kept/{source.samples}"] += 1
         rows = [row for pid in sorted(kept) for row in kept[pid]]
         save_rows(rows, ctx.out_dir / "data")
-        return {"examples": len(rows), "problems": len(kept), "min_score": threshold, "invalid": counts.pop("invalid", 0),
-                "rationalized": sum(r["rationalized"] for r in rows), **counts,
+        return {"examples": len(rows), "problems": len(kept), "min_score": threshold,
+                "invalid": counts.pop("invalid", 0), "rationalized": sum(r["rationalized"] for r in rows), **counts,
                 **self._monitor(monitored, {i for r in rows for i in r["sample_ids"]})}
 
     def _monitor(self, samples: list[dict], kept_ids: set[str]) -> dict:
@@ -165,12 +161,3 @@ def _best_per_problem(joined: list[tuple[dict, dict | None]]) -> dict[str, str]:
         if pid not in best or verdict["score"] > best[pid][0]:
             best[pid] = (verdict["score"], sample["sample_id"])
     return {pid: sample_id for pid, (_, sample_id) in best.items()}
-
-
-def _selected(verdict: dict | None, threshold: float | None) -> bool:
-    """By the verdict's label, or, with a threshold, by its score."""
-    if verdict is None:
-        return False
-    if threshold is None:
-        return bool(verdict["label"])
-    return verdict["score"] is not None and verdict["score"] >= threshold

@@ -24,7 +24,7 @@ from ..monitor import N_STAR, choose_setting, exploitation
 from ..records import SamplingConfig
 from ..registry import STAGES, CriticSpec
 from .base import Stage
-from .common import Chunking, ProblemSelection, check_critic_choice, unsolved_problem_ids
+from .common import Chunking, ProblemSelection, check_critic_choice, selected, unsolved_problem_ids
 from .rollout import sample_chunk, sample_problems
 
 
@@ -108,9 +108,7 @@ class Generate(Stage):
         probe = list(problems)
         random.Random(ctx.seed("probe")).shuffle(probe)
         probe = probe[: a.probe_problems]
-        weights = ctx.weights(self.config.weights)
-        critic = None
-        results = []
+        weights, critic, results = ctx.weights(self.config.weights), None, []
         try:
             for i, temperature in enumerate(a.temperatures):
                 shard = ctx.out_dir / "sweep" / f"{i:03d}"
@@ -124,12 +122,12 @@ class Generate(Stage):
                     critic = critic or a.critic.build(CriticContext(task=ctx.task, engine=ctx.engine))
                     verdicts, _ = judge_all(critic, [{**r, "verdicts": {}} for r in rows], a.calls)
                     for r, v in zip(rows, verdicts):
-                        r.update(score=v.score, label=v.label, gold=self._gold(r))
+                        r.update(score=v.score, label=v.label,
+                                 gold=bool(ctx.task.grade(r, r["completion"]).correct) if r.get("answer") else None)
                     save_rows(rows, shard)
                 gold = [r["gold"] for r in rows]
                 for threshold in a.thresholds:
-                    kept = {r["sample_id"] for r in rows if (r["label"] if threshold is None
-                                                             else r["score"] is not None and r["score"] >= threshold)}
+                    kept = {r["sample_id"] for r in rows if selected(r, threshold)}
                     m = exploitation(rows, gold, kept, a.n_star)  # the filter's monitor scores with it too
                     results.append({"temperature": temperature, "threshold": threshold,
                                     "balance": m["bstar/balance"], "kept": m["bstar/kept"]})
@@ -145,8 +143,8 @@ class Generate(Stage):
             r["balance"] = None if math.isnan(r["balance"]) else r["balance"]
         write_json(ctx.out_dir / "sweep.json", {"probe_problems": len(probe), "n_star": a.n_star, "results": results,
                                                 "chosen": {"temperature": best[0], "threshold": best[1]}})
-        chosen = next(r for r in results if (r["temperature"], r["threshold"]) == best)
-        return {"adapt/temperature": best[0], "adapt/threshold": best[1], "adapt/balance": chosen["balance"]}
+        balance = next(r["balance"] for r in results if (r["temperature"], r["threshold"]) == best)
+        return {"adapt/temperature": best[0], "adapt/threshold": best[1], "adapt/balance": balance}
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
@@ -157,14 +155,10 @@ class Generate(Stage):
                                  + (f", score>={threshold:g}" if threshold is not None else "")
                                  + f" (balance {metrics['adapt/balance']:.3f})"}
 
-    def _gold(self, row: dict) -> bool | None:
-        return bool(self.ctx.task.grade(row, row["completion"]).correct) if row.get("answer") else None
-
     def _problems(self) -> list[dict]:
         c, ctx = self.config, self.ctx
         problems = ctx.task.problems(c.problems.split)
-        if c.unsolved_in:
-            verdicts = load_rows(ctx.input_dir(c.unsolved_in) / "data")
-            unsolved = unsolved_problem_ids(verdicts, c.critic, c.unsolved_in)
-            return [p for p in problems if p["problem_id"] in unsolved]
-        return c.problems.select(problems, ctx.seed("problems"))
+        if not c.unsolved_in:
+            return c.problems.select(problems, ctx.seed("problems"))
+        unsolved = unsolved_problem_ids(load_rows(ctx.input_dir(c.unsolved_in) / "data"), c.critic, c.unsolved_in)
+        return [p for p in problems if p["problem_id"] in unsolved]

@@ -8,9 +8,7 @@
 - `spin_pairs` builds SPIN's pairs (Chen et al., 2024): the task's gold solution is "chosen", the current
   model's own generation for the same prompt is "rejected".
 
-Rows: `prompt` (chat messages), `chosen` / `rejected` (one assistant message each), `problem_id`,
-`chosen_sample_id` / `rejected_sample_id` (lineage; None for a gold solution), `chosen_score` /
-`rejected_score`, `round`.
+Rows: the pair schema of records.py; `chosen_sample_id` and the scores are None for a gold solution.
 """
 
 from __future__ import annotations
@@ -63,8 +61,7 @@ class Pairs(Stage):
             by_problem[s["problem_id"]].append(s)
         rows, skipped = [], defaultdict(int)
         for pid, group in by_problem.items():
-            judged = []
-            seen_texts = set()
+            judged, seen_texts = [], set()
             for s in sorted(group, key=lambda s: s["index"]):
                 verdict = pick_verdict(s["verdicts"], c.critic, c.verdicts)
                 text = s["completion"].strip()
@@ -102,13 +99,11 @@ def build_pairs(judged: list[tuple[dict, dict]], rule: str, min_margin: float, c
         return list(zip(good, bad))[:cap]
     ranked = sorted(judged, key=lambda x: -x[1]["score"])
     pairs = []
-    i, j = 0, len(ranked) - 1
-    while i < j and len(pairs) < cap:
-        margin = ranked[i][1]["score"] - ranked[j][1]["score"]
-        if margin <= 0 or margin < min_margin:
+    for best, worst in zip(ranked[: len(ranked) // 2], reversed(ranked)):  # the i-th best with the i-th worst
+        margin = best[1]["score"] - worst[1]["score"]
+        if len(pairs) == cap or margin <= 0 or margin < min_margin:
             break
-        pairs.append((ranked[i], ranked[j]))
-        i, j = i + 1, j - 1
+        pairs.append((best, worst))
     return pairs
 
 

@@ -10,9 +10,8 @@ and is saved atomically as a shard before the next starts. A resumed run loads t
 only the rest, so nothing is repeated or lost; since a chunk's samples depend only on (its problems, sampling,
 weights, seeds), a resumed run's samples equal an uninterrupted run's.
 
-Rows follow the sample schema in records.py; a multi-attempt row also has `attempts`, one
-{prompt, completion, finish_reason, num_tokens, token_ids, logprobs, seed} per attempt, with `completion` = the last
-attempt's.
+Rows follow the sample schema in records.py; a multi-attempt row's `attempts` holds one {prompt, completion,
+finish_reason, num_tokens, token_ids, logprobs, seed} per attempt.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from ..artifacts import load_rows, save_rows
-from ..records import Prompt, SamplingConfig, Weights
+from ..records import Completion, Prompt, SamplingConfig, Weights
 from .common import Chunking
 
 FollowUp = Callable[[Prompt, str], Prompt]  # (previous attempt's prompt, its completion) → the next prompt
@@ -46,28 +45,28 @@ def sample_chunk(*, engine, task, problems: list[dict], sampling: SamplingConfig
                 **problem, **(extra or {}),
                 "sample_id": f"{id_prefix}/{problem['problem_id']}/{k}", "index": k, "weights": weights.to_dict(),
                 "seed": seeds[0], "hint": hint, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                "max_tokens": sampling.max_tokens, "prompt": prompt, "completion": c.text,
-                "finish_reason": c.finish_reason, "num_tokens": c.num_tokens, "token_ids": c.token_ids,
-                "logprobs": c.logprobs,
+                "max_tokens": sampling.max_tokens, "prompt": prompt, **_output(c),
             })
+            if len(seeds) > 1:
+                rows[-1]["attempts"] = [{"prompt": prompt, **_output(c), "seed": seeds[0]}]
     if len(seeds) == 1:
         return rows
-    for r in rows:
-        r["attempts"] = [{"prompt": r["prompt"], "completion": r["completion"], "finish_reason": r["finish_reason"],
-                          "num_tokens": r["num_tokens"], "token_ids": r["token_ids"], "logprobs": r["logprobs"],
-                          "seed": seeds[0]}]
     once = dataclasses.replace(sampling, n=1)  # one continuation per trajectory keeps trajectories independent
     for seed in seeds[1:]:
         follow = [follow_up(r["attempts"][-1]["prompt"], r["attempts"][-1]["completion"]) for r in rows]
         for r, prompt, (c,) in zip(rows, follow, engine.generate(follow, once, weights, seed=seed)):
-            r["attempts"].append({"prompt": prompt, "completion": c.text, "finish_reason": c.finish_reason,
-                                  "num_tokens": c.num_tokens, "token_ids": c.token_ids, "logprobs": c.logprobs,
-                                  "seed": seed})
+            r["attempts"].append({"prompt": prompt, **_output(c), "seed": seed})
     for r in rows:
         last = r["attempts"][-1]
         r.update(completion=last["completion"], finish_reason=last["finish_reason"], token_ids=last["token_ids"],
                  logprobs=last["logprobs"], num_tokens=sum(a["num_tokens"] for a in r["attempts"]))
     return rows
+
+
+def _output(c: Completion) -> dict:
+    """A completion's columns, in a sample row and in each of its `attempts`."""
+    return {"completion": c.text, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
+            "token_ids": c.token_ids, "logprobs": c.logprobs}
 
 
 def sample_problems(*, engine: Callable, task, problems: list[dict], sampling: SamplingConfig, weights: Weights,
