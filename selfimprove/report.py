@@ -55,9 +55,7 @@ def table(run_dir: str | Path) -> tuple[list[str], list[list[str]]]:
     for round_index, stages in collect(run_dir).items():
         evals = evaluations(stages)
         others = [m.get("report", {}) for m in stages if not m.get("evaluates")]
-        row = {"round": str(round_index)}
-        if evals:
-            row.update(evals[-1].get("report", {}))
+        row = {"round": str(round_index), **(evals[-1].get("report", {}) if evals else {})}
         for column in {k for cells in others for k in cells}:  # several stages' cells for one column: all of them
             row[column] = ", ".join(cells[column] for cells in others if column in cells)
         row["seconds per stage"] = " ".join(f"{m['stage']}={m['seconds']:.0f}" for m in stages)
