@@ -43,8 +43,7 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return False
-    best = max(votes.values())
-    winner = next(a for a in answers if a is not None and votes[a] == best)
+    winner = votes.most_common(1)[0][0]  # of equal counts, the first seen
     return any(ok for a, ok in zip(answers, correct) if a == winner)
 
 
@@ -52,8 +51,7 @@ def bootstrap_ci(values: list[float], seed: int, resamples: int) -> tuple[float,
     """Percentile bootstrap interval of the mean of `values`."""
     if not values:
         return (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    n = len(values)
+    rng, n = random.Random(seed), len(values)
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
     return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
 
@@ -91,9 +89,8 @@ def interval(m: dict, key: str, signed: bool = False) -> str:
     undefined (None: a conditional share with nothing to condition on)."""
     if m.get(key) is None:
         return "-"
-    fmt = "+.1%" if signed else ".1%"
     low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    text = format(m[key], fmt)
+    text = format(m[key], "+.1%" if signed else ".1%")
     return f"{text} [{low:.1%}, {high:.1%}]" if low is not None and high is not None else text
 
 
@@ -124,9 +121,7 @@ def ratio(name: str, successes: list[int], trials: list[int], seed: int, resampl
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for `b` and `c` discordant pairs: under the null each discordant pair goes
     either way with probability 1/2, so p = min(1, 2 · P(X <= min(b, c))), X ~ Binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
+    n = b + c  # no discordant pair: the tail is 1, p = 1
     tail = sum(comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
 
