@@ -68,7 +68,6 @@ class Comparison:
 
 
 def compare(run_dirs: list[str | Path]) -> Comparison:
-    """Read the runs and compare them (module docstring)."""
     if len(run_dirs) < 2:
         raise ValueError(f"compare needs at least two run directories, got {len(run_dirs)}")
     paths = [Path(d) for d in run_dirs]
@@ -179,7 +178,6 @@ def sections(c: Comparison) -> list[tuple[str, tuple[list[str], list[list[str]]]
 
 
 def render_text(c: Comparison) -> str:
-    """The terminal view: accuracy per round, differing config keys, paired tests."""
     parts = [f"{title}: {note}.\n{text_table(*table) if table[1] else '(none)'}" for title, table, note in sections(c)]
     return "\n\n".join([*parts, NOT_NO_DIFFERENCE])
 

@@ -209,7 +209,6 @@ def _examples(run_dir: Path, rounds: dict[int, list[dict]], config: dict) -> str
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def _data(run_dir: Path, manifest: dict) -> list[dict]:
-    """The rows of the dataset a stage wrote (its output `data`)."""
     return load_rows(run_dir / f"round_{manifest['round']:03d}" / manifest["stage"] / "data")
 
 
