@@ -30,9 +30,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of Chen et al. (2021): 1 - C(n-c, k) / C(n, k), for n samples of which c are correct."""
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
+    return 1.0 - comb(n - c, k) / comb(n, k)  # comb(n - c, k) is 0 when n - c < k: pass@k is 1
 
 
 def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
