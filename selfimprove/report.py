@@ -35,13 +35,10 @@ def collect(run_dir: str | Path) -> dict[int, list[dict]]:
     run_dir = Path(run_dir)
     rounds: dict[int, list[dict]] = defaultdict(list)
     order = list(yaml.safe_load((run_dir / "config.yaml").read_text())["stages"])
-    for round_dir in sorted(run_dir.glob("round_*")):
-        for name in order:
-            path = round_dir / name / MANIFEST
-            if path.exists():
-                m = read_json(path)
-                if m.get("done"):
-                    rounds[m["round"]].append(m)
+    paths = [round_dir / name / MANIFEST for round_dir in sorted(run_dir.glob("round_*")) for name in order]
+    for m in [read_json(path) for path in paths if path.exists()]:
+        if m.get("done"):
+            rounds[m["round"]].append(m)
     return dict(sorted(rounds.items()))
 
 
