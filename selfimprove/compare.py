@@ -68,7 +68,6 @@ class Comparison:
 
 
 def compare(run_dirs: list[str | Path]) -> Comparison:
-    """Read the runs and compare them (module docstring)."""
     if len(run_dirs) < 2:
         raise ValueError(f"compare needs at least two run directories, got {len(run_dirs)}")
     paths = [Path(d) for d in run_dirs]
@@ -102,21 +101,18 @@ def _first_samples(run_dir: Path, evaluation: dict) -> dict[str, bool]:
 
 def first_sample_correct(rows: list[dict]) -> dict[str, bool]:
     """Problem id → whether the problem's first sample (lowest `index`) is correct."""
-    first = {}
-    for row in sorted(rows, key=lambda row: row["index"], reverse=True):  # the lowest index is written last
-        first[row["problem_id"]] = bool(row["correct"])
-    return first
+    # the lowest index is written last
+    return {row["problem_id"]: bool(row["correct"]) for row in sorted(rows, key=lambda row: row["index"], reverse=True)}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     """Nested mappings to dotted keys: {"a": {"b": 1}} → {"a.b": 1}; lists and scalars are leaves."""
     out: dict[str, Any] = {}
     for key, value in config.items():
-        dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(flatten(value, dotted + "."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
-            out[dotted] = value
+            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -155,12 +151,9 @@ def paired_table(tests: list[PairedTest], rounds: list[str] | None = None) -> tu
               "mean", "95% CI (Newcombe, paired)", "p (exact McNemar)"]
     rows = []
     for i, t in enumerate(tests):
-        cells = [f"{t.other} − {t.baseline}", *([rounds[i]] if rounds else []), str(t.problems)]
-        if t.problems == 0:
-            rows.append([*cells, "-", "-", "-", "-"])
-        else:
-            rows.append([*cells, f"{t.first_only} / {t.second_only}", f"{t.difference:+.1%}",
-                         f"[{t.ci_low:+.1%}, {t.ci_high:+.1%}]", f"{t.p_value:.3f}"])
+        stats = [f"{t.first_only} / {t.second_only}", f"{t.difference:+.1%}", f"[{t.ci_low:+.1%}, {t.ci_high:+.1%}]",
+                 f"{t.p_value:.3f}"] if t.problems else ["-"] * 4
+        rows.append([f"{t.other} − {t.baseline}", *([rounds[i]] if rounds else []), str(t.problems), *stats])
     return header, rows
 
 
@@ -185,7 +178,6 @@ def sections(c: Comparison) -> list[tuple[str, tuple[list[str], list[list[str]]]
 
 
 def render_text(c: Comparison) -> str:
-    """The terminal view: accuracy per round, differing config keys, paired tests."""
     parts = [f"{title}: {note}.\n{text_table(*table) if table[1] else '(none)'}" for title, table, note in sections(c)]
     return "\n\n".join([*parts, NOT_NO_DIFFERENCE])
 

@@ -3,7 +3,7 @@
 All statistics are per-problem means, so intervals treat problems (not samples) as the units: the k samples of
 one problem are not independent evidence.
 
-Intervals (95% unless asked otherwise):
+Intervals (95%):
 - a proportion of problems (every per-problem value 0 or 1: accuracy, maj@k, pass@n over all n samples) gets the
   Wilson score interval (Wilson 1927), which stays inside [0, 1] and does not collapse at 0% or 100% (the
   percentile bootstrap gives [0, 0] at 0/150);
@@ -30,9 +30,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of Chen et al. (2021): 1 - C(n-c, k) / C(n, k), for n samples of which c are correct."""
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
+    return 1.0 - comb(n - c, k) / comb(n, k)  # comb(n - c, k) is 0 when n - c < k: pass@k is 1
 
 
 def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
@@ -43,34 +41,29 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     votes = Counter(a for a in answers if a is not None)
     if not votes:
         return False
-    best = max(votes.values())
-    winner = next(a for a in answers if a is not None and votes[a] == best)
+    winner = votes.most_common(1)[0][0]  # of equal counts, the first seen
     return any(ok for a, ok in zip(answers, correct) if a == winner)
 
 
-def bootstrap_ci(values: list[float], seed: int, resamples: int, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: list[float], seed: int, resamples: int) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values`."""
     if not values:
         return (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    n = len(values)
+    rng, n = random.Random(seed), len(values)
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    lo = means[int((1 - level) / 2 * resamples)]
-    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
-    return (lo, hi)
+    return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
 
 
-def _z(level: float) -> float:
-    return NormalDist().inv_cdf((1 + level) / 2)
+Z = NormalDist().inv_cdf(0.975)  # of a two-sided 95% interval
 
 
-def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion `successes / n`; (nan, nan) when n is 0."""
     if n == 0:
         return (float("nan"), float("nan"))
-    z, p = _z(level), successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    p = successes / n
+    centre = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
+    half = Z / (1 + Z * Z / n) * sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
     # at 0 and n the bound is exactly 0 or 1 (rounding would leave it a hair off)
     return (0.0 if successes == 0 else centre - half, 1.0 if successes == n else centre + half)
 
@@ -94,9 +87,8 @@ def interval(m: dict, key: str, signed: bool = False) -> str:
     undefined (None: a conditional share with nothing to condition on)."""
     if m.get(key) is None:
         return "-"
-    fmt = "+.1%" if signed else ".1%"
     low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    text = format(m[key], fmt)
+    text = format(m[key], "+.1%" if signed else ".1%")
     return f"{text} [{low:.1%}, {high:.1%}]" if low is not None and high is not None else text
 
 
@@ -108,12 +100,10 @@ def ratio(name: str, successes: list[int], trials: list[int], seed: int, resampl
     percentile bootstrap over problems of the pooled ratio (a problem's samples move together). With no trial at
     all the ratio is undefined: None, with no interval (None, not NaN, so that saved metrics compare equal)."""
     total = sum(trials)
-    if total == 0:
-        return {name: None, f"{name}_ci_low": None, f"{name}_ci_high": None, f"{name}_n": 0}
-    value = sum(successes) / total
-    if all(t <= 1 for t in trials):
+    value, lo, hi = (sum(successes) / total if total else None), None, None
+    if total and all(t <= 1 for t in trials):
         lo, hi = wilson_interval(sum(successes), total)
-    else:
+    elif total:
         rng, n, ratios = random.Random(seed), len(trials), []
         for _ in range(resamples):
             picks = [rng.randrange(n) for _ in range(n)]
@@ -121,18 +111,15 @@ def ratio(name: str, successes: list[int], trials: list[int], seed: int, resampl
             if drawn:  # a resample with no trial at all has no ratio
                 ratios.append(sum(successes[i] for i in picks) / drawn)
         ratios.sort()
-        if not ratios:  # every resample missed the few problems with trials: too little data for an interval
-            return {name: value, f"{name}_ci_low": None, f"{name}_ci_high": None, f"{name}_n": total}
-        lo, hi = ratios[int(0.025 * len(ratios))], ratios[min(len(ratios) - 1, int(0.975 * len(ratios)))]
+        if ratios:  # else every resample missed the few problems with trials: too little data for an interval
+            lo, hi = ratios[int(0.025 * len(ratios))], ratios[min(len(ratios) - 1, int(0.975 * len(ratios)))]
     return {name: value, f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"{name}_n": total}
 
 
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for `b` and `c` discordant pairs: under the null each discordant pair goes
     either way with probability 1/2, so p = min(1, 2 · P(X <= min(b, c))), X ~ Binomial(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
+    n = b + c  # no discordant pair: the tail is 1, p = 1
     tail = sum(comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
 
@@ -152,7 +139,7 @@ class PairedDifference:
     p_value: float
 
 
-def paired_difference(first: list[bool], second: list[bool], level: float = 0.95) -> PairedDifference:
+def paired_difference(first: list[bool], second: list[bool]) -> PairedDifference:
     """`second` − `first` for outcomes paired by position (module docstring: Newcombe method 10, exact McNemar).
 
     With a = both right, b = only `first` right, c = only `second` right, d = both wrong (n problems):
@@ -165,14 +152,12 @@ def paired_difference(first: list[bool], second: list[bool], level: float = 0.95
         raise ValueError(f"paired outcomes need equal lengths, got {len(first)} and {len(second)}")
     n = len(first)
     if n == 0:
-        nan = float("nan")
-        return PairedDifference(0, 0, 0, 0, nan, nan, nan, nan)
-    a = sum(bool(x) and bool(y) for x, y in zip(first, second))
-    b = sum(bool(x) and not y for x, y in zip(first, second))
-    c = sum(not x and bool(y) for x, y in zip(first, second))
+        return PairedDifference(0, 0, 0, 0, *[float("nan")] * 4)
+    pairs = Counter((bool(x), bool(y)) for x, y in zip(first, second))
+    a, b, c = pairs[True, True], pairs[True, False], pairs[False, True]
     d = n - a - b - c
     p1, p2 = (a + b) / n, (a + c) / n
-    (l1, u1), (l2, u2) = wilson_interval(a + b, n, level), wilson_interval(a + c, n, level)
+    (l1, u1), (l2, u2) = wilson_interval(a + b, n), wilson_interval(a + c, n)
     margins = (a + b) * (c + d) * (a + c) * (b + d)
     cross = a * d - b * c
     if margins == 0 or 0 <= cross <= n / 2:
@@ -185,8 +170,7 @@ def paired_difference(first: list[bool], second: list[bool], level: float = 0.95
     return PairedDifference(n, a, b, c, diff, max(-1.0, low), min(1.0, high), mcnemar_exact(b, c))
 
 
-def auroc_interval(scores: list[float], gold: list[bool], level: float = 0.95
-                   ) -> tuple[float | None, float | None, float | None]:
+def auroc_interval(scores: list[float], gold: list[bool]) -> tuple[float | None, float | None, float | None]:
     """(AUROC, low, high) with DeLong's interval (module docstring). The AUROC is None when the samples are all
     correct or all incorrect; the interval is None with fewer than two of either (its variance is undefined).
 
@@ -204,5 +188,5 @@ def auroc_interval(scores: list[float], gold: list[bool], level: float = 0.95
     if m < 2 or n < 2:
         return area, None, None
     variance = (sum((v - area) ** 2 for v in v10) / (m - 1) / m + sum((v - area) ** 2 for v in v01) / (n - 1) / n)
-    half = _z(level) * sqrt(variance)
+    half = Z * sqrt(variance)
     return area, max(0.0, area - half), min(1.0, area + half)

@@ -35,13 +35,10 @@ def collect(run_dir: str | Path) -> dict[int, list[dict]]:
     run_dir = Path(run_dir)
     rounds: dict[int, list[dict]] = defaultdict(list)
     order = list(yaml.safe_load((run_dir / "config.yaml").read_text())["stages"])
-    for round_dir in sorted(run_dir.glob("round_*")):
-        for name in order:
-            path = round_dir / name / MANIFEST
-            if path.exists():
-                m = read_json(path)
-                if m.get("done"):
-                    rounds[m["round"]].append(m)
+    paths = [round_dir / name / MANIFEST for round_dir in sorted(run_dir.glob("round_*")) for name in order]
+    for m in [read_json(path) for path in paths if path.exists()]:
+        if m.get("done"):
+            rounds[m["round"]].append(m)
     return dict(sorted(rounds.items()))
 
 
@@ -55,9 +52,7 @@ def table(run_dir: str | Path) -> tuple[list[str], list[list[str]]]:
     for round_index, stages in collect(run_dir).items():
         evals = evaluations(stages)
         others = [m.get("report", {}) for m in stages if not m.get("evaluates")]
-        row = {"round": str(round_index)}
-        if evals:
-            row.update(evals[-1].get("report", {}))
+        row = {"round": str(round_index), **(evals[-1].get("report", {}) if evals else {})}
         for column in {k for cells in others for k in cells}:  # several stages' cells for one column: all of them
             row[column] = ", ".join(cells[column] for cells in others if column in cells)
         row["seconds per stage"] = " ".join(f"{m['stage']}={m['seconds']:.0f}" for m in stages)

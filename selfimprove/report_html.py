@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import zip_longest
 from pathlib import Path
 
@@ -152,11 +152,8 @@ def _critics(rounds: dict[int, list[dict]]) -> str:
 
 def transitions(rows: list[dict]) -> dict[str, int]:
     """Counts of attempt 1 → attempt 2 outcomes (c = correct, i = incorrect) over two-attempt sample rows."""
-    out = {"c→c": 0, "c→i": 0, "i→c": 0, "i→i": 0}
-    for row in rows:
-        first, second = (bool(a["correct"]) for a in row["attempts"][:2])
-        out[f"{'ci'[not first]}→{'ci'[not second]}"] += 1
-    return out
+    counts = Counter("→".join("ci"[not a["correct"]] for a in row["attempts"][:2]) for row in rows)
+    return {key: counts[key] for key in ("c→c", "c→i", "i→c", "i→i")}
 
 
 def _transitions(run_dir: Path, rounds: dict[int, list[dict]]) -> str:
@@ -212,7 +209,6 @@ def _examples(run_dir: Path, rounds: dict[int, list[dict]], config: dict) -> str
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def _data(run_dir: Path, manifest: dict) -> list[dict]:
-    """The rows of the dataset a stage wrote (its output `data`)."""
     return load_rows(run_dir / f"round_{manifest['round']:03d}" / manifest["stage"] / "data")
 
 
