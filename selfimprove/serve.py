@@ -316,10 +316,6 @@ def _listening_ports(supervisor_pid: int, host: str) -> list[int]:
     return sorted(ports)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"  # bound to every interface: reach it on loopback from here
@@ -364,7 +360,8 @@ def main(args: argparse.Namespace) -> int:
     options = ServerOptions(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                             enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                             lora=args.lora or on_gpu)
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the command like Ctrl-C, through the same cleanup
+    # SIGTERM ends the command like Ctrl-C, through the same cleanup
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"starting {args.replicas} vLLM server(s) on {model}", flush=True)
     try:
         servers = launch(model, args.replicas, args.host, args.port, options, args.start_timeout, args.log_dir, on_gpu,

@@ -54,6 +54,14 @@ def folder_dtype(model_path: str) -> str:
     return cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
 
 
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """A prompt's token ids as `LLM.generate` (text) or `LLM.chat` (messages) tokenize it."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
+
+
 def lora_id(ids: dict[str, int], weights: Weights) -> int:
     """vLLM's integer id for `weights`' adapter, allocated in `ids`. vLLM caches a loaded adapter by this id, so it
     follows the adapter's content hash, not its folder: a retrained adapter written over an old one's folder gets
@@ -91,8 +99,8 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         kwargs = dict(
-            model=self.model_path, dtype=config.dtype if config.dtype != "auto" else folder_dtype(self.model_path), max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
+            model=self.model_path, dtype=config.dtype if config.dtype != "auto" else folder_dtype(self.model_path),
+            max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
             tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
             worker_extension_cls="selfimprove.engines.vllm_worker.WorkerExtension",
             # Sampled tokens' log-probabilities after temperature (and top-p), the distribution sampled from, which
@@ -118,8 +126,6 @@ class VLLMEngine(Engine):
 
         if not prompts:
             return []
-        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
-            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
         lora_request = self._use(weights)
         params = SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
@@ -146,18 +152,12 @@ class VLLMEngine(Engine):
             return []
         if not choices or not all(choices):
             raise ValueError(f"choices must be non-empty strings, got {choices!r}")
-        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
-            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
         lora_request = self._use(weights)
         tokenizer = self.llm.get_tokenizer()
         choice_ids = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
         requests, spans = [], []
         for prompt in prompts:
-            if isinstance(prompt, str):
-                ids = tokenizer.encode(prompt)  # as llm.generate tokenizes a text prompt
-            else:
-                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                ids = tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
+            ids = prompt_ids(tokenizer, prompt)
             for c in choice_ids:
                 requests.append({"prompt_token_ids": ids + c})
                 spans.append(range(len(ids), len(ids) + len(c)))
@@ -178,6 +178,8 @@ class VLLMEngine(Engine):
 
     def _use(self, weights: Weights):
         """Make `weights` the ones the next call generates with; return the LoRARequest if any."""
+        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
+            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
         if self.adapter_mode == "lora":
             if weights.adapter is None:
                 return None
@@ -205,8 +207,7 @@ class VLLMEngine(Engine):
 
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
             if shutdown:
                 shutdown()
             del llm

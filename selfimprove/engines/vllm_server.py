@@ -58,12 +58,13 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
 
 from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
 from ..registry import ENGINES
 from .base import Engine
+from .vllm_engine import cuda_available, prompt_ids
 
 __all__ = ["VLLMServerEngine", "ServedCompletion", "ServerError"]
 
@@ -198,20 +199,17 @@ class VLLMServerEngine(Engine):
         # Failover, all calls: servers found down, requests moved off a server that failed them, and the seconds
         # those failed attempts had run. The runner reports each stage's share.
         self.failover = {"servers_lost": 0, "requests_moved": 0, "seconds_lost": 0.0}
+        self.adapter_mode = config.adapter_mode
         try:
             if config.launch:
                 from ..serve import ServerOptions, launch
-                from .vllm_engine import cuda_available
 
                 on_gpu = cuda_available()
-                auto = "lora" if on_gpu else "merged"
-                self.adapter_mode = config.adapter_mode if config.adapter_mode != "auto" else auto
-                options = ServerOptions(
-                    dtype=config.dtype, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-                    enforce_eager=config.enforce_eager, cpu_kv_cache_gib=config.cpu_kv_cache_gib,
-                    gpu_memory_utilization=config.gpu_memory_utilization, lora=self.adapter_mode == "lora",
-                    max_lora_rank=config.max_lora_rank, max_loras=config.max_loras, extra_args=config.server_args,
-                )
+                if self.adapter_mode == "auto":
+                    self.adapter_mode = "lora" if on_gpu else "merged"
+                # The launched servers' flags, named alike in both (the engine config mirrors ServerOptions).
+                shared = {f.name: getattr(config, f.name) for f in fields(ServerOptions) if hasattr(config, f.name)}
+                options = ServerOptions(**shared, lora=self.adapter_mode == "lora", extra_args=config.server_args)
                 self.launched = launch(self.model_path, config.launch, config.host, config.port, options,
                                        config.start_timeout_s, on_gpu=on_gpu)
                 urls = self.launched.urls
@@ -220,9 +218,8 @@ class VLLMServerEngine(Engine):
             self._servers = [_Server(u, config) for u in urls]
             for server in self._servers:
                 self._connect(server)
-            if config.launch == 0:
-                self.adapter_mode = config.adapter_mode if config.adapter_mode != "auto" else (
-                    "merged" if all(s.device == "cpu" for s in self._servers) else "lora")
+            if self.adapter_mode == "auto":
+                self.adapter_mode = "merged" if all(s.device == "cpu" for s in self._servers) else "lora"
         except BaseException:
             self.close()
             raise
@@ -276,12 +273,7 @@ class VLLMServerEngine(Engine):
         choice_ids = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
 
         def job(prompt: Prompt) -> _Job:
-            # Tokenized exactly as the in-process engine's choice_logprobs does.
-            if isinstance(prompt, str):
-                ids = tokenizer.encode(prompt)
-            else:
-                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                ids = tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
+            ids = prompt_ids(tokenizer, prompt)  # exactly as the in-process engine's choice_logprobs
             sequences = [ids + c for c in choice_ids]
             spans = [range(len(ids), len(ids) + len(c)) for c in choice_ids]
 
