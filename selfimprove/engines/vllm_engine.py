@@ -26,6 +26,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Literal
 
+from ..artifacts import read_json
 from ..registry import ENGINES
 from .base import Engine
 from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
@@ -48,9 +49,7 @@ def set_cpu_environment(kv_cache_gib: int, in_process: bool) -> None:
 
 
 def folder_dtype(model_path: str) -> str:
-    import json
-
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    cfg = read_json(Path(model_path) / "config.json")
     return cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
 
 

@@ -64,6 +64,7 @@ from typing import Any, Callable, Literal
 from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
 from ..registry import ENGINES
 from .base import Engine
+from .merge import merged_folder
 from .vllm_engine import cuda_available, prompt_ids
 
 __all__ = ["VLLMServerEngine", "ServedCompletion", "ServerError"]
@@ -436,13 +437,6 @@ class VLLMServerEngine(Engine):
         with self._counts:  # servers sync in parallel threads
             self.weight_loads += 1
 
-    def _merged_path(self, weights: Weights) -> str | None:
-        if self.adapter_mode != "merged" or weights.adapter is None:
-            return None
-        from .merge import merged_folder
-
-        return str(merged_folder(weights))
-
     # --- dispatch ------------------------------------------------------------------------------------------
 
     def _run(self, jobs: list[_Job], weights: Weights, version: str | None) -> list:
@@ -451,7 +445,8 @@ class VLLMServerEngine(Engine):
 
         self._call += 1
         call = self._call
-        merged_path = self._merged_path(weights)
+        merged = self.adapter_mode == "merged" and weights.adapter is not None
+        merged_path = str(merged_folder(weights)) if merged else None
         if self.launched is not None:  # restart launched servers that died (it does not wait for them)
             self.launched.revive(lambda line: print(f"vllm_server: {line}", file=sys.stderr, flush=True))
         for server in self._servers:
