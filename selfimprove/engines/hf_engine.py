@@ -62,12 +62,11 @@ class HFEngine(Engine):
             # output_scores: the logits after generate's processors (temperature, top-p/top-k), so each sampled
             # token's log-probability is under the distribution it was drawn from.
             kwargs = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n,
-                          pad_token_id=self.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+                          pad_token_id=self.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+                          do_sample=sampling.temperature > 0)
             if sampling.temperature > 0:
                 # top_k=0: no top-k cut, as vLLM samples; generate's default (50) would truncate the distribution
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False)
+                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
             if sampling.stop:
                 kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
             with torch.no_grad():

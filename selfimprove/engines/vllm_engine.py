@@ -164,10 +164,8 @@ class VLLMEngine(Engine):
         # is the least vLLM allows.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
-        scores = []
-        for out, span in zip(outputs, spans):
-            ids = out.prompt_token_ids
-            scores.append(sum(out.prompt_logprobs[t][ids[t]].logprob for t in span))
+        scores = [sum(out.prompt_logprobs[t][out.prompt_token_ids[t]].logprob for t in span)
+                  for out, span in zip(outputs, spans)]
         k = len(choices)
         return [dict(zip(choices, scores[i * k:(i + 1) * k])) for i in range(len(prompts))]
 
