@@ -113,7 +113,6 @@ class _Server:
         )
         self.alive = True
         self.model = ""  # the served base model's name
-        self.root = ""  # the base model's path on the server
         self.device: str | None = None  # "cpu", "cuda", ... (None: the server has no /server_info)
         self.chunked_prefill: bool | None = None
         self.loaded: list[str] = []  # lora: this engine's adapters loaded there, least recently used first
@@ -318,9 +317,9 @@ class VLLMServerEngine(Engine):
         except (httpx.HTTPError, _Stale, _BadRequest, ServerError) as err:
             raise ServerError(f"vLLM server {server.url} does not answer /v1/models: {err}") from err
         base = next((m for m in models if not m.get("parent")), models[0])
-        server.model, server.root = base["id"], base.get("root") or base["id"]
-        if os.path.realpath(server.root) != os.path.realpath(self.model_path):
-            raise ServerError(f"vLLM server {server.url} serves {server.root}, this engine's base model is "
+        server.model, root = base["id"], base.get("root") or base["id"]  # root: the base model's path there
+        if os.path.realpath(root) != os.path.realpath(self.model_path):
+            raise ServerError(f"vLLM server {server.url} serves {root}, this engine's base model is "
                               f"{self.model_path}")
         try:
             info = server.get("/server_info", timeout=30)["vllm_config"]
