@@ -332,14 +332,10 @@ class VLLMServerEngine(Engine):
     def _version(self, weights: Weights) -> str | None:
         if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
             raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
-        if weights.adapter is None:
-            return None
-        return weights.adapter_hash or adapter_hash(weights.adapter)
+        return None if weights.adapter is None else weights.adapter_hash or adapter_hash(weights.adapter)
 
     def _model_name(self, server: _Server, version: str | None) -> str:
-        if self.adapter_mode == "lora" and version is not None:
-            return f"adapter-{version}"
-        return server.model
+        return f"adapter-{version}" if self.adapter_mode == "lora" and version is not None else server.model
 
     def _label(self, version: str | None) -> str:
         return VERSION_PREFIX + (version or "base")
