@@ -36,6 +36,7 @@ alone would not do: it is not inherited by the server's own children, and it fir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -115,17 +116,15 @@ class Server:
 
         ports = [self.port] if self.port else _listening_ports(self.process.pid, self.host)
         for port in ports:
-            try:
+            with contextlib.suppress(httpx.HTTPError):  # not listening yet, or another of its sockets
                 if httpx.get(f"http://{_url_host(self.host)}:{port}/health", timeout=2.0).status_code == 200:
                     self.port = port
                     return True
-            except httpx.HTTPError:
-                pass  # not listening yet, or another of its sockets
         return False
 
 
 @dataclass
-class Servers:
+class Servers(contextlib.AbstractContextManager):
     """Running servers started by `launch`; a context manager that stops them all on exit."""
 
     servers: list[Server]
@@ -201,9 +200,6 @@ class Servers:
                 # The supervisor hung or was killed by a signal before its sweep: kill the whole group.
                 signal_group(server.process.pid, signal.SIGKILL)
                 server.process.wait(timeout=10)
-
-    def __enter__(self) -> "Servers":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -308,11 +304,9 @@ def _listening_ports(supervisor_pid: int, host: str) -> list[int]:
         return []
     ports = set()
     for child in children:
-        try:
+        with contextlib.suppress(psutil.Error):
             ports |= {c.laddr.port for c in child.net_connections(kind="tcp")
                       if c.status == psutil.CONN_LISTEN and c.laddr.ip in wanted}
-        except psutil.Error:
-            pass
     return sorted(ports)
 
 

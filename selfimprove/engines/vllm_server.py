@@ -50,6 +50,7 @@ do); a sampled call refuses a CPU server that reports chunked prefill on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -423,10 +424,8 @@ class VLLMServerEngine(Engine):
         server.loaded.append(name)
         while len(server.loaded) > self.config.max_loras:
             old = server.loaded.pop(0)
-            try:
+            with contextlib.suppress(_Stale, _BadRequest):  # already gone (a restarted server)
                 server.post("/v1/unload_lora_adapter", {"lora_name": old}, timeout=60)
-            except (_Stale, _BadRequest):
-                pass  # already gone (a restarted server)
 
     def _count_load(self) -> None:
         with self._counts:  # servers sync in parallel threads
