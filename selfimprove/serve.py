@@ -36,6 +36,7 @@ alone would not do: it is not inherited by the server's own children, and it fir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -115,17 +116,15 @@ class Server:
 
         ports = [self.port] if self.port else _listening_ports(self.process.pid, self.host)
         for port in ports:
-            try:
+            with contextlib.suppress(httpx.HTTPError):  # not listening yet, or another of its sockets
                 if httpx.get(f"http://{_url_host(self.host)}:{port}/health", timeout=2.0).status_code == 200:
                     self.port = port
                     return True
-            except httpx.HTTPError:
-                pass  # not listening yet, or another of its sockets
         return False
 
 
 @dataclass
-class Servers:
+class Servers(contextlib.AbstractContextManager):
     """Running servers started by `launch`; a context manager that stops them all on exit."""
 
     servers: list[Server]
@@ -201,9 +200,6 @@ class Servers:
                 # The supervisor hung or was killed by a signal before its sweep: kill the whole group.
                 signal_group(server.process.pid, signal.SIGKILL)
                 server.process.wait(timeout=10)
-
-    def __enter__(self) -> "Servers":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -308,16 +304,10 @@ def _listening_ports(supervisor_pid: int, host: str) -> list[int]:
         return []
     ports = set()
     for child in children:
-        try:
+        with contextlib.suppress(psutil.Error):
             ports |= {c.laddr.port for c in child.net_connections(kind="tcp")
                       if c.status == psutil.CONN_LISTEN and c.laddr.ip in wanted}
-        except psutil.Error:
-            pass
     return sorted(ports)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _url_host(host: str) -> str:
@@ -364,7 +354,8 @@ def main(args: argparse.Namespace) -> int:
     options = ServerOptions(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                             enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                             lora=args.lora or on_gpu)
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the command like Ctrl-C, through the same cleanup
+    # SIGTERM ends the command like Ctrl-C, through the same cleanup
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"starting {args.replicas} vLLM server(s) on {model}", flush=True)
     try:
         servers = launch(model, args.replicas, args.host, args.port, options, args.start_timeout, args.log_dir, on_gpu,

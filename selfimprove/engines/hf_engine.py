@@ -56,19 +56,17 @@ class HFEngine(Engine):
         ]
         torch.manual_seed(seed)
         results: list[list[Completion]] = []
-        batches = range(0, len(texts), self.config.batch_size)
-        for start in batches:
+        for start in range(0, len(texts), self.config.batch_size):
             batch = texts[start:start + self.config.batch_size]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             # output_scores: the logits after generate's processors (temperature, top-p/top-k), so each sampled
             # token's log-probability is under the distribution it was drawn from.
             kwargs = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=sampling.n,
-                          pad_token_id=self.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+                          pad_token_id=self.tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+                          do_sample=sampling.temperature > 0)
             if sampling.temperature > 0:
                 # top_k=0: no top-k cut, as vLLM samples; generate's default (50) would truncate the distribution
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False)
+                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
             if sampling.stop:
                 kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
             with torch.no_grad():
@@ -76,12 +74,8 @@ class HFEngine(Engine):
             new = out.sequences[:, enc["input_ids"].shape[1]:]
             scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # (B·n, new tokens, vocab)
             logprobs = scores.gather(-1, new[:, :scores.shape[1], None]).squeeze(-1)
-            for i in range(len(batch)):
-                row = []
-                for j in range(sampling.n):
-                    k = i * sampling.n + j
-                    row.append(self._completion(new[k].tolist(), logprobs[k].tolist(), sampling))
-                results.append(row)
+            completions = [self._completion(ids, lps, sampling) for ids, lps in zip(new.tolist(), logprobs.tolist())]
+            results += [completions[i:i + sampling.n] for i in range(0, len(completions), sampling.n)]
         return results
 
     def choice_logprobs(self, prompts: list[Prompt], choices: list[str], weights: Weights) -> list[dict[str, float]]:

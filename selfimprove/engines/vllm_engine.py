@@ -26,6 +26,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Literal
 
+from ..artifacts import read_json
 from ..registry import ENGINES
 from .base import Engine
 from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
@@ -48,10 +49,16 @@ def set_cpu_environment(kv_cache_gib: int, in_process: bool) -> None:
 
 
 def folder_dtype(model_path: str) -> str:
-    import json
-
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    cfg = read_json(Path(model_path) / "config.json")
     return cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """A prompt's token ids as `LLM.generate` (text) or `LLM.chat` (messages) tokenize it."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
 
 
 def lora_id(ids: dict[str, int], weights: Weights) -> int:
@@ -91,8 +98,8 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         kwargs = dict(
-            model=self.model_path, dtype=config.dtype if config.dtype != "auto" else folder_dtype(self.model_path), max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
+            model=self.model_path, dtype=config.dtype if config.dtype != "auto" else folder_dtype(self.model_path),
+            max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
             tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
             worker_extension_cls="selfimprove.engines.vllm_worker.WorkerExtension",
             # Sampled tokens' log-probabilities after temperature (and top-p), the distribution sampled from, which
@@ -118,8 +125,6 @@ class VLLMEngine(Engine):
 
         if not prompts:
             return []
-        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
-            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
         lora_request = self._use(weights)
         params = SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
@@ -146,18 +151,12 @@ class VLLMEngine(Engine):
             return []
         if not choices or not all(choices):
             raise ValueError(f"choices must be non-empty strings, got {choices!r}")
-        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
-            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
         lora_request = self._use(weights)
         tokenizer = self.llm.get_tokenizer()
         choice_ids = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
         requests, spans = [], []
         for prompt in prompts:
-            if isinstance(prompt, str):
-                ids = tokenizer.encode(prompt)  # as llm.generate tokenizes a text prompt
-            else:
-                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                ids = tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
+            ids = prompt_ids(tokenizer, prompt)
             for c in choice_ids:
                 requests.append({"prompt_token_ids": ids + c})
                 spans.append(range(len(ids), len(ids) + len(c)))
@@ -165,10 +164,8 @@ class VLLMEngine(Engine):
         # is the least vLLM allows.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
-        scores = []
-        for out, span in zip(outputs, spans):
-            ids = out.prompt_token_ids
-            scores.append(sum(out.prompt_logprobs[t][ids[t]].logprob for t in span))
+        scores = [sum(out.prompt_logprobs[t][out.prompt_token_ids[t]].logprob for t in span)
+                  for out, span in zip(outputs, spans)]
         k = len(choices)
         return [dict(zip(choices, scores[i * k:(i + 1) * k])) for i in range(len(prompts))]
 
@@ -178,6 +175,8 @@ class VLLMEngine(Engine):
 
     def _use(self, weights: Weights):
         """Make `weights` the ones the next call generates with; return the LoRARequest if any."""
+        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
+            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
         if self.adapter_mode == "lora":
             if weights.adapter is None:
                 return None
@@ -205,8 +204,7 @@ class VLLMEngine(Engine):
 
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
             if shutdown:
                 shutdown()
             del llm

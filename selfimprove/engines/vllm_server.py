@@ -50,6 +50,7 @@ do); a sampled call refuses a CPU server that reports chunked prefill on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -58,12 +59,14 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
 
 from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
 from ..registry import ENGINES
 from .base import Engine
+from .merge import merged_folder
+from .vllm_engine import cuda_available, prompt_ids
 
 __all__ = ["VLLMServerEngine", "ServedCompletion", "ServerError"]
 
@@ -111,7 +114,6 @@ class _Server:
         )
         self.alive = True
         self.model = ""  # the served base model's name
-        self.root = ""  # the base model's path on the server
         self.device: str | None = None  # "cpu", "cuda", ... (None: the server has no /server_info)
         self.chunked_prefill: bool | None = None
         self.loaded: list[str] = []  # lora: this engine's adapters loaded there, least recently used first
@@ -198,20 +200,17 @@ class VLLMServerEngine(Engine):
         # Failover, all calls: servers found down, requests moved off a server that failed them, and the seconds
         # those failed attempts had run. The runner reports each stage's share.
         self.failover = {"servers_lost": 0, "requests_moved": 0, "seconds_lost": 0.0}
+        self.adapter_mode = config.adapter_mode
         try:
             if config.launch:
                 from ..serve import ServerOptions, launch
-                from .vllm_engine import cuda_available
 
                 on_gpu = cuda_available()
-                auto = "lora" if on_gpu else "merged"
-                self.adapter_mode = config.adapter_mode if config.adapter_mode != "auto" else auto
-                options = ServerOptions(
-                    dtype=config.dtype, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-                    enforce_eager=config.enforce_eager, cpu_kv_cache_gib=config.cpu_kv_cache_gib,
-                    gpu_memory_utilization=config.gpu_memory_utilization, lora=self.adapter_mode == "lora",
-                    max_lora_rank=config.max_lora_rank, max_loras=config.max_loras, extra_args=config.server_args,
-                )
+                if self.adapter_mode == "auto":
+                    self.adapter_mode = "lora" if on_gpu else "merged"
+                # The launched servers' flags, named alike in both (the engine config mirrors ServerOptions).
+                shared = {f.name: getattr(config, f.name) for f in fields(ServerOptions) if hasattr(config, f.name)}
+                options = ServerOptions(**shared, lora=self.adapter_mode == "lora", extra_args=config.server_args)
                 self.launched = launch(self.model_path, config.launch, config.host, config.port, options,
                                        config.start_timeout_s, on_gpu=on_gpu)
                 urls = self.launched.urls
@@ -220,9 +219,8 @@ class VLLMServerEngine(Engine):
             self._servers = [_Server(u, config) for u in urls]
             for server in self._servers:
                 self._connect(server)
-            if config.launch == 0:
-                self.adapter_mode = config.adapter_mode if config.adapter_mode != "auto" else (
-                    "merged" if all(s.device == "cpu" for s in self._servers) else "lora")
+            if self.adapter_mode == "auto":
+                self.adapter_mode = "merged" if all(s.device == "cpu" for s in self._servers) else "lora"
         except BaseException:
             self.close()
             raise
@@ -276,12 +274,7 @@ class VLLMServerEngine(Engine):
         choice_ids = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
 
         def job(prompt: Prompt) -> _Job:
-            # Tokenized exactly as the in-process engine's choice_logprobs does.
-            if isinstance(prompt, str):
-                ids = tokenizer.encode(prompt)
-            else:
-                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                ids = tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
+            ids = prompt_ids(tokenizer, prompt)  # exactly as the in-process engine's choice_logprobs
             sequences = [ids + c for c in choice_ids]
             spans = [range(len(ids), len(ids) + len(c)) for c in choice_ids]
 
@@ -325,9 +318,9 @@ class VLLMServerEngine(Engine):
         except (httpx.HTTPError, _Stale, _BadRequest, ServerError) as err:
             raise ServerError(f"vLLM server {server.url} does not answer /v1/models: {err}") from err
         base = next((m for m in models if not m.get("parent")), models[0])
-        server.model, server.root = base["id"], base.get("root") or base["id"]
-        if os.path.realpath(server.root) != os.path.realpath(self.model_path):
-            raise ServerError(f"vLLM server {server.url} serves {server.root}, this engine's base model is "
+        server.model, root = base["id"], base.get("root") or base["id"]  # root: the base model's path there
+        if os.path.realpath(root) != os.path.realpath(self.model_path):
+            raise ServerError(f"vLLM server {server.url} serves {root}, this engine's base model is "
                               f"{self.model_path}")
         try:
             info = server.get("/server_info", timeout=30)["vllm_config"]
@@ -340,14 +333,10 @@ class VLLMServerEngine(Engine):
     def _version(self, weights: Weights) -> str | None:
         if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
             raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
-        if weights.adapter is None:
-            return None
-        return weights.adapter_hash or adapter_hash(weights.adapter)
+        return None if weights.adapter is None else weights.adapter_hash or adapter_hash(weights.adapter)
 
     def _model_name(self, server: _Server, version: str | None) -> str:
-        if self.adapter_mode == "lora" and version is not None:
-            return f"adapter-{version}"
-        return server.model
+        return f"adapter-{version}" if self.adapter_mode == "lora" and version is not None else server.model
 
     def _label(self, version: str | None) -> str:
         return VERSION_PREFIX + (version or "base")
@@ -435,21 +424,12 @@ class VLLMServerEngine(Engine):
         server.loaded.append(name)
         while len(server.loaded) > self.config.max_loras:
             old = server.loaded.pop(0)
-            try:
+            with contextlib.suppress(_Stale, _BadRequest):  # already gone (a restarted server)
                 server.post("/v1/unload_lora_adapter", {"lora_name": old}, timeout=60)
-            except (_Stale, _BadRequest):
-                pass  # already gone (a restarted server)
 
     def _count_load(self) -> None:
         with self._counts:  # servers sync in parallel threads
             self.weight_loads += 1
-
-    def _merged_path(self, weights: Weights) -> str | None:
-        if self.adapter_mode != "merged" or weights.adapter is None:
-            return None
-        from .merge import merged_folder
-
-        return str(merged_folder(weights))
 
     # --- dispatch ------------------------------------------------------------------------------------------
 
@@ -459,7 +439,8 @@ class VLLMServerEngine(Engine):
 
         self._call += 1
         call = self._call
-        merged_path = self._merged_path(weights)
+        merged = self.adapter_mode == "merged" and weights.adapter is not None
+        merged_path = str(merged_folder(weights)) if merged else None
         if self.launched is not None:  # restart launched servers that died (it does not wait for them)
             self.launched.revive(lambda line: print(f"vllm_server: {line}", file=sys.stderr, flush=True))
         for server in self._servers:

@@ -46,8 +46,7 @@ class WorkerExtension:
         names = _with_fused_siblings(set(factors) | state["touched"], packed)
         missing = [n for n in names if n not in state["pristine"]]
         if missing:
-            files = sorted(Path(base).glob("*.safetensors"))
-            for file in files:
+            for file in sorted(Path(base).glob("*.safetensors")):
                 with safe_open(str(file), framework="pt") as f:
                     for name in set(missing) & set(f.keys()):
                         state["pristine"][name] = f.get_tensor(name)
@@ -60,7 +59,6 @@ class WorkerExtension:
             self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         state["touched"] = set(factors)
         return len(weights)
-
 
     def reload_folder(self, weights_path: str) -> None:
         """vLLM's in-place `reload_weights` from a model folder, without its expected warnings."""
