@@ -450,6 +450,19 @@ class VLLMServerEngine(Engine):
         live = [s for s in self._servers if s.alive]
         if not live:
             raise ServerError(f"no vLLM server answers /health: {self.urls}")
+        # Every live server takes this call's weights before any request, so a new version reaches all of them
+        # however the requests happen to spread (a fast server may take a whole small call). A failure here is
+        # met again, and handled, by that server's first request.
+        def sync(server: _Server) -> None:
+            with contextlib.suppress(Exception):
+                self._acquire(server, weights, version, call, merged_path)
+                self._release(server)
+
+        syncs = [threading.Thread(target=sync, args=(server,), daemon=True) for server in live]
+        for t in syncs:
+            t.start()
+        for t in syncs:
+            t.join()
 
         results: list = [None] * len(jobs)
         pending = deque(range(len(jobs)))
