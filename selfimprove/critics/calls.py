@@ -42,7 +42,9 @@ def judge_all(critic, samples: list[dict], calls: CriticCalls) -> tuple[list[Ver
     """One verdict per sample (in order) and the number of calls that timed out."""
     verdicts: list[Verdict | None] = [None] * len(samples)
     timeouts = 0
-    for weights, members in _by_weights(samples).items():
+    # samples grouped by the weights that produced them (a hashable form of the record)
+    keys = (tuple(sorted(w.items())) if isinstance(w := s.get("weights"), dict) else None for s in samples)
+    for weights, members in _groups(keys).items():
         if weights is not None and critic.context is not None:
             critic.context.weights = Weights.from_dict(dict(weights))
         for call in _calls(critic, [samples[i] for i in members], calls.batch_size):
@@ -62,12 +64,6 @@ def check_error_budget(stage: str, critic_id: str, verdicts: list[Verdict], call
             f"stage {stage}: critic {critic_id!r} failed on {len(failed)}/{len(verdicts)} samples "
             f"({rate:.1%} > max_error_rate {calls.max_error_rate:.1%}); first error: {failed[0].error}"
         )
-
-
-def _by_weights(samples: list[dict]) -> dict:
-    """Sample positions grouped by the weights that produced them (a hashable form of the record), in order."""
-    weights = [s.get("weights") for s in samples]
-    return _groups(tuple(sorted(w.items())) if isinstance(w, dict) else None for w in weights)
 
 
 def _groups(keys) -> dict:

@@ -40,12 +40,9 @@ class SelfVerifyCritic(Critic):
         c = self.config
         prompts = [self.conversation(s) for s in samples]
         logprobs = self.context.engine().choice_logprobs(prompts, [c.yes, c.no], self.context.weights)
-        verdicts = []
-        for lp in logprobs:
-            p = yes_probability(lp, c.yes, c.no)
-            verdicts.append(Verdict(score=p, label=p >= c.threshold,
-                                    rationale=f"P({c.yes})={p:.3f} (logprobs {lp[c.yes]:.3f} / {lp[c.no]:.3f})"))
-        return verdicts
+        return [Verdict(score=p, label=p >= c.threshold,
+                        rationale=f"P({c.yes})={p:.3f} (logprobs {lp[c.yes]:.3f} / {lp[c.no]:.3f})")
+                for lp in logprobs for p in [yes_probability(lp, c.yes, c.no)]]
 
     def conversation(self, sample: dict):
         prompt, completion = sample["prompt"], sample["completion"]

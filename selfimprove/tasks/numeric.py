@@ -33,9 +33,7 @@ def normalize_number(text: str | None) -> str | None:
         return None
     if not value.is_finite():
         return None
-    if value == value.to_integral_value():
-        return format(value.to_integral_value(), "f")
-    return format(value.normalize(), "f")
+    return format(value.to_integral_value() if value == value.to_integral_value() else value.normalize(), "f")
 
 
 def extract_strict(completion: str, pick: str = "last") -> str | None:
