@@ -153,8 +153,8 @@ def _check_stages(config: PipelineConfig, where: str) -> None:
                                   f"round; earlier stages: {', '.join(earlier) or '(none)'}")
         which = getattr(spec.config, "weights", None)
         if which not in (None, "policy", "latest", "base") and not (
-                which in earlier and earlier[which].target.produces_weights):
-            raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or an earlier "
+                which in config.stages and config.stages[which].target.produces_weights):
+            raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or a "
                               f"weights-producing stage")
         problems = getattr(spec.config, "problems", None)
         if problems is not None and problems.split not in splits:
@@ -354,10 +354,14 @@ class Runner:
         base = Weights(self.base_model, None, "base")
         if which == "base":
             return base
-        if which not in ("latest", "policy"):
-            return self._read_weights(round_index, which)
         names = list(self.pipeline.config.stages)
-        producers = [name for name, s in reversed(self.pipeline.config.stages.items()) if s.target.produces_weights]
+        if which not in ("latest", "policy"):  # a stage's newest weights from before `before`; the base before any
+            first = round_index if names.index(which) < names.index(before) else round_index - 1
+            return next((self._read_weights(r, which) for r in range(first, 0, -1)
+                         if is_done(self.stage_dir(r, which))), base)
+        # A judge's adapter (`role: judge`) is never the policy.
+        producers = [name for name, s in reversed(self.pipeline.config.stages.items())
+                     if s.target.produces_weights and getattr(s.config, "role", "policy") == "policy"]
         # Newest first: for `latest`, this round's producers before the asking stage; then, as for `policy`, the
         # producers of earlier rounds.
         found = [(round_index, p) for p in producers if which == "latest" and names.index(p) < names.index(before)]

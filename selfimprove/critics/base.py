@@ -52,6 +52,7 @@ class CriticContext:
     task: Any
     engine: Callable[[], Any] | None = None  # lazily built; call it to get the engine
     weights: Any = None  # the weights the samples were generated with
+    stage_weights: Callable[[str], Any] | None = None  # a stage's `weights:` name → Weights (StageContext.weights)
 
 
 class Critic:

@@ -3,7 +3,8 @@
 The sample's conversation is continued with one more user turn (`question`), and the score is the probability
 of `yes` against `no` as the first words of the model's reply, read from the engine's next-token log-probabilities
 (`Engine.choice_logprobs`) rather than from a sampled reply: P(yes) / (P(yes) + P(no)). Both probabilities
-come from the weights that generated the samples.
+come from the weights that generated the samples, or, with `weights:`, from the named ones: a judge's adapter
+trained by an earlier `role: judge` train stage (stages/judge.py), or `base`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class SelfVerifyCritic(Critic):
         yes: str = "Yes"
         no: str = "No"
         threshold: float = 0.5  # label = P(yes) >= threshold
+        weights: str | None = None  # judge with these weights (module docstring); None: the sample's own
 
         def __post_init__(self):
             if not self.yes or not self.no or self.yes == self.no:
@@ -39,9 +41,16 @@ class SelfVerifyCritic(Critic):
     def judge(self, samples: list[dict]) -> list[Verdict]:
         c = self.config
         prompts = [self.conversation(s) for s in samples]
-        logprobs = self.context.engine().choice_logprobs(prompts, [c.yes, c.no], self.context.weights)
+        weights = self.context.weights
+        if c.weights is not None:
+            if self.context.stage_weights is None:
+                raise ValueError(f"self_verify: weights: {c.weights!r} names other weights, which only a critique or "
+                                 f"rl stage resolves")
+            weights = self.context.stage_weights(c.weights)
+        logprobs = self.context.engine().choice_logprobs(prompts, [c.yes, c.no], weights)
+        by = f" by {weights.label}" if c.weights is not None else ""  # which judge, when not the sample's weights
         return [Verdict(score=p, label=p >= c.threshold,
-                        rationale=f"P({c.yes})={p:.3f} (logprobs {lp[c.yes]:.3f} / {lp[c.no]:.3f})")
+                        rationale=f"P({c.yes})={p:.3f} (logprobs {lp[c.yes]:.3f} / {lp[c.no]:.3f}){by}")
                 for lp in logprobs for p in [yes_probability(lp, c.yes, c.no)]]
 
     def conversation(self, sample: dict):

@@ -40,7 +40,8 @@ class StageContext(Protocol):
     def weights(self, which: str) -> Weights:
         """`policy`: the weights this round starts from (previous round's trained weights, or the base);
         `latest`: the newest weights in the run so far (this round's, if a stage produced some already);
-        `base`: the base model; or the name of a weights-producing stage of this round."""
+        `base`: the base model; or the name of a weights-producing stage: its weights of this round when it runs
+        earlier in the round, else its newest from earlier rounds, else the base model."""
 
     def input_dir(self, stage: str) -> Path:
         """The folder of a finished stage of this round."""

@@ -69,6 +69,15 @@ class Critique(Stage):
         return [config.samples]
 
     @classmethod
+    def check(cls, config, earlier: dict) -> None:
+        for critic in config.critics:  # a judge with weights of its own (self_verify's `weights:`)
+            which = getattr(critic.config, "weights", None)  # (combine's `weights` is a mapping)
+            if isinstance(which, str) and which not in ("base", "policy", "latest") and not (
+                    which in earlier and earlier[which].target.produces_weights):
+                raise ValueError(f"critic {critic.id!r}: weights: {which!r} is not base, policy, latest or an "
+                                 f"earlier weights-producing stage of the round")
+
+    @classmethod
     def critic_ids(cls, config) -> list[str]:
         """The ids its verdicts are filed under (what a filter's or pairs stage's `critic:` names)."""
         return [critic.id for critic in config.critics]
@@ -123,7 +132,7 @@ class Critique(Stage):
                 wanted = set(problem_ids)
                 chunk = [s for s in samples if s["problem_id"] in wanted]
                 if critic is None:  # built only when something is left to judge (a judge may load a model)
-                    critic = spec.build(CriticContext(task=ctx.task, engine=ctx.engine))
+                    critic = spec.build(CriticContext(task=ctx.task, engine=ctx.engine, stage_weights=ctx.weights))
                 inputs = [{**s, "verdicts": dict(earlier[s["sample_id"]])} for s in chunk]
                 verdicts, timed_out = judge_all(critic, inputs, c.calls)
                 timeouts += timed_out

@@ -94,7 +94,7 @@ class RL(Stage):
             self._commit(trainer, versions, 0, rows=None, metrics=None)
             done = [0]
         pool = c.problems.select(ctx.task.problems(c.problems.split), ctx.seed("problems"))
-        critic = c.critic.build(CriticContext(task=ctx.task, engine=ctx.engine))
+        critic = c.critic.build(CriticContext(task=ctx.task, engine=ctx.engine, stage_weights=ctx.weights))
         bar = tqdm(total=c.steps, initial=done[-1], desc=f"round {ctx.round} {ctx.stage}", unit="step", leave=False)
         try:
             for step in range(done[-1], c.steps):

@@ -6,6 +6,9 @@ adapter the round started from. With no examples (nothing passed the filter) the
 `on_empty: stop` (the default) stops the run with a message naming the data stage and what it reported;
 `on_empty: skip` records that nothing was trained and hands on the weights it would have started from.
 
+`role: judge` trains a judge's adapter (on a judge_data stage's rows, stages/judge.py): the run's policy never
+comes from it (`policy` and `latest` pass it by); a judge_data stage or a critic names it with `weights:`.
+
 `launch: {config: configs/accelerate/ddp.yaml, num_processes: 2}` trains under several processes (GPUs with
 accelerate, CPU processes with torchrun: trainers/launch.py), with the same global batch; the processes' output
 goes to `train.log` in the stage's folder. With `num_processes: 1` (the default) the trainer runs in this process.
@@ -40,6 +43,7 @@ class Train(Stage):
         trainer: TrainerSpec = field(default_factory=lambda: TrainerSpec.named("sft"))
         init: Literal["base", "policy"] = "base"
         on_empty: Literal["stop", "skip"] = "stop"  # what an empty training set does
+        role: Literal["policy", "judge"] = "policy"  # judge: the adapter is a judge's, never the policy
         launch: launcher.Launch = field(default_factory=launcher.Launch)  # processes to train with
 
         def __post_init__(self):
