@@ -12,7 +12,7 @@ from selfimprove.critics.self_verify import SelfVerifyCritic, yes_probability
 from selfimprove.pipeline import Runner, load_pipeline
 from selfimprove.records import Weights
 from selfimprove.shipped import root
-from selfimprove.stages.judge import judge_metrics, judgement_rows, perturb_question
+from selfimprove.stages.judge import compare_to_base, judge_metrics, judgement_rows, perturb_question
 from selfimprove.tasks.arithmetic import Arithmetic
 
 
@@ -58,7 +58,18 @@ def test_judge_metrics_by_hand():
     assert m["judge/auroc"] == pytest.approx(6.5 / 9)
     # gold: the answers scored 0.9 and 0.5 are right, 0.6 is wrong: 0.9 beats it, 0.5 does not
     assert m["judge/gold_auroc"] == pytest.approx(0.5) and m["judge/gold_accuracy"] == pytest.approx(2 / 3)
-    assert judge_metrics([({"answer": "", **right}, {})] * 2, [(0.9, 0.1), (0.2, 0.3)], task)["judge/gold_auroc"] is None
+    no_gold = [({**right, "answer": ""}, {})] * 2
+    assert judge_metrics(no_gold, [(0.9, 0.1), (0.2, 0.3)], task)["judge/gold_auroc"] is None
+
+
+def test_compare_to_base_by_hand():
+    trained = [(0.9, 0.1), (0.6, 0.7), (0.5, 0.5)]  # ranks pair 1 right (strictly)
+    base = [(0.2, 0.8), (0.6, 0.7), (0.9, 0.1)]  # ranks pair 3 right
+    m = compare_to_base(trained, base)
+    assert m["judge/base_auroc"] == pytest.approx(5 / 9)  # 0.2 beats 0.1; 0.6 beats 0.1; 0.9 beats all three
+    assert m["judge/vs_base_difference"] == 0 and m["judge/vs_base_p"] == 1.0  # one discordant pair each way
+    better = compare_to_base([(0.9, 0.1)] * 8, [(0.1, 0.9)] * 8)
+    assert better["judge/vs_base_difference"] == 1 and better["judge/vs_base_p"] == pytest.approx(2 / 2 ** 8)
 
 
 def test_judge_adapter_is_its_own_and_never_the_policy(engine, tiny_model, tmp_path):
@@ -72,6 +83,13 @@ def test_judge_adapter_is_its_own_and_never_the_policy(engine, tiny_model, tmp_p
     assert manifest[1, "judge_data"]["judge_weights"] == "base"
     assert manifest[2, "judge_data"]["judge_weights"] == "round_001/judge_train"
     assert manifest[2, "judge_data"]["measured"] == 6 and 0 <= manifest[2, "judge_data"]["judge/auroc"] <= 1
+    # the base judge on the same dev pairs, beside a trained judge only
+    assert "judge/base_auroc" not in manifest[1, "judge_data"] and 0 <= manifest[2, "judge_data"]["judge/base_auroc"]
+    kept = load_rows(run / "round_002" / "judge_data" / "pairs")
+    assert [r["measured"] for r in kept] == [True] * 6 + [False] * 6
+    # the worse side answered another question than the one in the pair's prompt
+    assert all(r["perturbed_question"] not in r["prompt"][-1]["content"] for r in kept)
+    assert all(0 <= r["better_score"] <= 1 and 0 <= r["worse_score"] <= 1 for r in kept)
     judge, policy = (read_json(run / "round_002" / s / "weights.json") for s in ("judge_train", "train"))
     assert judge["adapter_hash"] != policy["adapter_hash"] and judge["init"]["label"] == "base"
     assert policy["init"]["label"] == "round_001/train" == policy["policy"]["label"]

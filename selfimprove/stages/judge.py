@@ -12,11 +12,13 @@ Rows (the training-row schema of records.py) for the judge's train stage: on the
 judge ranked right (P(yes) of the better side higher), its conversation about each side with the reply it
 should give (`yes` for the better side, `no` for the worse): the judgements it got right, as STE fine-tunes on.
 
-Metrics, on the pairs of the `measure` problems (the first 64 of `dev` by default: the same every round, never
-trained on): `judge/pair_accuracy` (better side scored higher, ties half) and `judge/auroc` (better sides against worse
-ones) with DeLong's interval; where the problems carry gold answers, for the record only (nothing is selected by
+Metrics, on the pairs of the `measure` problems (the first 64 of `dev` by default: the same problems every round,
+never trained on): `judge/pair_accuracy` (better side scored higher, ties half) and `judge/auroc` (better sides
+against worse ones) with DeLong's interval; with a trained judge, the base model's judgement of the same pairs
+(`judge/base_auroc`) and the paired difference of the share of pairs each ranks right (`judge/vs_base_*`: Newcombe's
+interval, exact McNemar p); where the problems carry gold answers, for the record only (nothing is selected by
 them), `judge/gold_auroc`: the judge's scores of the policy's answers to x against their correctness, the number
-by which Self-Rewarding's untrained judge fell below chance.
+by which Self-Rewarding's untrained judge fell below chance. Every pair, with both scores, is kept in `pairs/`.
 
 Deviations from STE: the judge is pointwise (P(yes) that one answer is right) rather than a pairwise LLM judge
 with a sampled reasoning chain, so a right judgement is a pair whose two scores are in the right order and the
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from ..artifacts import save_rows
 from ..critics import CriticContext
 from ..critics.self_verify import SelfVerifyCritic
-from ..metrics import auroc_interval
+from ..metrics import auroc_interval, paired_difference
 from ..registry import STAGES
 from ..records import SamplingConfig
 from .base import Stage
@@ -73,6 +75,7 @@ def judgement_rows(pairs: list[tuple[dict, dict]], scores: list[tuple[float, flo
 
 @STAGES.register("judge_data")
 class JudgeData(Stage):
+    outputs = ("data", "pairs")
     @dataclass
     class Config:
         problems: ProblemSelection = field(default_factory=ProblemSelection)
@@ -106,14 +109,29 @@ class JudgeData(Stage):
         # Both sides are judged as answers to x: the worse side keeps x's prompt and columns, its own completion.
         pairs = [(good, {**good, "sample_id": bad["sample_id"], "completion": bad["completion"]})
                  for good, bad in zip(answers[:n], answers[n:])]
-        judge = SelfVerifyCritic(c.judge, CriticContext(task=ctx.task, engine=ctx.engine, weights=judge_weights))
-        verdicts = judge.judge([side for pair in pairs for side in pair])
-        scores = [(verdicts[2 * i].score, verdicts[2 * i + 1].score) for i in range(n)]
+        judge, scores = self._score(pairs, judge_weights)
         m = len(measured)
         rows = judgement_rows(pairs[m:], scores[m:], judge, ctx.stage)
         save_rows(rows, ctx.out_dir / "data")
+        save_rows([{"problem_id": good["problem_id"], "measured": i < m, "better_sample_id": good["sample_id"],
+                    "worse_sample_id": bad["sample_id"], "prompt": good["prompt"], "better": good["completion"],
+                    "worse": bad["completion"], "perturbed_question": question["question"], "better_score": gs,
+                    "worse_score": bs} for i, ((good, bad), (gs, bs), question) in enumerate(zip(pairs, scores,
+                                                                                                perturbed))],
+                  ctx.out_dir / "pairs")
+        metrics = judge_metrics(pairs[:m], scores[:m], ctx.task)
+        if judge_weights.adapter is not None:  # the untrained judge (the base) on the same pairs, for a paired test
+            _, base = self._score(pairs[:m], ctx.weights("base"))
+            metrics.update(compare_to_base(scores[:m], base))
         return {"problems": n - m, "measured": m, "examples": len(rows), "judge_weights": judge_weights.label,
-                **judge_metrics(pairs[:m], scores[:m], ctx.task)}
+                **metrics}
+
+    def _score(self, pairs: list[tuple[dict, dict]], weights) -> tuple[SelfVerifyCritic, list[tuple[float, float]]]:
+        """The judge with `weights`, and its (better, worse) P(yes) for each pair."""
+        ctx = self.ctx
+        judge = SelfVerifyCritic(self.config.judge, CriticContext(task=ctx.task, engine=ctx.engine, weights=weights))
+        verdicts = judge.judge([side for pair in pairs for side in pair])
+        return judge, [(verdicts[2 * i].score, verdicts[2 * i + 1].score) for i in range(len(pairs))]
 
     def _perturbable(self, problems: list[dict], field_name: str) -> list[dict]:
         """The problems whose question has a number to change; an error naming the field when fewer than two."""
@@ -147,3 +165,14 @@ def judge_metrics(pairs: list[tuple[dict, dict]], scores: list[tuple[float, floa
             goods, correct)
         out["judge/gold_accuracy"] = sum(correct) / len(correct)  # the policy's own, on these problems
     return out
+
+
+def compare_to_base(trained: list[tuple[float, float]], base: list[tuple[float, float]]) -> dict:
+    """The base judge's AUROC on the same pairs, and the paired difference (trained − base) of the share of pairs
+    each ranks right (strictly; metrics.paired_difference: Newcombe's interval, exact McNemar p)."""
+    goods, bads = [g for g, _ in base], [b for _, b in base]
+    auroc, low, high = auroc_interval(goods + bads, [True] * len(goods) + [False] * len(bads))
+    d = paired_difference([g > b for g, b in base], [g > b for g, b in trained])
+    return {"judge/base_auroc": auroc, "judge/base_auroc_ci_low": low, "judge/base_auroc_ci_high": high,
+            "judge/vs_base_difference": d.difference, "judge/vs_base_ci_low": d.ci_low,
+            "judge/vs_base_ci_high": d.ci_high, "judge/vs_base_p": d.p_value}
