@@ -346,16 +346,11 @@ class VLLMServerEngine(Engine):
         """Take a request slot on `server` once it holds `weights` (confirmed with it in this call). A sync waits
         for the server's in-flight requests to drain, so no answer straddles a weight change."""
         with server.cv:
-            while True:
-                while server.syncing:
-                    server.cv.wait()
-                if server.verified_call == call:
-                    server.inflight += 1
-                    return
-                if server.inflight == 0:
-                    server.syncing = True
-                    break
-                server.cv.wait()
+            server.cv.wait_for(lambda: not server.syncing and (server.verified_call == call or server.inflight == 0))
+            if server.verified_call == call:
+                server.inflight += 1
+                return
+            server.syncing = True
         try:
             if self.adapter_mode == "lora":
                 self._sync_lora(server, weights, version)
@@ -369,11 +364,9 @@ class VLLMServerEngine(Engine):
                 server.syncing = False
                 server.cv.notify_all()
 
-    def _release(self, server: _Server, stale: bool = False) -> None:
+    def _release(self, server: _Server) -> None:
         with server.cv:
             server.inflight -= 1
-            if stale:
-                server.verified_call = -1
             server.cv.notify_all()
 
     def _sync_merged(self, server: _Server, version: str | None, merged_path: str | None) -> None:
@@ -400,7 +393,8 @@ class VLLMServerEngine(Engine):
         held = server.get("/weight_info", timeout=30)["weight_version"]
         if held != label:
             raise _Stale(f"{server.url} reports weights {held!r} right after loading {label!r}")
-        self._count_load()
+        with self._counts:  # servers sync in parallel threads
+            self.weight_loads += 1
 
     def _sync_lora(self, server: _Server, weights: Weights, version: str | None) -> None:
         if version is None:
@@ -418,7 +412,8 @@ class VLLMServerEngine(Engine):
             served = {m["id"] for m in server.get("/v1/models", timeout=30)["data"]}
             if name not in served:
                 raise _Stale(f"{server.url} does not list adapter {name} after loading it")
-            self._count_load()
+            with self._counts:
+                self.weight_loads += 1
         if name in server.loaded:
             server.loaded.remove(name)
         server.loaded.append(name)
@@ -427,18 +422,13 @@ class VLLMServerEngine(Engine):
             with contextlib.suppress(_Stale, _BadRequest):  # already gone (a restarted server)
                 server.post("/v1/unload_lora_adapter", {"lora_name": old}, timeout=60)
 
-    def _count_load(self) -> None:
-        with self._counts:  # servers sync in parallel threads
-            self.weight_loads += 1
-
     # --- dispatch ------------------------------------------------------------------------------------------
 
     def _run(self, jobs: list[_Job], weights: Weights, version: str | None) -> list:
         """Run every job once, spread over the live servers; results in job order."""
         import httpx
 
-        self._call += 1
-        call = self._call
+        call = self._call = self._call + 1
         merged = self.adapter_mode == "merged" and weights.adapter is not None
         merged_path = str(merged_folder(weights)) if merged else None
         if self.launched is not None:  # restart launched servers that died (it does not wait for them)
@@ -486,16 +476,6 @@ class VLLMServerEngine(Engine):
                     return j
             return None
 
-        def fail(j: int, server: _Server | None, message: str) -> None:
-            self.retried += 1
-            attempts[j] += 1
-            if server is not None:
-                failed_on[j].add(server.url)
-            if attempts[j] > self.config.retries:
-                state["error"] = ServerError(f"request {j} failed {attempts[j]} times; last: {message}")
-            else:
-                pending.append(j)
-
         def attempt(server: _Server, j: int) -> tuple[str, Any]:
             """One try of job j on server: ("ok", result) or (outcome, error message)."""
             try:
@@ -504,7 +484,6 @@ class VLLMServerEngine(Engine):
                 return "fatal", err
             except (httpx.HTTPError, ServerError, _Stale, KeyError, ValueError) as err:
                 return "down", f"{server.url}: weight sync failed: {err!r}"
-            stale = False
             try:
                 body = server.post(jobs[j].path, jobs[j].body(server))
                 if self.adapter_mode == "merged":
@@ -513,25 +492,25 @@ class VLLMServerEngine(Engine):
                         raise _Stale(f"{server.url} holds {held!r}, not {self._label(version)!r}")
                 return "ok", jobs[j].parse(body, server)
             except _Stale as err:
-                stale = True
+                with server.cv:
+                    server.verified_call = -1  # resynced before its next request
                 return "stale", str(err)
             except _BadRequest as err:
                 return "fatal", err
             except (httpx.HTTPError, ServerError, KeyError, TypeError, ValueError) as err:
                 return "down", f"{server.url}: {err!r}"
             finally:
-                self._release(server, stale)
+                self._release(server)
 
         def worker(server: _Server) -> None:
             while True:
                 with lock:
-                    while True:
-                        if state["error"] is not None or state["done"] == len(jobs) or not server.alive:
-                            return
-                        j = next_job(server)
-                        if j is not None:
+                    while state["error"] is None and state["done"] < len(jobs) and server.alive:
+                        if (j := next_job(server)) is not None:
                             break
                         lock.wait(0.5)
+                    else:
+                        return
                 began = time.monotonic()
                 try:
                     outcome, value = attempt(server, j)
@@ -556,11 +535,16 @@ class VLLMServerEngine(Engine):
                         self.requests_per_server[server.url] += 1
                     elif outcome == "fatal":
                         state["error"] = value
-                    elif outcome == "stale":
-                        fail(j, None, value)  # the same server is fine once resynced
-                    else:
-                        fail(j, server, value)
-                        if not any(s.alive for s in self._servers) and state["error"] is None:
+                    else:  # stale: the same server is fine once resynced; down: another server takes it
+                        self.retried += 1
+                        attempts[j] += 1
+                        if outcome == "down":
+                            failed_on[j].add(server.url)
+                        if attempts[j] > self.config.retries:
+                            state["error"] = ServerError(f"request {j} failed {attempts[j]} times; last: {value}")
+                        else:
+                            pending.append(j)
+                        if outcome == "down" and not any(s.alive for s in self._servers) and state["error"] is None:
                             state["error"] = ServerError(f"every vLLM server is down; last error: {value}")
                     lock.notify_all()
 
