@@ -160,8 +160,7 @@ class VLLMEngine(Engine):
             for c in choice_ids:
                 requests.append({"prompt_token_ids": ids + c})
                 spans.append(range(len(ids), len(ids) + len(c)))
-        # prompt_logprobs=0: the log-probability of each prompt token itself, no alternatives. One generated token
-        # is the least vLLM allows.
+        # prompt_logprobs=0: each prompt token's own log-probability; one generated token is vLLM's minimum.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
         scores = [sum(out.prompt_logprobs[t][out.prompt_token_ids[t]].logprob for t in span)

@@ -237,8 +237,7 @@ class VLLMServerEngine(Engine):
         params = {
             "n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens, "stop": list(sampling.stop) or None, "return_token_ids": True,
-            # SamplingParams' own defaults, which the in-process engine uses; left out, the server would take
-            # them from the model's generation_config.
+            # SamplingParams' defaults, as in process, not the model's generation_config (module docstring)
             "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
         }
         version = self._version(weights)
@@ -551,17 +550,13 @@ class VLLMServerEngine(Engine):
         choices = sorted(body["choices"], key=lambda c: c["index"])
         if len(choices) != n:
             raise ServerError(f"{server.url}: {len(choices)} completions for n={n}")
-        out = []
-        for c in choices:
-            text = c["text"] if "text" in c else (c["message"].get("content") or "")
-            ids = c.get("token_ids")
-            if ids is None:
-                raise ServerError(f"{server.url} did not return token_ids: it needs a vLLM with return_token_ids")
-            # No log-probabilities: a server returns vLLM's raw (pre-temperature) ones unless it was started with
-            # --logprobs-mode processed_logprobs, which this client cannot check; the RL sampler gap is not measured.
-            out.append(ServedCompletion(text, c.get("finish_reason") or "stop", len(ids), list(ids),
-                                        adapter_hash=version, server=server.url))
-        return out
+        if any(c.get("token_ids") is None for c in choices):
+            raise ServerError(f"{server.url} did not return token_ids: it needs a vLLM with return_token_ids")
+        # No log-probabilities: a server returns vLLM's raw (pre-temperature) ones unless it was started with
+        # --logprobs-mode processed_logprobs, which this client cannot check; the RL sampler gap is not measured.
+        return [ServedCompletion(c["text"] if "text" in c else (c["message"].get("content") or ""),
+                                 c.get("finish_reason") or "stop", len(c["token_ids"]), list(c["token_ids"]),
+                                 adapter_hash=version, server=server.url) for c in choices]
 
     @functools.cached_property
     def _tokenizer(self):
