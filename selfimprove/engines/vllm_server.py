@@ -402,9 +402,7 @@ class VLLMServerEngine(Engine):
                 raise _Stale(f"{server.url} does not list adapter {name} after loading it")
             with self._counts:
                 self.weight_loads += 1
-        if name in server.loaded:
-            server.loaded.remove(name)
-        server.loaded.append(name)
+        server.loaded = [n for n in server.loaded if n != name] + [name]  # most recently used last
         while len(server.loaded) > self.config.max_loras:
             old = server.loaded.pop(0)
             with contextlib.suppress(_Stale, _BadRequest):  # already gone (a restarted server)
