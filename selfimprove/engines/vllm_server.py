@@ -371,7 +371,7 @@ class VLLMServerEngine(Engine):
                     timeout=max(600.0, self.config.request_timeout_s))
         # Cached prefix blocks were computed with the old weights. The reset fails while blocks are held
         # (another client's running requests): retry briefly.
-        for attempt in range(20):
+        for _ in range(20):
             if server.post("/reset_prefix_cache", timeout=60)["success"]:
                 break
             time.sleep(0.25)
