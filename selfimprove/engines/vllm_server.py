@@ -228,12 +228,10 @@ class VLLMServerEngine(Engine):
             path, key = "/v1/chat/completions", "messages"
         else:
             raise TypeError("prompts must be all chat message lists or all strings")
-        if sampling.temperature > 0:
-            unsafe = [s.url for s in self._servers if s.device == "cpu" and s.chunked_prefill]
-            if unsafe:
-                raise ServerError(
-                    f"sampling with a seed would kill these vLLM-CPU servers, which run with chunked prefill: "
-                    f"{unsafe}; start them with --no-enable-chunked-prefill (selfimprove serve does)")
+        unsafe = [s.url for s in self._servers if s.device == "cpu" and s.chunked_prefill and sampling.temperature > 0]
+        if unsafe:
+            raise ServerError(f"sampling with a seed would kill these vLLM-CPU servers, which run with chunked prefill:"
+                              f" {unsafe}; start them with --no-enable-chunked-prefill (selfimprove serve does)")
         params = {
             "n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens, "stop": list(sampling.stop) or None, "return_token_ids": True,
