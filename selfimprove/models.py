@@ -86,7 +86,7 @@ def prepare_model(ref: str) -> Path:
     if spec.source == "local":
         return Path(spec.path).expanduser().resolve()
     out = cache_dir() / "models" / spec.name
-    fingerprint = _fingerprint(spec)
+    fingerprint = hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
     marker = out / "prepared.json"
     if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
         return out
@@ -102,10 +102,6 @@ def prepare_model(ref: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _fingerprint(spec: ModelSpec) -> str:
-    return hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _from_gguf_package(spec: ModelSpec, out: Path) -> None:

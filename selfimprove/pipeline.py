@@ -207,9 +207,7 @@ class Runner:
         self.pipeline = pipeline
         cfg = pipeline.config
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_dir) / cfg.name
-        self.log = log
-        self._engine = engine
-        self._owns_engine = engine is None
+        self.log, self._engine, self._owns_engine = log, engine, engine is None
         self.task = cfg.task.build()
         self.base_model = ""
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -228,8 +228,7 @@ def _check(split: str, source: Source, columns: Columns, breakdown: tuple[str, .
             raise ValueError(f"{field_key}: {column!r} is not a column of the {split} data ({source.describe()}); "
                              f"its columns: {', '.join(first)}")
     try:  # one row at a time, nothing kept but the ids: a bad row is found here, not minutes into the run
-        for _ in _problems(source, columns, breakdown, grader):
-            pass
+        deque(_problems(source, columns, breakdown, grader), maxlen=0)
     except ValueError as err:
         raise ValueError(f"{key}: {err}") from None
 
