@@ -86,7 +86,7 @@ def prepare_model(ref: str) -> Path:
     if spec.source == "local":
         return Path(spec.path).expanduser().resolve()
     out = cache_dir() / "models" / spec.name
-    fingerprint = _fingerprint(spec)
+    fingerprint = hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
     marker = out / "prepared.json"
     if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
         return out
@@ -102,10 +102,6 @@ def prepare_model(ref: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _fingerprint(spec: ModelSpec) -> str:
-    return hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
@@ -164,10 +160,8 @@ def model_identity(folder: Path) -> dict:
 def check_chat_template(folder: Path, model: str) -> None:
     """A task that builds chat prompts needs a model whose tokenizer has a chat template (transformers keeps it in
     chat_template.jinja, or in tokenizer_config.json for older folders). Read from files: nothing is loaded."""
-    if (folder / "chat_template.jinja").exists():
-        return
     config = folder / "tokenizer_config.json"
-    if config.exists() and json.loads(config.read_text()).get("chat_template"):
+    if (folder / "chat_template.jinja").exists() or config.exists() and read_json(config).get("chat_template"):
         return
     raise ConfigError(f"model {model!r} ({folder}) has no chat template, but the task builds chat prompts: set the "
                       f"task's `prompt_format` to a text format (e.g. fewshot), or use an instruct model")
@@ -195,16 +189,13 @@ def check_adapter_fits(adapter: str | Path, folder: Path, where: str, key: str) 
                 in_features = f.get_slice(name).get_shape()[-1]
                 if (layers is not None and layer is not None and layer >= layers) or (
                         hidden is not None and module in READS_RESIDUAL and in_features != hidden):
+                    cfg = Path(adapter) / "adapter_config.json"
+                    base = read_json(cfg).get("base_model_name_or_path", "unknown") if cfg.exists() else "unknown"
                     raise ConfigError(
                         f"{where}: {key}: adapter {adapter} was trained for another base model: its {name} has "
                         f"{in_features} inputs (layer {layer}), but {folder.name} has hidden size {hidden} and "
                         f"{layers} layers. Use an adapter trained on this model, or set `model:` to the adapter's "
-                        f"base ({_adapter_base(adapter)})")
+                        f"base ({base})")
 
 
 READS_RESIDUAL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
-
-
-def _adapter_base(adapter: str | Path) -> str:
-    cfg = Path(adapter) / "adapter_config.json"
-    return json.loads(cfg.read_text()).get("base_model_name_or_path", "unknown") if cfg.exists() else "unknown"

@@ -29,7 +29,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -43,7 +43,7 @@ from .lifecycle import RunLock, peak_memory_mib, reap_children_on_exit
 from .models import check_adapter_fits, check_chat_template, load_spec, prepare_model
 from .registry import EngineSpec, StageSpec, TaskSpec
 from .trackers import TrackerSpec
-from .report import markdown_table
+from .report import collect, markdown_table
 from .report_html import write_report
 
 
@@ -73,16 +73,12 @@ class PipelineConfig:
             raise ValueError("stages: a pipeline needs at least one stage")
 
 
-@dataclass(frozen=True)
-class PlannedStage:
-    """A stage of the pipeline: its name (its key under `stages:`) and its resolved spec."""
+class PlannedStage(NamedTuple):
+    """A stage of the pipeline: its name (its key under `stages:`), its resolved spec and the spec's config."""
 
     name: str
     spec: StageSpec
-
-    @property
-    def config(self) -> Any:
-        return self.spec.config
+    config: Any
 
 
 @dataclass
@@ -94,7 +90,7 @@ class Pipeline:
 
     @property
     def stages(self) -> list[PlannedStage]:
-        return [PlannedStage(name, spec) for name, spec in self.config.stages.items()]
+        return [PlannedStage(name, spec, spec.config) for name, spec in self.config.stages.items()]
 
 
 def load_pipeline(path: str | Path | None, overrides: list[str] = (), data: dict | None = None) -> Pipeline:
@@ -189,9 +185,7 @@ class StageRun:
     def __init__(self, runner: "Runner", round_index: int, stage: str):
         self.runner, self.round, self.stage = runner, round_index, stage
         self.out_dir = runner.stage_dir(round_index, stage)
-        self.task = runner.task
-        self.base_model = runner.base_model
-        self.engine = runner.engine
+        self.task, self.base_model, self.engine = runner.task, runner.base_model, runner.engine
 
     def seed(self, *parts: Any) -> int:
         return derive_seed(self.runner.pipeline.config.seed, self.round, self.stage, *parts)
@@ -213,9 +207,7 @@ class Runner:
         self.pipeline = pipeline
         cfg = pipeline.config
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_dir) / cfg.name
-        self.log = log
-        self._engine = engine
-        self._owns_engine = engine is None
+        self.log, self._engine, self._owns_engine = log, engine, engine is None
         self.task = cfg.task.build()
         self.base_model = ""
 
@@ -333,10 +325,8 @@ class Runner:
             return
 
     def _rebuild_metrics(self) -> None:
-        manifests = [round_dir / name / MANIFEST for round_dir in sorted(self.run_dir.glob("round_*"))
-                     for name in self.pipeline.config.stages]
         lines = [{"round": m["round"], "stage": m["stage"], "type": m["type"], "seconds": m["seconds"], **m["metrics"]}
-                 for m in map(read_json, filter(Path.exists, manifests))]
+                 for stages in collect(self.run_dir).values() for m in stages]
         tmp = self.run_dir / ".metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
         tmp.replace(self.run_dir / "metrics.jsonl")

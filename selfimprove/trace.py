@@ -47,7 +47,6 @@ def trace(run_dir: str | Path, sample_id: str) -> dict:
         raise UnknownSample(f"no sample {sample_id!r} in {run_dir}; "
                             + (f"sample ids look like: {', '.join(ids)}" if ids else "it has no samples yet"))
     manifest, sample = found
-    stage_configs = config.get("stages", {})
     out = {
         "sample_id": sample_id, "round": manifest["round"], "stage": manifest["stage"], "type": manifest["type"],
         "problem_id": sample.get("problem_id"), "answer": sample.get("answer"), "prompt": sample["prompt"],
@@ -62,7 +61,7 @@ def trace(run_dir: str | Path, sample_id: str) -> dict:
     out["verdicts"] = [{"stage": m["stage"], **{k: v[k] for k in ("critic", "score", "label", "rationale", "error")}}
                        for m, rows in data.round(manifest["round"]) for v in rows
                        if "critic" in v and v.get("sample_id") == sample_id]
-    out["used_in"] = _uses(data, manifest, sample, stage_configs)
+    out["used_in"] = _uses(data, manifest, sample, config.get("stages", {}))
     return out
 
 
@@ -90,9 +89,7 @@ class _Data:
     """The run's datasets (`data` outputs of finished stages), each loaded once, on first use."""
 
     def __init__(self, run_dir: Path, rounds: dict[int, list[dict]]):
-        self.run_dir = run_dir
-        self.rounds = rounds
-        self._rows: dict[tuple[int, str], list[dict]] = {}
+        self.run_dir, self.rounds, self._rows = run_dir, rounds, {}  # _rows: (round, stage) → its rows
 
     def rows(self, m: dict) -> list[dict]:
         key = (m["round"], m["stage"])

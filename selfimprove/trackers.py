@@ -25,6 +25,7 @@ import math
 import numbers
 from pathlib import Path
 
+from .artifacts import read_json, write_json
 from .config import ConfigError
 from .registry import TRACKERS, Component
 
@@ -74,7 +75,7 @@ class Trackers:
         self.specs, self.run_dir, self.config = list(specs), Path(run_dir), config
         self.stage = ""  # the stage running now: training and RL steps are logged under "<stage>/step/"
         self.state_path = self.run_dir / "trackers.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"step": 0, "ids": {}}
+        self.state = read_json(self.state_path) if self.state_path.exists() else {"step": 0, "ids": {}}
         self.trackers: list[Tracker] = []
 
     def __enter__(self) -> "Trackers":
@@ -84,7 +85,7 @@ class Trackers:
             tracker.start(self.config)
             self.state["ids"][spec.name] = tracker.run_id
             self.trackers.append(tracker)
-        self._save()
+        write_json(self.state_path, self.state)
         _ACTIVE = self if self.trackers else None
         return self
 
@@ -93,7 +94,7 @@ class Trackers:
         _ACTIVE = None
         for tracker in self.trackers:
             tracker.finish()
-        self._save()
+        write_json(self.state_path, self.state)
 
     def log(self, metrics: dict, prefix: str = "") -> None:
         scalars = {f"{prefix}{k}": float(v) for k, v in metrics.items()
@@ -103,13 +104,7 @@ class Trackers:
         self.state["step"] += 1
         for tracker in self.trackers:
             tracker.log(scalars, self.state["step"])
-        self._save()
-
-    def _save(self) -> None:
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state))
-        tmp.replace(self.state_path)
+        write_json(self.state_path, self.state)
 
 
 @TRACKERS.register("tensorboard")

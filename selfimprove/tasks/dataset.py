@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -179,7 +179,8 @@ class DatasetTask(Task):
         source = getattr(self.config, split)
         if source is None:
             return None
-        stamp = _stamp(source)
+        stat = Path(source.path).stat() if source.path is not None else None
+        stamp = (stat.st_mtime_ns, stat.st_size) if stat else ()
         if self._read_at.get(split, (None,))[0] != stamp:
             self._read_at[split] = stamp, list(_problems(source, self.config.columns, self.breakdown, self.grader))
         return self._read_at[split][1]
@@ -227,21 +228,12 @@ def _check(split: str, source: Source, columns: Columns, breakdown: tuple[str, .
             raise ValueError(f"{field_key}: {column!r} is not a column of the {split} data ({source.describe()}); "
                              f"its columns: {', '.join(first)}")
     try:  # one row at a time, nothing kept but the ids: a bad row is found here, not minutes into the run
-        for _ in _problems(source, columns, breakdown, grader):
-            pass
+        deque(_problems(source, columns, breakdown, grader), maxlen=0)
     except ValueError as err:
         raise ValueError(f"{key}: {err}") from None
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
-def _stamp(source: Source) -> tuple:
-    """An edited file is read again, an unchanged one is not."""
-    if source.path is None:
-        return ()
-    stat = Path(source.path).stat()
-    return stat.st_mtime_ns, stat.st_size
-
-
 @contextmanager
 def _offline():
     """`datasets` reads its offline flag at call time: forcing it makes load_dataset use the local cache only."""
@@ -291,7 +283,7 @@ def _rows(source: Source):
             if builder == "csv":  # cells are text as written; pandas' guessing reads "007" as 7 and "3.50" as 3.5
                 header = next(iter(load_dataset(builder, data_files=source.path, split="train", streaming=True,
                                                 **options)), None)
-                options["features"] = Features({name: Value("string") for name in header or ()}) if header else None
+                options["features"] = Features({name: Value("string") for name in header}) if header else None
             yield from load_dataset(builder, data_files=source.path, split="train", streaming=True, **options)
     except (ValueError, OSError, DatasetGenerationError) as err:
         raise ValueError(f"cannot read {source.path} as {Path(source.path).suffix[1:]}: "
@@ -310,9 +302,6 @@ def _bad_json_line(path: str) -> str | None:
             except json.JSONDecodeError as err:
                 return f"line {number} is not valid JSON: {err}"
     return None
-
-
-_FIX_ROW = "fix or drop that row; if the whole column reads like this, "
 
 
 def _problems(source: Source, columns: Columns, breakdown: tuple[str, ...], grader):
@@ -335,7 +324,8 @@ def _problems(source: Source, columns: Columns, breakdown: tuple[str, ...], grad
             answer = grader.gold(str(value).strip()) if value is not None and str(value).strip() else None
             if answer is None:
                 raise ValueError(f"{where}, column {columns.answer!r} (columns.answer): {value!r} is not an answer "
-                                 f"the {grader.name} grader can read; {_FIX_ROW}{grader.gold_help}")
+                                 f"the {grader.name} grader can read; fix or drop that row; if the whole column reads "
+                                 f"like this, {grader.gold_help}")
         if columns.id is not None:
             problem_id = str(row[columns.id])
             if problem_id in ids:
