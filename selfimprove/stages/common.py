@@ -9,15 +9,14 @@ from dataclasses import dataclass
 
 @dataclass
 class ProblemSelection:
-    """Training problems: a subset of a split, drawn afresh each round unless `shuffle` is off."""
+    """Training problems: `num_problems` of a split, a random subset (kept in the split's order) drawn afresh each
+    round (seeded by run seed and round), or with `shuffle: false` the first ones."""
 
     split: str = "train"
     num_problems: int | None = None  # None = the whole split
-    # Draw a fresh random subset each round (seeded by run seed and round); false = the first num_problems.
     shuffle: bool = True
 
     def select(self, problems: list[dict], seed: int) -> list[dict]:
-        """`num_problems` of them: a seeded random subset (kept in the split's order) when shuffling, else the first."""
         if self.num_problems is None or self.num_problems >= len(problems) or not self.shuffle:
             return list(problems[: self.num_problems])
         chosen = sorted(random.Random(seed).sample(range(len(problems)), self.num_problems))

@@ -85,7 +85,7 @@ class Critique(Stage):
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
         samples = load_rows(ctx.input_dir(c.samples) / "data")
-        gold = self._gold(samples) if c.quality else [None] * len(samples)
+        gold = [self._gold(s) for s in samples] if c.quality else [None] * len(samples)
         chunks = c.chunking.split(sorted({s["problem_id"] for s in samples}))
         earlier: dict[str, dict] = defaultdict(dict)  # sample id → {critic id: verdict row}
         rows: list[dict] = []
@@ -151,11 +151,10 @@ class Critique(Stage):
         order = {s["sample_id"]: i for i, s in enumerate(samples)}
         return sorted(rows, key=lambda r: order[r["sample_id"]]), timeouts
 
-    def _gold(self, samples: list[dict]) -> list[bool | None]:
+    def _gold(self, s: dict) -> bool | None:
         """task.grade's verdict where the sample has a gold answer; None where it has none or grading failed."""
-        return [self._grade(s) if s.get("answer") else None for s in samples]
-
-    def _grade(self, s: dict) -> bool | None:
+        if not s.get("answer"):
+            return None
         try:
             return bool(call_with_timeout(self.config.calls.timeout, self.ctx.task.grade, s, s["completion"]).correct)
         except Exception as err:  # noqa: BLE001 - TimedOut included; such a sample just has no gold
@@ -166,11 +165,9 @@ class Critique(Stage):
 def critic_metrics(critic_id: str, rows: list[dict], gold: list[bool | None], timeouts: int) -> dict:
     """Counts for one critic (`invalid` next to `positive`, so both reach the console line), plus its quality
     against gold where gold is known."""
-    n = len(rows)
-    invalid = sum(r["error"] is not None for r in rows)
     positive = sum(bool(r["label"]) for r in rows)
-    out = {f"{critic_id}/positive": positive, f"{critic_id}/invalid": invalid,
-           f"{critic_id}/positive_rate": positive / n if n else 0.0, f"{critic_id}/timeouts": timeouts,
+    out = {f"{critic_id}/positive": positive, f"{critic_id}/invalid": sum(r["error"] is not None for r in rows),
+           f"{critic_id}/positive_rate": positive / len(rows) if rows else 0.0, f"{critic_id}/timeouts": timeouts,
            f"{critic_id}/unlabelled": sum(r["error"] is None and r["label"] is None for r in rows)}
     judged = [(r, g) for r, g in zip(rows, gold) if g is not None and r["error"] is None]
     if judged:

@@ -85,10 +85,9 @@ class Filter(Stage):
         ctx, c = self.ctx, self.config
         kept: dict[str, list[dict]] = defaultdict(list)
         counts: dict[str, int] = defaultdict(int)
-        threshold = c.min_score
-        if c.min_score_from:
-            chosen = read_json(ctx.input_dir(c.min_score_from) / "manifest.json")["metrics"].get("adapt/threshold")
-            threshold = chosen if chosen is not None else threshold
+        chosen = (read_json(ctx.input_dir(c.min_score_from) / "manifest.json")["metrics"].get("adapt/threshold")
+                  if c.min_score_from else None)
+        threshold = c.min_score if chosen is None else chosen
         monitored: list[dict] = []
         for source in c.sources:
             samples = load_rows(ctx.input_dir(source.samples) / "data")
@@ -153,11 +152,6 @@ class Filter(Stage):
 
 def _best_per_problem(joined: list[tuple[dict, dict | None]]) -> dict[str, str]:
     """Per problem, the sample id with the highest valid score (the first of equal ones)."""
-    best: dict[str, tuple[float, str]] = {}
-    for sample, verdict in joined:
-        if verdict is None or verdict["error"] is not None or verdict["score"] is None:
-            continue
-        pid = sample["problem_id"]
-        if pid not in best or verdict["score"] > best[pid][0]:
-            best[pid] = (verdict["score"], sample["sample_id"])
-    return {pid: sample_id for pid, (_, sample_id) in best.items()}
+    scored = [(s, v["score"]) for s, v in joined if v is not None and v["error"] is None and v["score"] is not None]
+    # ascending by score, equal scores in reverse order: each problem's last entry is its best (first of equal ones)
+    return {s["problem_id"]: s["sample_id"] for s, _ in sorted(reversed(scored), key=lambda x: x[1])}
