@@ -77,10 +77,10 @@ def unsolved_problem_ids(verdicts: list[dict], critic: str | None, stage: str) -
     return judged - solved
 
 
-def join_verdicts(samples: list[dict], verdicts: list[dict]) -> list[dict]:
-    """Each sample with `verdicts`: {critic id: verdict row} for the critics that judged it."""
+def join_verdicts(samples: list[dict], verdicts: list[dict], critic: str | None, stage: str) -> list[tuple]:
+    """Each sample with the deciding critic's verdict on it (`pick_verdict`) among stage `stage`'s verdict rows."""
     by_sample = _by_sample(verdicts)
-    return [{**s, "verdicts": by_sample.get(s["sample_id"], {})} for s in samples]
+    return [(s, pick_verdict(by_sample.get(s["sample_id"], {}), critic, stage)) for s in samples]
 
 
 def _by_sample(verdicts: list[dict]) -> dict[str, dict]:

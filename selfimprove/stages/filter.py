@@ -36,7 +36,7 @@ from ..artifacts import load_rows, read_json, save_rows
 from ..monitor import N_STAR, monitor_round
 from ..registry import STAGES
 from .base import Stage
-from .common import check_critic_choice, join_verdicts, pick_verdict, selected
+from .common import check_critic_choice, join_verdicts, selected
 
 
 @dataclass
@@ -92,9 +92,8 @@ class Filter(Stage):
         for source in c.sources:
             samples = load_rows(ctx.input_dir(source.samples) / "data")
             monitored = monitored or samples
-            verdicts = load_rows(ctx.input_dir(source.verdicts) / "data")
-            joined = [(s, pick_verdict(s["verdicts"], c.critic, source.verdicts))
-                      for s in join_verdicts(samples, verdicts)]
+            joined = join_verdicts(samples, load_rows(ctx.input_dir(source.verdicts) / "data"), c.critic,
+                                   source.verdicts)
             best = _best_per_problem(joined) if c.best_of else None
             for sample, verdict in joined:
                 if verdict is not None and verdict["error"] is not None:
