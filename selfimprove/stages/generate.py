@@ -138,13 +138,12 @@ class Generate(Stage):
             raise RuntimeError(f"adapt: on {len(probe)} probe problems no candidate setting kept a correct sample "
                                f"(graded against gold answers), so the balance score cannot choose; widen "
                                f"temperatures / thresholds or probe_problems")
-        best = choose_setting([((r["temperature"], r["threshold"]), r["balance"]) for r in results])
+        best = choose_setting([(r, r["balance"]) for r in results])  # the first of equal balances
         for r in results:  # NaN: no probe problem has gold; JSON has no NaN
             r["balance"] = None if math.isnan(r["balance"]) else r["balance"]
         write_json(ctx.out_dir / "sweep.json", {"probe_problems": len(probe), "n_star": a.n_star, "results": results,
-                                                "chosen": {"temperature": best[0], "threshold": best[1]}})
-        balance = next(r["balance"] for r in results if (r["temperature"], r["threshold"]) == best)
-        return {"adapt/temperature": best[0], "adapt/threshold": best[1], "adapt/balance": balance}
+                                                "chosen": {k: best[k] for k in ("temperature", "threshold")}})
+        return {f"adapt/{k}": best[k] for k in ("temperature", "threshold", "balance")}
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
