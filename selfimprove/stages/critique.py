@@ -1,12 +1,10 @@
 """Critique: every critic judges every sample of a generate stage; one verdict row per (sample, critic).
 
 Critics run in the order listed; each sees, in `sample["verdicts"]`, the verdicts of the critics before it
-(`combine` builds on them). How a critic is called, and when its failures fail the stage, is critics/calls.py.
-Each sample is judged with the weights that produced it (its `weights` record), not whatever the round's
-policy is.
+(`combine` builds on them). How a critic is called, and when its failures fail the stage, is critics/calls.py. Each
+sample is judged with the weights that produced it (its `weights` record), not the round's policy.
 
-Resumable: verdicts are saved per critic and per chunk of problems (`shards/`), so an interrupted LLM-judge or
-reward-model pass redoes at most one chunk.
+Resumable: verdicts are saved per critic and per chunk of problems (`shards/`); a resumed pass redoes at most one.
 
 Invalid verdicts: a verdict whose critic raised, timed out, returned None or a non-finite score, or (a judge)
 gave no score or one off its scale carries an `error`, with score and label None. It is no evidence either way:
@@ -14,10 +12,9 @@ every consumer (filter, pairs, `unsolved_in`, RL rewards) leaves such a sample o
 Counted per critic as `<critic>/invalid` (of which `<critic>/timeouts` timed out) and in total as `invalid`.
 A critic that gives scores without labels (`<critic>/unlabelled`) is warned about: a filter needs `min_score`.
 
-Critic quality: when `quality` is on and samples carry gold answers, each sample is also graded by the task
-(task.grade, the same grader as evaluation) and each critic's precision, recall and AUROC against that gold are
-reported as `<critic>/precision`, `<critic>/recall`, `<critic>/auroc` with its DeLong interval
-(`<critic>/auroc_ci_low`, `_ci_high`; see critics/quality.py), every round.
+Critic quality: with `quality` on, samples with gold answers are also graded by the task (task.grade, as in
+evaluation), and each critic's `<critic>/precision`, `/recall` and `/auroc` against that gold are reported every
+round, the AUROC with its DeLong interval (`/auroc_ci_low`, `/auroc_ci_high`; critics/quality.py).
 """
 
 from __future__ import annotations
