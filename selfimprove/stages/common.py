@@ -115,10 +115,9 @@ def check_critic_choice(critic: str | None, verdicts: str, earlier: dict) -> Non
     specs of the round's earlier stages by name): the stage must judge samples, the id must be one of its
     critics, and with several critics one must be named."""
     spec = earlier[verdicts]
-    critic_ids = getattr(spec.target, "critic_ids", None)
-    if critic_ids is None:
+    if not hasattr(spec.target, "critic_ids"):
         raise ValueError(f"stage {verdicts!r} ({spec.name}) writes no verdicts; name a critique stage")
-    ids = critic_ids(spec.config)
+    ids = spec.target.critic_ids(spec.config)
     if critic is None and len(ids) > 1:
         raise ValueError(f"stage {verdicts!r} runs critics {', '.join(ids)}: set `critic:` to the id of the one "
                          f"that decides")

@@ -122,23 +122,21 @@ class Critique(Stage):
             for k, problem_ids in enumerate(chunks):
                 shard = ctx.out_dir / "shards" / f"{index:02d}-{k:05d}"
                 if shard.exists():  # finished before an interruption
-                    loaded = load_rows(shard)
-                    rows.extend(loaded)
-                    bar.update(len(loaded))
-                    continue
-                wanted = set(problem_ids)
-                chunk = [s for s in samples if s["problem_id"] in wanted]
-                if critic is None:  # built only when something is left to judge (a judge may load a model)
-                    critic = spec.build(CriticContext(task=ctx.task, engine=ctx.engine, stage_weights=ctx.weights))
-                inputs = [{**s, "verdicts": dict(earlier[s["sample_id"]])} for s in chunk]
-                verdicts, timed_out = judge_all(critic, inputs, c.calls)
-                timeouts += timed_out
-                chunk_rows = [{
-                    "sample_id": s["sample_id"], "problem_id": s["problem_id"], "critic": spec.id,
-                    "score": None if v.score is None else float(v.score),
-                    "label": None if v.label is None else bool(v.label), "rationale": v.rationale, "error": v.error,
-                } for s, v in zip(chunk, verdicts)]
-                save_rows(chunk_rows, shard)
+                    chunk_rows = load_rows(shard)
+                else:
+                    wanted = set(problem_ids)
+                    chunk = [s for s in samples if s["problem_id"] in wanted]
+                    if critic is None:  # built only when something is left to judge (a judge may load a model)
+                        critic = spec.build(CriticContext(task=ctx.task, engine=ctx.engine, stage_weights=ctx.weights))
+                    inputs = [{**s, "verdicts": dict(earlier[s["sample_id"]])} for s in chunk]
+                    verdicts, timed_out = judge_all(critic, inputs, c.calls)
+                    timeouts += timed_out
+                    chunk_rows = [{
+                        "sample_id": s["sample_id"], "problem_id": s["problem_id"], "critic": spec.id,
+                        "score": None if v.score is None else float(v.score),
+                        "label": None if v.label is None else bool(v.label), "rationale": v.rationale, "error": v.error,
+                    } for s, v in zip(chunk, verdicts)]
+                    save_rows(chunk_rows, shard)
                 rows.extend(chunk_rows)
                 bar.update(len(chunk_rows))
         finally:

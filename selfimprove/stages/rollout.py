@@ -77,17 +77,16 @@ def sample_problems(*, engine: Callable, task, problems: list[dict], sampling: S
     for index, chunk in enumerate(chunking.split(problems)):
         shard = shard_dir / f"{index:05d}"
         if shard.exists():  # finished before an interruption
-            rows.extend(load_rows(shard))
-            bar.update(len(chunk))
-            continue
-        seeds = [seed("chunk", index)] + [seed("chunk", index, "attempt", t) for t in range(2, attempts + 1)]
-        chunk_rows = sample_chunk(engine=engine(), task=task, problems=chunk, sampling=sampling, weights=weights,
-                                  seeds=seeds, id_prefix=f"r{round_index:03d}/{stage}", hint=hint,
-                                  follow_up=follow_up, extra={"round": round_index, "stage": stage})
-        save_rows(chunk_rows, shard)
+            chunk_rows = load_rows(shard)
+        else:
+            seeds = [seed("chunk", index)] + [seed("chunk", index, "attempt", t) for t in range(2, attempts + 1)]
+            chunk_rows = sample_chunk(engine=engine(), task=task, problems=chunk, sampling=sampling, weights=weights,
+                                      seeds=seeds, id_prefix=f"r{round_index:03d}/{stage}", hint=hint,
+                                      follow_up=follow_up, extra={"round": round_index, "stage": stage})
+            save_rows(chunk_rows, shard)
+            tokens += sum(r["num_tokens"] for r in chunk_rows)
+            bar.set_postfix_str(f"{tokens / (time.time() - started):.0f} tok/s")
         rows.extend(chunk_rows)
-        tokens += sum(r["num_tokens"] for r in chunk_rows)
-        bar.set_postfix_str(f"{tokens / (time.time() - started):.0f} tok/s")
         bar.update(len(chunk))
     bar.close()
     return rows
