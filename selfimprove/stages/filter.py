@@ -1,13 +1,12 @@
 """Selection: turn judged samples into an SFT training set (STaR's and ReST-EM's filter).
 
-`filter` keeps the samples a critic labelled correct (or, with `min_score`, those it scored at least that; a
-critic that gives scores without labels needs it, and the filter stops with that fix rather than keep nothing),
-or, with `best_of`, each problem's highest-scored sample per source (best-of-N: Sharpening's selection),
-leaves out samples whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py)
-on its first source, the round's own samples, graded against gold by the task. Each source is a pair of a
-generate stage and the critique stage that judged it; a source generated with a hint (STaR's rationalization)
-is stored *without* the hint: its training prompt is the task's ordinary prompt, so the model learns to produce
-the rationale from the question alone.
+`filter` keeps the samples a critic labelled correct (or, with `min_score`, those it scored at least that; a critic
+that gives scores without labels needs it, and the filter stops with that fix rather than keep nothing), or, with
+`best_of`, each problem's highest-scored sample per source (best-of-N: Sharpening's selection), leaves out samples
+whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py) on its first source,
+the round's own samples, graded against gold by the task. Each source is a pair of a generate stage and the critique
+stage that judged it; a source generated with a hint (STaR's rationalization) is stored *without* the hint: its
+training prompt is the task's ordinary prompt, so the model learns to produce the rationale from the question alone.
 
 Output rows: the training row schema of records.py (`source`: the generate stage).
 

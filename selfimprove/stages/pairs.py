@@ -65,15 +65,13 @@ class Pairs(Stage):
                 text = s["completion"].strip()
                 if verdict is not None and verdict["error"] is not None:
                     skipped["invalid"] += 1  # an invalid verdict is no evidence: never a chosen or rejected side
-                    continue
-                if verdict is None or verdict["score"] is None or not text:
+                elif verdict is None or verdict["score"] is None or not text:
                     skipped["unjudged_or_empty"] += 1
-                    continue
-                if text in seen_texts:
+                elif text in seen_texts:
                     skipped["duplicate"] += 1
-                    continue
-                seen_texts.add(text)
-                judged.append((s, verdict))
+                else:
+                    seen_texts.add(text)
+                    judged.append((s, verdict))
             pairs = build_pairs(judged, c.rule, c.min_margin, c.max_pairs_per_problem)
             if not pairs:
                 skipped["problems_without_pair"] += 1
