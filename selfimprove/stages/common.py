@@ -112,8 +112,7 @@ def selected(verdict: dict | None, threshold: float | None) -> bool:
 
 def check_critic_choice(critic: str | None, verdicts: str, earlier: dict) -> None:
     """Config-time check of a `critic:` choice against the critics that stage `verdicts` runs (`earlier`: the
-    specs of the round's earlier stages by name): the stage must judge samples, the id must be one of its
-    critics, and with several critics one must be named."""
+    specs of the round's earlier stages by name)."""
     spec = earlier[verdicts]
     if not hasattr(spec.target, "critic_ids"):
         raise ValueError(f"stage {verdicts!r} ({spec.name}) writes no verdicts; name a critique stage")
