@@ -55,11 +55,9 @@ class Generate(Stage):
         problems: ProblemSelection = field(default_factory=ProblemSelection)
         sampling: SamplingConfig = field(default_factory=SamplingConfig)
         weights: str = "policy"
-        # STaR rationalization: show the gold answer in the prompt (samples keep `hint: true`).
-        hint: bool = False
-        # Only the problems of `problems.split` that have no sample labelled correct in this critique stage
-        # (of this round), e.g. STaR's rationalization of the problems it failed; `critic` names the critic
-        # whose label decides when that stage runs several.
+        hint: bool = False  # STaR rationalization: show the gold answer in the prompt (samples keep `hint: true`)
+        # Only the problems of `problems.split` with no sample labelled correct in this round's critique stage
+        # `unsolved_in` (STaR rationalizes the problems it failed); `critic`: whose label decides, if it runs several.
         unsolved_in: str | None = None
         critic: str | None = None
         chunking: Chunking = field(default_factory=Chunking)
