@@ -8,25 +8,23 @@ call them on what a run already saved.
 
 Inputs of `monitor_round`:
 - `samples`: one round's sampled rows (a generate stage's data) with `sample_id`, `problem_id`, `completion`
-  and `extracted` (the task's extracted answer, `task.grade(row, row["completion"]).answer`; None when the
-  sample has none); the caller adds `extracted`, as the evaluate stage does for its rows;
+  and `extracted`, which the caller adds: the task's extracted answer (`task.grade(row, row["completion"]).answer`)
+  or None;
 - `gold`: per sample, in the order of `samples`, the gold correctness (`task.grade(...).correct`), None where
-  the sample has no gold answer or grading failed (the critique stage's `_gold` computes exactly this list);
+  the sample has no gold answer or grading failed (as the critique stage grades gold);
 - `kept_ids`: the sample ids selection kept (the filter's rows' `sample_ids`); ids of samples not in `samples`
   (e.g. rationalizations from another generate stage) are ignored, so the metrics describe the selection of
   these samples.
 
 Metrics (names as `monitor_round` returns them):
-- exploration, over the prompts all of whose samples have gold (`bstar/prompts_with_gold` of them):
-  `bstar/pass@k`, the unbiased pass@k of Chen et al. (2021) per prompt (metrics.pass_at_k) with k = `bstar/k`,
-  the fewest samples any such prompt has (normally every prompt's n), averaged over prompts;
-  `bstar/correct_per_prompt`, the mean number of correct samples per prompt;
-  `bstar/distinct_correct_answers`, the mean number of distinct extracted answers among a prompt's correct
-  samples (answers are compared as strings; a correct sample without an extracted answer adds none);
-  `bstar/distinct_correct_completions`, the mean number of distinct correct completions per prompt (the paper's
-  notion of diversity: different correct solutions, not only different answers);
-- over all prompts (`bstar/prompts`): `bstar/distinct_completions`, the mean number of distinct completions per
-  prompt. Completions are compared after stripping surrounding whitespace, as the filter's dedupe does;
+- exploration, over the prompts all of whose samples have gold (`bstar/prompts_with_gold` of them), each a mean
+  over prompts: `bstar/pass@k`, the unbiased pass@k of Chen et al. (2021) with k = `bstar/k`, the fewest samples
+  any such prompt has (normally every prompt's n); `bstar/correct_per_prompt`; `bstar/distinct_correct_answers`
+  (extracted answers compared as strings; a correct sample without one adds none); and
+  `bstar/distinct_correct_completions` (the paper's notion of diversity: different correct solutions, not only
+  different answers);
+- over all prompts (`bstar/prompts`): `bstar/distinct_completions` per prompt. Completions are compared after
+  stripping surrounding whitespace, as the filter's dedupe does;
 - exploitation: `bstar/kept` (kept samples), `bstar/precision` (the share of kept samples with gold that are
   correct; NaN when none has gold), and `bstar/balance` (below), with `bstar/balance_queries` the number of
   queries it averages over and `bstar/n_star` the n* used.
@@ -67,10 +65,7 @@ N_STAR = 8  # the authors' n*: a query needs this many distinct correct kept res
 
 def balance_score(selected: Mapping[str, Sequence[tuple[str, bool]]], n_star: int = N_STAR) -> float:
     """B-STaR's balance score (module docstring) from each query's selected responses: query id → [(completion,
-    correct), ...], with every query the mean runs over present, an empty list where nothing was selected.
-
-    Per query, over its distinct completions: min(n'/n*, 1) · n'/n, 0 when nothing was selected; the mean over
-    queries, NaN with none."""
+    correct), ...], with every query the mean runs over present, an empty list where nothing was selected."""
     if n_star < 1:
         raise ValueError(f"n_star must be >= 1, got {n_star}")
     scores = []
@@ -114,14 +109,13 @@ def exploitation(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids:
     _check_aligned(samples, gold)
     kept_ids = set(kept_ids)
     kept = [(row, g) for row, g in zip(samples, gold) if row["sample_id"] in kept_ids]
-    judged = [g for _, g in kept if g is not None]
+    judged = [(row, bool(g)) for row, g in kept if g is not None]
     selected: dict[str, list[tuple[str, bool]]] = {row["problem_id"]: [] for row, g in zip(samples, gold)
                                                    if g is not None}
-    for row, g in kept:
-        if g is not None:
-            selected[row["problem_id"]].append((row["completion"], bool(g)))
+    for row, ok in judged:
+        selected[row["problem_id"]].append((row["completion"], ok))
     return {"bstar/kept": len(kept),
-            "bstar/precision": sum(judged) / len(judged) if judged else float("nan"),
+            "bstar/precision": sum(ok for _, ok in judged) / len(judged) if judged else float("nan"),
             "bstar/balance": balance_score(selected, n_star),
             "bstar/balance_queries": len(selected), "bstar/n_star": n_star}
 
@@ -147,8 +141,7 @@ def choose_setting(results: Mapping[Any, float] | Iterable[tuple[Any, float]]) -
 
 
 def _text(completion: str) -> str:
-    """What two completions of a query must share to count as one response (the filter's dedupe compares the
-    same)."""
+    """What two completions of a query must share to count as one response (as the filter's dedupe)."""
     return completion.strip()
 
 

@@ -43,27 +43,20 @@ def self_correction_metrics(correct: list[tuple[bool, bool]], seed: int, resampl
     """The self-correction metrics from (correct at attempt 1, correct at attempt 2) per sample.
 
     `groups` (a problem id per sample) averages a problem's samples first, so that intervals resample problems;
-    without it every sample is its own problem. Δi→c is the share of problems wrong at attempt 1 and right at
-    attempt 2 (over all problems, as in the paper), Δc→i the reverse; Δ(t1,t2) = Accuracy@t2 − Accuracy@t1 =
-    Δi→c − Δc→i. `confidence` and `critique` pool a problem's samples (`confidence_n` and `critique_n` samples
-    were right, respectively wrong, at attempt 1), which is the paper's mean of per-problem probabilities
-    weighted by P(right at t1) when every problem has the same number of samples.
-    """
+    without it every sample is its own problem. Δi→c (wrong at attempt 1, right at 2) and Δc→i are shares of all
+    problems, as in the paper; Δ(t1,t2) = Accuracy@t2 − Accuracy@t1 = Δi→c − Δc→i. `confidence` and `critique`
+    pool a problem's samples (`confidence_n` / `critique_n`: those right / wrong at attempt 1): the paper's mean
+    of per-problem probabilities weighted by P(right at t1) when every problem has the same number of samples."""
     groups = groups if groups is not None else [str(i) for i in range(len(correct))]
     if len(groups) != len(correct):
         raise ValueError(f"{len(groups)} groups for {len(correct)} samples")
     by_problem: dict[str, list[tuple[bool, bool]]] = {}
     for g, pair in zip(groups, correct):
         by_problem.setdefault(g, []).append(pair)
-    per_sample = {
-        "accuracy@t1": lambda a, b: float(a),
-        "accuracy@t2": lambda a, b: float(b),
-        "delta_i_to_c": lambda a, b: float(not a and b),
-        "delta_c_to_i": lambda a, b: float(a and not b),
-    }
     out: dict = {"problems": len(by_problem)}
-    for name, value in per_sample.items():
-        per_problem = [sum(value(a, b) for a, b in pairs) / len(pairs) for pairs in by_problem.values()]
+    for name, value in (("accuracy@t1", lambda a, b: a), ("accuracy@t2", lambda a, b: b),
+                        ("delta_i_to_c", lambda a, b: not a and b), ("delta_c_to_i", lambda a, b: a and not b)):
+        per_problem = [sum(float(value(a, b)) for a, b in pairs) / len(pairs) for pairs in by_problem.values()]
         out.update(summarize(name, per_problem, seed, resamples))
     if all(len(pairs) == 1 for pairs in by_problem.values()):  # one 0/1 outcome per attempt: a paired proportion
         d = paired_difference([pairs[0][0] for pairs in by_problem.values()],

@@ -1,19 +1,15 @@
 """The stage interface. A stage reads artifacts of earlier stages, writes its own, and nothing else.
 
 A stage class has a `Config` dataclass (its YAML parameters; component fields such as a trainer or critics
-arrive resolved, see registry.py) and one entry method, `run()`. It finds its inputs and writes its output
-through a `StageContext`, which the pipeline runner provides: the runner is the only code that knows about
-rounds, resume and the run directory layout.
+arrive resolved, see registry.py) and one entry method, `run()`, which returns a flat dict of metrics/counts
+for the manifest and `metrics.jsonl`. It finds its inputs and writes its output through a `StageContext`,
+which the pipeline runner provides: the runner is the only code that knows about rounds, resume and the run
+directory layout.
 
-What a stage declares, for the runner and the report:
-- `outputs`: the files and folders it writes into `ctx.out_dir` (`data/`: its dataset; `adapter/` +
-  `weights.json` when it produces weights). The runner lists them, with checksums, in the stage's manifest and
-  verifies them before a finished stage is reused. Anything else it keeps for resuming (generation shards) is
-  written atomically and is not an output.
-- `produces_weights`: it writes `adapter/` + `weights.json`, which later stages can name.
-- `evaluates`: it only measures weights, so it also runs in round 0, on the base model.
-- `references(config)`, `check(config, earlier)`, `needs_gold(config)`: checks at config load; `report(metrics)`.
-`run()` returns a flat dict of metrics/counts, which the runner stores in the manifest and `metrics.jsonl`.
+`outputs` are the files and folders a stage writes into `ctx.out_dir` (`data/`: its dataset; `adapter/` +
+`weights.json`, which later stages can name, when it `produces_weights`). The runner lists them, with
+checksums, in the stage's manifest and verifies them before a finished stage is reused. Anything else it keeps
+for resuming (generation shards) is written atomically and is not an output.
 """
 
 from __future__ import annotations
@@ -49,7 +45,7 @@ class StageContext(Protocol):
 
 class Stage:
     produces_weights = False
-    evaluates = False  # round 0 (the base model's evaluation) runs exactly these stages
+    evaluates = False  # it only measures weights: round 0 (the base model's evaluation) runs exactly these stages
     outputs: tuple[str, ...] = ("data",)
     Config: type
 

@@ -9,15 +9,14 @@ from dataclasses import dataclass
 
 @dataclass
 class ProblemSelection:
-    """Training problems: a subset of a split, drawn afresh each round unless `shuffle` is off."""
+    """Training problems: `num_problems` of a split, a random subset (kept in the split's order) drawn afresh each
+    round (seeded by run seed and round), or with `shuffle: false` the first ones."""
 
     split: str = "train"
     num_problems: int | None = None  # None = the whole split
-    # Draw a fresh random subset each round (seeded by run seed and round); false = the first num_problems.
     shuffle: bool = True
 
     def select(self, problems: list[dict], seed: int) -> list[dict]:
-        """`num_problems` of them: a seeded random subset (kept in the split's order) when shuffling, else the first."""
         if self.num_problems is None or self.num_problems >= len(problems) or not self.shuffle:
             return list(problems[: self.num_problems])
         chosen = sorted(random.Random(seed).sample(range(len(problems)), self.num_problems))
@@ -78,10 +77,10 @@ def unsolved_problem_ids(verdicts: list[dict], critic: str | None, stage: str) -
     return judged - solved
 
 
-def join_verdicts(samples: list[dict], verdicts: list[dict]) -> list[dict]:
-    """Each sample with `verdicts`: {critic id: verdict row} for the critics that judged it."""
+def join_verdicts(samples: list[dict], verdicts: list[dict], critic: str | None, stage: str) -> list[tuple]:
+    """Each sample with the deciding critic's verdict on it (`pick_verdict`) among stage `stage`'s verdict rows."""
     by_sample = _by_sample(verdicts)
-    return [{**s, "verdicts": by_sample.get(s["sample_id"], {})} for s in samples]
+    return [(s, pick_verdict(by_sample.get(s["sample_id"], {}), critic, stage)) for s in samples]
 
 
 def _by_sample(verdicts: list[dict]) -> dict[str, dict]:
@@ -113,13 +112,11 @@ def selected(verdict: dict | None, threshold: float | None) -> bool:
 
 def check_critic_choice(critic: str | None, verdicts: str, earlier: dict) -> None:
     """Config-time check of a `critic:` choice against the critics that stage `verdicts` runs (`earlier`: the
-    specs of the round's earlier stages by name): the stage must judge samples, the id must be one of its
-    critics, and with several critics one must be named."""
+    specs of the round's earlier stages by name)."""
     spec = earlier[verdicts]
-    critic_ids = getattr(spec.target, "critic_ids", None)
-    if critic_ids is None:
+    if not hasattr(spec.target, "critic_ids"):
         raise ValueError(f"stage {verdicts!r} ({spec.name}) writes no verdicts; name a critique stage")
-    ids = critic_ids(spec.config)
+    ids = spec.target.critic_ids(spec.config)
     if critic is None and len(ids) > 1:
         raise ValueError(f"stage {verdicts!r} runs critics {', '.join(ids)}: set `critic:` to the id of the one "
                          f"that decides")

@@ -1,12 +1,10 @@
 """Critique: every critic judges every sample of a generate stage; one verdict row per (sample, critic).
 
 Critics run in the order listed; each sees, in `sample["verdicts"]`, the verdicts of the critics before it
-(`combine` builds on them). How a critic is called, and when its failures fail the stage, is critics/calls.py.
-Each sample is judged with the weights that produced it (its `weights` record), not whatever the round's
-policy is.
+(`combine` builds on them). How a critic is called, and when its failures fail the stage, is critics/calls.py. Each
+sample is judged with the weights that produced it (its `weights` record), not the round's policy.
 
-Resumable: verdicts are saved per critic and per chunk of problems (`shards/`), so an interrupted LLM-judge or
-reward-model pass redoes at most one chunk.
+Resumable: verdicts are saved per critic and per chunk of problems (`shards/`); a resumed pass redoes at most one.
 
 Invalid verdicts: a verdict whose critic raised, timed out, returned None or a non-finite score, or (a judge)
 gave no score or one off its scale carries an `error`, with score and label None. It is no evidence either way:
@@ -14,10 +12,9 @@ every consumer (filter, pairs, `unsolved_in`, RL rewards) leaves such a sample o
 Counted per critic as `<critic>/invalid` (of which `<critic>/timeouts` timed out) and in total as `invalid`.
 A critic that gives scores without labels (`<critic>/unlabelled`) is warned about: a filter needs `min_score`.
 
-Critic quality: when `quality` is on and samples carry gold answers, each sample is also graded by the task
-(task.grade, the same grader as evaluation) and each critic's precision, recall and AUROC against that gold are
-reported as `<critic>/precision`, `<critic>/recall`, `<critic>/auroc` with its DeLong interval
-(`<critic>/auroc_ci_low`, `_ci_high`; see critics/quality.py), every round.
+Critic quality: with `quality` on, samples with gold answers are also graded by the task (task.grade, as in
+evaluation), and each critic's `<critic>/precision`, `/recall` and `/auroc` against that gold are reported every
+round, the AUROC with its DeLong interval (`/auroc_ci_low`, `/auroc_ci_high`; critics/quality.py).
 """
 
 from __future__ import annotations
@@ -85,7 +82,7 @@ class Critique(Stage):
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
         samples = load_rows(ctx.input_dir(c.samples) / "data")
-        gold = self._gold(samples) if c.quality else [None] * len(samples)
+        gold = [self._gold(s) for s in samples] if c.quality else [None] * len(samples)
         chunks = c.chunking.split(sorted({s["problem_id"] for s in samples}))
         earlier: dict[str, dict] = defaultdict(dict)  # sample id → {critic id: verdict row}
         rows: list[dict] = []
@@ -125,23 +122,21 @@ class Critique(Stage):
             for k, problem_ids in enumerate(chunks):
                 shard = ctx.out_dir / "shards" / f"{index:02d}-{k:05d}"
                 if shard.exists():  # finished before an interruption
-                    loaded = load_rows(shard)
-                    rows.extend(loaded)
-                    bar.update(len(loaded))
-                    continue
-                wanted = set(problem_ids)
-                chunk = [s for s in samples if s["problem_id"] in wanted]
-                if critic is None:  # built only when something is left to judge (a judge may load a model)
-                    critic = spec.build(CriticContext(task=ctx.task, engine=ctx.engine, stage_weights=ctx.weights))
-                inputs = [{**s, "verdicts": dict(earlier[s["sample_id"]])} for s in chunk]
-                verdicts, timed_out = judge_all(critic, inputs, c.calls)
-                timeouts += timed_out
-                chunk_rows = [{
-                    "sample_id": s["sample_id"], "problem_id": s["problem_id"], "critic": spec.id,
-                    "score": None if v.score is None else float(v.score),
-                    "label": None if v.label is None else bool(v.label), "rationale": v.rationale, "error": v.error,
-                } for s, v in zip(chunk, verdicts)]
-                save_rows(chunk_rows, shard)
+                    chunk_rows = load_rows(shard)
+                else:
+                    wanted = set(problem_ids)
+                    chunk = [s for s in samples if s["problem_id"] in wanted]
+                    if critic is None:  # built only when something is left to judge (a judge may load a model)
+                        critic = spec.build(CriticContext(task=ctx.task, engine=ctx.engine, stage_weights=ctx.weights))
+                    inputs = [{**s, "verdicts": dict(earlier[s["sample_id"]])} for s in chunk]
+                    verdicts, timed_out = judge_all(critic, inputs, c.calls)
+                    timeouts += timed_out
+                    chunk_rows = [{
+                        "sample_id": s["sample_id"], "problem_id": s["problem_id"], "critic": spec.id,
+                        "score": None if v.score is None else float(v.score),
+                        "label": None if v.label is None else bool(v.label), "rationale": v.rationale, "error": v.error,
+                    } for s, v in zip(chunk, verdicts)]
+                    save_rows(chunk_rows, shard)
                 rows.extend(chunk_rows)
                 bar.update(len(chunk_rows))
         finally:
@@ -151,11 +146,10 @@ class Critique(Stage):
         order = {s["sample_id"]: i for i, s in enumerate(samples)}
         return sorted(rows, key=lambda r: order[r["sample_id"]]), timeouts
 
-    def _gold(self, samples: list[dict]) -> list[bool | None]:
+    def _gold(self, s: dict) -> bool | None:
         """task.grade's verdict where the sample has a gold answer; None where it has none or grading failed."""
-        return [self._grade(s) if s.get("answer") else None for s in samples]
-
-    def _grade(self, s: dict) -> bool | None:
+        if not s.get("answer"):
+            return None
         try:
             return bool(call_with_timeout(self.config.calls.timeout, self.ctx.task.grade, s, s["completion"]).correct)
         except Exception as err:  # noqa: BLE001 - TimedOut included; such a sample just has no gold
@@ -166,11 +160,9 @@ class Critique(Stage):
 def critic_metrics(critic_id: str, rows: list[dict], gold: list[bool | None], timeouts: int) -> dict:
     """Counts for one critic (`invalid` next to `positive`, so both reach the console line), plus its quality
     against gold where gold is known."""
-    n = len(rows)
-    invalid = sum(r["error"] is not None for r in rows)
     positive = sum(bool(r["label"]) for r in rows)
-    out = {f"{critic_id}/positive": positive, f"{critic_id}/invalid": invalid,
-           f"{critic_id}/positive_rate": positive / n if n else 0.0, f"{critic_id}/timeouts": timeouts,
+    out = {f"{critic_id}/positive": positive, f"{critic_id}/invalid": sum(r["error"] is not None for r in rows),
+           f"{critic_id}/positive_rate": positive / len(rows) if rows else 0.0, f"{critic_id}/timeouts": timeouts,
            f"{critic_id}/unlabelled": sum(r["error"] is None and r["label"] is None for r in rows)}
     judged = [(r, g) for r, g in zip(rows, gold) if g is not None and r["error"] is None]
     if judged:

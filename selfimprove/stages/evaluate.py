@@ -1,12 +1,11 @@
 """Evaluate: sample the test problems with some weights, grade every sample, report statistics.
 
 Metrics, each with a 95% interval over problems (metrics.summarize: the Wilson score interval for a proportion of
-problems, such as accuracy and maj@n; the percentile bootstrap for other per-problem means, such as pass@k with
-k < n):
-- `accuracy` (strict answer format) and `accuracy_flexible` (last number), on the first sample of each
-  problem (the greedy one when temperature is 0);
-- with n > 1 samples: unbiased `pass@k` for each k in `pass_k` (default 1 and n) and `maj@n`
-  (majority vote over extracted answers);
+problems, such as accuracy and maj@n; the percentile bootstrap for other per-problem means, such as pass@k, k < n):
+- `accuracy` (strict answer format) and `accuracy_flexible` (last number), on the first sample of each problem
+  (the greedy one when temperature is 0);
+- with n > 1 samples: unbiased `pass@k` for each k in `pass_k` (default 1 and n) and `maj@n` (majority vote over
+  extracted answers);
 - `by/<column>=<value>/accuracy` for each column in `breakdown` (e.g. digits for arithmetic); an empty
   `breakdown` uses the task's own `breakdown` attribute when it has one (MATH: subject and level).
 
@@ -36,8 +35,7 @@ from .rollout import sample_problems
 
 @dataclass
 class Evaluation:
-    """What every evaluating stage is configured by: the same first problems each round, greedy by default (as the
-    papers evaluate), the newest weights, bootstrap intervals, chunked resumable sampling."""
+    """Settings of every evaluating stage: the same problems each round, greedy by default (as the papers evaluate)."""
 
     problems: EvalProblems = field(default_factory=EvalProblems)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

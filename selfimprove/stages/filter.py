@@ -1,13 +1,12 @@
 """Selection: turn judged samples into an SFT training set (STaR's and ReST-EM's filter).
 
-`filter` keeps the samples a critic labelled correct (or, with `min_score`, those it scored at least that; a
-critic that gives scores without labels needs it, and the filter stops with that fix rather than keep nothing),
-or, with `best_of`, each problem's highest-scored sample per source (best-of-N: Sharpening's selection),
-leaves out samples whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py)
-on its first source, the round's own samples, graded against gold by the task. Each source is a pair of a
-generate stage and the critique stage that judged it; a source generated with a hint (STaR's rationalization)
-is stored *without* the hint: its training prompt is the task's ordinary prompt, so the model learns to produce
-the rationale from the question alone.
+`filter` keeps the samples a critic labelled correct (or, with `min_score`, those it scored at least that; a critic
+that gives scores without labels needs it, and the filter stops with that fix rather than keep nothing), or, with
+`best_of`, each problem's highest-scored sample per source (best-of-N: Sharpening's selection), leaves out samples
+whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py) on its first source,
+the round's own samples, graded against gold by the task. Each source is a pair of a generate stage and the critique
+stage that judged it; a source generated with a hint (STaR's rationalization) is stored *without* the hint: its
+training prompt is the task's ordinary prompt, so the model learns to produce the rationale from the question alone.
 
 Output rows: the training row schema of records.py (`source`: the generate stage).
 
@@ -36,7 +35,7 @@ from ..artifacts import load_rows, read_json, save_rows
 from ..monitor import N_STAR, monitor_round
 from ..registry import STAGES
 from .base import Stage
-from .common import check_critic_choice, join_verdicts, pick_verdict, selected
+from .common import check_critic_choice, join_verdicts, selected
 
 
 @dataclass
@@ -85,17 +84,15 @@ class Filter(Stage):
         ctx, c = self.ctx, self.config
         kept: dict[str, list[dict]] = defaultdict(list)
         counts: dict[str, int] = defaultdict(int)
-        threshold = c.min_score
-        if c.min_score_from:
-            chosen = read_json(ctx.input_dir(c.min_score_from) / "manifest.json")["metrics"].get("adapt/threshold")
-            threshold = chosen if chosen is not None else threshold
+        chosen = (read_json(ctx.input_dir(c.min_score_from) / "manifest.json")["metrics"].get("adapt/threshold")
+                  if c.min_score_from else None)
+        threshold = c.min_score if chosen is None else chosen
         monitored: list[dict] = []
         for source in c.sources:
             samples = load_rows(ctx.input_dir(source.samples) / "data")
             monitored = monitored or samples
-            verdicts = load_rows(ctx.input_dir(source.verdicts) / "data")
-            joined = [(s, pick_verdict(s["verdicts"], c.critic, source.verdicts))
-                      for s in join_verdicts(samples, verdicts)]
+            joined = join_verdicts(samples, load_rows(ctx.input_dir(source.verdicts) / "data"), c.critic,
+                                   source.verdicts)
             best = _best_per_problem(joined) if c.best_of else None
             for sample, verdict in joined:
                 if verdict is not None and verdict["error"] is not None:
@@ -153,11 +150,6 @@ class Filter(Stage):
 
 def _best_per_problem(joined: list[tuple[dict, dict | None]]) -> dict[str, str]:
     """Per problem, the sample id with the highest valid score (the first of equal ones)."""
-    best: dict[str, tuple[float, str]] = {}
-    for sample, verdict in joined:
-        if verdict is None or verdict["error"] is not None or verdict["score"] is None:
-            continue
-        pid = sample["problem_id"]
-        if pid not in best or verdict["score"] > best[pid][0]:
-            best[pid] = (verdict["score"], sample["sample_id"])
-    return {pid: sample_id for pid, (_, sample_id) in best.items()}
+    scored = [(s, v["score"]) for s, v in joined if v is not None and v["error"] is None and v["score"] is not None]
+    # ascending by score, equal scores in reverse order: each problem's last entry is its best (first of equal ones)
+    return {s["problem_id"]: s["sample_id"] for s, _ in sorted(reversed(scored), key=lambda x: x[1])}

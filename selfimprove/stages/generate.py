@@ -55,11 +55,9 @@ class Generate(Stage):
         problems: ProblemSelection = field(default_factory=ProblemSelection)
         sampling: SamplingConfig = field(default_factory=SamplingConfig)
         weights: str = "policy"
-        # STaR rationalization: show the gold answer in the prompt (samples keep `hint: true`).
-        hint: bool = False
-        # Only the problems of `problems.split` that have no sample labelled correct in this critique stage
-        # (of this round), e.g. STaR's rationalization of the problems it failed; `critic` names the critic
-        # whose label decides when that stage runs several.
+        hint: bool = False  # STaR rationalization: show the gold answer in the prompt (samples keep `hint: true`)
+        # Only the problems of `problems.split` with no sample labelled correct in this round's critique stage
+        # `unsolved_in` (STaR rationalizes the problems it failed); `critic`: whose label decides, if it runs several.
         unsolved_in: str | None = None
         critic: str | None = None
         chunking: Chunking = field(default_factory=Chunking)
@@ -138,13 +136,12 @@ class Generate(Stage):
             raise RuntimeError(f"adapt: on {len(probe)} probe problems no candidate setting kept a correct sample "
                                f"(graded against gold answers), so the balance score cannot choose; widen "
                                f"temperatures / thresholds or probe_problems")
-        best = choose_setting([((r["temperature"], r["threshold"]), r["balance"]) for r in results])
+        best = choose_setting([(r, r["balance"]) for r in results])  # the first of equal balances
         for r in results:  # NaN: no probe problem has gold; JSON has no NaN
             r["balance"] = None if math.isnan(r["balance"]) else r["balance"]
         write_json(ctx.out_dir / "sweep.json", {"probe_problems": len(probe), "n_star": a.n_star, "results": results,
-                                                "chosen": {"temperature": best[0], "threshold": best[1]}})
-        balance = next(r["balance"] for r in results if (r["temperature"], r["threshold"]) == best)
-        return {"adapt/temperature": best[0], "adapt/threshold": best[1], "adapt/balance": balance}
+                                                "chosen": {k: best[k] for k in ("temperature", "threshold")}})
+        return {f"adapt/{k}": best[k] for k in ("temperature", "threshold", "balance")}
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Literal
 from ..artifacts import load_rows, save_rows
 from ..registry import STAGES
 from .base import Stage
-from .common import check_critic_choice, join_verdicts, pick_verdict
+from .common import check_critic_choice, join_verdicts
 
 
 def _assistant(text: str) -> list[dict]:
@@ -54,28 +54,24 @@ class Pairs(Stage):
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
-        samples = join_verdicts(load_rows(ctx.input_dir(c.samples) / "data"),
-                                load_rows(ctx.input_dir(c.verdicts) / "data"))
-        by_problem: dict[str, list[dict]] = defaultdict(list)
-        for s in samples:
-            by_problem[s["problem_id"]].append(s)
+        by_problem: dict[str, list[tuple]] = defaultdict(list)
+        for s, verdict in join_verdicts(load_rows(ctx.input_dir(c.samples) / "data"),
+                                        load_rows(ctx.input_dir(c.verdicts) / "data"), c.critic, c.verdicts):
+            by_problem[s["problem_id"]].append((s, verdict))
         rows, skipped = [], defaultdict(int)
         for pid, group in by_problem.items():
             judged, seen_texts = [], set()
-            for s in sorted(group, key=lambda s: s["index"]):
-                verdict = pick_verdict(s["verdicts"], c.critic, c.verdicts)
+            for s, verdict in sorted(group, key=lambda x: x[0]["index"]):
                 text = s["completion"].strip()
                 if verdict is not None and verdict["error"] is not None:
                     skipped["invalid"] += 1  # an invalid verdict is no evidence: never a chosen or rejected side
-                    continue
-                if verdict is None or verdict["score"] is None or not text:
+                elif verdict is None or verdict["score"] is None or not text:
                     skipped["unjudged_or_empty"] += 1
-                    continue
-                if text in seen_texts:
+                elif text in seen_texts:
                     skipped["duplicate"] += 1
-                    continue
-                seen_texts.add(text)
-                judged.append((s, verdict))
+                else:
+                    seen_texts.add(text)
+                    judged.append((s, verdict))
             pairs = build_pairs(judged, c.rule, c.min_margin, c.max_pairs_per_problem)
             if not pairs:
                 skipped["problems_without_pair"] += 1
@@ -109,8 +105,6 @@ def build_pairs(judged: list[tuple[dict, dict]], rule: str, min_margin: float, c
 
 @STAGES.register("spin_pairs")
 class SpinPairs(Stage):
-    """SPIN: chosen = the task's gold solution, rejected = the model's generation for the same prompt."""
-
     @dataclass
     class Config:
         samples: str = "generate"

@@ -1,14 +1,12 @@
 """Sampling problems from the engine: one or several attempts per trajectory, chunked and resumable.
 
-Every stage that samples (generate, evaluate, evaluate_self_correction, rl) goes through `sample_chunk`:
-attempt 1 answers the task's prompt (`sampling.n` samples per problem); each later attempt continues one
-trajectory (n = 1) with the prompt `follow_up(previous prompt, previous completion)` builds — SCoRe's
-self-correction turn, for instance — in one more batched engine call, with the same weights.
+Every stage that samples goes through `sample_chunk`: attempt 1 answers the task's prompt (`sampling.n` samples per
+problem); each later attempt continues one trajectory (n = 1), with the same weights, in one more batched engine
+call, from the prompt `follow_up(previous prompt, previous completion)` builds (SCoRe's self-correction turn, say).
 
-`sample_problems` cuts the problems into chunks; each chunk is one call per attempt with its own derived seeds
-and is saved atomically as a shard before the next starts. A resumed run loads the finished shards and samples
-only the rest, so nothing is repeated or lost; since a chunk's samples depend only on (its problems, sampling,
-weights, seeds), a resumed run's samples equal an uninterrupted run's.
+`sample_problems` cuts the problems into chunks, each one call per attempt with its own derived seeds, saved
+atomically as a shard before the next starts. A resumed run loads the finished shards and samples only the rest; as
+a chunk's samples depend only on (its problems, sampling, weights, seeds), they equal an uninterrupted run's.
 
 Rows follow the sample schema in records.py; a multi-attempt row's `attempts` holds one {prompt, completion,
 finish_reason, num_tokens, token_ids, logprobs, seed} per attempt.
@@ -46,9 +44,8 @@ def sample_chunk(*, engine, task, problems: list[dict], sampling: SamplingConfig
                 "sample_id": f"{id_prefix}/{problem['problem_id']}/{k}", "index": k, "weights": weights.to_dict(),
                 "seed": seeds[0], "hint": hint, "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "max_tokens": sampling.max_tokens, "prompt": prompt, **_output(c),
+                **({"attempts": [{"prompt": prompt, **_output(c), "seed": seeds[0]}]} if len(seeds) > 1 else {}),
             })
-            if len(seeds) > 1:
-                rows[-1]["attempts"] = [{"prompt": prompt, **_output(c), "seed": seeds[0]}]
     if len(seeds) == 1:
         return rows
     once = dataclasses.replace(sampling, n=1)  # one continuation per trajectory keeps trajectories independent
@@ -80,17 +77,16 @@ def sample_problems(*, engine: Callable, task, problems: list[dict], sampling: S
     for index, chunk in enumerate(chunking.split(problems)):
         shard = shard_dir / f"{index:05d}"
         if shard.exists():  # finished before an interruption
-            rows.extend(load_rows(shard))
-            bar.update(len(chunk))
-            continue
-        seeds = [seed("chunk", index)] + [seed("chunk", index, "attempt", t) for t in range(2, attempts + 1)]
-        chunk_rows = sample_chunk(engine=engine(), task=task, problems=chunk, sampling=sampling, weights=weights,
-                                  seeds=seeds, id_prefix=f"r{round_index:03d}/{stage}", hint=hint,
-                                  follow_up=follow_up, extra={"round": round_index, "stage": stage})
-        save_rows(chunk_rows, shard)
+            chunk_rows = load_rows(shard)
+        else:
+            seeds = [seed("chunk", index)] + [seed("chunk", index, "attempt", t) for t in range(2, attempts + 1)]
+            chunk_rows = sample_chunk(engine=engine(), task=task, problems=chunk, sampling=sampling, weights=weights,
+                                      seeds=seeds, id_prefix=f"r{round_index:03d}/{stage}", hint=hint,
+                                      follow_up=follow_up, extra={"round": round_index, "stage": stage})
+            save_rows(chunk_rows, shard)
+            tokens += sum(r["num_tokens"] for r in chunk_rows)
+            bar.set_postfix_str(f"{tokens / (time.time() - started):.0f} tok/s")
         rows.extend(chunk_rows)
-        tokens += sum(r["num_tokens"] for r in chunk_rows)
-        bar.set_postfix_str(f"{tokens / (time.time() - started):.0f} tok/s")
         bar.update(len(chunk))
     bar.close()
     return rows
