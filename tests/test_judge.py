@@ -96,7 +96,7 @@ def test_judge_adapter_is_its_own_and_never_the_policy(engine, tiny_model, tmp_p
     samples = load_rows(run / "round_002" / "generate" / "data")
     assert {s["weights"]["label"] for s in samples} == {"round_001/train"}
     # The critique's P(Yes) is the judge adapter's, not the sample's weights'.
-    verdicts = [v for v in load_rows(run / "round_002" / "critique" / "data") if v["critic"] == "self_verify"]
+    verdicts = [v for v in load_rows(run / "round_002" / "critique" / "data") if v["critic"] == "judge"]
     assert all(v["rationale"].endswith("by round_002/judge_train") for v in verdicts)
     by_id = {s["sample_id"]: s for s in samples}
     critic = SelfVerifyCritic(SelfVerifyCritic.Config(), CriticContext(task=None))
@@ -110,7 +110,7 @@ def test_judge_adapter_is_its_own_and_never_the_policy(engine, tiny_model, tmp_p
 def test_judge_config_errors_name_the_field(tmp_path):
     base = root() / "pipelines" / "tiny_self_rewarding_judge.yaml"
     bad = {
-        "stages.critique.critics=[{name: self_verify, weights: evaluate}]": "weights: 'evaluate' is not base",
+        "stages.critique.critics=[{name: self_verify, id: judge, weights: evaluate}]": "'evaluate' is not base",
         "stages.judge_data.weights=generate": "judge_data.weights: 'generate' is not policy, latest, base",
         "stages.judge_data.measure.split=train": "measure.split and problems.split are both 'train'",
     }
@@ -127,7 +127,7 @@ def test_a_judge_trained_after_the_policy_never_becomes_the_policy(tmp_path):
 
     data = load_yaml(root() / "pipelines" / "tiny_self_rewarding_judge.yaml")
     stages = data["stages"]
-    stages["critique"]["critics"] = [{"name": "self_verify"}, {"name": "answer"}]
+    stages["critique"]["critics"] = [{"name": "self_verify", "id": "judge"}, {"name": "answer"}]
     data["stages"] = {k: stages[k] for k in ("generate", "critique", "pairs", "train", "judge_data", "judge_train",
                                              "evaluate")}
     runner = Runner(load_pipeline(None, data=data), tmp_path, log=quiet)
