@@ -86,7 +86,7 @@ class RL(Stage):
         objective = c.objective.build()
         versions = ctx.out_dir / "versions"
         start = ctx.weights(c.weights)
-        done = sorted(int(p.name) for p in versions.glob("[0-9]*")) if versions.exists() else []
+        done = sorted(int(p.name) for p in versions.glob("[0-9]*"))
         if done:  # resume from the newest finished step
             trainer.setup(ctx.base_model, None, seed=ctx.seed("init"), state=versions / f"{done[-1]:05d}")
         else:
@@ -169,15 +169,13 @@ class RL(Stage):
         `stats` of the last attempt's verdicts, under `<critic id>/`."""
         c, ctx = self.config, self.ctx
         out: list[list[float | None]] = [[] for _ in rows]
-        errors = 0
         for t in range(attempts):
             inputs = [{**row, **_attempts(row)[t], "verdicts": {}} for row in rows]
             verdicts, _ = judge_all(critic, inputs, c.calls)
             check_error_budget(ctx.stage, c.critic.id, verdicts, c.calls)
             for i, v in enumerate(verdicts):
-                invalid = v.error is not None or v.score is None
-                errors += invalid
-                out[i].append(None if invalid else float(v.score))
+                out[i].append(None if v.error is not None or v.score is None else float(v.score))
+        errors = sum(score is None for row_scores in out for score in row_scores)
         stats = {f"{c.critic.id}/{k}": v for k, v in critic.stats(inputs, verdicts).items()}
         return out, errors, stats
 
@@ -242,7 +240,9 @@ class RL(Stage):
             cells["critic signal (mean over steps)"] = ", ".join(stats)
         if keys:
             k = keys[-1]
-            first, last, mean = (_num(metrics[k + suffix]) for suffix in ("/first", "/last", "/mean"))
+            # "-": a step whose every verdict was invalid (no reward to average)
+            first, last, mean = ("-" if metrics[k + s] is None else f"{metrics[k + s]:.3f}"
+                                 for s in ("/first", "/last", "/mean"))
             cells["RL reward"] = f"{k}: {first}→{last} (mean {mean})"
         if metrics.get("invalid_rewards"):
             cells["invalid rewards"] = str(metrics["invalid_rewards"])  # invalid verdicts, left out of training
@@ -253,11 +253,6 @@ def _attempts(row: dict) -> list[dict]:
     """A sampled row's attempts: its `attempts` list, or the row itself for a single attempt."""
     return row.get("attempts") or [{k: row.get(k) for k in ("prompt", "completion", "finish_reason", "num_tokens",
                                                             "token_ids", "logprobs")}]
-
-
-def _num(value: float | None) -> str:
-    """A reward for the report; "-" for a step whose every verdict was invalid (no reward to average)."""
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -276,10 +271,8 @@ def _valid_groups(rollouts: list[Rollout]) -> list[Rollout]:
 def _informative(rollouts: list[Rollout]) -> list[Rollout]:
     """The rollouts of groups whose trajectories did not all get the same rewards (DAPO's dynamic sampling
     filter, without refilling)."""
-    rewards_of: dict[str, set] = {}
-    for r in rollouts:
-        rewards_of.setdefault(r.group, set()).add(tuple(r.rewards))
-    return [r for r in rollouts if len(rewards_of[r.group]) > 1]
+    distinct = Counter(group for group, _ in {(r.group, tuple(r.rewards)) for r in rollouts})
+    return [r for r in rollouts if distinct[r.group] > 1]
 
 
 def _prune(versions, keep: int | None) -> None:

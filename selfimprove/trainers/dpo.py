@@ -74,14 +74,12 @@ class DPO:
 
     def _reference(self, base_path: str, init_adapter: str | None, policy_adapter: str | None):
         """(ref_model to hand TRL or None, a description of the reference)."""
-        if self.config.reference == "base":
+        if self.config.reference == "base" or policy_adapter is None:
+            # policy_adapter None: round 1, or a policy that is the base model: the previous policy *is* the base.
+            name = "base" if self.config.reference == "base" else "policy = base"
             if init_adapter is None:
-                return None, "base (adapter disabled)"
-            return _plain_model(base_path, None), "base (separate copy)"
-        if policy_adapter is None:
-            # Round 1, or a policy that is the base model: the previous policy *is* the base.
-            return (None, "policy = base (adapter disabled)") if init_adapter is None else \
-                (_plain_model(base_path, None), "policy = base (separate copy)")
+                return None, f"{name} (adapter disabled)"
+            return _plain_model(base_path, None), f"{name} (separate copy)"
         if init_adapter == policy_adapter:
             return None, f"policy {policy_adapter} (frozen adapter copy)"
         return _plain_model(base_path, policy_adapter), f"policy {policy_adapter} (merged copy)"

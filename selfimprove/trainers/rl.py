@@ -1,9 +1,8 @@
 """On-policy policy-gradient updates on a PEFT LoRA policy: any baseline, any loss aggregation, KL to the base model.
 
-The `rl` stage (stages/rl.py) drives the loop: it samples rollouts from the engine with the policy's *current*
-saved adapter, scores them with a critic, turns scores into per-attempt rewards with its objective
-(objectives/), and calls `PolicyGradient.step` once per batch — which turns rewards into advantages with its
-baseline (baselines/: GRPO, RLOO, Dr. GRPO, REINFORCE++) — then `save` so the engine can serve the new version.
+The `rl` stage (stages/rl.py) drives the loop: per batch of rollouts sampled with the policy's *current* saved
+adapter and rewarded by its objective, `PolicyGradient.step` (its baseline turns rewards into advantages:
+baselines/), then `save` so that the engine can serve the new version.
 
 Why a small trainer of our own and not TRL 1.16's GRPOTrainer (read in trl/trainer/grpo_trainer.py):
 - GRPOTrainer generates itself (HF `generate`, or vLLM in `server`/`colocate` mode, which needs `trl[vllm]` and
@@ -44,8 +43,8 @@ processed log-probabilities: after temperature, as the trainer's), every step lo
 k3 estimate of KL(π_sampler ‖ π_trainer) (r − 1 − log r with r = π_trainer / π_sampler, from the sampler's
 samples). `importance_sampling_cap` turns on truncated importance sampling (TRL's
 `vllm_importance_sampling_correction` with `vllm_importance_sampling_mode="token_truncate"`; verl's rollout
-correction): each token's policy-gradient term is weighted by
-w = min(π_trainer / π_sampler, cap), the ratio held constant (no gradient through it).
+correction): each token's policy-gradient term is weighted by w = min(π_trainer / π_sampler, cap), the ratio
+held constant (no gradient through it).
 
 Deviations and approximations:
 - Completions are trained on the token ids the engine sampled; only an engine that reports none (or rollouts
@@ -129,13 +128,6 @@ def kl_k3(logp, ref_logp):
     return torch.exp(diff) - diff - 1
 
 
-def render_prompt(tokenizer, prompt: Prompt) -> str:
-    """The text the engine continues: the chat template with the generation prompt, or the text prompt itself."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
 def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos: list[bool],
                    token_ids: list[list[int] | None] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the whole trajectory and, per token, which attempt produced it (0 = prompt, t = attempt t).
@@ -143,17 +135,14 @@ def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos
     Built piece by piece as the engine saw it: each attempt's prompt adds only what follows the previous
     attempt's text (the end-of-turn marker, the instruction, the generation prompt). An end-of-sequence token the
     policy sampled belongs to its attempt even though the next prompt's template is what spells it. An attempt's
-    own tokens are the ones the engine sampled (`token_ids[t]`) where it reported them: re-tokenizing the text can
-    split it differently, which would train on tokens the policy never sampled; only without them is the text
-    re-tokenized.
+    own tokens are the ones the engine sampled (`token_ids[t]`) where it reported them, else its re-tokenized text.
     """
-    ids: list[int] = []
-    turn: list[int] = []
-    so_far = ""
-    eos_id = tokenizer.eos_token_id
+    ids, turn, so_far, eos_id = [], [], "", tokenizer.eos_token_id
     sampled = token_ids or [None] * len(prompts)
     for t, (prompt, text, ended, own) in enumerate(zip(prompts, completions, eos, sampled, strict=True), start=1):
-        rendered = render_prompt(tokenizer, prompt)
+        # the text the engine continued: the chat template with the generation prompt, or a text prompt itself
+        rendered = prompt if isinstance(prompt, str) else \
+            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         if not rendered.startswith(so_far):
             raise ValueError(f"attempt {t}'s prompt does not continue the conversation so far; the chat template "
                              f"rewrites earlier turns, which multi-turn RL cannot train on")
@@ -345,16 +334,13 @@ class PolicyGradient:
 
     def _pad(self, encoded: list[tuple[list[int], list[int]]], sampled: list[list[float]]):
         import torch
-
         from torch.nn.utils.rnn import pad_sequence
 
-        limit = self.config.max_length
-
         def pad(rows, value, dtype=torch.long):
-            return pad_sequence([torch.tensor(row[:limit], dtype=dtype) for row in rows], batch_first=True,
-                                padding_value=value)
+            return pad_sequence([torch.tensor(row[:self.config.max_length], dtype=dtype) for row in rows],
+                                batch_first=True, padding_value=value)
 
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.tokenizer.pad_token_id or 0
         return (pad([ids for ids, _ in encoded], pad_id), pad([[1] * len(ids) for ids, _ in encoded], 0),
                 pad([owner for _, owner in encoded], 0),  # padding belongs to no attempt
                 pad(sampled, math.nan, torch.float32))  # the sampler's log-probabilities, where reported
