@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -112,6 +113,46 @@ class Arithmetic(Task):
 
     def reference_solution(self, problem: dict) -> str | None:
         return problem["solution"]
+
+    def step_verdicts(self, problem: dict, completion: str) -> list[bool]:
+        """Per step (line, as `scratchpad` writes one per column), whether its digit arithmetic is right: the exact
+        oracle that Monte-Carlo step labels and process reward models are measured against.
+
+        Column k's line must read "x + y [+ c] = s, write d[, carry e]." with x, y the operands' k-th digits from
+        the right (either order; 0 past the shorter operand), c the true carry into column k (the term left out or
+        written "+ 0" when it is 0), s = x + y + c, d = s mod 10, and the carry written exactly when s >= 10.
+        After the columns, "The carry 1 is the leading digit." is right when the last column carries 1, and "The
+        answer is N." when N = a + b. Every other line (prose, an extra column, a missing one skipped) is wrong.
+        The carry checked is the true one, so a wrong carry makes its own line wrong, and the next column, which
+        adds it, wrong too."""
+        a, b = (int(x) for x in problem["question"].split(" + "))
+        xs, ys = str(a)[::-1], str(b)[::-1]
+        columns = [(int(x), int(y)) for x, y in itertools.zip_longest(xs, ys, fillvalue="0")]
+        verdicts, column, carry = [], 0, 0
+        for step in self.steps(completion):
+            m = _COLUMN.fullmatch(step)
+            if m:
+                x, y, c, total, digit, out = (None if g is None else int(g) for g in m.groups())
+                right = (column < len(columns) and sorted((x, y)) == sorted(columns[column])
+                         and (c or 0) == carry and total == x + y + carry and digit == total % 10
+                         and out == (total // 10 if total >= 10 else None))
+                verdicts.append(right)
+                if column < len(columns):  # the true carry into the next column, whatever the line said
+                    carry = (sum(columns[column]) + carry) // 10
+                column += 1
+                continue
+            m = _LEADING.fullmatch(step)
+            if m:
+                verdicts.append(column == len(columns) and carry == int(m.group(1)) and carry > 0)
+                continue
+            m = _ANSWER.fullmatch(step)
+            verdicts.append(bool(m) and int(m.group(1)) == a + b)
+        return verdicts
+
+
+_COLUMN = re.compile(r"(\d) \+ (\d)(?: \+ (\d))? = (\d+), write (\d)(?:, carry (\d))?\.")
+_LEADING = re.compile(r"The carry (\d) is the leading digit\.")
+_ANSWER = re.compile(r"The answer is (\d+)\.")
 
 
 def _operands(digits: int) -> range:

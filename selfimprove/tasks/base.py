@@ -107,6 +107,17 @@ class Task:
         """A gold worked solution in the format the prompt asks for, when the task has one (SFT/SPIN data)."""
         return None
 
+    def steps(self, completion: str) -> list[str]:
+        """The steps of a response, in order: what process rewards label and score one by one. By default its
+        non-empty lines (stripped), which is how the shipped tasks' worked solutions are laid out."""
+        return [line.strip() for line in completion.splitlines() if line.strip()]
+
+    def step_verdicts(self, problem: dict, completion: str) -> list[bool] | None:
+        """Per step of `completion` (as `steps` splits it), whether that step alone is right, where the task can
+        check steps exactly (arithmetic); None where it cannot (the default). A prefix is right when all its
+        steps are (`prefix_verdicts`)."""
+        return None
+
     def check_split(self, split: str) -> None:
         if split not in self.splits:
             raise ValueError(f"task {type(self).__name__} has splits {', '.join(self.splits)}, not {split!r}")
