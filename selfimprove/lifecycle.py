@@ -216,15 +216,11 @@ def kill_stale_processes(run_dir: str | Path) -> list[int]:
     # "killing": what a watchdog was killing when it died itself
     remembered = {int(pid): ct for key in ("children", "killing") if isinstance(record.get(key), dict)
                   for pid, ct in record[key].items()}
-    return _kill_all(remembered, record.get("token"), spare=_own_family())
-
-
-def _own_family() -> set[int]:
     me = psutil.Process()
     family = {me.pid} | {p.pid for p in me.parents()}
     with contextlib.suppress(psutil.Error):
         family |= {p.pid for p in me.children(recursive=True)}
-    return family
+    return _kill_all(remembered, record.get("token"), spare=family)
 
 
 def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int],
