@@ -88,7 +88,6 @@ TAIL_LINES = 40  # of the processes' output, quoted in a failure's message
 
 # accelerate's DistributedType values this launcher starts (its config_args turns the file's string into these).
 REPLICATED = {"MULTI_GPU", "MULTI_CPU", "DEEPSPEED"}  # DEEPSPEED: ZeRO stages 0-2 only (checked below)
-SHARDED = {"FSDP"}
 # DeepSpeed multi-node launchers that start the other machines' processes from this one (accelerate's
 # DEEPSPEED_MULTINODE_LAUNCHERS minus those that expect a command run on every machine).
 REMOTE_STARTING = {"pdsh", "openmpi", "mvapich", "mpich"}
@@ -135,7 +134,7 @@ class Launch:
         config = loaded.to_dict()
         kind, ds = str(config.get("distributed_type")), config.get("deepspeed_config") or {}
         where = f"launch.config: {path}: distributed_type {kind}"
-        if kind in SHARDED or (kind == "DEEPSPEED" and _zero_stage(ds, path) == 3):
+        if kind == "FSDP" or (kind == "DEEPSPEED" and _zero_stage(ds, path) == 3):
             raise ValueError(
                 f"{where}{' (ZeRO-3)' if kind == 'DEEPSPEED' else ''} shards the parameters across processes, and "
                 f"the trainers save their adapter from the unwrapped model of each process "
