@@ -1,17 +1,13 @@
 """What a run prints: its own progress, one line per finished stage and the table per round. Libraries' logs
-(vLLM's engine start-up, compile and reload messages, transformers and datasets notices, Python warnings) go to
-`logs/libraries.log` in the run directory, where they can be read when something goes wrong; only their errors
-still reach the console. Each engine start otherwise prints a dozen lines a user cannot act on (Triton missing,
-tcmalloc not preloaded, "Failed to load weights" for layers an in-place reload skips on purpose, "force killing
-remaining process" at a normal shutdown) that read like failures of normal operation.
+(vLLM's engine start-up, transformers and datasets notices, Python warnings) go to `logs/libraries.log` in the
+run directory; only their errors still reach the console. Each engine start otherwise prints a dozen lines a user
+cannot act on (Triton missing, "Failed to load weights" for layers an in-place reload skips on purpose, ...) that
+read like failures.
 
-vLLM configures logging in every process it starts from the environment (`VLLM_LOGGING_CONFIG_PATH`), so the
-engine's own subprocesses write to the same file. Python warnings raised in those subprocesses (FutureWarnings of
-vLLM's imports) cannot be routed there: the environment they inherit ignores them, while the run's own process
-still files its warnings in the log. Bars that are not ours go too: transformers' per-shard "Loading weights" bars
-are switched off (and vLLM's, by the engine: `use_tqdm_on_load=False`), and the Trainer's training bar stays but
-writes its loss dicts to the log instead of the console (`quiet_training_logs`; the training step metrics reach
-the trackers and the stage manifest either way).
+vLLM configures logging in every process it starts from `VLLM_LOGGING_CONFIG_PATH`, so its subprocesses write to
+the same file; Python warnings raised in them cannot be routed there and are ignored instead. transformers'
+"Loading weights" bars are switched off (vLLM's by the engine), and the Trainer's training bar stays but writes
+its loss dicts to the log (`quiet_training_logs`; the metrics reach the trackers and the manifest either way).
 """
 
 from __future__ import annotations

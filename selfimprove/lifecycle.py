@@ -1,23 +1,18 @@
 """One writer per run directory, and no engine process outliving its run.
 
-Two ways one run used to harm another:
-- Two `selfimprove run` commands on one run directory (a resumed run started while the first still ran)
-  interleave their chunk files and manifests. `RunLock` refuses the second at once. It holds `fcntl.flock` on
-  `run.lock` in the run directory, which the kernel releases when the holder dies however it dies, so a lock
-  left by a killed run is never stale: the next run simply gets it.
-- vLLM runs its engine in subprocesses (VLLM::EngineCore, VLLM::Worker). When the main process is SIGKILLed
-  (the OOM killer, `kill -9`, a scheduler's time limit) no Python cleanup runs; the engine processes are
-  reparented and keep their GPU memory, so the next run cannot allocate. Nothing inside a SIGKILLed process
-  runs, so `reap_children_on_exit` starts a watchdog process in its own session that remembers the run's
-  descendants while the run lives and SIGKILLs them once it is gone. Descendants are remembered by pid and
-  create time (a reused pid is never killed); those started by exec (subprocess, multiprocessing's spawn) also
-  carry an environment variable, which finds the ones started in the last moments before the run died.
-  `kill_stale_processes` is the second line: a new run of the same directory kills what an earlier run left
-  there if even the watchdog was killed.
+- `RunLock` refuses a second `selfimprove run` on a run directory at once (two writers would interleave chunk
+  files and manifests). It holds `fcntl.flock` on `run.lock`, which the kernel releases however the holder dies,
+  so a lock left by a killed run is never stale.
+- vLLM's engine subprocesses (VLLM::EngineCore, VLLM::Worker) outlive a SIGKILLed run with their GPU memory, and
+  nothing inside a SIGKILLed process runs. So `reap_children_on_exit` starts a watchdog in its own session that
+  remembers the run's descendants (by pid and create time: a reused pid is never killed; those started by exec
+  also carry an environment variable, which finds the ones started just before the run died) and SIGKILLs them
+  once the run is gone. If even the watchdog was killed, the next run of the directory kills the leftovers
+  (`kill_stale_processes`).
 
-The watchdog runs as `python -m selfimprove.lifecycle`, which imports only this module, the config module and
-psutil; so does the supervisor each local vLLM server runs under (`--supervise`, see serve.py): the one that
-stops its server gracefully when the launcher is gone, where the watchdog kills a dead run's leftovers.
+The watchdog (`python -m selfimprove.lifecycle`) imports only this module, the config module and psutil; so does
+the supervisor each local vLLM server runs under (`--supervise`, see serve.py), which stops its server gracefully
+when the launcher is gone.
 """
 
 from __future__ import annotations
@@ -76,18 +71,22 @@ class RunLock:
         try:
             if not _flock(fd):
                 owner = _json_dict(lambda: os.pread(fd, 1 << 16, 0))
-                if owner and not _owner_alive(owner):
-                    # The run that locked it is gone, so what holds the lock is a process that inherited the
-                    # descriptor from it (a forked engine worker): a leftover, and killing leftovers is our job.
-                    kill_stale_processes(self.run_dir)
-                    if not _flock(fd, wait_s=3.0):
-                        raise RunLocked(f"{self.run_dir}: the run that locked it (pid {owner.get('pid')}) has "
-                                        f"ended, but a process it started still holds {self.path}; find it with "
-                                        f"`fuser -v {self.path}` and stop it, then run again")
-                else:
+                # An owner on another machine sharing the directory counts as alive: we cannot tell.
+                if (not owner or owner.get("host") != socket.gethostname()
+                        or _process(owner.get("pid"), owner.get("create_time")) is not None):
                     raise RunLocked(_refusal(self.run_dir, owner))
+                # The run that locked it is gone, so what holds the lock is a process that inherited the
+                # descriptor from it (a forked engine worker): a leftover, and killing leftovers is our job.
+                kill_stale_processes(self.run_dir)
+                if not _flock(fd, wait_s=3.0):
+                    raise RunLocked(f"{self.run_dir}: the run that locked it (pid {owner.get('pid')}) has "
+                                    f"ended, but a process it started still holds {self.path}; find it with "
+                                    f"`fuser -v {self.path}` and stop it, then run again")
+            me = psutil.Process()
+            identity = {"pid": me.pid, "create_time": me.create_time(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)[:300]}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(_identity(), indent=1).encode(), 0)
+            os.pwrite(fd, json.dumps(identity, indent=1).encode(), 0)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -126,18 +125,6 @@ def _refusal(run_dir: Path, owner: dict | None) -> str:
             f"this run another directory (--run-dir, or name=...)")
 
 
-def _identity() -> dict:
-    me = psutil.Process()
-    return {"pid": me.pid, "create_time": me.create_time(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)[:300]}
-
-
-def _owner_alive(owner: dict) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine sharing the directory: we cannot tell, so it counts as alive
-    return _process(owner.get("pid"), owner.get("create_time")) is not None
-
-
 def _process(pid, create_time) -> psutil.Process | None:
     """The live (not zombie) process with this pid and create time, or None: a pid alone may have been reused."""
     if not isinstance(pid, int) or not isinstance(create_time, (int, float)):
@@ -164,6 +151,7 @@ def _json_dict(read) -> dict | None:
 
 class ChildReaper:
     """Until `stop()`, a watchdog kills this process's descendants if this process dies (SIGKILL included).
+    Use it as `with reap_children_on_exit(run_dir):`.
 
     `stop()` (or leaving the `with` block) ends the watchdog without killing anything: the run ended normally
     and closed its engine. A process that exits without stopping it has its remaining descendants killed.
@@ -212,9 +200,7 @@ class ChildReaper:
             watchdog.wait()
 
 
-def reap_children_on_exit(run_dir: str | Path | None = None, interval_s: float = 0.5) -> ChildReaper:
-    """Start a `ChildReaper` for this process (see there); use it as `with reap_children_on_exit(run_dir):`."""
-    return ChildReaper(run_dir, interval_s)
+reap_children_on_exit = ChildReaper
 
 
 def kill_stale_processes(run_dir: str | Path) -> list[int]:
@@ -230,15 +216,11 @@ def kill_stale_processes(run_dir: str | Path) -> list[int]:
     # "killing": what a watchdog was killing when it died itself
     remembered = {int(pid): ct for key in ("children", "killing") if isinstance(record.get(key), dict)
                   for pid, ct in record[key].items()}
-    return _kill_all(remembered, record.get("token"), spare=_own_family())
-
-
-def _own_family() -> set[int]:
     me = psutil.Process()
     family = {me.pid} | {p.pid for p in me.parents()}
     with contextlib.suppress(psutil.Error):
         family |= {p.pid for p in me.children(recursive=True)}
-    return family
+    return _kill_all(remembered, record.get("token"), spare=family)
 
 
 def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int],
@@ -327,8 +309,7 @@ MEMORY_FILE = "memory.tsv"  # the watchdog's samples of the run's memory, summed
 
 class MemoryLog:
     """Resident memory of the run and all its processes together (the engine's subprocesses included, which the
-    main process's own peak RSS does not see), appended as `unix time <tab> MiB` when it moves by 1% or every
-    10 s: the runner reads each stage's peak from it (`peak_memory_mib`)."""
+    main process's peak RSS does not see), appended as `unix time <tab> MiB` when it moves by 1% or every 10 s."""
 
     def __init__(self, path: Path):
         self.path, self.last, self.last_time = path, 0.0, 0.0
@@ -361,7 +342,7 @@ def peak_memory_mib(run_dir: str | Path, since: float, until: float) -> float | 
             continue
         if since <= stamp <= until:
             values.append(mib)
-    return max(values) if values else None
+    return max(values, default=None)
 
 
 def _write_record(path: Path | None, pid: int, create_time: float, token: str, children: dict[int, float],

@@ -32,10 +32,6 @@ class _Expired(BaseException):
         self.token = token
 
 
-def _usable() -> bool:
-    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-
-
 def _on_alarm(signum, frame) -> None:
     now = time.monotonic()
     for expiry, token in _active:  # outermost first: everything inside it unwinds too
@@ -52,7 +48,8 @@ def _arm() -> None:
 def call_with_timeout(seconds: float | None, fn: Callable, *args, **kwargs):
     """`fn(*args, **kwargs)`, or `TimedOut` after `seconds` (None or <= 0: no limit)."""
     global _saved_handler
-    if seconds is None or seconds <= 0 or not _usable():
+    if (seconds is None or seconds <= 0 or not hasattr(signal, "setitimer")
+            or threading.current_thread() is not threading.main_thread()):
         return fn(*args, **kwargs)
     token = object()
     if not _active:

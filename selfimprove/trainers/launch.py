@@ -2,85 +2,61 @@
 processes with gloo.
 
 The train stage (stages/train.py) calls `run()` when its `launch:` asks for more than one process; with
-`num_processes: 1` (the default) it trains in its own process as before and `launch.config` is not read, so one
-override (`stages.train.launch.num_processes=1`) turns the launcher off. The two sides meet only through files
-in the trainer's work folder, like every other part of a run:
+`num_processes: 1` (the default) it trains in its own process and `launch.config` is not read. The two sides meet
+only through files in the trainer's work folder:
 
-    <work_dir>/launch/spec.json     the trainer as its YAML form (TrainerSpec.as_config, re-resolved in every
-                                    process), the rest of `train()`'s arguments, the number of processes
-    <work_dir>/launch/rows.jsonl    the training rows, one JSON object a line (JSON keeps them exactly as the
-                                    stage loaded them, so the trainer's resume identity sees the same rows)
-    <work_dir>/launch/result.json   rank 0's metrics (the trainer's return value, plus the process count)
+    <work_dir>/launch/spec.json     the trainer as its YAML form (re-resolved in every process), the rest of
+                                    `train()`'s arguments, the number of processes
+    <work_dir>/launch/rows.jsonl    the training rows as JSON (kept exactly, so the trainer's resume identity
+                                    sees the same rows)
+    <work_dir>/launch/result.json   rank 0's metrics
     <work_dir>/launch/failures.json when processes failed: each one's rank, exit code or signal, and the exception
-                                    it recorded (torch.distributed.elastic's error files, see below)
+                                    it recorded (torch.distributed.elastic's error files)
     <stage folder>/train.log        every process's output, streamed as it comes (appended per launch)
 
-Every process runs `python -m selfimprove.trainers.launch <work_dir>`, which builds the trainer and calls its
-ordinary `train(...)` under torch.distributed.elastic's `record`: an exception is written to the error file the
-elastic agent gave that process (TORCHELASTIC_ERROR_FILE). The launcher (torchrun, or accelerate's, which runs
-torchrun's) is run in-process by `python -m selfimprove.trainers.launch --start ...`, which catches the agent's
-ChildFailedError and writes its failures (rank, exit code, signal, the recorded exception) to failures.json:
-the stage names the failing rank from there, not from the console. How the processes are started:
-- with CUDA: `accelerate launch --config_file <launch.config> --num_processes N -m selfimprove.trainers.launch
-  <work_dir>` (without a config: a plain multi-GPU DDP config written next to the spec, so that a user's
-  ~/.cache/huggingface/accelerate default config does not silently change the run). On one H200, this path with
-  configs/accelerate/ddp.yaml and with the generated config (one process each: the machine had one GPU) logged
-  the in-process training's losses exactly; several GPUs, DeepSpeed and several machines are untested here;
-- on CPU: `torchrun --standalone --nproc_per_node N -m selfimprove.trainers.launch <work_dir>`. accelerate's
-  launcher does not start several processes on a CPU machine (accelerate 1.15: `accelerate launch --cpu
-  --num_processes 2`, with or without a MULTI_CPU config file, started one process whose state was
-  DistributedType.NO), while under torchrun TRL's `use_cpu=True` arguments give accelerate's MULTI_CPU (DDP over
-  gloo). Each CPU process gets OMP_NUM_THREADS = usable cores / N unless it is set already.
-  Every process checks that WORLD_SIZE is the number asked for, so a launcher that starts fewer fails loudly
-  instead of training a different batch.
+Every process runs `python -m selfimprove.trainers.launch <work_dir>`, the trainer's ordinary `train(...)` under
+torch.distributed.elastic's `record`. The launcher runs in-process under `... launch --start`, which writes the
+agent's ChildFailedError to failures.json, so the stage names the failing rank. How the processes are started:
+- with CUDA: `accelerate launch --config_file <launch.config> --num_processes N` (without a config: a plain
+  multi-GPU DDP config written next to the spec, so that a user's default accelerate config does not silently
+  change the run). On one H200, with configs/accelerate/ddp.yaml and with the generated config (one process),
+  this logged the in-process training's losses exactly; several GPUs, DeepSpeed and several machines are
+  untested here;
+- on CPU: `torchrun --standalone --nproc_per_node N`, since accelerate 1.15's launcher starts a single process on
+  a CPU machine (`--cpu --num_processes 2` gave DistributedType.NO), while under torchrun TRL's `use_cpu=True`
+  gives accelerate's MULTI_CPU (DDP over gloo). Each CPU process gets OMP_NUM_THREADS = usable cores / N unless
+  it is set already.
+Every process checks that WORLD_SIZE is the number asked for, so a launcher that starts fewer fails loudly.
 
-The global batch stays what the trainer's config says. `optim.batch_size` is the global batch per micro-step
-and is split evenly: each process gets batch_size / N (grad_accum unchanged, so one optimizer step still sees
-batch_size x grad_accum examples). The config load refuses a batch_size that N does not divide (`check_batch`),
-rather than rounding it. accelerate shards each global batch across the processes in order, so with as many
-rows as a multiple of the global batch the processes together see exactly the batches one process would, and
-the loss curve matches one process's within float reduction order (tests/test_launch.py). When an epoch's last
-batch is short, accelerate pads it with rows from the epoch's start so that every process gets as many: that
-batch differs from one process's.
+The global batch stays what the trainer's config says: each process gets `optim.batch_size` / N (grad_accum
+unchanged), and the config load refuses a batch_size that N does not divide (`check_batch`). accelerate shards
+each global batch across the processes in order, so with a multiple of the global batch in rows the loss curve
+matches one process's within float reduction order (tests/test_launch.py). A short last batch of an epoch is
+padded by accelerate with rows from the epoch's start, so that batch differs from one process's.
 
-Saving and metrics: only rank 0 writes the adapter (to the stage's `adapter/`) and `result.json`. The trainers
-save with `trainers.common.save_adapter` on the unwrapped model, not with the Trainer's `save_model` (which
-writes on the main process only, after gathering sharded weights): every process calls `save_adapter`, so the
-other ranks write to a scratch folder of their own and delete it, instead of racing rank 0 on one folder.
-Under DDP and DeepSpeed ZeRO-2 every process holds the full parameters, so rank 0's unwrapped model is the whole
-trained adapter.
+Only rank 0 writes the adapter (to the stage's `adapter/`) and `result.json`. Every process calls
+`trainers.common.save_adapter` on its unwrapped model (not the Trainer's `save_model`); the other ranks write to
+a scratch folder of their own and delete it. Under DDP and ZeRO-2 rank 0's unwrapped model is the whole adapter.
 
-Deviations and limits, stated where they are enforced:
-- Parameter sharding (FSDP; DeepSpeed ZeRO-3) is refused when the config loads. There each process holds only its
-  shard of the parameters, so `save_adapter` on the unwrapped model cannot write the adapter: on an H200,
-  configs/accelerate/fsdp.yaml (FSDP2, one process) trained and wrote its checkpoints through transformers
-  (which gathers), then `save_adapter` failed in PEFT's save_pretrained ("Attempted to access the data
-  pointer on an invalid python storage": the parameters are DTensors). Saving needs the gathered state dict
-  (`trainer.accelerator.get_state_dict(trainer.model)` on every rank, written by the main one), a change in
-  trainers/common.py; fsdp.yaml and deepspeed_zero3.yaml are the configs to use once it is there.
+Deviations and limits:
+- Parameter sharding (FSDP; DeepSpeed ZeRO-3) is refused when the config loads: `save_adapter` on a shard cannot
+  write the adapter (on an H200, FSDP2 failed in PEFT's save_pretrained on DTensors). Saving needs the gathered
+  state dict (`trainer.accelerator.get_state_dict`), a change in trainers/common.py; fsdp.yaml and
+  deepspeed_zero3.yaml are the configs to use once it is there.
 - Several machines: only through a launcher that starts the other machines' processes itself (DeepSpeed's
-  `deepspeed_multinode_launcher: pdsh` with a `deepspeed_hostfile`, run from the machine the pipeline runs
-  on), since the train stage runs on one machine and cannot start anything elsewhere. Every machine must see
-  the run directory at the same path (a shared filesystem) and have selfimprove installed at the same path.
-- Checkpoints and resume (trainers/common.fit) work as in one process: rank 0 writes each checkpoint (and every
-  rank its own RNG state) into the shared work folder, and a relaunch resumes from the newest complete one, to
-  the same adapter bit for bit (tests/test_launch.py; also measured with LoRA dropout 0.1). Before starting the
-  processes, `run()` deletes the checkpoints no process may resume: incomplete ones, and all of them when the
-  spec (trainer, rows, start, seed, process count) differs from the launch that wrote them (or an in-process
-  training wrote them since: `forget_launch`), since a checkpoint's step count means a position in another
-  batch sequence otherwise. It does this in the launching process, while no rank runs, because every rank runs
-  `resume_point` itself and concurrent deletions of one folder would race. Two narrower races stay in
-  trainers/common.py, which every rank runs unchanged: each rank rewrites `training_key` (same content), and a
-  rank reading it in the instant another truncates it would take the checkpoints for another training's; and
-  rank 0 marks a checkpoint complete without waiting for the other ranks' RNG files, so a kill in between
-  resumes those ranks with fresh RNG state (harmless without dropout). Both need a main-process-first step in
-  `fit`/`MarkComplete`.
-- The pipeline's experiment trackers (`report_to`) receive the stage's metrics, not the per-step training logs:
-  those are emitted in the launched processes, where no tracker run is open (they are in train.log).
-- The policy-gradient trainer (trainers/rl.py) is not launched here (the train stage refuses online trainers): it
-  runs inside the rl stage's process, one update at a time between the engine's sampling steps, and a launched copy
-  would need a persistent process group that receives each step's rollouts and answers with the update, not one
-  `train()` call per stage.
+  `deepspeed_multinode_launcher: pdsh` with a `deepspeed_hostfile`). Every machine must see the run directory and
+  selfimprove at the same paths.
+- Checkpoints and resume work as in one process (rank 0 writes each checkpoint, every rank its RNG state), to the
+  same adapter bit for bit (tests/test_launch.py). Before starting, `run()` deletes the checkpoints no process
+  may resume: incomplete ones, and all when the spec (trainer, rows, start, seed, process count) differs from the
+  launch that wrote them or an in-process training wrote them since (`forget_launch`). It does this while no
+  rank runs, since concurrent deletions would race. Two narrower races stay in trainers/common.py: each rank
+  rewrites `training_key` (same content), and a rank reading it while another truncates it would drop the
+  checkpoints; and rank 0 marks a checkpoint complete without waiting for the other ranks' RNG files, so a kill
+  in between resumes those ranks with fresh RNG state. Both need a main-process-first step in `fit`.
+- Experiment trackers (`report_to`) receive the stage's metrics, not the per-step training logs (in train.log).
+- The policy-gradient trainer (trainers/rl.py) is not launched here: it runs inside the rl stage's process, one
+  update between the engine's sampling steps, which would need a persistent process group.
 """
 
 from __future__ import annotations
@@ -112,7 +88,6 @@ TAIL_LINES = 40  # of the processes' output, quoted in a failure's message
 
 # accelerate's DistributedType values this launcher starts (its config_args turns the file's string into these).
 REPLICATED = {"MULTI_GPU", "MULTI_CPU", "DEEPSPEED"}  # DEEPSPEED: ZeRO stages 0-2 only (checked below)
-SHARDED = {"FSDP"}
 # DeepSpeed multi-node launchers that start the other machines' processes from this one (accelerate's
 # DEEPSPEED_MULTINODE_LAUNCHERS minus those that expect a command run on every machine).
 REMOTE_STARTING = {"pdsh", "openmpi", "mvapich", "mpich"}
@@ -159,7 +134,7 @@ class Launch:
         config = loaded.to_dict()
         kind, ds = str(config.get("distributed_type")), config.get("deepspeed_config") or {}
         where = f"launch.config: {path}: distributed_type {kind}"
-        if kind in SHARDED or (kind == "DEEPSPEED" and _zero_stage(ds, path) == 3):
+        if kind == "FSDP" or (kind == "DEEPSPEED" and _zero_stage(ds, path) == 3):
             raise ValueError(
                 f"{where}{' (ZeRO-3)' if kind == 'DEEPSPEED' else ''} shards the parameters across processes, and "
                 f"the trainers save their adapter from the unwrapped model of each process "
@@ -328,16 +303,12 @@ def _stream(command: list[str], env: dict, log_file: Path) -> tuple[int, list[st
                     tail.append(line.rstrip("\n"))
             return process.wait(), list(tail)
         except BaseException:
-            _kill_group(process)
+            for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+                signal_group(process.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(wait_s)
+                    break
             raise
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        signal_group(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(wait_s)
-            return
 
 
 def _read(path: Path) -> dict | None:
