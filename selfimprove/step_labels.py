@@ -67,16 +67,15 @@ def mc_step_labels(engine, task, samples: list[dict], rollouts: int, sampling: S
     from dataclasses import replace
 
     steps = [task.steps(s["completion"]) for s in samples]
-    prompts, where = [], []  # where[j] = (sample index, step index) of prompts[j]
+    prompts, where = [], []  # where[j] = (sample index, step index, prefix text) of prompts[j]
     for i, (s, st) in enumerate(zip(samples, steps)):
         for k, prefix in enumerate(step_prefixes(st)[:-1]):
             prompts.append(continuation(s["prompt"], prefix))
-            where.append((i, k))
+            where.append((i, k, prefix))
     outcomes = [[[] for _ in st] for st in steps]
     if prompts:
         results = engine.generate(prompts, replace(sampling, n=rollouts), weights, seed)
-        for (i, k), completions in zip(where, results):
-            prefix = step_prefixes(steps[i])[k]
+        for (i, k, prefix), completions in zip(where, results):
             outcomes[i][k] = [bool(task.grade(samples[i], prefix + c.text).correct) for c in completions]
     rows = []
     for s, st, out in zip(samples, steps, outcomes):

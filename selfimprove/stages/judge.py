@@ -154,15 +154,14 @@ class JudgeData(Stage):
 
 def judge_metrics(pairs: list[tuple[dict, dict]], scores: list[tuple[float, float]], task) -> dict:
     """The judge on held-out pairs (module docstring); gold AUROC only where every better side has a gold answer."""
-    goods, bads = [g for g, _ in scores], [b for _, b in scores]
-    auroc, low, high = auroc_interval(goods + bads, [True] * len(goods) + [False] * len(bads))
+    auroc, low, high = pair_auroc(scores)
     right = sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in scores)
     out = {"judge/pair_accuracy": right / len(scores), "judge/auroc": auroc, "judge/auroc_ci_low": low,
            "judge/auroc_ci_high": high, "judge/gold_auroc": None}
     if all(good.get("answer") for good, _ in pairs):
         correct = [bool(task.grade(good, good["completion"]).correct) for good, _ in pairs]
         out["judge/gold_auroc"], out["judge/gold_auroc_ci_low"], out["judge/gold_auroc_ci_high"] = auroc_interval(
-            goods, correct)
+            [g for g, _ in scores], correct)
         out["judge/gold_accuracy"] = sum(correct) / len(correct)  # the policy's own, on these problems
     return out
 
@@ -170,9 +169,13 @@ def judge_metrics(pairs: list[tuple[dict, dict]], scores: list[tuple[float, floa
 def compare_to_base(trained: list[tuple[float, float]], base: list[tuple[float, float]]) -> dict:
     """The base judge's AUROC on the same pairs, and the paired difference (trained − base) of the share of pairs
     each ranks right (strictly; metrics.paired_difference: Newcombe's interval, exact McNemar p)."""
-    goods, bads = [g for g, _ in base], [b for _, b in base]
-    auroc, low, high = auroc_interval(goods + bads, [True] * len(goods) + [False] * len(bads))
+    auroc, low, high = pair_auroc(base)
     d = paired_difference([g > b for g, b in base], [g > b for g, b in trained])
     return {"judge/base_auroc": auroc, "judge/base_auroc_ci_low": low, "judge/base_auroc_ci_high": high,
             "judge/vs_base_difference": d.difference, "judge/vs_base_ci_low": d.ci_low,
             "judge/vs_base_ci_high": d.ci_high, "judge/vs_base_p": d.p_value}
+
+
+def pair_auroc(scores: list[tuple[float, float]]) -> tuple[float | None, float | None, float | None]:
+    """AUROC of better sides (positives) against worse sides, with DeLong's interval (metrics.auroc_interval)."""
+    return auroc_interval([g for g, _ in scores] + [b for _, b in scores], [True] * len(scores) + [False] * len(scores))
