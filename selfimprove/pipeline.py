@@ -1,18 +1,8 @@
 """Pipelines: a YAML of stages run for N rounds over a run directory, resumable at any point.
 
-```
-runs/<name>/
-  config.yaml        the resolved config, exactly what ran
-  versions.json      package versions, device, git revision
-  round_000/         the base model's evaluation (the evaluating stages only), when evaluate_base is true
-  round_001/<stage>/ one folder per stage: its artifact(s) + manifest.json (done, metrics, seconds, checksums)
-  metrics.jsonl      one line per finished stage, rebuilt from the manifests
-  report.md          the per-round table
-```
-
-A stage is done when its manifest says so. Running the same command again skips done stages and resumes the
-interrupted one from what it had written (generation resumes chunk by chunk). Seeds derive from
-(run seed, round, stage, ...) and never from a global counter.
+The run directory's layout is in the README (*The run directory*). A stage is done when its manifest says so.
+Running the same command again skips done stages and resumes the interrupted one from what it had written
+(generation resumes chunk by chunk). Seeds derive from (run seed, round, stage, ...), never from a global counter.
 """
 
 from __future__ import annotations

@@ -159,32 +159,17 @@ class Component:
         return cls(name, target, build(config_cls, params, where, key))
 
 
-class EngineSpec(Component):
-    registry = ENGINES
+def _spec(name: str, registry: Registry) -> type[Component]:
+    return type(name, (Component,), {"registry": registry, "__module__": __name__, "__qualname__": name})
 
 
-class TaskSpec(Component):
-    registry = TASKS
-
-
-class TrainerSpec(Component):
-    registry = TRAINERS
-
-
-class ObjectiveSpec(Component):
-    registry = OBJECTIVES
-
-
-class BaselineSpec(Component):
-    registry = BASELINES
-
-
-class GraderSpec(Component):
-    registry = GRADERS
-
-
-class JudgeBackendSpec(Component):
-    registry = JUDGE_BACKENDS
+EngineSpec = _spec("EngineSpec", ENGINES)
+TaskSpec = _spec("TaskSpec", TASKS)
+TrainerSpec = _spec("TrainerSpec", TRAINERS)
+ObjectiveSpec = _spec("ObjectiveSpec", OBJECTIVES)
+BaselineSpec = _spec("BaselineSpec", BASELINES)
+GraderSpec = _spec("GraderSpec", GRADERS)
+JudgeBackendSpec = _spec("JudgeBackendSpec", JUDGE_BACKENDS)
 
 
 class StageSpec(Component):

@@ -1,32 +1,8 @@
 """The critic protocol: a batch of samples in, one verdict per sample out.
 
-A sample is a dict holding every column of the samples dataset: `prompt` (chat messages), `completion`,
-`problem_id`, the task's problem columns (`question`, `answer`, `subject`, ...), the sampling metadata, and
-`verdicts`: {critic id: verdict row} of the critics that ran before it in the same critique stage (what
-`combine` reads).
-
-A critic is either
-- a class with a `Config` dataclass (its YAML parameters), built as `Critic(config, context)`, whose
-  `judge(samples)` returns one `Verdict` per sample; or
-- a plain function `fn(samples, **params)` returning, per sample, a `Verdict`, a float score, a bool label,
-  or a dict with `score`/`label`/`rationale`/`error` keys.
-
-Either is named in YAML by its registered name, by a dotted path `package.module:Name`, or by an entry point in
-the `selfimprove.critics` group.
-
-How the critique stage calls a critic depends on two class attributes (a function may set them as attributes):
-- `batched = False` (the default): called with one sample at a time (one problem's samples at a time when
-  `per_problem`), each call under the stage's per-sample `timeout`; a call that raises or times out fails
-  exactly those samples' verdicts.
-- `batched = True` (critics that query a model and want large batches): called with `batch_size` samples,
-  without a time limit (interrupting an engine mid-call could corrupt it; their own calls are bounded by
-  max_tokens and request timeouts). They report per-sample failures themselves as `Verdict(error=...)`;
-  if the call raises, the whole batch fails.
-- `per_problem = True`: every call holds all samples of the problems it covers (majority voting needs them).
-Failed verdicts are recorded and counted; the stage fails only past its `max_error_rate`.
-
-A critic may also describe a judged batch: `stats(samples, verdicts)` returns {name: number} that the rl stage
-logs per step under `<critic id>/<name>` (signal quality against gold where the data has it, for the record only).
+A critic is a `Critic` subclass (`judge(samples) -> list[Verdict]`) or a plain function adapted by
+`FunctionCritic`. What a sample holds and how the critique stage calls a critic (`batched`, `per_problem`,
+timeouts, `stats`) is docs/critics.md.
 """
 
 from __future__ import annotations
@@ -58,7 +34,7 @@ class CriticContext:
 class Critic:
     """Base class for class-based critics."""
 
-    batched = False  # see the module docstring
+    batched = False  # how the critique stage calls it: docs/critics.md
     per_problem = False
 
     def __init__(self, config, context: CriticContext):
@@ -69,7 +45,7 @@ class Critic:
         raise NotImplementedError
 
     def stats(self, samples: list[dict], verdicts: list[Verdict]) -> dict[str, float | None]:
-        """Per-batch metrics about the verdicts just given (module docstring); none by default."""
+        """Per-batch metrics about the verdicts just given (docs/critics.md); none by default."""
         return {}
 
     def close(self) -> None:

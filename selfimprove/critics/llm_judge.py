@@ -6,14 +6,9 @@ raw score, mapped linearly from `scale` onto [0, 1]; label = score >= `threshold
 score off the scale (never clipped: "11/10" would be full reward for gaming the judge), or a request that fails
 makes that sample's verdict invalid (its `error` set), and only that one.
 
-Where replies come from is the `backend`, a component of its own (`backend: vllm`, or a mapping with `name:`
-and the backend's parameters):
-- `policy` (the default): the run's own engine and the weights that generated the samples (the model judges
-  itself: with the weights of the round's policy, this is Self-Rewarding's LLM-as-a-judge);
-- `vllm`: another local model (`model`) in an engine of its own (`engine`), started on first use, closed after it;
-- `openai`: any OpenAI-compatible endpoint (`model`, `base_url`), the API key read from the environment variable
-  named by `api_key_env`, never from the YAML;
-- your own: a dotted path `package.module:Name` to a `JudgeBackend` subclass.
+Replies come from the `backend`, a component of its own (JUDGE_BACKENDS; the README's critic table lists
+`policy`, Self-Rewarding's judge and the default, `vllm` and `openai`); the API key of `openai` is read from the
+environment variable named by `api_key_env`, never from the YAML.
 """
 
 from __future__ import annotations

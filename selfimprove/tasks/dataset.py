@@ -1,42 +1,8 @@
 """A task over a researcher's own data: name the files, the columns and a grader; no task class to write.
 
-    task:
-      name: dataset
-      train: {path: data/train.jsonl}
-      test: {path: data/test.parquet}
-      columns: {question: problem, answer: final_answer, solution: worked_solution, id: uid}
-      grader: numeric
-      instruction: Solve the following problem step by step.
-
-Data, per split (`train`, `test`, optionally `dev`; give train and/or test):
-- `path`: a local `.jsonl`, `.json` (an array of objects), `.parquet` or `.csv` file, read by `datasets`
-  (streamed: nothing is copied or cached); a relative path is read from the working directory. CSV cells are text
-  as written ("007" stays 007).
-- `hub` + `split` (+ `hub_config`): a Hugging Face `datasets` dataset that is already in the local cache. Nothing
-  is downloaded, at config load or at run time: the name is resolved offline, so a dataset that is not cached is
-  refused. Cache it once on a machine with a network (`datasets.load_dataset(name)`), or export it to a file.
-
-Splits are kept disjoint (tasks/overlap.py): a dev problem whose question (up to spacing) is in test, and a train
-problem whose question is in dev or test, is dropped, and the count is logged. `dev` is where choices are made:
-give it a file of its own (`dev: {path: ...}`), or carve it out of train with `dev_fraction` (a fixed slice,
-chosen by random.Random(`dev_seed`)); without either the task has no dev split.
-
-Columns: `question` and `answer` are required (default names: question, answer); `answer: null` declares
-label-free data: grading reads answers and judges none (label-free critics such as `majority` work on it), and
-a stage that needs gold (evaluate, a rationalization hint, SPIN pairs) is refused when the pipeline loads.
-`solution` is a worked solution, the gold completion of SFT and SPIN (`reference_solution`); it should end in the
-answer format the prompt asks for. `id` names each problem; without it a problem's id is a hash of its question,
-so ids are stable across runs and do not depend on row order (a repeated question gets -2, -3, ... in file order).
-`breakdown` columns are carried into every problem, and the evaluate stage reports accuracy per value of each.
-
-`grader` reads the gold answers and grades completions (tasks/graders.py: `numeric`, the default, as GSM8K;
-`math_verify` as MATH; `exact` normalised text; or a dotted path to your own `Grader`).
-
-Bad data is refused when the config is built (and by `selfimprove run --check`), before any model loads: a
-missing file, an unsupported format, a column the data lacks, no rows, and any row with a missing column, an
-empty question, a gold answer the grader cannot read (`null`, "seven" under `numeric`) or a repeated id, named by
-row number and column with the fix. The check streams the rows and keeps none; the run reads them again through
-the same function.
+The user reference (data sources, splits, columns, graders, what bad data is refused) is docs/tasks.md. Rows are
+read with `datasets` and streamed: the config check validates every row and keeps none, and the run reads them
+again through the same function (`_problems`).
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """MATH (Hendrycks et al., 2021): competition problems with LaTeX answers, graded with Math-Verify.
 
-Two registered names, differing only in the test set:
-- `math500`: test = MATH500, PRM800K's 500-problem test split (`seeds/math/test.jsonl`);
-- `math`: test = the full 5,000-problem MATH test set (`seeds/math/test_full.jsonl`).
-Both train on `seeds/math/train_reconstructed.jsonl`: the 7,500 MATH train problems plus the 4,500 MATH test
-problems outside MATH500 (PRM800K's train split, rebuilt; see `seeds/math/README.md`). That file therefore
-overlaps the full test set: train always drops every problem whose text (up to spacing) is in the task's test
-set, counted in the log (tasks/overlap.py), so `math` trains on the 7,500 original train problems (7,499: one
-repeats a test problem's text) and `math500` on all 12,000; `dev` is then carved out of it (`PublishedTask`).
-
-`source: <hub dataset>` (e.g. `HuggingFaceH4/MATH-500`) reads a hub dataset instead, mapping `hub_splits`
-onto ours; rows need `problem` and `solution` (or `answer`), and may name the subject `type` and give the
-level as "Level 3", as the original release does.
+`math500` tests on MATH500 (PRM800K's 500-problem test split), `math` on the full 5,000; both train on PRM800K's
+train split rebuilt, minus the task's test problems (docs/tasks.md says what that leaves, and how a hub dataset
+is read instead).
 
 Grading (the only place MATH answers are parsed):
 - strict: the content of the *last* `\\boxed{...}` in the completion (brace-matched), verified equal to the
