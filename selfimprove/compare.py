@@ -8,14 +8,9 @@ baseline), and each run's final round against its own round 0. A large p is not 
 interval says which differences the data cannot rule out. The two procedures can disagree near the 5% boundary
 (the exact test is the more conservative), so both are reported.
 
-What is read from each run directory:
-- `config.yaml` (the resolved config), flattened to dotted keys (`stages.generate.sampling.n`); lists are
-  compared whole. `name` and `runs_dir` are left out: they differ between any two runs by construction;
-- per round, the last finished evaluating stage (report.evaluations) whose metrics have `accuracy`, with its
-  `accuracy_ci_low` and `accuracy_ci_high`;
-- for the final round (the highest round with such an evaluation) and for round 0 (the base model), that
-  stage's graded rows (`data/`): per problem, the `correct` of its first sample (lowest `index`), the sample
-  `accuracy` is computed from."""
+Each run is read from its `config.yaml` (flattened to dotted keys; lists compared whole) and, per round, its last
+evaluating stage with an `accuracy` (report.evaluations) and that stage's graded rows.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +24,7 @@ from typing import Any
 import yaml
 
 from .artifacts import load_rows
+from .config import flatten
 from .metrics import PairedDifference, interval, paired_difference
 from .render import accuracy_plot, html_table, image, page, text_table
 from .report import collect, evaluations
@@ -103,17 +99,6 @@ def first_sample_correct(rows: list[dict]) -> dict[str, bool]:
     """Problem id → whether the problem's first sample (lowest `index`) is correct."""
     # the lowest index is written last
     return {row["problem_id"]: bool(row["correct"]) for row in sorted(rows, key=lambda row: row["index"], reverse=True)}
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings to dotted keys: {"a": {"b": 1}} → {"a.b": 1}; lists and scalars are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def differing_keys(configs: list[dict]) -> dict[str, list[Any]]:

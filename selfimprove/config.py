@@ -155,3 +155,16 @@ def _join(key: str, name: str) -> str:
 
 def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def flatten(node: Any, key: str = "", lists: bool = False) -> dict[str, Any]:
+    """{dotted key: value} for every leaf of nested mappings: {"a": {"b": 1}} → {"a.b": 1}. Lists are leaves, or
+    with `lists` are walked too (`stages.critique.critics[1].max_words`); an empty mapping or list is a leaf."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if lists and isinstance(node, list) else None
+    if items is None or (not node and key):
+        return {key: node}
+    out: dict[str, Any] = {}
+    for name, value in items:
+        out.update(flatten(value, f"{key}[{name}]" if isinstance(node, list) else f"{key}.{name}" if key else name,
+                           lists))
+    return out

@@ -25,7 +25,7 @@ import yaml
 
 from . import trackers
 from .artifacts import MANIFEST, checksum_files, is_done, read_json, write_json
-from .config import ConfigError, build, to_dict
+from .config import ConfigError, build, flatten, to_dict
 from .yamlio import apply_overrides, load_yaml
 from .records import Weights
 from .console import library_logs
@@ -381,7 +381,7 @@ RESUMABLE = ("rounds", "runs_dir", "description", "report_to", "stages.*.calls.m
 
 def changed_settings(previous: dict, current: dict) -> list[str]:
     """`key: old -> new` for every dotted key whose value differs and that may not change on resume."""
-    before, after = _flatten(previous), _flatten(current)
+    before, after = flatten(previous, lists=True), flatten(current, lists=True)
 
     def show(values: dict, key: str) -> str:
         return repr(values[key]) if key in values else "(unset)"
@@ -390,17 +390,6 @@ def changed_settings(previous: dict, current: dict) -> list[str]:
             for key in sorted(set(before) | set(after))
             if (key in before, before.get(key)) != (key in after, after.get(key))
             and not any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}[[.]*") for p in RESUMABLE)]
-
-
-def _flatten(node: Any, key: str = "") -> dict[str, Any]:
-    """{dotted key: value} for every leaf of nested mappings and lists (`stages.critique.critics[1].max_words`)."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
-    if items is None or (not node and key):
-        return {key: node}
-    out: dict[str, Any] = {}
-    for name, value in items:
-        out.update(_flatten(value, f"{key}[{name}]" if isinstance(node, list) else f"{key}.{name}" if key else name))
-    return out
 
 
 def environment_versions() -> dict:

@@ -26,7 +26,7 @@ import numbers
 from pathlib import Path
 
 from .artifacts import read_json, write_json
-from .config import ConfigError
+from .config import ConfigError, flatten
 from .registry import TRACKERS, Component
 
 _ACTIVE: "Trackers | None" = None
@@ -167,20 +167,13 @@ class MLflow(Tracker):
         self.mlflow, new = mlflow, self.run_id is None
         self.run_id = mlflow.start_run(run_id=self.run_id, run_name=self.run_name if new else None).info.run_id
         if new:  # params cannot be logged twice with other values; a resumed run's config is the same anyway
-            mlflow.log_params({k: json.dumps(v, default=str)[:500] for k, v in _flat(run_config).items()})
+            mlflow.log_params({k: json.dumps(v, default=str)[:500] for k, v in flatten(run_config).items()})
 
     def log(self, metrics: dict, step: int) -> None:
         self.mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=step)
 
     def finish(self) -> None:
         self.mlflow.end_run()
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in config.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def log_step(metrics: dict) -> None:
