@@ -1,15 +1,10 @@
-"""Experiment trackers: one tracker run per pipeline run, receiving the config, every stage's metrics per round,
-every training step's logs and every RL step's metrics.
-
-`report_to:` at the pipeline level names them: `trackio` (local, no account), `tensorboard`, `wandb`, `mlflow`, a
-dotted path `package.module:Name` to a `Tracker` subclass of your own, or an empty list (the default). Each is an
-optional extra (`pip install -e .[track]` installs trackio and tensorboard); a missing one is an error when the
-config loads, not at round 3. Keys for hosted trackers (wandb, mlflow servers) come from their own environment
-variables only, never from the YAML.
+"""Experiment trackers (`report_to:`; the README lists the shipped ones): one tracker run per pipeline run, receiving
+the config, every stage's metrics per round, every training step's logs and every RL step's metrics.
 
 One run, resumed: the tracker run is named after the run directory and its id is kept in the run directory
 (`trackers.json`), so a resumed pipeline appends to the same tracker run; the step counter is kept there too, so
-steps keep increasing across resumes instead of starting over.
+steps keep increasing across resumes instead of starting over. A missing tracker package is an error when the
+config loads, not at round 3.
 
 How training logs arrive: TRL/transformers' own `report_to` would open a tracker run per training call (one per
 round and stage), so the trainers instead add `TrackerCallback`, which forwards each `on_log` to the pipeline's
