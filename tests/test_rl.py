@@ -3,6 +3,7 @@ update on the tiny model, served by the shared engine without a restart; stale r
 GRPO/RLOO end to end over two rounds. (Baselines and objectives: test_baselines.py.)"""
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from selfimprove.artifacts import load_rows, read_json
 from selfimprove.records import SamplingConfig, Weights, adapter_hash
 from selfimprove.pipeline import Runner, load_pipeline
 from selfimprove.selfcorrection import second_prompt
+from selfimprove.trainers.common import LoraSettings
 from selfimprove.trainers.rl import PolicyGradient, Rollout, StalePolicyError, encode_rollout, kl_k3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,3 +181,55 @@ def test_rl_stage_refuses_an_offline_trainer():
         load_pipeline(TINY_GRPO, ["stages.rl.trainer={name: sft}"])
     with pytest.raises(ConfigError, match="sampling.n >= 2"):
         load_pipeline(TINY_GRPO, ["stages.rl.sampling={n: 1, temperature: 1.0}"])
+
+
+def test_rollouts_up_to_max_staleness_versions_old_are_trained_on(tiny_model, tmp_path):
+    trainer = PolicyGradient(PolicyGradient.Config(learning_rate=1e-2, lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
+    trainer.setup(tiny_model, None, seed=0)
+    v0 = trainer.save(tmp_path / "v0")
+
+    def rollouts(version):
+        return [Rollout("g", [PROMPT], [text], [True], [reward], version) for text, reward in (("5", 1.0), ("7", 0.0))]
+
+    trainer.step(rollouts(v0), [0.0], 1.0, 8)
+    v1 = trainer.save(tmp_path / "v1")
+    with pytest.raises(StalePolicyError, match="resample"):
+        trainer.step(rollouts(v0), [0.0], 1.0, 8)  # on-policy: one version old is stale
+    assert trainer.step(rollouts(v0), [0.0], 1.0, 8, max_staleness=1)["grad_norm"] > 0
+    v2 = trainer.save(tmp_path / "v2")
+    with pytest.raises(StalePolicyError, match="at most 1 older"):
+        trainer.step(rollouts(v0), [0.0], 1.0, 8, max_staleness=1)  # two versions old
+    assert len({v0, v1, v2}) == 3
+    # resumed from v2, the trainer still accepts v1's rollouts when the stage says v1 came before it
+    resumed = PolicyGradient(PolicyGradient.Config(learning_rate=1e-2, lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
+    resumed.setup(tiny_model, None, seed=0, state=tmp_path / "v2", earlier=[v1])
+    with pytest.raises(StalePolicyError):
+        resumed.step(rollouts(v0), [0.0], 1.0, 8, max_staleness=1)
+    assert resumed.step(rollouts(v1), [0.0], 1.0, 8, max_staleness=1)["grad_norm"] > 0
+
+
+def test_async_generation_samples_each_step_one_version_behind_and_resumes_identically(engine, tmp_path):
+    """max_staleness 1: step s samples with version max(0, s - 1) (sampled while step s - 1 trains); cut back to
+    the state after step 1 and re-run, the stage ends with the same policy."""
+    overrides = ["rounds=1", "evaluate_base=false", "stages.rl.steps=3", "stages.rl.max_staleness=1"]
+    run_dir = tmp_path / "run"
+    Runner(load_pipeline(TINY_GRPO, overrides), run_dir, engine=engine, log=quiet).run()
+    rl = run_dir / "round_001" / "rl"
+    versions = [adapter_hash(rl / "versions" / f"{v:05d}" / "adapter") for v in range(4)]
+    assert len(set(versions)) == 4
+    rows = load_rows(rl / "data")
+    for step, version in ((0, 0), (1, 0), (2, 1)):
+        assert {row["weights"]["adapter_hash"] for row in rows if row["step"] == step} == {versions[version]}
+    steps = [read_json(rl / "versions" / f"{v:05d}" / "step.json") for v in (1, 2, 3)]
+    assert [s["staleness"] for s in steps] == [0, 1, 1]
+    assert [s["policy_version"] for s in steps] == [versions[0], versions[0], versions[1]]
+    want = adapter_hash(rl / "adapter")
+
+    for name in ("manifest.json", "weights.json"):
+        (rl / name).unlink()
+    for name in ("adapter", "data", "versions/00003", "versions/00002"):
+        shutil.rmtree(rl / name)
+    shutil.rmtree(run_dir / "round_001" / "evaluate")
+    Runner(load_pipeline(TINY_GRPO, overrides), run_dir, engine=engine, log=quiet).run()
+    assert adapter_hash(rl / "adapter") == want
+    assert load_rows(rl / "data") == rows

@@ -18,7 +18,15 @@ Run directory (`ctx.out_dir`):
     data/, adapter/, weights.json     every rollout; the final adapter; its identity (as the train stage)
     steps.jsonl                       every step's metrics, in order (what the report draws)
 A killed run resumes from its newest version: finished steps are never repeated, and an interrupted step is
-redone with the same seeds. Older versions keep their adapters, rollouts and metrics; optimizer states older than the
+redone with the same seeds.
+
+Asynchronous generation (`max_staleness: k >= 1`): step s trains on rollouts sampled with version max(0, s - k),
+and while it trains, a background thread already samples step s+1 (with version s+1-k, which exists by then). The
+version each step samples with depends only on s and k, never on timing, so results are deterministic and a
+resumed run equals an uninterrupted one. Only sampling runs in the background: the critic scores in the stage's
+own thread while nothing else uses the engine. `k = 0` is the synchronous loop. Stale rollouts are corrected only
+by `importance_sampling_cap` (the trainer's truncated importance sampling against the sampler's log-probabilities);
+without it the update treats them as on-policy, as the synchronous loop does. Older versions keep their adapters, rollouts and metrics; optimizer states older than the
 two newest and merged weights are deleted as the stage moves on.
 """
 
@@ -29,6 +37,7 @@ import random
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -66,10 +75,15 @@ class RL(Stage):
         # 2025) without its resampling to refill the batch: a step updates on the groups that remain, or makes no
         # update at all when none does. Off by default (GRPO and SCoRe as published keep every group).
         filter_groups: bool = False
+        # How many versions old a rollout may be (module docstring): 0 = strictly on-policy, each step sampled with
+        # the newest policy; k >= 1 samples the next step with version s+1-k while step s trains.
+        max_staleness: int = 0
 
         def __post_init__(self):
             if self.steps < 1 or self.problems_per_step < 1:
                 raise ValueError("steps and problems_per_step must be >= 1")
+            if self.max_staleness < 0:
+                raise ValueError(f"max_staleness must be >= 0 (0: on-policy), got {self.max_staleness}")
             if self.sampling.temperature <= 0 or self.sampling.n < 2:
                 raise ValueError("on-policy RL samples several answers per problem: sampling.n >= 2, temperature > 0")
             if self.sampling.top_p < 1:
@@ -87,8 +101,11 @@ class RL(Stage):
         versions = ctx.out_dir / "versions"
         start = ctx.weights(c.weights)
         done = sorted(int(p.name) for p in versions.glob("[0-9]*"))
-        if done:  # resume from the newest finished step
-            trainer.setup(ctx.base_model, None, seed=ctx.seed("init"), state=versions / f"{done[-1]:05d}")
+        if done:  # resume from the newest finished step; the versions before it that rollouts may still come from
+            earlier = [adapter_hash(versions / f"{v:05d}" / "adapter")
+                       for v in range(max(0, done[-1] - c.max_staleness), done[-1])]
+            trainer.setup(ctx.base_model, None, seed=ctx.seed("init"), state=versions / f"{done[-1]:05d}",
+                          earlier=earlier)
         else:
             trainer.setup(ctx.base_model, start.adapter, seed=ctx.seed("init"))
             self._commit(trainer, versions, 0, rows=None, metrics=None)
@@ -96,18 +113,30 @@ class RL(Stage):
         pool = c.problems.select(ctx.task.problems(c.problems.split), ctx.seed("problems"))
         critic = c.critic.build(CriticContext(task=ctx.task, engine=ctx.engine, stage_weights=ctx.weights))
         bar = tqdm(total=c.steps, initial=done[-1], desc=f"round {ctx.round} {ctx.stage}", unit="step", leave=False)
+
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rl-sampling")
+        pending = None  # the next step's sampling, running while this step trains
         try:
             for step in range(done[-1], c.steps):
-                adapter = versions / f"{step:05d}" / "adapter"
-                weights = Weights.of(ctx.base_model, str(adapter), f"round_{ctx.round:03d}/{ctx.stage}/v{step}")
-                rows, metrics = self._step(trainer, objective, critic, weights, self._batch(pool, step), step)
+                started = time.time()
+                rows, weights, timing = pending.result() if pending else self._sample(objective, versions, pool, step)
+                timing["sampling_wait_seconds"] = round(time.time() - started, 2)  # all of sampling when in line
+                scored = time.time()
+                scores = self._scores(critic, rows, objective.attempts)
+                timing["reward_seconds"] = round(time.time() - scored, 2)
+                pending = None
+                if c.max_staleness and step + 1 < c.steps:  # the engine is free again: sample the next step meanwhile
+                    pending = ahead.submit(self._sample, objective, versions, pool, step + 1)
+                metrics = self._update(trainer, objective, weights, rows, scores, step, timing)
+                metrics["step_seconds"] = round(time.time() - started, 2)
                 self._commit(trainer, versions, step + 1, rows, metrics)
-                _prune(versions, keep=step + 1)
+                _prune(versions, keep=range(max(0, step + 1 - c.max_staleness), step + 2))
                 trackers.log_step(metrics)
                 bar.set_postfix_str(", ".join(f"{k}={metrics[k]:.3g}" for k in metrics
                                               if k.startswith("reward/") and metrics[k] is not None))
                 bar.update(1)
         finally:
+            ahead.shutdown(cancel_futures=True)
             bar.close()
             critic.close()
         return self._finish(versions, start)
@@ -123,20 +152,30 @@ class RL(Stage):
             out.append(pool[order[pos]])
         return list({p["problem_id"]: p for p in out}.values())  # a pool smaller than a step: no duplicates
 
-    def _step(self, trainer, objective, critic, weights: Weights, problems: list[dict], step: int):
+    def _sample(self, objective, versions, pool: list[dict], step: int) -> tuple[list[dict], Weights, dict]:
+        """Step `step`'s rollouts, sampled with the version its staleness allows (max(0, step - max_staleness)).
+        Touches only the engine: with max_staleness > 0 it runs in a thread while the previous step trains."""
         c, ctx = self.config, self.ctx
         started = time.time()
+        version = max(0, step - c.max_staleness)
+        weights = Weights.of(ctx.base_model, str(versions / f"{version:05d}" / "adapter"),
+                             f"round_{ctx.round:03d}/{ctx.stage}/v{version}")
         engine = ctx.engine()
         engine.prepare(weights)  # the weight update, timed apart from sampling
         prepared = time.time()
         rows = sample_chunk(
-            engine=engine, task=ctx.task, problems=problems, sampling=c.sampling, weights=weights,
+            engine=engine, task=ctx.task, problems=self._batch(pool, step), sampling=c.sampling, weights=weights,
             seeds=[ctx.seed("step", step, "attempt", t) for t in range(1, objective.attempts + 1)],
             follow_up=objective.follow_up if objective.attempts > 1 else None,
             id_prefix=f"r{ctx.round:03d}/{ctx.stage}/s{step:05d}",
             extra={"round": ctx.round, "stage": ctx.stage, "step": step})
-        generated = time.time()
-        scores, errors, critic_stats = self._scores(critic, rows, objective.attempts)
+        return rows, weights, {"staleness": step - version, "weight_sync_seconds": round(prepared - started, 2),
+                               "generate_seconds": round(time.time() - prepared, 2)}
+
+    def _update(self, trainer, objective, weights: Weights, rows: list[dict], scored, step: int, timing: dict):
+        """Rewards from the critic's scores, then one update on the step's valid (and informative) groups."""
+        c = self.config
+        scores, errors, critic_stats = scored
         # a row with an invalid verdict on any attempt gets no rewards and is left out of training
         rewards = [None if None in s else objective.rewards(s) for s in scores]
         for row, row_scores, row_rewards in zip(rows, scores, rewards):
@@ -152,16 +191,13 @@ class RL(Stage):
         rollouts = _valid_groups(rollouts)
         if c.filter_groups:
             rollouts = _informative(rollouts)
-        scored = time.time()
         update = trainer.step(rollouts, objective.kl_weights(), temperature=c.sampling.temperature,
-                              max_tokens=c.sampling.max_tokens)
+                              max_tokens=c.sampling.max_tokens, max_staleness=c.max_staleness)
         metrics = {"step": step, "policy_version": weights.adapter_hash, "samples": len(rows), "invalid_rewards": errors,
                    "trained_samples": len(rollouts),
                    **{f"reward/attempt{t + 1}": _mean([s[t] for s in scores]) for t in range(objective.attempts)},
-                   **critic_stats, **update, "weight_sync_seconds": round(prepared - started, 2),
-                   "generate_seconds": round(generated - prepared, 2), "reward_seconds": round(scored - generated, 2)}
-        metrics["step_seconds"] = round(time.time() - started, 2)
-        return rows, metrics
+                   **critic_stats, **update, **timing}
+        return metrics
 
     def _scores(self, critic, rows: list[dict], attempts: int) -> tuple[list[list[float]], int, dict]:
         """The critic's score per attempt per row; an invalid verdict's is None (no reward, not 0: the row is
@@ -275,13 +311,13 @@ def _informative(rollouts: list[Rollout]) -> list[Rollout]:
     return [r for r in rollouts if distinct[r.group] > 1]
 
 
-def _prune(versions, keep: int | None) -> None:
-    """Delete every merged-weights cache but version `keep`'s (None: all of them), and the optimizer state of all
-    but the two newest versions: resuming needs the newest; the one before lets a bad last step be undone by
-    deleting its folder. Adapters, rollouts and metrics stay."""
+def _prune(versions, keep: range | None) -> None:
+    """Delete the merged-weights caches of every version outside `keep` (the versions sampling may still use; None:
+    all of them), and the optimizer state of all but the two newest versions: resuming needs the newest; the one
+    before lets a bad last step be undone by deleting its folder. Adapters, rollouts and metrics stay."""
     for folder in versions.glob("[0-9]*"):
         index = int(folder.name)
-        if keep is None or index != keep:
+        if keep is None or index not in keep:
             shutil.rmtree(folder / "adapter-merged", ignore_errors=True)
-        if keep is not None and index < keep - 1:
+        if keep is not None and index < keep[-1] - 1:
             (folder / "optimizer.pt").unlink(missing_ok=True)

@@ -55,7 +55,8 @@ Deviations and approximations:
 - Truncated sampling (top_p < 1) is refused for RL at config load (the rl stage): the trainer scores the full
   distribution, so the update would be off-policy without saying so.
 - Stale rollouts are refused: every rollout carries the content hash of the adapter it was sampled with, and
-  `step` raises `StalePolicyError` unless it equals the hash of the adapter this trainer last saved or loaded
+  `step` raises `StalePolicyError` unless it is the hash of the adapter this trainer last saved or loaded, or,
+  with `max_staleness` k (the rl stage's asynchronous generation), of one of the k versions saved before it
   (after a step the policy is unsaved and every rollout is stale until `save`).
 """
 
@@ -201,10 +202,13 @@ class PolicyGradient:
         self.model = None
         self.baseline = config.baseline.build()
         self.version: str | None = None  # hash of the adapter last saved/loaded; None while unsaved
+        self.history: list[str] = []  # hashes of the versions saved/loaded, oldest first (the stale-policy check)
 
-    def setup(self, base_path: str, adapter: str | None, seed: int, state: Path | None = None) -> None:
+    def setup(self, base_path: str, adapter: str | None, seed: int, state: Path | None = None,
+              earlier: list[str] = ()) -> None:
         """Load the policy: `adapter` to continue (trainable), or a fresh LoRA (seeded) on the base; `state`: a
-        folder written by `save` to resume from (its adapter and optimizer state win over `adapter`)."""
+        folder written by `save` to resume from (its adapter and optimizer state win over `adapter`); `earlier`:
+        the hashes of the versions saved before it, oldest first, that a resumed stage's rollouts may come from."""
         import torch
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -229,6 +233,7 @@ class PolicyGradient:
         if state is not None and (state / "optimizer.pt").exists():
             self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
         self.version = adapter_hash(adapter) if adapter else None
+        self.history = [*earlier, self.version] if self.version else list(earlier)
 
     def save(self, folder: Path) -> str:
         """Write `folder/adapter` (+ optimizer state) and return the new version (the adapter's hash)."""
@@ -239,11 +244,14 @@ class PolicyGradient:
         torch.save(self.optimizer.state_dict(), tmp)
         tmp.replace(folder / "optimizer.pt")
         self.version = adapter_hash(folder / "adapter")
+        self.history.append(self.version)
         return self.version
 
-    def step(self, rollouts: list[Rollout], kl_weights: list[float], temperature: float, max_tokens: int) -> dict:
+    def step(self, rollouts: list[Rollout], kl_weights: list[float], temperature: float, max_tokens: int,
+             max_staleness: int = 0) -> dict:
         """One optimizer step on `rollouts`; `kl_weights[t]` is the KL coefficient on attempt t+1's tokens,
-        `max_tokens` the sampling budget per attempt (seq-mean-token-sum-norm's constant).
+        `max_tokens` the sampling budget per attempt (seq-mean-token-sum-norm's constant), `max_staleness` how many
+        saved versions older than the current one the rollouts may come from.
 
         No rollouts (every group filtered out) makes no update: the policy and its version stay as they are, and
         the loss, KL and gradient norm are None (not measured), not 0."""
@@ -251,10 +259,11 @@ class PolicyGradient:
 
         if self.version is None:
             raise StalePolicyError("the policy was updated and not saved since: no rollout can come from it")
-        stale = sorted({r.version for r in rollouts} - {self.version})
+        stale = sorted({r.version for r in rollouts} - set(self.history[-1 - max_staleness:]))
         if stale:
-            raise StalePolicyError(f"rollouts sampled with policy version(s) {stale}, but the policy being "
-                                   f"updated is {self.version}: resample with the current weights")
+            raise StalePolicyError(f"rollouts sampled with policy version(s) {stale}, but the policy being updated is "
+                                   f"{self.version}" + (f" and at most {max_staleness} older version(s) may be used"
+                                                        if max_staleness else "") + ": resample with newer weights")
         started = time.time()
         if not rollouts:
             return {"loss": None, **{f"kl/attempt{t + 1}": None for t in range(len(kl_weights))}, "grad_norm": None,
