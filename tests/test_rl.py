@@ -210,7 +210,8 @@ def test_rollouts_up_to_max_staleness_versions_old_are_trained_on(tiny_model, tm
 
 def test_async_generation_samples_each_step_one_version_behind_and_resumes_identically(engine, tmp_path):
     """max_staleness 1: step s samples with version max(0, s - 1) (sampled while step s - 1 trains); cut back to
-    the state after step 1 and re-run, the stage ends with the same policy."""
+    the state after step 1 (as a kill during step 2 leaves it) and re-run: step 2 is sampled again with version 1,
+    not the newest, and the stage ends with the same policy."""
     overrides = ["rounds=1", "evaluate_base=false", "stages.rl.steps=3", "stages.rl.max_staleness=1"]
     run_dir = tmp_path / "run"
     Runner(load_pipeline(TINY_GRPO, overrides), run_dir, engine=engine, log=quiet).run()
@@ -227,7 +228,7 @@ def test_async_generation_samples_each_step_one_version_behind_and_resumes_ident
 
     for name in ("manifest.json", "weights.json"):
         (rl / name).unlink()
-    for name in ("adapter", "data", "versions/00003", "versions/00002"):
+    for name in ("adapter", "data", "versions/00003"):
         shutil.rmtree(rl / name)
     shutil.rmtree(run_dir / "round_001" / "evaluate")
     Runner(load_pipeline(TINY_GRPO, overrides), run_dir, engine=engine, log=quiet).run()
