@@ -6,28 +6,7 @@ prompts and folds them into one number, the balance score, which it uses to pick
 temperature and reward threshold. These are pure functions over rows, so a stage, the report or a notebook can
 call them on what a run already saved.
 
-Inputs of `monitor_round`:
-- `samples`: one round's sampled rows (a generate stage's data) with `sample_id`, `problem_id`, `completion`
-  and `extracted`, which the caller adds: the task's extracted answer (`task.grade(row, row["completion"]).answer`)
-  or None;
-- `gold`: per sample, in the order of `samples`, the gold correctness (`task.grade(...).correct`), None where
-  the sample has no gold answer or grading failed (as the critique stage grades gold);
-- `kept_ids`: the sample ids selection kept (the filter's rows' `sample_ids`); ids of samples not in `samples`
-  (e.g. rationalizations from another generate stage) are ignored, so the metrics describe the selection of
-  these samples.
-
-Metrics (names as `monitor_round` returns them):
-- exploration, over the prompts all of whose samples have gold (`bstar/prompts_with_gold` of them), each a mean
-  over prompts: `bstar/pass@k`, the unbiased pass@k of Chen et al. (2021) with k = `bstar/k`, the fewest samples
-  any such prompt has (normally every prompt's n); `bstar/correct_per_prompt`; `bstar/distinct_correct_answers`
-  (extracted answers compared as strings; a correct sample without one adds none); and
-  `bstar/distinct_correct_completions` (the paper's notion of diversity: different correct solutions, not only
-  different answers);
-- over all prompts (`bstar/prompts`): `bstar/distinct_completions` per prompt. Completions are compared after
-  stripping surrounding whitespace, as the filter's dedupe does;
-- exploitation: `bstar/kept` (kept samples), `bstar/precision` (the share of kept samples with gold that are
-  correct; NaN when none has gold), and `bstar/balance` (below), with `bstar/balance_queries` the number of
-  queries it averages over and `bstar/n_star` the n* used.
+Inputs and every metric, as a user reads them: docs/monitor.md.
 
 The balance score. B-STaR defines it per query x_i as bs_i = min(n'_i / n*, 1) · (n'_i / n_i): n'_i counts the
 *unique* correct responses among those selected for x_i, n_i the responses selected for x_i, and n* the number

@@ -1,25 +1,11 @@
 """RL: on-policy policy-gradient training with rollouts from the run's engine — any objective, any baseline.
+What a step does, the stage's options and its run directory: docs/rl.md.
 
-Each of `steps` steps: take `problems_per_step` problems (a seeded pass over the pool), sample `sampling.n`
-trajectories per problem from the engine with the policy's current adapter version (as many attempts as the
-objective has: rollout.sample_chunk), score every attempt with `critic` (any critic, a user's dotted-path plugin
-too), turn scores into per-attempt rewards with the `objective` (objectives/: `single` for GRPO-style RL,
-`score_stage1` / `score_stage2` for SCoRe), make one update with the trainer (whose baseline turns rewards
-into advantages: baselines/), and save the new adapter as the next version. The engine serves each version
-without a restart; how (merged weights reloaded in place, or a per-request LoRA) is the engine's business.
-The reference of the KL terms is always the base model (the adapter disabled).
-
-Run directory (`ctx.out_dir`):
-    versions/00000/adapter            the policy the stage starts from (version 0)
-    versions/0000k/{adapter, optimizer.pt, rollouts/, step.json}
-                                      after step k-1: the new policy, its optimizer state, the rollouts that
-                                      trained it (rewards per attempt) and the step's metrics; written as one
-                                      folder renamed into place, so a step is either all there or not at all
-    data/, adapter/, weights.json     every rollout; the final adapter; its identity (as the train stage)
-    steps.jsonl                       every step's metrics, in order (what the report draws)
-A killed run resumes from its newest version: finished steps are never repeated, and an interrupted step is
-redone with the same seeds. Older versions keep their adapters, rollouts and metrics; optimizer states older than the
-two newest and merged weights are deleted as the stage moves on.
+Each step samples trajectories with the policy's current adapter version, scores every attempt with `critic`,
+turns the scores into per-attempt rewards with the `objective` (objectives/), makes one update with the trainer
+(trainers/rl.py) and saves the new adapter as the next version; the engine serves each version without a
+restart. Every version is one folder under `versions/`, renamed into place, so a killed run resumes from its
+newest version: finished steps are never repeated, and an interrupted step is redone with the same seeds.
 """
 
 from __future__ import annotations

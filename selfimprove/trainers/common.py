@@ -172,7 +172,14 @@ def resume_point(work_dir: Path, identity: dict, tidy: bool = True) -> Path | No
     training (another config, data, start or seed: the optimizer state would carry the old learning rate)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    key_file = work_dir / "training_key"
+    complete = sweep_checkpoints(work_dir, "training_key", key, tidy)
+    return complete[-1] if complete else None
+
+
+def sweep_checkpoints(work_dir: Path, key_name: str, key: str, tidy: bool = True) -> list[Path]:
+    """The complete checkpoints in `work_dir`, oldest first, if the file `key_name` there holds `key` (else none).
+    With `tidy`, deletes every other checkpoint and records `key`; the launcher keys its launches the same way."""
+    key_file = work_dir / key_name
     same = key_file.exists() and key_file.read_text() == key
     found = sorted((int(m.group(1)), p) for p in work_dir.iterdir()
                    if p.is_dir() and (m := CHECKPOINT.fullmatch(p.name)))
@@ -184,7 +191,7 @@ def resume_point(work_dir: Path, identity: dict, tidy: bool = True) -> Path | No
             shutil.rmtree(folder)
     if tidy:
         key_file.write_text(key)
-    return complete[-1] if complete else None
+    return complete
 
 
 def load_trained_adapter(model, checkpoint: Path) -> None:

