@@ -2,21 +2,17 @@
 
 Self-improvement stalls when the model stops producing varied correct solutions (exploration) or when the
 critic stops separating good samples from bad ones (exploitation). B-STaR measures both on a round's training
-prompts and folds them into one number, the balance score, which it uses to pick the next round's sampling
-temperature and reward threshold. These are pure functions over rows, so a stage, the report or a notebook can
-call them on what a run already saved.
-
-Inputs and every metric, as a user reads them: docs/monitor.md.
+prompts and folds them into the balance score, which picks the next round's sampling temperature and reward
+threshold. Pure functions over rows, so a stage, the report or a notebook can call them on a saved run. Inputs
+and every metric, as a user reads them: docs/monitor.md.
 
 The balance score. B-STaR defines it per query x_i as bs_i = min(n'_i / n*, 1) · (n'_i / n_i): n'_i counts the
-*unique* correct responses among those selected for x_i, n_i the responses selected for x_i, and n* the number
-of correct responses a query needs to count fully (the authors' value, 8, is the default); the first factor
-rewards exploration (enough different correct solutions), the second exploitation (selection keeps few wrong
-ones), and the score is the mean of bs_i over the queries. n_i is read here as counted after de-duplication
-too, as the authors' code counts it (hkust-nlp/B-STaR, train_code/determine_hyper.py: `get_unique_trn_json`
-drops repeated (query, response) pairs from the selection, then `cal_modi_acc_soft` counts what is left), so
-repeats of one completion never raise a query's score: eight copies of one correct completion give
-n'_i = n_i = 1 and, with n* = 8, bs_i = 1/8, not 1. Exactly:
+*unique* correct responses among those selected for x_i, n_i the responses selected for x_i, n* the correct
+responses a query needs to count fully (the authors' 8 is the default); the score is the mean of bs_i over the
+queries. n_i is counted after de-duplication too, as the authors' code counts it (hkust-nlp/B-STaR,
+train_code/determine_hyper.py: `get_unique_trn_json` drops repeated (query, response) pairs from the selection,
+then `cal_modi_acc_soft` counts what is left), so repeats of one completion never raise a query's score: eight
+copies of one correct completion give n'_i = n_i = 1 and, with n* = 8, bs_i = 1/8, not 1. Exactly:
 - two kept samples of a query are one response when their completions are equal after stripping surrounding
   whitespace (the filter's `dedupe` compares the same; the authors compare the exact text). The extracted answer
   plays no part: two different derivations of the same answer are two responses, as in the authors' code;

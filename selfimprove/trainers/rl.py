@@ -1,9 +1,6 @@
 """On-policy policy-gradient updates on a PEFT LoRA policy: any baseline, any loss aggregation, KL to the base model.
-The loss, its knobs and the sampler–trainer gap metrics, as a user sets them: docs/rl.md.
-
-The `rl` stage (stages/rl.py) drives the loop: `PolicyGradient.step` on a batch of rollouts sampled with the
-policy's current saved adapter (its baseline turns rewards into advantages: baselines/), then `save`, so that the
-engine can serve the new version.
+The loss, its knobs and the sampler–trainer gap metrics, as a user sets them: docs/rl.md. The rl stage
+(stages/rl.py) alternates `PolicyGradient.step` on rollouts of the current saved adapter and `save`.
 
 Why a trainer of our own and not TRL 1.16's GRPOTrainer (trl/trainer/grpo_trainer.py):
 - GRPOTrainer generates itself (HF `generate`, or vLLM through `trl[vllm]`, whose vllm<=0.31 pin conflicts with
@@ -12,13 +9,13 @@ Why a trainer of our own and not TRL 1.16's GRPOTrainer (trl/trainer/grpo_traine
   the stale-policy check.
 - SCoRe needs a different reward and KL coefficient per attempt within one sequence (stage I: no reward and β2
   on attempt 1, reward and β1 on attempt 2); GRPOTrainer has one advantage and one β per completion.
-- The update is ~40 lines (`step`) on TRL's `selective_log_softmax` and `disable_dropout_in_model` and PEFT's
+- The update (`step`) is short on TRL's `selective_log_softmax` and `disable_dropout_in_model` and PEFT's
   `disable_adapter` (the reference model at no memory cost).
 
 One optimizer step per batch, so the rollouts are on-policy up to the sampler–trainer gap and no PPO ratio or
 clipping is needed: loss = Σ_t agg_t(−A_t·w·log π(y) + β_t·KL_k3) over attempt t's tokens, with Schulman's k3
-against the base model, log-probabilities of logits / sampling temperature (as TRL), and w the truncated
-importance weight (`importance_sampling_cap`) or 1. `agg_t` is `loss_agg_mode` (`aggregate`).
+against the base model, log-probabilities of logits / sampling temperature (as TRL), w the truncated importance
+weight (`importance_sampling_cap`) or 1, and `agg_t` the `loss_agg_mode` (`aggregate`).
 
 Deviations and approximations:
 - Completions are trained on the token ids the engine sampled; only an engine that reports none (or rollouts
@@ -26,11 +23,10 @@ Deviations and approximations:
   would make a token slightly off-policy. Prompts are re-tokenized as the engine's chat template renders them.
 - Sequences longer than `max_length` tokens are cut; the cut tokens get no gradient.
 - With every KL weight 0 the reference forward is skipped.
-- Truncated sampling (top_p < 1) is refused for RL at config load (the rl stage): the trainer scores the full
+- Truncated sampling (top_p < 1) is refused at config load (the rl stage): the trainer scores the full
   distribution, so the update would be off-policy without saying so.
-- Stale rollouts are refused: every rollout carries the content hash of the adapter it was sampled with, and
-  `step` raises `StalePolicyError` unless it equals the hash of the adapter this trainer last saved or loaded
-  (after a step the policy is unsaved and every rollout is stale until `save`).
+- Stale rollouts are refused: `step` raises `StalePolicyError` unless every rollout's adapter hash is that of the
+  adapter this trainer last saved or loaded (after a step, none until `save`).
 """
 
 from __future__ import annotations
