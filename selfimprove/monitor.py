@@ -1,10 +1,9 @@
 """The B-STaR monitor (Zeng et al., 2024): how much a round explores and how well its selection exploits.
 
-Self-improvement stalls when the model stops producing varied correct solutions (exploration) or when the
-critic stops separating good samples from bad ones (exploitation). B-STaR measures both on a round's training
-prompts and folds them into the balance score, which picks the next round's sampling temperature and reward
-threshold. Pure functions over rows, so a stage, the report or a notebook can call them on a saved run. Inputs
-and every metric, as a user reads them: docs/monitor.md.
+Self-improvement stalls when the model stops producing varied correct solutions (exploration) or the critic
+stops separating good samples from bad ones (exploitation); B-STaR folds both into the balance score, which picks
+the next round's sampling temperature and reward threshold. Pure functions over rows, so a stage, the report or a
+notebook can call them on a saved run. Inputs and every metric, as a user reads them: docs/monitor.md.
 
 The balance score. B-STaR defines it per query x_i as bs_i = min(n'_i / n*, 1) · (n'_i / n_i): n'_i counts the
 *unique* correct responses among those selected for x_i, n_i the responses selected for x_i, n* the correct

@@ -1,11 +1,10 @@
 """RL: on-policy policy-gradient training with rollouts from the run's engine — any objective, any baseline.
 What a step does, the stage's options and its run directory: docs/rl.md.
 
-Each step samples trajectories with the policy's current adapter version, scores every attempt with `critic`,
-turns the scores into per-attempt rewards with the `objective` (objectives/), makes one update with the trainer
-(trainers/rl.py) and saves the new adapter as the next version; the engine serves each version without a
-restart. Every version is one folder under `versions/`, renamed into place, so a killed run resumes from its
-newest version: finished steps are never repeated, and an interrupted step is redone with the same seeds.
+Each step samples with the policy's current adapter version, scores every attempt with `critic`, turns the scores
+into per-attempt rewards with the `objective` (objectives/), makes one update with the trainer (trainers/rl.py)
+and saves the new adapter as the next version: one folder under `versions/`, renamed into place, so a killed run
+resumes from its newest version (finished steps are never repeated; an interrupted one is redone, same seeds).
 """
 
 from __future__ import annotations
@@ -47,10 +46,9 @@ class RL(Stage):
         calls: CriticCalls = field(default_factory=CriticCalls)
         trainer: TrainerSpec = field(default_factory=lambda: TrainerSpec.named("policy_gradient"))
         weights: str = "latest"  # the policy the stage starts from (latest: this round's newest, else the round's)
-        # Drop groups (problems) whose every trajectory got the same rewards: their advantages are all zero, so they
-        # would add only the KL term to the update while costing a full forward/backward. DAPO's filter (Yu et al.,
-        # 2025) without its resampling to refill the batch: a step updates on the groups that remain, or makes no
-        # update at all when none does. Off by default (GRPO and SCoRe as published keep every group).
+        # Drop groups whose trajectories all got the same rewards (zero advantages: the KL term only, at the cost of
+        # a forward/backward): DAPO's filter (Yu et al., 2025) without its resampling to refill the batch, so a step
+        # updates on the groups left, or not at all. Off by default: GRPO and SCoRe as published keep every group.
         filter_groups: bool = False
 
         def __post_init__(self):
@@ -167,10 +165,9 @@ class RL(Stage):
 
     def _commit(self, trainer, versions, index: int, rows: list[dict] | None, metrics: dict | None) -> None:
         """Write version `index` (adapter, optimizer state, the rollouts and metrics of the step that made it)."""
-        versions.mkdir(parents=True, exist_ok=True)
         tmp = versions / f".{index:05d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         trainer.save(tmp)
         if rows is not None:
             save_rows(rows, tmp / "rollouts")
@@ -179,17 +176,16 @@ class RL(Stage):
 
     def _finish(self, versions, start: Weights) -> dict:
         ctx = self.ctx
-        indices = sorted(int(p.name) for p in versions.glob("[0-9]*"))
-        last = versions / f"{indices[-1]:05d}"
-        steps = [read_json(versions / f"{i:05d}" / "step.json") for i in indices if i > 0]
-        rows = [row for i in indices if i > 0 for row in load_rows(versions / f"{i:05d}" / "rollouts")]
+        folders = sorted(versions.glob("[0-9]*"))  # 00000 (the start), then one per step, in order
+        steps = [read_json(folder / "step.json") for folder in folders[1:]]
+        rows = [row for folder in folders[1:] for row in load_rows(folder / "rollouts")]
         save_rows(rows, ctx.out_dir / "data")
         tmp = ctx.out_dir / ".steps.jsonl.tmp"
         tmp.write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in steps))
         tmp.replace(ctx.out_dir / "steps.jsonl")
         tmp = ctx.out_dir / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(last / "adapter", tmp)
+        shutil.copytree(folders[-1] / "adapter", tmp)
         replace_dir(tmp, ctx.out_dir / "adapter")
         _prune(versions, keep=None)  # merged copies are caches; the evaluate stage merges adapter/ itself
         adapter_dir = ctx.out_dir / "adapter"

@@ -1,9 +1,6 @@
-"""What every TRL-based trainer here shares: LoRA and optimisation settings, the policy model, checkpoints and
-resuming, the loss guard, and saving.
-
-Training always produces a standard PEFT adapter folder on the run's base model. A trainer starts either from
-the base model (a fresh adapter: STaR restarts every iteration) or from an existing adapter (continued
-training), as the train stage decides.
+"""What every TRL-based trainer here shares: LoRA and optimisation settings, the policy model (a fresh adapter on
+the base, or an existing one continued), checkpoints and resuming, the loss guard, and saving a standard PEFT
+adapter folder.
 
 Crash safety: every `checkpoint_every` optimizer steps, transformers' Trainer writes `checkpoint-<step>/` into the
 trainer's work folder (adapter, optimizer, scheduler, RNG states, trainer state; the data position is the step
@@ -72,9 +69,8 @@ def device_kwargs() -> dict:
     """TRL/transformers arguments for the device at hand (TRL's defaults assume a GPU: bf16, checkpointing)."""
     import torch
 
-    if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": False}
-    return {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}
+    gpu = torch.cuda.is_available()
+    return {"use_cpu": not gpu, "bf16": gpu and torch.cuda.is_bf16_supported(), "gradient_checkpointing": False}
 
 
 def common_args(opt: Optimization, out_dir: Path, seed: int, round_index: int) -> dict:
@@ -82,8 +78,7 @@ def common_args(opt: Optimization, out_dir: Path, seed: int, round_index: int) -
     return dict(
         output_dir=str(out_dir), learning_rate=opt.learning_rate, num_train_epochs=opt.epochs,
         max_steps=opt.steps_for_round(round_index), per_device_train_batch_size=opt.batch_size,
-        max_length=opt.max_length,
-        gradient_accumulation_steps=opt.grad_accum, warmup_steps=opt.warmup,
+        gradient_accumulation_steps=opt.grad_accum, max_length=opt.max_length, warmup_steps=opt.warmup,
         lr_scheduler_type=opt.lr_scheduler, weight_decay=opt.weight_decay, logging_steps=opt.logging_steps,
         logging_first_step=True,  # so a run shorter than logging_steps still reports its starting loss
         # Full checkpoints (not only the model), so that a resumed run continues the same optimisation. Two are

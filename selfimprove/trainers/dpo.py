@@ -82,12 +82,9 @@ class DPO:
 
 def _plain_model(base_path: str, adapter: str | None):
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if not torch.cuda.is_available() else "auto"
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-    if adapter is None:
-        return model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model if adapter is None else PeftModel.from_pretrained(model, adapter).merge_and_unload()

@@ -2,15 +2,13 @@
 launch), or over CPU processes with gloo (torchrun). Settings, the files of a launch, limits: docs/launch.md.
 
 Why it is built this way:
-- The train stage calls `run()` and the processes meet it only through files in `<work_dir>/launch/`: every
-  process re-resolves the trainer from its YAML form and runs its ordinary `train(...)`, so a launched training
-  is the in-process one, batch split aside (`optim.batch_size` / N per process, the global batch kept).
-- The launcher runs in-process under `--start`, so torch.distributed.elastic's ChildFailedError is written down
-  and the stage's error names the failing rank; each process runs under elastic's `record`.
-- On CPU torchrun starts the processes: accelerate 1.15's launcher starts a single one on a CPU machine.
-- Every process saves its unwrapped model's adapter (trainers/common.save_adapter; rank 0 to the stage's
-  folder, the others to a scratch one), so parameter sharding (FSDP, ZeRO-3) is refused at config load: a shard
-  cannot write the adapter.
+- The stage and the processes meet only through files in `<work_dir>/launch/`: every process re-resolves the
+  trainer from its YAML form and runs its ordinary `train(...)`, so a launched training is the in-process one
+  but for the batch split (`optim.batch_size` / N per process, the global batch kept).
+- The launcher runs in-process under `--start`, so that elastic's ChildFailedError is written down and the
+  stage's error names the failing rank; on CPU it is torchrun, as accelerate 1.15's starts a single process there.
+- Every process saves its unwrapped model's adapter (rank 0 to the stage's folder, the others to a scratch one),
+  so parameter sharding (FSDP, ZeRO-3) is refused at config load: a shard cannot write the adapter.
 - `run()` deletes the checkpoints no process may resume before any rank starts: concurrent deletions would race.
 """
 
@@ -85,7 +83,14 @@ class Launch:
         except (ValueError, TypeError, KeyError) as err:  # unknown keys, an unknown distributed_type, bad YAML shape
             raise ValueError(f"{where} is not an accelerate config accelerate can read: {err}") from err
         kind, ds = str(config.get("distributed_type")), config.get("deepspeed_config") or {}
-        if kind == "FSDP" or (kind == "DEEPSPEED" and _zero_stage(ds, where) == 3):
+        zero_stage = int(ds.get("zero_stage", 2))  # accelerate's default stage, unless a DeepSpeed file sets it
+        if kind == "DEEPSPEED" and ds.get("deepspeed_config_file"):
+            file = Path(ds["deepspeed_config_file"])
+            try:
+                zero_stage = int(json.loads(file.read_text()).get("zero_optimization", {}).get("stage", 0))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{where}: deepspeed_config_file {file}: {err}") from err
+        if kind == "FSDP" or (kind == "DEEPSPEED" and zero_stage == 3):
             raise ValueError(
                 f"{where}: distributed_type {kind}{' (ZeRO-3)' if kind == 'DEEPSPEED' else ''} shards the "
                 f"parameters across processes, and the trainers save their adapter from the unwrapped model of each "
@@ -118,23 +123,12 @@ class Launch:
         return config
 
 
-def _zero_stage(ds: dict, where: str) -> int:
-    if ds.get("deepspeed_config_file"):
-        file = Path(ds["deepspeed_config_file"])
-        try:
-            return int(json.loads(file.read_text()).get("zero_optimization", {}).get("stage", 0))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{where}: deepspeed_config_file {file}: {err}") from err
-    return int(ds.get("zero_stage", 2))  # accelerate's default stage
-
-
 def check_batch(trainer: TrainerSpec, launch: Launch) -> None:
     """Config-load check that `trainer` can run under `launch` with its global batch kept (docs/launch.md)."""
     n = launch.num_processes
     if n == 1:
         return
-    optim = getattr(trainer.config, "optim", None)
-    batch = getattr(optim, "batch_size", None)
+    batch = getattr(getattr(trainer.config, "optim", None), "batch_size", None)
     if not isinstance(batch, int):
         raise ValueError(f"launch.num_processes {n}: trainer {trainer.name!r} has no `optim.batch_size` (the global "
                          f"batch the launcher splits over the processes), so it cannot keep its batch under "
@@ -150,17 +144,22 @@ def check_batch(trainer: TrainerSpec, launch: Launch) -> None:
 def run(launch: Launch, trainer: TrainerSpec, rows: list[dict], base_path: str, init_adapter: str | None,
         adapter_out: Path, work_dir: Path, seed: int, round_index: int, policy_adapter: str | None,
         log_file: Path, label: str) -> dict:
-    """Train `trainer` on `rows` under `launch.num_processes` processes, exactly as `trainer.build().train(...)`
-    with these arguments would in this process, and return rank 0's metrics. `label` names the stage in errors."""
+    """Train `trainer` on `rows` under `launch.num_processes` processes (1: in this process), exactly as
+    `trainer.build().train(...)` with these arguments would here, and return rank 0's metrics. `label` names the
+    stage in errors."""
     work_dir, adapter_out, log_file = Path(work_dir), Path(adapter_out), Path(log_file)
     n = launch.num_processes
+    if n == 1:  # in this process: the checkpoints it writes are no launch's, so a later launch must not resume them
+        (work_dir / LAUNCH_KEY).unlink(missing_ok=True)
+        return trainer.build().train(rows, base_path, init_adapter, adapter_out, work_dir, seed=seed,
+                                     round_index=round_index, policy_adapter=policy_adapter)
     check_batch(trainer, launch)
     config = launch.accelerate_config()
     folder = work_dir / "launch"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    with open(folder / ROWS, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    lines = "".join(json.dumps(row) + "\n" for row in rows)  # ASCII: json.dumps escapes the rest
+    (folder / ROWS).write_text(lines)
     optim = trainer.config.optim  # each process gets its share of the global batch
     each = TrainerSpec(trainer.name, trainer.target, replace(trainer.config, optim=replace(
         optim, batch_size=optim.batch_size // n)))
@@ -170,28 +169,16 @@ def run(launch: Launch, trainer: TrainerSpec, rows: list[dict], base_path: str, 
             "round_index": round_index, "config": config}
     write_json(folder / SPEC, spec)
     command, env = _command(launch, config, work_dir, folder)  # first: a refused launch deletes nothing
-    sweep_checkpoints(work_dir, LAUNCH_KEY, _launch_key(spec, folder / ROWS))  # not resumable: deleted
+    # Delete the checkpoints no process may resume: a checkpoint's meaning depends on the rows and on the spec but
+    # where the adapter goes.
+    key = json.dumps({k: v for k, v in spec.items() if k != "adapter_out"}, sort_keys=True, default=str) + lines
+    sweep_checkpoints(work_dir, LAUNCH_KEY, hashlib.sha256(key.encode()).hexdigest())
     started = time.time()
     code, tail = _stream(command, env, log_file)
     result = _read(folder / RESULT)
     if code != 0 or result is None:
         raise LaunchFailed(_failure(label, n, command, code, _read(folder / FAILURES), tail, log_file))
     return {**result["metrics"], "processes": n, "launch_seconds": round(time.time() - started, 1)}
-
-
-def _launch_key(spec: dict, rows: Path) -> str:
-    """What a checkpoint's meaning depends on: the spec but where the adapter goes, and the rows."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in spec.items() if k != "adapter_out"}, sort_keys=True,
-                                       default=str).encode())
-    digest.update(rows.read_bytes())
-    return digest.hexdigest()
-
-
-def forget_launch(work_dir: Path) -> None:
-    """Called by the train stage before it trains in its own process on `work_dir`: the checkpoints written from
-    now on are not a launch's, so a later launch must not take them for its own (their key in `training_key` is
-    another training's, and every rank would then delete them at once)."""
-    (Path(work_dir) / LAUNCH_KEY).unlink(missing_ok=True)
 
 
 def _command(launch: Launch, config: dict | None, work_dir: Path, folder: Path) -> tuple[list[str], dict]:

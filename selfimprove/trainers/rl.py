@@ -155,8 +155,8 @@ class PolicyGradient:
         weight_decay: float = 0.0
         # How per-token losses become the batch loss (`aggregate`); independent of the baseline.
         loss_agg_mode: LossAggregation = "token-mean"
-        # Truncated importance sampling against the sampler–trainer gap: None = off, else the cap on
-        # π_trainer / π_sampler per token (TRL 1.16: vllm_importance_sampling_mode=token_truncate, clip_max 3.0).
+        # Truncated importance sampling against the sampler–trainer gap (docs/rl.md): None = off, else the cap on
+        # π_trainer / π_sampler per token (TRL 1.16's token_truncate mode; its default cap is 3.0).
         importance_sampling_cap: float | None = None
 
         def __post_init__(self):
@@ -172,7 +172,6 @@ class PolicyGradient:
 
     def __init__(self, config: "PolicyGradient.Config"):
         self.config = config
-        self.model = None
         self.baseline = config.baseline.build()
         self.version: str | None = None  # hash of the adapter last saved/loaded; None while unsaved
 
@@ -202,13 +201,12 @@ class PolicyGradient:
         self.version = adapter_hash(adapter) if adapter else None
 
     def save(self, folder: Path) -> str:
-        """Write `folder/adapter` (+ optimizer state) and return the new version (the adapter's hash)."""
+        """Write `folder/adapter` and `folder/optimizer.pt`; return the new version (the adapter's hash). `folder`
+        is a new one (the rl stage renames it into place whole), so its files need no atomic writes."""
         import torch
 
         save_adapter(self.model, folder / "adapter")
-        tmp = folder / ".optimizer.pt.tmp"
-        torch.save(self.optimizer.state_dict(), tmp)
-        tmp.replace(folder / "optimizer.pt")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         self.version = adapter_hash(folder / "adapter")
         return self.version
 
@@ -242,7 +240,7 @@ class PolicyGradient:
         # token-mean divides by the batch's count whatever the micro-batches.
         counts = [sum(o == t + 1 for _, turn in encoded for o in turn[1:c.max_length]) for t in range(len(kl_weights))]
         sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(kl_weights))}}
-        gap = {"abs": 0.0, "max": 0.0, "k3": 0.0, "n": 0}
+        gaps = []  # per micro-batch: (trainer, sampler) log-probabilities of the tokens the sampler reported
         tokens = 0
         # Micro-batches of similar lengths (longest first): padding costs compute for nothing, and the batch loss
         # does not depend on how sequences are grouped (aggregate's denominators are batch-wide).
@@ -260,13 +258,7 @@ class PolicyGradient:
                 kl = torch.zeros_like(logp)
             owner, sampled = owner[:, 1:], sampled[:, 1:]  # which attempt produced each predicted token
             known = (owner > 0) & ~torch.isnan(sampled)
-            if known.any():
-                diff = (logp.detach() - sampled)[known]
-                gap["abs"] += diff.abs().sum().item()
-                gap["max"] = max(gap["max"], diff.abs().max().item())
-                # KL(π_sampler ‖ π_trainer), from the sampler's samples: k3 with the roles swapped.
-                gap["k3"] += kl_k3(sampled[known], logp.detach()[known]).sum().item()
-                gap["n"] += int(known.sum())
+            gaps.append((logp.detach()[known], sampled[known]))
             weight = torch.ones_like(logp)
             if c.importance_sampling_cap is not None:
                 if not bool(known.eq(owner > 0).all()):
@@ -297,8 +289,11 @@ class PolicyGradient:
         self.version = None  # the weights changed: unsaved until `save`
         # KL None: no reference forward ran, so it was not measured
         out = {"loss": sums.pop("loss"), **{k: v / len(rollouts) if need_reference else None for k, v in sums.items()}}
-        out.update({"sampler_gap/mean_abs": gap["abs"] / gap["n"], "sampler_gap/max_abs": gap["max"],
-                    "sampler_gap/kl": gap["k3"] / gap["n"]} if gap["n"] else _NO_GAP)
+        mine, theirs = (torch.cat(g).double() for g in zip(*gaps))
+        gap = (mine - theirs).abs()
+        # sampler_gap/kl: KL(π_sampler ‖ π_trainer) from the sampler's samples, k3 with the roles swapped
+        out.update({"sampler_gap/mean_abs": gap.mean().item(), "sampler_gap/max_abs": gap.max().item(),
+                    "sampler_gap/kl": kl_k3(theirs, mine).mean().item()} if len(gap) else _NO_GAP)
         return {**out, "grad_norm": grad_norm, "tokens": tokens, "update_seconds": round(time.time() - started, 2)}
 
     def _pad(self, encoded: list[tuple[list[int], list[int]]], sampled: list[list[float]]):
