@@ -173,19 +173,13 @@ def fit(trainer, identity: dict, adapter_out: Path, started: float) -> dict:
             "seconds_per_step": round(seconds / run, 2) if run > 0 else None}
 
 
-def resume_point(work_dir: Path, identity: dict, tidy: bool = True) -> Path | None:
+def resume_point(work_dir: Path, identity: dict, tidy: bool = True, key_name: str = "training_key") -> Path | None:
     """The newest complete checkpoint in `work_dir` of the training `identity` describes, or None. With `tidy`,
     removes the checkpoints that cannot be resumed: incomplete ones, and all of them when they belong to another
-    training (another config, data, start or seed: the optimizer state would carry the old learning rate)."""
+    training (another config, data, start or seed: the optimizer state would carry the old learning rate), and
+    records `identity`'s key in the file `key_name` (the launcher keys its launches in a file of its own)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    complete = sweep_checkpoints(work_dir, "training_key", key, tidy)
-    return complete[-1] if complete else None
-
-
-def sweep_checkpoints(work_dir: Path, key_name: str, key: str, tidy: bool = True) -> list[Path]:
-    """The complete checkpoints in `work_dir`, oldest first, if the file `key_name` there holds `key` (else none).
-    With `tidy`, deletes every other checkpoint and records `key`; the launcher keys its launches the same way."""
     key_file = work_dir / key_name
     same = key_file.exists() and key_file.read_text() == key
     found = sorted((int(m.group(1)), p) for p in work_dir.iterdir()
@@ -198,7 +192,7 @@ def sweep_checkpoints(work_dir: Path, key_name: str, key: str, tidy: bool = True
             shutil.rmtree(folder)
     if tidy:
         key_file.write_text(key)
-    return complete
+    return complete[-1] if complete else None
 
 
 def load_trained_adapter(model, checkpoint: Path) -> None:

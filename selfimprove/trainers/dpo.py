@@ -54,8 +54,7 @@ class DPO:
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         model, peft_config = load_policy(base_path, init_adapter, c.lora)
         ref_model, reference = self._reference(base_path, init_adapter, policy_adapter)
-        dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                     for r in rows])
+        dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
         args = DPOConfig(**common_args(c.optim, work_dir, seed, round_index), beta=c.beta,
                          loss_type=list(c.loss_type), loss_weights=c.loss_weights)
         trainer = make_trainer(DPOTrainer, model=model, ref_model=ref_model, args=args, train_dataset=dataset,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from ..artifacts import read_json, read_jsonl, write_json
 from ..lifecycle import signal_group
 from ..registry import TrainerSpec
 from ..shipped import find
-from .common import sweep_checkpoints
+from .common import resume_point
 
 SPEC = "spec.json"
 ROWS = "rows.jsonl"
@@ -158,8 +157,7 @@ def run(launch: Launch, trainer: TrainerSpec, rows: list[dict], base_path: str, 
     folder = work_dir / "launch"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    lines = "".join(json.dumps(row) + "\n" for row in rows)  # ASCII: json.dumps escapes the rest
-    (folder / ROWS).write_text(lines)
+    (folder / ROWS).write_text("".join(json.dumps(row) + "\n" for row in rows))
     optim = trainer.config.optim  # each process gets its share of the global batch
     each = TrainerSpec(trainer.name, trainer.target, replace(trainer.config, optim=replace(
         optim, batch_size=optim.batch_size // n)))
@@ -169,10 +167,10 @@ def run(launch: Launch, trainer: TrainerSpec, rows: list[dict], base_path: str, 
             "round_index": round_index, "config": config}
     write_json(folder / SPEC, spec)
     command, env = _command(launch, config, work_dir, folder)  # first: a refused launch deletes nothing
-    # Delete the checkpoints no process may resume: a checkpoint's meaning depends on the rows and on the spec but
-    # where the adapter goes.
-    key = json.dumps({k: v for k, v in spec.items() if k != "adapter_out"}, sort_keys=True, default=str) + lines
-    sweep_checkpoints(work_dir, LAUNCH_KEY, hashlib.sha256(key.encode()).hexdigest())
+    # Delete the checkpoints no process may resume (a checkpoint's meaning depends on the rows and on the spec but
+    # where the adapter goes), while no process runs.
+    resume_point(work_dir, {"spec": {k: v for k, v in spec.items() if k != "adapter_out"}, "rows": rows},
+                 key_name=LAUNCH_KEY)
     started = time.time()
     code, tail = _stream(command, env, log_file)
     result = _read(folder / RESULT)

@@ -73,9 +73,7 @@ def aggregate(per_token, mask, mode: str, *, tokens: int, sequences: int, max_to
 
 def is_weights(logp, sampler_logp, cap: float):
     """Truncated importance weights min(π_trainer / π_sampler, cap) per token, held constant (no gradient)."""
-    import torch
-
-    return torch.clamp(torch.exp(logp.detach() - sampler_logp), max=cap)
+    return (logp.detach() - sampler_logp).exp().clamp(max=cap)
 
 
 def sampled_logprobs(turn: list[int], logprobs: list[list[float] | None] | None,
@@ -96,10 +94,8 @@ def sampled_logprobs(turn: list[int], logprobs: list[list[float] | None] | None,
 
 def kl_k3(logp, ref_logp):
     """Per-token k3 estimate of KL(π ‖ π_ref) from samples of π: exp(ref − logp) − (ref − logp) − 1 (≥ 0)."""
-    import torch
-
     diff = ref_logp - logp
-    return torch.exp(diff) - diff - 1
+    return diff.exp() - diff - 1
 
 
 def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos: list[bool],
@@ -239,9 +235,9 @@ class PolicyGradient:
         # Batch-wide token counts per attempt (what the model predicts: positions 1..max_length-1), so that
         # token-mean divides by the batch's count whatever the micro-batches.
         counts = [sum(o == t + 1 for _, turn in encoded for o in turn[1:c.max_length]) for t in range(len(kl_weights))]
+        tokens = sum(o > 0 for _, turn in encoded for o in turn[1:c.max_length])
         sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(kl_weights))}}
         gaps = []  # per micro-batch: (trainer, sampler) log-probabilities of the tokens the sampler reported
-        tokens = 0
         # Micro-batches of similar lengths (longest first): padding costs compute for nothing, and the batch loss
         # does not depend on how sequences are grouped (aggregate's denominators are batch-wide).
         order = sorted(range(len(rollouts)), key=lambda i: -len(encoded[i][0]))
@@ -259,14 +255,13 @@ class PolicyGradient:
             owner, sampled = owner[:, 1:], sampled[:, 1:]  # which attempt produced each predicted token
             known = (owner > 0) & ~torch.isnan(sampled)
             gaps.append((logp.detach()[known], sampled[known]))
-            weight = torch.ones_like(logp)
+            weight = 1.0
             if c.importance_sampling_cap is not None:
                 if not bool(known.eq(owner > 0).all()):
                     raise ValueError("importance_sampling_cap needs the sampler's log-probability of every sampled "
-                                     "token; this engine (or these saved rollouts) did not report them: set "
+                                     "token, which this engine (or these saved rollouts) did not report: set "
                                      "importance_sampling_cap: null")
-                weight = torch.where(known, is_weights(logp, torch.nan_to_num(sampled), c.importance_sampling_cap),
-                                     weight)
+                weight = torch.where(known, is_weights(logp, torch.nan_to_num(sampled), c.importance_sampling_cap), 1.0)
             loss = torch.zeros((), dtype=logp.dtype, device=self.device)
             for t, beta in enumerate(kl_weights):
                 mask = (owner == t + 1).to(logp.dtype)
@@ -275,7 +270,6 @@ class PolicyGradient:
                 loss = loss + aggregate(per_token, mask, c.loss_agg_mode, tokens=counts[t], sequences=len(rollouts),
                                         max_tokens=max_tokens)
                 sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum().item()
-            tokens += int((owner > 0).sum())
             loss.backward()
             sums["loss"] += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm).item()
