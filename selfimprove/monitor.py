@@ -51,7 +51,7 @@ def balance_score(selected: Mapping[str, Sequence[tuple[str, bool]]], n_star: in
 
 
 def exploration(samples: Sequence[dict], gold: Sequence[bool | None]) -> dict:
-    """The exploration metrics of the module docstring, from sampled rows and their gold correctness."""
+    """The exploration metrics (docs/monitor.md), from sampled rows and their gold correctness."""
     _check_aligned(samples, gold)
     groups: dict[str, list[tuple[dict, bool | None]]] = defaultdict(list)
     for row, g in zip(samples, gold):
@@ -96,7 +96,7 @@ def exploitation(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids:
 
 def monitor_round(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids: Iterable[str],
                   n_star: int = N_STAR) -> dict:
-    """Every B-STaR metric of one round, as one flat dict (names in the module docstring)."""
+    """Every B-STaR metric of one round, as one flat dict (names: docs/monitor.md)."""
     return {**exploration(samples, gold), **exploitation(samples, gold, kept_ids, n_star)}
 
 

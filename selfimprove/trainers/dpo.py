@@ -59,9 +59,9 @@ class DPO:
                          loss_type=list(c.loss_type), loss_weights=c.loss_weights)
         trainer = make_trainer(DPOTrainer, model=model, ref_model=ref_model, args=args, train_dataset=dataset,
                                processing_class=tokenizer, peft_config=peft_config)
-        metrics = fit(trainer, {"trainer": "dpo", "config": asdict(c), "rows": rows, "base": base_path,
-                                "init": init_adapter, "policy": policy_adapter, "seed": seed, "round": round_index},
-                      adapter_out, started)
+        identity = {"trainer": "dpo", "config": asdict(c), "rows": rows, "base": base_path, "init": init_adapter,
+                    "policy": policy_adapter, "seed": seed, "round": round_index}
+        metrics = fit(trainer, identity, adapter_out, started)
         margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
         return {"pairs": len(rows), "reference": reference, **metrics,
                 "final_reward_margin": margins[-1] if margins else None}
