@@ -243,8 +243,7 @@ class PolicyGradient:
         order = sorted(range(len(rollouts)), key=lambda i: -len(encoded[i][0]))
         for start in range(0, len(rollouts), c.micro_batch_size):
             members = order[start:start + c.micro_batch_size]
-            ids, attention, owner, sampled = (t.to(self.device) for t in self._pad([encoded[i] for i in members],
-                                                                                  [sampler[i] for i in members]))
+            ids, attention, owner, sampled = self._pad([encoded[i] for i in members], [sampler[i] for i in members])
             logp = self._logps(ids, attention, temperature)  # (B, T-1): log π of token i+1 given tokens ≤ i
             if need_reference:
                 with torch.no_grad(), self.model.disable_adapter():
@@ -296,7 +295,7 @@ class PolicyGradient:
 
         def pad(rows, value, dtype=torch.long):
             return pad_sequence([torch.tensor(row[:self.config.max_length], dtype=dtype) for row in rows],
-                                batch_first=True, padding_value=value)
+                                batch_first=True, padding_value=value).to(self.device)
 
         pad_id = self.tokenizer.pad_token_id or 0
         return (pad([ids for ids, _ in encoded], pad_id), pad([[1] * len(ids) for ids, _ in encoded], 0),
