@@ -1,43 +1,17 @@
 """The B-STaR monitor (Zeng et al., 2024): how much a round explores and how well its selection exploits.
 
-Self-improvement stalls when the model stops producing varied correct solutions (exploration) or when the
-critic stops separating good samples from bad ones (exploitation). B-STaR measures both on a round's training
-prompts and folds them into one number, the balance score, which it uses to pick the next round's sampling
-temperature and reward threshold. These are pure functions over rows, so a stage, the report or a notebook can
-call them on what a run already saved.
-
-Inputs of `monitor_round`:
-- `samples`: one round's sampled rows (a generate stage's data) with `sample_id`, `problem_id`, `completion`
-  and `extracted`, which the caller adds: the task's extracted answer (`task.grade(row, row["completion"]).answer`)
-  or None;
-- `gold`: per sample, in the order of `samples`, the gold correctness (`task.grade(...).correct`), None where
-  the sample has no gold answer or grading failed (as the critique stage grades gold);
-- `kept_ids`: the sample ids selection kept (the filter's rows' `sample_ids`); ids of samples not in `samples`
-  (e.g. rationalizations from another generate stage) are ignored, so the metrics describe the selection of
-  these samples.
-
-Metrics (names as `monitor_round` returns them):
-- exploration, over the prompts all of whose samples have gold (`bstar/prompts_with_gold` of them), each a mean
-  over prompts: `bstar/pass@k`, the unbiased pass@k of Chen et al. (2021) with k = `bstar/k`, the fewest samples
-  any such prompt has (normally every prompt's n); `bstar/correct_per_prompt`; `bstar/distinct_correct_answers`
-  (extracted answers compared as strings; a correct sample without one adds none); and
-  `bstar/distinct_correct_completions` (the paper's notion of diversity: different correct solutions, not only
-  different answers);
-- over all prompts (`bstar/prompts`): `bstar/distinct_completions` per prompt. Completions are compared after
-  stripping surrounding whitespace, as the filter's dedupe does;
-- exploitation: `bstar/kept` (kept samples), `bstar/precision` (the share of kept samples with gold that are
-  correct; NaN when none has gold), and `bstar/balance` (below), with `bstar/balance_queries` the number of
-  queries it averages over and `bstar/n_star` the n* used.
+Self-improvement stalls when the model stops producing varied correct solutions (exploration) or the critic
+stops separating good samples from bad ones (exploitation); B-STaR folds both into the balance score, which picks
+the next round's sampling temperature and reward threshold. Pure functions over rows, so a stage, the report or a
+notebook can call them on a saved run. Inputs and every metric, as a user reads them: docs/monitor.md.
 
 The balance score. B-STaR defines it per query x_i as bs_i = min(n'_i / n*, 1) · (n'_i / n_i): n'_i counts the
-*unique* correct responses among those selected for x_i, n_i the responses selected for x_i, and n* the number
-of correct responses a query needs to count fully (the authors' value, 8, is the default); the first factor
-rewards exploration (enough different correct solutions), the second exploitation (selection keeps few wrong
-ones), and the score is the mean of bs_i over the queries. n_i is read here as counted after de-duplication
-too, as the authors' code counts it (hkust-nlp/B-STaR, train_code/determine_hyper.py: `get_unique_trn_json`
-drops repeated (query, response) pairs from the selection, then `cal_modi_acc_soft` counts what is left), so
-repeats of one completion never raise a query's score: eight copies of one correct completion give
-n'_i = n_i = 1 and, with n* = 8, bs_i = 1/8, not 1. Exactly:
+*unique* correct responses among those selected for x_i, n_i the responses selected for x_i, n* the correct
+responses a query needs to count fully (the authors' 8 is the default); the score is the mean of bs_i over the
+queries. n_i is counted after de-duplication too, as the authors' code counts it (hkust-nlp/B-STaR,
+train_code/determine_hyper.py: `get_unique_trn_json` drops repeated (query, response) pairs from the selection,
+then `cal_modi_acc_soft` counts what is left), so repeats of one completion never raise a query's score: eight
+copies of one correct completion give n'_i = n_i = 1 and, with n* = 8, bs_i = 1/8, not 1. Exactly:
 - two kept samples of a query are one response when their completions are equal after stripping surrounding
   whitespace (the filter's `dedupe` compares the same; the authors compare the exact text). The extracted answer
   plays no part: two different derivations of the same answer are two responses, as in the authors' code;
@@ -77,7 +51,7 @@ def balance_score(selected: Mapping[str, Sequence[tuple[str, bool]]], n_star: in
 
 
 def exploration(samples: Sequence[dict], gold: Sequence[bool | None]) -> dict:
-    """The exploration metrics of the module docstring, from sampled rows and their gold correctness."""
+    """The exploration metrics (docs/monitor.md), from sampled rows and their gold correctness."""
     _check_aligned(samples, gold)
     groups: dict[str, list[tuple[dict, bool | None]]] = defaultdict(list)
     for row, g in zip(samples, gold):
@@ -122,7 +96,7 @@ def exploitation(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids:
 
 def monitor_round(samples: Sequence[dict], gold: Sequence[bool | None], kept_ids: Iterable[str],
                   n_star: int = N_STAR) -> dict:
-    """Every B-STaR metric of one round, as one flat dict (names in the module docstring)."""
+    """Every B-STaR metric of one round, as one flat dict (names: docs/monitor.md)."""
     return {**exploration(samples, gold), **exploitation(samples, gold, kept_ids, n_star)}
 
 

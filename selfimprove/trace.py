@@ -1,7 +1,6 @@
 """Follow one sample through a run (`selfimprove trace RUN_DIR SAMPLE_ID`): where it came from and what became
-of it. A report's numbers are made of samples; when one looks wrong — a critic that accepts nonsense, a
-training set full of one kind of answer — the question is always about particular samples: which weights,
-settings and seed wrote this, what did every critic say, and did it end up in training?
+of it. When a report's number looks wrong, the question is about particular samples: which weights, settings
+and seed wrote this, what did every critic say, and did it end up in training?
 
 What is shown, all read from the run directory through the stage manifests (report.collect) and the datasets
 they list as outputs:

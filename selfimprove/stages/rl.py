@@ -1,33 +1,15 @@
 """RL: on-policy policy-gradient training with rollouts from the run's engine — any objective, any baseline.
+What a step does, the stage's options and its run directory: docs/rl.md.
 
-Each of `steps` steps: take `problems_per_step` problems (a seeded pass over the pool), sample `sampling.n`
-trajectories per problem from the engine with the policy's current adapter version (as many attempts as the
-objective has: rollout.sample_chunk), score every attempt with `critic` (any critic, a user's dotted-path plugin
-too), turn scores into per-attempt rewards with the `objective` (objectives/: `single` for GRPO-style RL,
-`score_stage1` / `score_stage2` for SCoRe), make one update with the trainer (whose baseline turns rewards
-into advantages: baselines/), and save the new adapter as the next version. The engine serves each version
-without a restart; how (merged weights reloaded in place, or a per-request LoRA) is the engine's business.
-The reference of the KL terms is always the base model (the adapter disabled).
+Each step samples with the policy's current adapter version, scores every attempt with `critic`, turns the scores
+into per-attempt rewards with the `objective` (objectives/), makes one update with the trainer (trainers/rl.py)
+and saves the new adapter as the next version: one folder under `versions/`, renamed into place, so a killed run
+resumes from its newest version (finished steps are never repeated; an interrupted one is redone, same seeds).
 
-Run directory (`ctx.out_dir`):
-    versions/00000/adapter            the policy the stage starts from (version 0)
-    versions/0000k/{adapter, optimizer.pt, rollouts/, step.json}
-                                      after step k-1: the new policy, its optimizer state, the rollouts that
-                                      trained it (rewards per attempt) and the step's metrics; written as one
-                                      folder renamed into place, so a step is either all there or not at all
-    data/, adapter/, weights.json     every rollout; the final adapter; its identity (as the train stage)
-    steps.jsonl                       every step's metrics, in order (what the report draws)
-A killed run resumes from its newest version: finished steps are never repeated, and an interrupted step is
-redone with the same seeds.
-
-Asynchronous generation (`max_staleness: k >= 1`): step s trains on rollouts sampled with version max(0, s - k),
-and while it trains, a background thread already samples step s+1 (with version s+1-k, which exists by then). The
-version each step samples with depends only on s and k, never on timing, so results are deterministic and a
-resumed run equals an uninterrupted one. Only sampling runs in the background: the critic scores in the stage's
-own thread while nothing else uses the engine. `k = 0` is the synchronous loop. Stale rollouts are corrected only
-by `importance_sampling_cap` (the trainer's truncated importance sampling against the sampler's log-probabilities);
-without it the update treats them as on-policy, as the synchronous loop does. Older versions keep their adapters, rollouts and metrics; optimizer states older than the
-two newest and merged weights are deleted as the stage moves on.
+Asynchronous generation (`max_staleness` k >= 1): step s trains on rollouts sampled with version max(0, s - k),
+while a background thread already samples step s+1. The version depends only on s and k, never on timing, so a
+run is deterministic and resumes identically. Only sampling runs in the background; the critic scores in the
+stage's own thread while the engine is idle.
 """
 
 from __future__ import annotations
@@ -70,10 +52,9 @@ class RL(Stage):
         calls: CriticCalls = field(default_factory=CriticCalls)
         trainer: TrainerSpec = field(default_factory=lambda: TrainerSpec.named("policy_gradient"))
         weights: str = "latest"  # the policy the stage starts from (latest: this round's newest, else the round's)
-        # Drop groups (problems) whose every trajectory got the same rewards: their advantages are all zero, so they
-        # would add only the KL term to the update while costing a full forward/backward. DAPO's filter (Yu et al.,
-        # 2025) without its resampling to refill the batch: a step updates on the groups that remain, or makes no
-        # update at all when none does. Off by default (GRPO and SCoRe as published keep every group).
+        # Drop groups whose trajectories all got the same rewards (zero advantages: the KL term only, at the cost of
+        # a forward/backward): DAPO's filter (Yu et al., 2025) without its resampling to refill the batch, so a step
+        # updates on the groups left, or not at all. Off by default: GRPO and SCoRe as published keep every group.
         filter_groups: bool = False
         # How many versions old a rollout may be (module docstring): 0 = strictly on-policy, each step sampled with
         # the newest policy; k >= 1 samples the next step with version s+1-k while step s trains.
@@ -217,10 +198,9 @@ class RL(Stage):
 
     def _commit(self, trainer, versions, index: int, rows: list[dict] | None, metrics: dict | None) -> None:
         """Write version `index` (adapter, optimizer state, the rollouts and metrics of the step that made it)."""
-        versions.mkdir(parents=True, exist_ok=True)
         tmp = versions / f".{index:05d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         trainer.save(tmp)
         if rows is not None:
             save_rows(rows, tmp / "rollouts")
@@ -229,17 +209,16 @@ class RL(Stage):
 
     def _finish(self, versions, start: Weights) -> dict:
         ctx = self.ctx
-        indices = sorted(int(p.name) for p in versions.glob("[0-9]*"))
-        last = versions / f"{indices[-1]:05d}"
-        steps = [read_json(versions / f"{i:05d}" / "step.json") for i in indices if i > 0]
-        rows = [row for i in indices if i > 0 for row in load_rows(versions / f"{i:05d}" / "rollouts")]
+        folders = sorted(versions.glob("[0-9]*"))  # 00000 (the start), then one per step, in order
+        steps = [read_json(folder / "step.json") for folder in folders[1:]]
+        rows = [row for folder in folders[1:] for row in load_rows(folder / "rollouts")]
         save_rows(rows, ctx.out_dir / "data")
         tmp = ctx.out_dir / ".steps.jsonl.tmp"
         tmp.write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in steps))
         tmp.replace(ctx.out_dir / "steps.jsonl")
         tmp = ctx.out_dir / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(last / "adapter", tmp)
+        shutil.copytree(folders[-1] / "adapter", tmp)
         replace_dir(tmp, ctx.out_dir / "adapter")
         _prune(versions, keep=None)  # merged copies are caches; the evaluate stage merges adapter/ itself
         adapter_dir = ctx.out_dir / "adapter"

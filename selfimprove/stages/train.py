@@ -9,9 +9,8 @@ adapter the round started from. With no examples (nothing passed the filter) the
 `role: judge` trains a judge's adapter (on a judge_data stage's rows, stages/judge.py): the run's policy never
 comes from it (`policy` and `latest` pass it by); a judge_data stage or a critic names it with `weights:`.
 
-`launch: {config: configs/accelerate/ddp.yaml, num_processes: 2}` trains under several processes (GPUs with
-accelerate, CPU processes with torchrun: trainers/launch.py), with the same global batch; the processes' output
-goes to `train.log` in the stage's folder. With `num_processes: 1` (the default) the trainer runs in this process.
+`launch: {num_processes: 2, ...}` trains under several processes with the same global batch (docs/launch.md),
+their output in the stage's `train.log`; with `num_processes: 1` (the default) the trainer runs in this process.
 """
 
 from __future__ import annotations
@@ -73,15 +72,9 @@ class Train(Stage):
             return {"examples": 0, "trained": False}
         adapter_dir = ctx.out_dir / "adapter"
         work = ctx.out_dir / "trainer"  # the trainer's checkpoints: kept until the adapter is written
-        if c.launch.num_processes > 1:
-            metrics = launcher.run(c.launch, c.trainer, rows, ctx.base_model, start.adapter, adapter_dir, work,
-                                   seed=ctx.seed("train"), round_index=ctx.round, policy_adapter=policy.adapter,
-                                   log_file=ctx.out_dir / "train.log", label=f"stage {ctx.stage} (round {ctx.round})")
-        else:
-            launcher.forget_launch(work)
-            metrics = c.trainer.build().train(rows, ctx.base_model, start.adapter, adapter_dir, work,
-                                              seed=ctx.seed("train"), round_index=ctx.round,
-                                              policy_adapter=policy.adapter)
+        metrics = launcher.run(c.launch, c.trainer, rows, ctx.base_model, start.adapter, adapter_dir, work,
+                               seed=ctx.seed("train"), round_index=ctx.round, policy_adapter=policy.adapter,
+                               log_file=ctx.out_dir / "train.log", label=f"stage {ctx.stage} (round {ctx.round})")
         shutil.rmtree(work, ignore_errors=True)
         write_json(ctx.out_dir / "weights.json", {
             "base": ctx.base_model, "base_identity": model_identity(ctx.base_model), "adapter": str(adapter_dir),

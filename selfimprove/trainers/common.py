@@ -1,9 +1,6 @@
-"""What every TRL-based trainer here shares: LoRA and optimisation settings, the policy model, checkpoints and
-resuming, the loss guard, and saving.
-
-Training always produces a standard PEFT adapter folder on the run's base model. A trainer starts either from
-the base model (a fresh adapter: STaR restarts every iteration) or from an existing adapter (continued
-training), as the train stage decides.
+"""What every TRL-based trainer here shares: LoRA and optimisation settings, the policy model (a fresh adapter on
+the base, or an existing one continued), checkpoints and resuming, the loss guard, and saving a standard PEFT
+adapter folder.
 
 Crash safety: every `checkpoint_every` optimizer steps, transformers' Trainer writes `checkpoint-<step>/` into the
 trainer's work folder (adapter, optimizer, scheduler, RNG states, trainer state; the data position is the step
@@ -27,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import trackers
-from ..artifacts import replace_dir
+from ..artifacts import replace_dir, write_json
 from ..console import quiet_training_logs
 from ..records import canonical
 
@@ -72,16 +69,16 @@ def device_kwargs() -> dict:
     """TRL/transformers arguments for the device at hand (TRL's defaults assume a GPU: bf16, checkpointing)."""
     import torch
 
-    if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": False}
-    return {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}
+    gpu = torch.cuda.is_available()
+    return {"use_cpu": not gpu, "bf16": gpu and torch.cuda.is_bf16_supported(), "gradient_checkpointing": False}
 
 
 def common_args(opt: Optimization, out_dir: Path, seed: int, round_index: int) -> dict:
+    """The arguments every TRL config here (SFTConfig, DPOConfig) takes from `opt`."""
     return dict(
         output_dir=str(out_dir), learning_rate=opt.learning_rate, num_train_epochs=opt.epochs,
         max_steps=opt.steps_for_round(round_index), per_device_train_batch_size=opt.batch_size,
-        gradient_accumulation_steps=opt.grad_accum, warmup_steps=opt.warmup,
+        gradient_accumulation_steps=opt.grad_accum, max_length=opt.max_length, warmup_steps=opt.warmup,
         lr_scheduler_type=opt.lr_scheduler, weight_decay=opt.weight_decay, logging_steps=opt.logging_steps,
         logging_first_step=True,  # so a run shorter than logging_steps still reports its starting loss
         # Full checkpoints (not only the model), so that a resumed run continues the same optimisation. Two are
@@ -140,39 +137,50 @@ def make_trainer(trainer_cls, **kwargs):
     return trainer
 
 
-def fit(trainer, identity: dict) -> int:
+def fit(trainer, identity: dict, adapter_out: Path, started: float) -> dict:
     """Run `trainer`, resuming from the newest complete checkpoint of this same training (`identity`: everything
-    the result depends on) in its output folder. Returns the step it resumed from (0: from the start)."""
-    from transformers import TrainerState
-
+    the result depends on) in its output folder, and save the trained adapter to `adapter_out`. Returns the losses
+    over the whole training (a resumed one's log history comes with its checkpoint), and the time since `started`
+    and speed of this call, which ran the steps after the one it resumed from."""
     from accelerate import PartialState
+    from transformers import TrainerState
 
     # Under a launcher every process looks for the checkpoint; only the main one cleans up and records the key,
     # first, so that no process reads the key file while another rewrites it.
-    state_ = PartialState()
-    with state_.main_process_first():
-        checkpoint = resume_point(Path(trainer.args.output_dir), identity, tidy=state_.is_main_process)
+    process = PartialState()
+    with process.main_process_first():
+        checkpoint = resume_point(Path(trainer.args.output_dir), identity, tidy=process.is_main_process)
+    resumed_from = 0
     if checkpoint is None:
         trainer.train()
-        return 0
-    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
-    load_trained_adapter(trainer.model, checkpoint)
-    if state.global_step >= state.max_steps:
-        # Killed after the last step, before the adapter was saved. Resuming would train one step too many
-        # when the last step is mid-epoch (the Trainer steps once before it checks max_steps).
-        trainer.state = state
     else:
-        trainer.train(resume_from_checkpoint=str(checkpoint))
-    return state.global_step
+        state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        load_trained_adapter(trainer.model, checkpoint)
+        resumed_from = state.global_step
+        if state.global_step >= state.max_steps:
+            # Killed after the last step, before the adapter was saved. Resuming would train one step too many
+            # when the last step is mid-epoch (the Trainer steps once before it checks max_steps).
+            trainer.state = state
+        else:
+            trainer.train(resume_from_checkpoint=str(checkpoint))
+    save_adapter(trainer.model, adapter_out)
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    steps = max((h.get("step", 0) for h in history), default=0)
+    seconds, run = time.time() - started, steps - resumed_from
+    return {"steps": steps, "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "resumed_from_step": resumed_from, "train_seconds": round(seconds, 1),
+            "seconds_per_step": round(seconds / run, 2) if run > 0 else None}
 
 
-def resume_point(work_dir: Path, identity: dict, tidy: bool = True) -> Path | None:
+def resume_point(work_dir: Path, identity: dict, tidy: bool = True, key_name: str = "training_key") -> Path | None:
     """The newest complete checkpoint in `work_dir` of the training `identity` describes, or None. With `tidy`,
     removes the checkpoints that cannot be resumed: incomplete ones, and all of them when they belong to another
-    training (another config, data, start or seed: the optimizer state would carry the old learning rate)."""
+    training (another config, data, start or seed: the optimizer state would carry the old learning rate), and
+    records `identity`'s key in the file `key_name` (the launcher keys its launches in a file of its own)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    key_file = work_dir / "training_key"
+    key_file = work_dir / key_name
     same = key_file.exists() and key_file.read_text() == key
     found = sorted((int(m.group(1)), p) for p in work_dir.iterdir()
                    if p.is_dir() and (m := CHECKPOINT.fullmatch(p.name)))
@@ -206,10 +214,7 @@ def _mark_complete(folder: Path, step: int) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             _fsync(path)
-    tmp = folder / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps({"step": step}))
-    _fsync(tmp)
-    os.replace(tmp, folder / COMPLETE)
+    write_json(folder / COMPLETE, {"step": step})  # flushed to disk, then renamed into place
     _fsync(folder)
     _fsync(folder.parent)  # the checkpoint folder's own entry
 
@@ -258,15 +263,3 @@ def save_adapter(model, out: Path) -> None:
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def training_metrics(log_history: list[dict], started: float, resumed_from: int = 0) -> dict:
-    """Losses over the whole training (a resumed one included: its log history is restored with the checkpoint);
-    time and speed of this call, which ran the steps after `resumed_from`."""
-    losses = [h["loss"] for h in log_history if "loss" in h]
-    steps = max((h.get("step", 0) for h in log_history), default=0)
-    seconds = time.time() - started
-    run = steps - resumed_from
-    return {"steps": steps, "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "resumed_from_step": resumed_from, "train_seconds": round(seconds, 1),
-            "seconds_per_step": round(seconds / run, 2) if run > 0 else None}

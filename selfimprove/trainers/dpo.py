@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..registry import TRAINERS
-from .common import (LoraSettings, Optimization, common_args, fit, load_policy, make_trainer, save_adapter,
-                     training_metrics)
+from .common import LoraSettings, Optimization, common_args, fit, load_policy, make_trainer
 
 
 @TRAINERS.register("dpo")
@@ -55,21 +54,16 @@ class DPO:
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         model, peft_config = load_policy(base_path, init_adapter, c.lora)
         ref_model, reference = self._reference(base_path, init_adapter, policy_adapter)
-        dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                     for r in rows])
-        args = DPOConfig(
-            **common_args(c.optim, work_dir, seed, round_index), max_length=c.optim.max_length, beta=c.beta,
-            loss_type=list(c.loss_type), loss_weights=c.loss_weights, dataset_num_proc=None,
-        )
+        dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+        args = DPOConfig(**common_args(c.optim, work_dir, seed, round_index), beta=c.beta,
+                         loss_type=list(c.loss_type), loss_weights=c.loss_weights)
         trainer = make_trainer(DPOTrainer, model=model, ref_model=ref_model, args=args, train_dataset=dataset,
                                processing_class=tokenizer, peft_config=peft_config)
-        resumed_from = fit(trainer, {"trainer": "dpo", "config": asdict(c), "rows": rows, "base": base_path,
-                                     "init": init_adapter, "policy": policy_adapter, "seed": seed,
-                                     "round": round_index})
-        save_adapter(trainer.model, adapter_out)
-        history = trainer.state.log_history
-        margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
-        return {"pairs": len(rows), "reference": reference, **training_metrics(history, started, resumed_from),
+        identity = {"trainer": "dpo", "config": asdict(c), "rows": rows, "base": base_path, "init": init_adapter,
+                    "policy": policy_adapter, "seed": seed, "round": round_index}
+        metrics = fit(trainer, identity, adapter_out, started)
+        margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+        return {"pairs": len(rows), "reference": reference, **metrics,
                 "final_reward_margin": margins[-1] if margins else None}
 
     def _reference(self, base_path: str, init_adapter: str | None, policy_adapter: str | None):
@@ -87,12 +81,9 @@ class DPO:
 
 def _plain_model(base_path: str, adapter: str | None):
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if not torch.cuda.is_available() else "auto"
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-    if adapter is None:
-        return model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model if adapter is None else PeftModel.from_pretrained(model, adapter).merge_and_unload()

