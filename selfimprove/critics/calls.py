@@ -1,14 +1,9 @@
 """Calling a critic over many samples: batching, time limits, per-sample failures and the error budget.
 
 Every stage that judges samples (critique, rl) calls critics through `judge_all`, so a critic behaves the same
-wherever it runs; how it is called (one sample, one problem, or `batch_size` samples of whole problems, under
-`timeout` or not) depends on its class attributes (base.py). A call that raises, times out, returns the wrong
-number of verdicts or a NaN score fails the verdicts of the samples it held (score and label None, the error
-recorded); `check_error_budget` fails the stage only when more than `max_error_rate` of one critic's verdicts
-failed.
-
-Samples are judged with the weights that produced them: a sample's `weights` record is handed to the critic as
-`context.weights` (self-verification and policy judges query exactly the policy that wrote the sample).
+wherever it runs; the rules, set by the critic's class attributes, are docs/critics.md. Samples are judged with
+the weights that produced them: a sample's `weights` record becomes `context.weights` (self-verification and
+policy judges query exactly the policy that wrote the sample).
 """
 
 from __future__ import annotations

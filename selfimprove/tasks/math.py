@@ -1,16 +1,10 @@
 """MATH (Hendrycks et al., 2021): competition problems with LaTeX answers, graded with Math-Verify.
 
 `math500` tests on MATH500 (PRM800K's 500-problem test split), `math` on the full 5,000; both train on PRM800K's
-train split rebuilt, minus the task's test problems (docs/tasks.md says what that leaves, and how a hub dataset
-is read instead).
-
-Grading (the only place MATH answers are parsed):
-- strict: the content of the *last* `\\boxed{...}` in the completion (brace-matched), verified equal to the
-  gold answer by Math-Verify; no box, no credit.
-- flexible: Math-Verify's own extraction over the whole completion (boxed, "final answer is", LaTeX
-  environments, then bare expressions), verified the same way.
-Every Math-Verify call runs under `grading_timeout` seconds (selfimprove.timeouts); a pathological expression
-that runs past it counts as no answer / not equal, so it cannot stall a run.
+train split rebuilt, minus the task's test problems (docs/tasks.md). Grading, the only place MATH answers are
+parsed, is as the README's *Tasks* says: strict = the last `\\boxed{...}` (brace-matched), flexible = Math-Verify's
+own extraction, each verified by Math-Verify under `grading_timeout` (selfimprove.timeouts), past which a
+pathological expression counts as no answer / not equal instead of stalling the run.
 """
 
 from __future__ import annotations
