@@ -60,10 +60,7 @@ def as_verdict(value: Any) -> Verdict:
         return Verdict(score=float(value), label=value)
     if isinstance(value, (int, float)):
         return Verdict(score=float(value))
-    if isinstance(value, dict):
-        unknown = set(value) - {"score", "label", "rationale", "error"}
-        if unknown:
-            raise TypeError(f"critic returned a dict with unknown keys {sorted(unknown)}")
+    if isinstance(value, dict):  # a key Verdict lacks is a TypeError naming it
         return Verdict(**value)
     if value is None:  # no verdict: invalid, not a score of 0
         return Verdict(score=None, error="critic returned None")

@@ -39,7 +39,7 @@ def judge_all(critic, samples: list[dict], calls: CriticCalls) -> tuple[list[Ver
     timeouts = 0
     # samples grouped by the weights that produced them (a hashable form of the record)
     keys = (tuple(sorted(w.items())) if isinstance(w := s.get("weights"), dict) else None for s in samples)
-    for weights, members in _groups(keys).items():
+    for weights, members in positions_by(keys).items():
         if weights is not None and critic.context is not None:
             critic.context.weights = Weights.from_dict(dict(weights))
         for call in _calls(critic, [samples[i] for i in members], calls.batch_size):
@@ -61,7 +61,7 @@ def check_error_budget(stage: str, critic_id: str, verdicts: list[Verdict], call
         )
 
 
-def _groups(keys) -> dict:
+def positions_by(keys) -> dict:
     """Positions grouped by their key, in order."""
     groups: dict = {}
     for i, key in enumerate(keys):
@@ -71,7 +71,7 @@ def _groups(keys) -> dict:
 
 def _calls(critic, samples: list[dict], batch_size: int) -> list[list[int]]:
     if critic.per_problem or critic.batched:
-        units = list(_groups(s["problem_id"] for s in samples).values())
+        units = list(positions_by(s["problem_id"] for s in samples).values())
     else:
         units = [[i] for i in range(len(samples))]
     if not critic.batched:

@@ -17,11 +17,12 @@ a row is warned about (console and `saturated` = 1).
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 
 from ..registry import CRITICS
 from .base import Critic, Verdict
+from .calls import positions_by
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ class MajorityCritic(Critic):
         """Per problem: its sample indices, their extracted answers, the vote counts and the winner (None when no
         sample has an answer; ties go to the answer seen first)."""
         task = self.context.task
-        by_problem: dict[str, list[int]] = defaultdict(list)
-        for i, s in enumerate(samples):
-            by_problem[s["problem_id"]].append(i)
-        for indices in by_problem.values():
+        for indices in positions_by(s["problem_id"] for s in samples).values():
             answers = [task.grade(samples[i], samples[i]["completion"]).answer for i in indices]
             votes = Counter(a for a in answers if a is not None)
             winner = max(votes, key=votes.get) if votes else None  # max keeps the first of equal counts

@@ -1,17 +1,10 @@
-"""The task interface. A task owns its data, its prompts, its answer extraction and its grading.
+"""The task interface. A task owns its data, its prompts, its answer extraction and its grading; nothing outside a
+task parses answers (critics and evaluation call `grade`).
 
-Nothing outside a task parses answers: critics and evaluation call `grade`.
-
-Problem rows (plain dicts, stored as dataset rows) always carry:
-- `problem_id`: stable across runs (derived from the source, never from a position in a shuffled list);
-- `question`: the problem text;
-- `answer`: the gold final answer as a string (`""` when the task has no gold answers);
-plus the task's own columns (digits, subject, level, reference solution, ...).
-
-Splits: every shipped task has `train`, `test` and `dev`, disjoint under the task's `canonical` form (two
-problems with the same canonical form are the same problem: a model trained on one has seen the other). `dev`
-is where choices are made (prompts, temperatures, thresholds, learning rates, round counts); `test` is only
-reported. tests/test_splits.py checks every registered task.
+Problem rows (plain dicts, stored as dataset rows) always carry `problem_id` (stable across runs: derived from the
+source, never from a position in a shuffled list), `question` and `answer` (the gold final answer as a string,
+`""` without gold), plus the task's own columns. Splits are as the README's *Tasks* says: disjoint under
+`canonical`, `dev` for choices, `test` only reported; tests/test_splits.py checks every registered task.
 """
 
 from __future__ import annotations
@@ -124,10 +117,9 @@ class Task:
 
 
 class PublishedTask(Task):
-    """A published dataset (GSM8K, MATH): shipped files under `seeds/`, or, for users with a network, a hub dataset
-    with the same columns (`source: <hub dataset>`). Test is as published; train drops every problem whose question
-    (up to spacing) is in test (tasks/overlap.py); dev is then a fixed slice of train (`num_dev` problems chosen by
-    random.Random(`dev_seed`)) and train the rest: choices are made on dev, never on test.
+    """A published dataset (GSM8K, MATH): shipped files under `seeds/`, or a hub dataset with the same columns
+    (`source: <hub dataset>`). Test is as published; train drops every problem whose question (up to spacing) is
+    in test; dev is then a seeded slice of train (`num_dev`, `dev_seed`) and train the rest.
 
     Subclasses set the class attributes below and two classmethods: `problem(row, split, index, source)`, a data
     row as a problem, and `describe(source, hub_splits)`, the train set as errors and logs name it."""
