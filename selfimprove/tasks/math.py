@@ -97,22 +97,19 @@ class MathTask(PublishedTask):
     def _parse(self, text: str) -> list:
         from math_verify import parse
 
-        try:
-            return call_with_timeout(self.config.grading_timeout, parse, text, parsing_timeout=None)
-        except TimedOut:
-            log.warning("MATH grading: parsing timed out after %ss", self.config.grading_timeout)
-            return []
+        return self._timed("parsing", parse, text, parsing_timeout=None) or []
 
     def _verify(self, gold: list, pred: list) -> bool:
         from math_verify import verify
 
-        if not gold or not pred:
-            return False
+        return bool(gold and pred and self._timed("comparison", verify, gold, pred, timeout_seconds=None))
+
+    def _timed(self, what: str, fn, *args, **kwargs):
         try:
-            return bool(call_with_timeout(self.config.grading_timeout, verify, gold, pred, timeout_seconds=None))
-        except TimedOut:
-            log.warning("MATH grading: comparison timed out after %ss", self.config.grading_timeout)
-            return False
+            return call_with_timeout(self.config.grading_timeout, fn, *args, **kwargs)
+        except TimedOut:  # counts as no answer / not equal
+            log.warning("MATH grading: %s timed out after %ss", what, self.config.grading_timeout)
+            return None
 
     @classmethod
     def problem(cls, row: dict, split: str, index: int, source: str) -> dict:
