@@ -32,8 +32,6 @@ def sample_chunk(*, engine, task, problems: list[dict], sampling: SamplingConfig
                  seeds: list[int], id_prefix: str, hint: bool = False, follow_up: FollowUp | None = None,
                  extra: dict | None = None) -> list[dict]:
     """`sampling.n` trajectories of `len(seeds)` attempts per problem (attempt t sampled with `seeds[t-1]`)."""
-    if len(seeds) > 1 and follow_up is None:
-        raise ValueError("several attempts need a follow_up prompt builder")
     prompts = [task.prompt(p, hint=hint) for p in problems]
     first = engine.generate(prompts, sampling, weights, seed=seeds[0])
     rows = []

@@ -166,12 +166,9 @@ def _shares(total: int, parts: int) -> list[int]:
 
 
 def _check_capacity(digits: list[int], sizes: dict[str, int]) -> None:
-    """Refuse, at config load, split sizes the digit counts cannot fill with distinct problems (up to order).
-
-    Each digit count gets an equal share of every split, drawn in the order of `sizes`. A share that does not fit
-    in what is left of its digit count's pool could only be met by repeating problems or by silently making the
-    split smaller, so it is an error naming the field and the largest value that fits.
-    """
+    """Refuse, at config load, split sizes the digit counts cannot fill with distinct problems (up to order): a
+    share that does not fit in what is left of its pool could only be met by repeating problems or by silently
+    making the split smaller."""
     left = [_capacity(d) for d in digits]
     before: list[str] = []
     for split, size in sizes.items():

@@ -83,10 +83,8 @@ class Task:
         raise NotImplementedError
 
     def canonical(self, problem: dict) -> str:
-        """The form under which two problems are the same one; splits must be disjoint under it.
-
-        By default the question with runs of whitespace collapsed (an exact duplicate up to spacing); a task with
-        an equivalence of its own overrides it (arithmetic: `3 + 8` is `8 + 3`)."""
+        """The form under which two problems are the same one; splits must be disjoint under it. A task with an
+        equivalence of its own overrides it (arithmetic: `3 + 8` is `8 + 3`)."""
         return same_text(problem)
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
