@@ -10,7 +10,7 @@ source, never from a position in a shuffled list), `question` and `answer` (the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
@@ -132,6 +132,7 @@ class PublishedTask(Task):
     class Config:
         source: str = "seeds"  # "seeds" (shipped files) or a hub dataset name, e.g. "openai/gsm8k"
         hub_config: str | None = None
+        hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})  # ours → hub's
         prompt_format: Literal["chat", "fewshot"] = "chat"
         num_shots: int = 4  # fewshot: worked train solutions shown as earlier turns
         num_dev: int = 500  # held out of train for choices (prompt, temperature, ...); dev_seed picks which
@@ -144,12 +145,9 @@ class PublishedTask(Task):
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)
         c = self.config
-        return [dict(p) for p in _published(type(self), c.source, c.hub_config, self.hub_splits(), c.num_dev,
-                                            c.dev_seed)[split]]
-
-    def hub_splits(self) -> tuple[tuple[str, str], ...]:
-        """(our split, the hub dataset's split) pairs, read with `source: <hub dataset>`."""
-        return ("test", "test"), ("train", "train")
+        hub_splits = tuple(sorted(c.hub_splits.items()))  # hashable: _published caches by its arguments
+        problems = _published(type(self), c.source, c.hub_config, hub_splits, c.num_dev, c.dev_seed)[split]
+        return [dict(p) for p in problems]
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
         shots = [(s["question"], s["solution"]) for s in self.shots()] if self.config.prompt_format == "fewshot" else []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..registry import TASKS
 from ..timeouts import TimedOut, call_with_timeout
@@ -58,16 +58,12 @@ class MathTask(PublishedTask):
 
     @dataclass
     class Config(PublishedTask.Config):
-        hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
         grading_timeout: float = 5.0  # seconds per Math-Verify parse or comparison
 
         def __post_init__(self):
             if self.grading_timeout <= 0:
                 raise ValueError("grading_timeout must be > 0 seconds")
             super().__post_init__()
-
-    def hub_splits(self) -> tuple[tuple[str, str], ...]:
-        return tuple(sorted(self.config.hub_splits.items()))
 
     def shots(self) -> list[dict]:
         # Short solutions only: a 2k-token context holds four of them plus the problem.
