@@ -7,11 +7,8 @@ differently ("0.5" and "\\frac{1}{2}") agree even though the vote counts distinc
 own answer's vote share: the majority's share for the majority, less for minority answers, 0 without an answer.
 The gold answer is never read for a verdict.
 
-`stats` reports what TTRL (Zuo et al., 2025) logs per RL step: `majority_ratio`, the mean winning vote share;
-where the samples carry gold (for the record only), `label_accuracy`, the share of problems whose pseudo-label
-is correct, and `reward_accuracy`, the share of samples whose label equals the one gold would give. A model that
-has collapsed agrees with itself, so a majority ratio at or above `saturation` for `saturation_steps` batches in
-a row is warned about (console and `saturated` = 1).
+`stats` reports what TTRL (Zuo et al., 2025) logs per RL step, and warns when the winning vote share stays high
+(a collapsed model agrees with itself); what each number means: docs/critics.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Preference pairs for DPO-style trainers.
 
-- `pairs` builds (chosen, rejected) pairs from the k samples per problem and their verdicts:
-  `correct_incorrect` pairs a sample the critic labelled correct with one it labelled incorrect;
-  `best_worst` pairs the highest-scored with the lowest-scored sample when their scores differ by at least
-  `min_margin` (then the second best with the second worst, ...). Identical texts are never paired and
-  duplicates are dropped before pairing; `max_pairs_per_problem` caps each problem's pairs.
-- `spin_pairs` builds SPIN's pairs (Chen et al., 2024): the task's gold solution is "chosen", the current
-  model's own generation for the same prompt is "rejected".
-
-Rows: the pair schema of records.py; `chosen_sample_id` and the scores are None for a gold solution.
+`pairs` pairs a problem's samples by a critic's verdicts: `correct_incorrect` a sample labelled correct with one
+labelled incorrect; `best_worst` the i-th best-scored with the i-th worst while their scores differ by at least
+`min_margin` (and by more than 0). Identical texts are never paired (duplicates are dropped first). `spin_pairs`
+builds SPIN's pairs (Chen et al., 2024): the task's gold solution is "chosen", the current model's own generation
+for the same prompt "rejected". Rows: records.py's pair schema (`chosen_sample_id` and scores None for gold).
 """
 
 from __future__ import annotations
