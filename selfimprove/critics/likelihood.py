@@ -7,8 +7,7 @@ the completion's length in tokens (the sampled token count), `sum` keeps the tot
 (`filter: {best_of: true}`) then SFT is SFT-Sharpening; the rl stage with it as reward is RL-Sharpening.
 Deviations from the paper: the EOS token's probability is not part of the score (choice_logprobs scores the
 text), and the paper's default is the sequence log-probability (`sum`) where the length-normalised one is an
-option here. The score needs no gold; `stats` reports its AUROC against gold correctness where the samples
-carry gold, for the record only.
+option here. The score needs no gold; `stats` reports its AUROC against gold where there is gold.
 """
 
 from __future__ import annotations

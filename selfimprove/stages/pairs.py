@@ -19,8 +19,13 @@ from .base import Stage
 from .common import check_critic_choice, join_verdicts
 
 
-def _assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
+def _pair(ctx, rejected: dict, chosen: str, chosen_id: str | None = None, scores: tuple = (None, None)) -> dict:
+    """A pair row (records.py's schema): the text `chosen` over the sample `rejected`, on its problem's prompt."""
+    return {"prompt": ctx.task.prompt(rejected, hint=False), "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected["completion"]}],
+            "problem_id": rejected["problem_id"], "chosen_sample_id": chosen_id,
+            "rejected_sample_id": rejected["sample_id"], "chosen_score": scores[0], "rejected_score": scores[1],
+            "round": ctx.round}
 
 
 @STAGES.register("pairs")
@@ -55,7 +60,7 @@ class Pairs(Stage):
                                         load_rows(ctx.input_dir(c.verdicts) / "data"), c.critic, c.verdicts):
             by_problem[s["problem_id"]].append((s, verdict))
         rows, skipped = [], defaultdict(int)
-        for pid, group in by_problem.items():
+        for group in by_problem.values():
             judged, seen_texts = [], set()
             for s, verdict in sorted(group, key=lambda x: x[0]["index"]):
                 text = s["completion"].strip()
@@ -71,13 +76,8 @@ class Pairs(Stage):
             pairs = build_pairs(judged, c.rule, c.min_margin, c.max_pairs_per_problem)
             if not pairs:
                 skipped["problems_without_pair"] += 1
-            for (good, gv), (bad, bv) in pairs:
-                rows.append({
-                    "prompt": ctx.task.prompt(good, hint=False), "chosen": _assistant(good["completion"]),
-                    "rejected": _assistant(bad["completion"]), "problem_id": pid,
-                    "chosen_sample_id": good["sample_id"], "rejected_sample_id": bad["sample_id"],
-                    "chosen_score": float(gv["score"]), "rejected_score": float(bv["score"]), "round": ctx.round,
-                })
+            rows += [_pair(ctx, bad, good["completion"], good["sample_id"], (float(gv["score"]), float(bv["score"])))
+                     for (good, gv), (bad, bv) in pairs]
         save_rows(rows, ctx.out_dir / "data")
         return {"pairs": len(rows), "problems": len(by_problem),
                 "problems_with_pairs": len({r["problem_id"] for r in rows}), **skipped}
@@ -125,12 +125,7 @@ class SpinPairs(Stage):
             if s["completion"].strip() == gold.strip():
                 identical += 1  # the model already reproduces the gold response: nothing to contrast
                 continue
-            rows.append({
-                "prompt": ctx.task.prompt(s, hint=False), "chosen": _assistant(gold),
-                "rejected": _assistant(s["completion"]), "problem_id": s["problem_id"],
-                "chosen_sample_id": None, "rejected_sample_id": s["sample_id"],
-                "chosen_score": None, "rejected_score": None, "round": ctx.round,
-            })
+            rows.append(_pair(ctx, s, gold))
         if no_gold == len(samples) and samples:
             raise ValueError(f"task {type(ctx.task).__name__} has no reference solutions: SPIN needs gold responses")
         save_rows(rows, ctx.out_dir / "data")
