@@ -21,11 +21,9 @@ from .overlap import carve, drop_seen
 
 @dataclass
 class Grade:
-    """A completion judged against the gold answer.
-
-    `strict` requires the task's answer format ("The answer is N."); `flexible` accepts the last answer-like
-    span anywhere (lm-evaluation-harness reports both for GSM8K). `correct` is the one a method acts on.
-    """
+    """A completion judged against the gold answer: `strict` requires the task's answer format ("The answer is
+    N."), `flexible` accepts the last answer-like span anywhere (lm-evaluation-harness reports both for GSM8K);
+    `correct` is the one a method acts on."""
 
     strict: bool | None  # None (both): no gold answer to judge against; the answers are still read
     flexible: bool | None

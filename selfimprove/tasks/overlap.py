@@ -4,10 +4,9 @@ seeded dev slice carved out of train.
 A problem that appears in two splits is one problem: a model trained on it has seen the held-out copy. The
 held-out split wins: a train (or dev) problem whose canonical form (`Task.canonical`; by default the question
 with runs of whitespace collapsed) is in a held-out split is dropped, and the number dropped is logged, since a
-split that shrinks without a word misleads whoever reads its size.
-
-A question repeated within one split is left alone, unless the dev slice takes one copy: then the other leaves
-train. What this drops from the shipped GSM8K and MATH data: docs/tasks.md.
+split that shrinks without a word misleads whoever reads its size. A question repeated within one split is left
+alone, unless the dev slice takes one copy: then the other leaves train. What this drops from the shipped GSM8K
+and MATH data: docs/tasks.md.
 """
 
 from __future__ import annotations
