@@ -13,6 +13,7 @@ option here. The score needs no gold; `stats` reports its AUROC against gold whe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .. import metrics
 from ..registry import CRITICS
@@ -26,11 +27,7 @@ class LikelihoodCritic(Critic):
 
     @dataclass
     class Config:
-        normalise: str = "per_token"  # per_token: mean log-probability per completion token; sum: the total
-
-        def __post_init__(self):
-            if self.normalise not in ("per_token", "sum"):
-                raise ValueError(f"normalise must be 'per_token' or 'sum', got {self.normalise!r}")
+        normalise: Literal["per_token", "sum"] = "per_token"  # per_token: mean log-probability per token; sum: total
 
     def judge(self, samples: list[dict]) -> list[Verdict]:
         by_prompt: dict[str, list[int]] = {}
