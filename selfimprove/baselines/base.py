@@ -19,6 +19,15 @@ class Baseline:
         self.config = config
 
     def advantages(self, rewards: list[float | None], groups: list[str]) -> list[float]:
+        """The protocol. The shipped estimators are group-wise: `group` turns one comparable group's rewards into
+        its advantages, and every trajectory outside such a group (`by_group`) gets 0."""
+        out = [0.0] * len(rewards)
+        for idx in by_group(rewards, groups):
+            for i, advantage in zip(idx, self.group([rewards[i] for i in idx])):
+                out[i] = advantage
+        return out
+
+    def group(self, rewards: list[float]) -> list[float]:
         raise NotImplementedError
 
 
@@ -29,10 +38,3 @@ def by_group(rewards: list[float | None], groups: list[str]) -> list[list[int]]:
     for i, g in enumerate(groups):
         members[g].append(i)
     return [idx for idx in members.values() if len(idx) >= 2 and all(rewards[i] is not None for i in idx)]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and unbiased (n − 1) standard deviation, as torch.std computes it (what TRL's GRPO uses)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0

@@ -7,16 +7,14 @@ less per token than short ones); dr_grpo_arithmetic.yaml sets it."""
 
 from __future__ import annotations
 
+from statistics import fmean
+
 from ..registry import BASELINES
-from .base import Baseline, by_group
+from .base import Baseline
 
 
 @BASELINES.register("dr_grpo")
 class DrGRPO(Baseline):
-    def advantages(self, rewards: list[float | None], groups: list[str]) -> list[float]:
-        out = [0.0] * len(rewards)
-        for idx in by_group(rewards, groups):
-            mean = sum(rewards[i] for i in idx) / len(idx)
-            for i in idx:
-                out[i] = rewards[i] - mean
-        return out
+    def group(self, rewards: list[float]) -> list[float]:
+        mean = fmean(rewards)
+        return [r - mean for r in rewards]

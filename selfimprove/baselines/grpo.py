@@ -5,9 +5,10 @@ deviation (+ eps). The paper averages an attempt's per-token losses over its tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import fmean, stdev
 
 from ..registry import BASELINES
-from .base import Baseline, by_group, mean_std
+from .base import Baseline
 
 
 @BASELINES.register("grpo")
@@ -20,10 +21,6 @@ class GRPO(Baseline):
             if self.eps <= 0:
                 raise ValueError("eps must be > 0")
 
-    def advantages(self, rewards: list[float | None], groups: list[str]) -> list[float]:
-        out = [0.0] * len(rewards)
-        for idx in by_group(rewards, groups):
-            mean, std = mean_std([rewards[i] for i in idx])
-            for i in idx:
-                out[i] = (rewards[i] - mean) / (std + self.config.eps)
-        return out
+    def group(self, rewards: list[float]) -> list[float]:
+        mean, std = fmean(rewards), stdev(rewards)  # the unbiased (n − 1) std, as torch.std in TRL's GRPO
+        return [(r - mean) / (std + self.config.eps) for r in rewards]

@@ -17,13 +17,15 @@ statistics and get 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import fmean, stdev
 
 from ..registry import BASELINES
-from .base import Baseline, by_group, mean_std
+from .base import by_group
+from .dr_grpo import DrGRPO
 
 
 @BASELINES.register("reinforce_pp")
-class ReinforcePlusPlus(Baseline):
+class ReinforcePlusPlus(DrGRPO):  # Dr. GRPO's centring per group, then the batch's whitening
     @dataclass
     class Config:
         eps: float = 1e-8  # added to the batch's std (OpenRLHF's whitening constant)
@@ -33,14 +35,10 @@ class ReinforcePlusPlus(Baseline):
                 raise ValueError("eps must be > 0")
 
     def advantages(self, rewards: list[float | None], groups: list[str]) -> list[float]:
-        out = [0.0] * len(rewards)
-        centred: dict[int, float] = {}
-        for idx in by_group(rewards, groups):
-            mean = sum(rewards[i] for i in idx) / len(idx)
-            centred.update({i: rewards[i] - mean for i in idx})
-        if len(centred) < 2:
-            return out
-        mean, std = mean_std(list(centred.values()))
-        for i, a in centred.items():
-            out[i] = (a - mean) / (std + self.config.eps)
+        out = super().advantages(rewards, groups)
+        members = [i for idx in by_group(rewards, groups) for i in idx]  # none, or two or more
+        if members:
+            mean, std = fmean(out[i] for i in members), stdev(out[i] for i in members)
+            for i in members:
+                out[i] = (out[i] - mean) / (std + self.config.eps)
         return out

@@ -5,15 +5,11 @@ its tokens': `loss_agg_mode: seq-mean-token-sum`."""
 from __future__ import annotations
 
 from ..registry import BASELINES
-from .base import Baseline, by_group
+from .base import Baseline
 
 
 @BASELINES.register("rloo")
 class RLOO(Baseline):
-    def advantages(self, rewards: list[float | None], groups: list[str]) -> list[float]:
-        out = [0.0] * len(rewards)
-        for idx in by_group(rewards, groups):
-            total, n = sum(rewards[i] for i in idx), len(idx)
-            for i in idx:
-                out[i] = rewards[i] - (total - rewards[i]) / (n - 1)
-        return out
+    def group(self, rewards: list[float]) -> list[float]:
+        total, n = sum(rewards), len(rewards)
+        return [r - (total - r) / (n - 1) for r in rewards]

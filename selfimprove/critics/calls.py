@@ -1,14 +1,9 @@
 """Calling a critic over many samples: batching, time limits, per-sample failures and the error budget.
 
 Every stage that judges samples (critique, rl) calls critics through `judge_all`, so a critic behaves the same
-wherever it runs; how it is called (one sample, one problem, or `batch_size` samples of whole problems, under
-`timeout` or not) depends on its class attributes (base.py). A call that raises, times out, returns the wrong
-number of verdicts or a NaN score fails the verdicts of the samples it held (score and label None, the error
-recorded); `check_error_budget` fails the stage only when more than `max_error_rate` of one critic's verdicts
-failed.
-
-Samples are judged with the weights that produced them: a sample's `weights` record is handed to the critic as
-`context.weights` (self-verification and policy judges query exactly the policy that wrote the sample).
+wherever it runs; the rules, set by the critic's class attributes, are docs/critics.md. Samples are judged with
+the weights that produced them: a sample's `weights` record becomes `context.weights` (self-verification and
+policy judges query exactly the policy that wrote the sample).
 """
 
 from __future__ import annotations
@@ -44,7 +39,7 @@ def judge_all(critic, samples: list[dict], calls: CriticCalls) -> tuple[list[Ver
     timeouts = 0
     # samples grouped by the weights that produced them (a hashable form of the record)
     keys = (tuple(sorted(w.items())) if isinstance(w := s.get("weights"), dict) else None for s in samples)
-    for weights, members in _groups(keys).items():
+    for weights, members in positions_by(keys).items():
         if weights is not None and critic.context is not None:
             critic.context.weights = Weights.from_dict(dict(weights))
         for call in _calls(critic, [samples[i] for i in members], calls.batch_size):
@@ -66,7 +61,7 @@ def check_error_budget(stage: str, critic_id: str, verdicts: list[Verdict], call
         )
 
 
-def _groups(keys) -> dict:
+def positions_by(keys) -> dict:
     """Positions grouped by their key, in order."""
     groups: dict = {}
     for i, key in enumerate(keys):
@@ -76,7 +71,7 @@ def _groups(keys) -> dict:
 
 def _calls(critic, samples: list[dict], batch_size: int) -> list[list[int]]:
     if critic.per_problem or critic.batched:
-        units = list(_groups(s["problem_id"] for s in samples).values())
+        units = list(positions_by(s["problem_id"] for s in samples).values())
     else:
         units = [[i] for i in range(len(samples))]
     if not critic.batched:

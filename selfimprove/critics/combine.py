@@ -1,16 +1,9 @@
-"""Composition: one verdict from the verdicts of critics that ran earlier in the same critique stage.
-
-    critics:
-      - {name: answer}
-      - {name: llm_judge, id: judge}
-      - {name: combine, id: correct_and_judged, gates: {answer: 1.0, judge: 0.7}}
-      - {name: combine, id: blend, weights: {answer: 0.5, judge: 0.5}, threshold: 0.6}
-
-score = the weighted mean of the named critics' scores (`weights`; without weights, the plain mean of the gated
-critics' scores). label = every gate passes (score >= its minimum; a correct `answer` scores 1.0) and, with a
-`threshold`, score >= threshold; with neither gates nor threshold there is no label. Combining earlier verdicts
-by id, instead of nesting critics, runs each critic once and keeps every component's verdicts and quality
-metrics beside the combination's. A component that failed on a sample fails the combination on it.
+"""Composition: one verdict from the verdicts of critics that ran earlier in the same critique stage (an example:
+docs/critics.md). score = the weighted mean of the named critics' scores (`weights`; without weights, the plain
+mean of the gated critics' scores). label = every gate passes (score >= its minimum; a correct `answer` scores
+1.0) and, with a `threshold`, score >= threshold; with neither gates nor threshold there is no label. Combining
+earlier verdicts by id, instead of nesting critics, runs each critic once and keeps every component's verdicts
+and quality metrics beside the combination's. A component that failed on a sample fails the combination on it.
 """
 
 from __future__ import annotations

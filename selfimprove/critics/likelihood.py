@@ -7,13 +7,13 @@ the completion's length in tokens (the sampled token count), `sum` keeps the tot
 (`filter: {best_of: true}`) then SFT is SFT-Sharpening; the rl stage with it as reward is RL-Sharpening.
 Deviations from the paper: the EOS token's probability is not part of the score (choice_logprobs scores the
 text), and the paper's default is the sequence log-probability (`sum`) where the length-normalised one is an
-option here. The score needs no gold; `stats` reports its AUROC against gold correctness where the samples
-carry gold, for the record only.
+option here. The score needs no gold; `stats` reports its AUROC against gold where there is gold.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .. import metrics
 from ..registry import CRITICS
@@ -27,11 +27,7 @@ class LikelihoodCritic(Critic):
 
     @dataclass
     class Config:
-        normalise: str = "per_token"  # per_token: mean log-probability per completion token; sum: the total
-
-        def __post_init__(self):
-            if self.normalise not in ("per_token", "sum"):
-                raise ValueError(f"normalise must be 'per_token' or 'sum', got {self.normalise!r}")
+        normalise: Literal["per_token", "sum"] = "per_token"  # per_token: mean log-probability per token; sum: total
 
     def judge(self, samples: list[dict]) -> list[Verdict]:
         by_prompt: dict[str, list[int]] = {}

@@ -1,14 +1,10 @@
-"""LLM-as-judge: a prompt template filled from the sample, a model's reply, and a parser for its score.
+"""LLM-as-judge: a prompt template filled from the sample's columns (`{question}`, `{completion}`, `{answer}`, any
+task column: a judge may be shown the gold answer or not), a model's reply, and a parser for its score.
 
-The template is `str.format`ted with the sample's columns (`{question}`, `{completion}`, `{answer}`, any task
-column), so a judge may be shown the gold answer or not. The last match of `score_pattern` in the reply is the
-raw score, mapped linearly from `scale` onto [0, 1]; label = score >= `threshold`. A reply with no score, a
-score off the scale (never clipped: "11/10" would be full reward for gaming the judge), or a request that fails
-makes that sample's verdict invalid (its `error` set), and only that one.
-
-Replies come from the `backend`, a component of its own (JUDGE_BACKENDS; the README's critic table lists
-`policy`, Self-Rewarding's judge and the default, `vllm` and `openai`); the API key of `openai` is read from the
-environment variable named by `api_key_env`, never from the YAML.
+The last match of `score_pattern` in the reply is the raw score, mapped linearly from `scale` onto [0, 1]; label =
+score >= `threshold`. A reply with no score or one off the scale (never clipped: `parse` says why), or a request
+that fails, makes that sample's verdict invalid, and only that one. Replies come from the `backend`, a component
+of its own (JUDGE_BACKENDS; the README's critic table lists them).
 """
 
 from __future__ import annotations

@@ -7,21 +7,19 @@ differently ("0.5" and "\\frac{1}{2}") agree even though the vote counts distinc
 own answer's vote share: the majority's share for the majority, less for minority answers, 0 without an answer.
 The gold answer is never read for a verdict.
 
-`stats` reports what TTRL (Zuo et al., 2025) logs per RL step: `majority_ratio`, the mean winning vote share;
-where the samples carry gold (for the record only), `label_accuracy`, the share of problems whose pseudo-label
-is correct, and `reward_accuracy`, the share of samples whose label equals the one gold would give. A model that
-has collapsed agrees with itself, so a majority ratio at or above `saturation` for `saturation_steps` batches in
-a row is warned about (console and `saturated` = 1).
+`stats` reports what TTRL (Zuo et al., 2025) logs per RL step, and warns when the winning vote share stays high
+(a collapsed model agrees with itself); what each number means: docs/critics.md.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 
 from ..registry import CRITICS
 from .base import Critic, Verdict
+from .calls import positions_by
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +69,7 @@ class MajorityCritic(Critic):
         """Per problem: its sample indices, their extracted answers, the vote counts and the winner (None when no
         sample has an answer; ties go to the answer seen first)."""
         task = self.context.task
-        by_problem: dict[str, list[int]] = defaultdict(list)
-        for i, s in enumerate(samples):
-            by_problem[s["problem_id"]].append(i)
-        for indices in by_problem.values():
+        for indices in positions_by(s["problem_id"] for s in samples).values():
             answers = [task.grade(samples[i], samples[i]["completion"]).answer for i in indices]
             votes = Counter(a for a in answers if a is not None)
             winner = max(votes, key=votes.get) if votes else None  # max keeps the first of equal counts

@@ -17,13 +17,7 @@ def critic_quality(labels: list[bool | None], scores: list[float | None], gold: 
     """precision, recall, auroc and counts over the samples given (callers drop failed verdicts)."""
     predicted = [bool(label) for label in labels]
     tp = sum(p and g for p, g in zip(predicted, gold))
-    out = {
-        "n": len(gold),
-        "gold_positive": sum(gold),
-        "precision": tp / sum(predicted) if any(predicted) else None,
-        "recall": tp / sum(gold) if any(gold) else None,
-    }
     scored = [(s, g) for s, g in zip(scores, gold) if s is not None]
-    out["auroc"], out["auroc_ci_low"], out["auroc_ci_high"] = \
-        auroc_interval([s for s, _ in scored], [g for _, g in scored]) if scored else (None, None, None)
-    return out
+    auroc, low, high = auroc_interval([s for s, _ in scored], [g for _, g in scored])
+    return {"n": len(gold), "gold_positive": sum(gold), "precision": tp / sum(predicted) if any(predicted) else None,
+            "recall": tp / sum(gold) if any(gold) else None, "auroc": auroc, "auroc_ci_low": low, "auroc_ci_high": high}

@@ -1,15 +1,12 @@
 """The objective protocol: what an on-policy RL stage optimises, independent of how advantages are estimated.
 
-An objective declares
-- `attempts`: how many attempts a trajectory has (1 for single-turn RL, 2 for SCoRe);
-- `follow_up(prompt, completion)`: the prompt of the next attempt, given the previous attempt's prompt and
-  completion (only for attempts > 1);
-- `rewards(scores)`: the reward each attempt's tokens are trained on, from the critic's score of each attempt
-  (None = that attempt gets no reward term, only its KL term);
-- `kl_weights()`: the KL-to-reference coefficient on each attempt's tokens.
-It has its own `Config` (e.g. `objective: {name: score_stage2, alpha: 10}`). The rl stage samples the attempts,
-asks the critic for scores, and hands rewards and KL weights to the trainer, whose baseline turns rewards into
-advantages (baselines/). A new objective is one file: a registered subclass, named in YAML.
+An objective (with its own `Config`, e.g. `objective: {name: score_stage2, alpha: 10}`) declares how many
+`attempts` a trajectory has (1 for single-turn RL, 2 for SCoRe), the prompt of each next attempt
+(`follow_up(prompt, completion)`, from the previous attempt's), the reward each attempt's tokens are trained on
+given the critic's score of each attempt (`rewards(scores)`; None: no reward term, only the KL term), and the
+KL-to-reference coefficient on each attempt's tokens (`kl_weights()`). The rl stage samples the attempts, asks the
+critic for scores, and hands rewards and KL weights to the trainer, whose baseline turns rewards into advantages
+(baselines/). A new objective is one file: a registered subclass, named in YAML.
 """
 
 from __future__ import annotations

@@ -29,6 +29,16 @@ from .base import Objective
 class _SelfCorrection(Objective):
     attempts = 2
 
+    @dataclass
+    class Config:
+        instruction: str = INSTRUCTION  # the self-correction instruction before attempt 2
+        beta1: float = 0.01  # KL to the reference: on attempt 2 in stage I, on both attempts in stage II
+
+        def __post_init__(self):
+            negative = [name for name, value in vars(self).items() if name != "instruction" and value < 0]
+            if negative:
+                raise ValueError(f"{' and '.join(negative)} must be >= 0")
+
     def follow_up(self, prompt: Prompt, completion: str) -> Prompt:
         return second_prompt(prompt, completion, self.config.instruction)
 
@@ -36,14 +46,8 @@ class _SelfCorrection(Objective):
 @OBJECTIVES.register("score_stage1")
 class ScoreStage1(_SelfCorrection):
     @dataclass
-    class Config:
-        instruction: str = INSTRUCTION  # the self-correction instruction before attempt 2
-        beta1: float = 0.01  # KL to the reference on attempt 2
+    class Config(_SelfCorrection.Config):
         beta2: float = 0.1  # KL to the reference on attempt 1 (keeps it near the base)
-
-        def __post_init__(self):
-            if min(self.beta1, self.beta2) < 0:
-                raise ValueError("beta1 and beta2 must be >= 0")
 
     def rewards(self, scores: list[float]) -> list[float | None]:
         _, r2 = scores
@@ -56,14 +60,8 @@ class ScoreStage1(_SelfCorrection):
 @OBJECTIVES.register("score_stage2")
 class ScoreStage2(_SelfCorrection):
     @dataclass
-    class Config:
-        instruction: str = INSTRUCTION
+    class Config(_SelfCorrection.Config):
         alpha: float = 10.0  # the shaping bonus α·(r(y2) − r(y1)) on attempt 2
-        beta1: float = 0.01  # KL to the reference on both attempts
-
-        def __post_init__(self):
-            if min(self.alpha, self.beta1) < 0:
-                raise ValueError("alpha and beta1 must be >= 0")
 
     def rewards(self, scores: list[float]) -> list[float | None]:
         r1, r2 = scores

@@ -13,8 +13,6 @@ from .base import Objective
 class Single(Objective):
     """One attempt, its critic score as reward, KL `beta` to the reference on its tokens."""
 
-    attempts = 1
-
     @dataclass
     class Config:
         beta: float = 0.01

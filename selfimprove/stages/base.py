@@ -1,15 +1,14 @@
 """The stage interface. A stage reads artifacts of earlier stages, writes its own, and nothing else.
 
-A stage class has a `Config` dataclass (its YAML parameters; component fields such as a trainer or critics
-arrive resolved, see registry.py) and one entry method, `run()`, which returns a flat dict of metrics/counts
-for the manifest and `metrics.jsonl`. It finds its inputs and writes its output through a `StageContext`,
-which the pipeline runner provides: the runner is the only code that knows about rounds, resume and the run
-directory layout.
+A stage class has a `Config` dataclass (its YAML parameters; component fields such as a trainer or critics arrive
+resolved, see registry.py) and one entry method, `run()`, returning a flat dict of metrics/counts for the manifest
+and `metrics.jsonl`. It finds its inputs and writes its output through a `StageContext` from the pipeline runner,
+the only code that knows about rounds, resume and the run directory layout.
 
 `outputs` are the files and folders a stage writes into `ctx.out_dir` (`data/`: its dataset; `adapter/` +
-`weights.json`, which later stages can name, when it `produces_weights`). The runner lists them, with
-checksums, in the stage's manifest and verifies them before a finished stage is reused. Anything else it keeps
-for resuming (generation shards) is written atomically and is not an output.
+`weights.json`, which later stages can name, when it `produces_weights`), listed with checksums in its manifest
+and verified before a finished stage is reused. What it keeps for resuming (generation shards) is written
+atomically and is not an output.
 """
 
 from __future__ import annotations

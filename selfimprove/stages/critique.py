@@ -1,20 +1,13 @@
 """Critique: every critic judges every sample of a generate stage; one verdict row per (sample, critic).
 
 Critics run in the order listed; each sees, in `sample["verdicts"]`, the verdicts of the critics before it
-(`combine` builds on them). How a critic is called, and when its failures fail the stage, is critics/calls.py. Each
-sample is judged with the weights that produced it (its `weights` record), not the round's policy.
+(`combine` builds on them). How a critic is called, with which weights, and when its failures fail the stage, is
+critics/calls.py. Resumable: verdicts are saved per critic and per chunk of problems (`shards/`).
 
-Resumable: verdicts are saved per critic and per chunk of problems (`shards/`); a resumed pass redoes at most one.
-
-Invalid verdicts: a verdict whose critic raised, timed out, returned None or a non-finite score, or (a judge)
-gave no score or one off its scale carries an `error`, with score and label None. It is no evidence either way:
-every consumer (filter, pairs, `unsolved_in`, RL rewards) leaves such a sample out rather than read it as 0.
-Counted per critic as `<critic>/invalid` (of which `<critic>/timeouts` timed out) and in total as `invalid`.
-A critic that gives scores without labels (`<critic>/unlabelled`) is warned about: a filter needs `min_score`.
-
-Critic quality: with `quality` on, samples with gold answers are also graded by the task (task.grade, as in
-evaluation), and each critic's `<critic>/precision`, `/recall` and `/auroc` against that gold are reported every
-round, the AUROC with its DeLong interval (`/auroc_ci_low`, `/auroc_ci_high`; critics/quality.py).
+Invalid verdicts and critic quality are as the README's *Critics built in* says: counted per critic as
+`<critic>/invalid` (of which `<critic>/timeouts`) and in total as `invalid`; a critic with scores but no labels
+(`<critic>/unlabelled`) is warned about; with `quality` on, samples with gold are also graded by the task, and
+each critic's precision, recall and AUROC with its DeLong interval against that gold are reported (quality.py).
 """
 
 from __future__ import annotations

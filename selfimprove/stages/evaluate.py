@@ -1,15 +1,5 @@
-"""Evaluate: sample the test problems with some weights, grade every sample, report statistics.
-
-Metrics, each with a 95% interval over problems (metrics.summarize: the Wilson score interval for a proportion of
-problems, such as accuracy and maj@n; the percentile bootstrap for other per-problem means, such as pass@k, k < n):
-- `accuracy` (strict answer format) and `accuracy_flexible` (last number), on the first sample of each problem
-  (the greedy one when temperature is 0);
-- with n > 1 samples: unbiased `pass@k` for each k in `pass_k` (default 1 and n) and `maj@n` (majority vote over
-  extracted answers);
-- `by/<column>=<value>/accuracy` for each column in `breakdown` (e.g. digits for arithmetic); an empty
-  `breakdown` uses the task's own `breakdown` attribute when it has one (MATH: subject and level).
-
-This is the code `selfimprove eval` runs too (as a pipeline with only this stage).
+"""Evaluate: sample the test problems with some weights, grade every sample, report statistics (which ones, and
+their intervals: the README's *Evaluation*; metrics.summarize). This is the code `selfimprove eval` runs too.
 
 `evaluate_self_correction` samples the test problems twice — attempt 1, then attempt 2 after the
 self-correction instruction — grades both attempts with the task's grader and reports selfcorrection.py's

@@ -1,14 +1,10 @@
 """Selection: turn judged samples into an SFT training set (STaR's and ReST-EM's filter).
 
-`filter` keeps the samples a critic labelled correct (or, with `min_score`, those it scored at least that; a critic
-that gives scores without labels needs it, and the filter stops with that fix rather than keep nothing), or, with
-`best_of`, each problem's highest-scored sample per source (best-of-N: Sharpening's selection), leaves out samples
-whose verdict is invalid (counted as `invalid`), and reports the B-STaR monitor (monitor.py) on its first source,
-the round's own samples, graded against gold by the task. Each source is a pair of a generate stage and the critique
-stage that judged it; a source generated with a hint (STaR's rationalization) is stored *without* the hint: its
-training prompt is the task's ordinary prompt, so the model learns to produce the rationale from the question alone.
-
-Output rows: the training row schema of records.py (`source`: the generate stage).
+`filter` keeps the samples the deciding critic labelled correct, or scored at least `min_score`, or, with
+`best_of`, each problem's highest-scored one per source (best-of-N: Sharpening's selection); invalid verdicts are
+left out (`invalid`). A source is a generate stage and the critique stage that judged it; a hinted sample (STaR's
+rationalization) is stored *without* its hint, so the model learns to produce the rationale from the question
+alone. Rows: records.py's training schema. The B-STaR monitor (monitor.py) reports on the first source.
 
 STaR as `pipelines/star_arithmetic.yaml` arranges it (generate → critique → rationalize → critique → filter →
 train from the base → evaluate) deviates from Zelikman et al. (2022) in these ways, each a config choice:

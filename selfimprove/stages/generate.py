@@ -1,13 +1,11 @@
 """Generate: k samples per problem from the current policy (chunked and resumable: see rollout.py).
 
-With `adapt`, the stage first configures its own sampling as B-STaR does (Zeng et al., 2024): on a small seeded
-probe subset of its problems it samples at each candidate temperature, has `adapt.critic` select (label, or
-score >= each candidate threshold), measures B-STaR's balance score of each (temperature, threshold) against the
-task's gold answers (monitor.py), and samples the round with the best temperature. The sweep is saved as
-`sweep.json` (and each temperature's probe samples under `sweep/`, so an interrupted sweep resumes); the choice
-goes in the manifest as `adapt/temperature`, `adapt/threshold` and `adapt/balance`, where a filter can take the
-threshold from (`min_score_from`). Deviation: B-STaR sweeps on the round's training queries with the full
-sample count; here the probe is a subset, to keep the sweep a small fraction of the round.
+With `adapt`, the stage first chooses its sampling temperature (and a selection threshold) as B-STaR does (Zeng
+et al., 2024; the README's *The B-STaR monitor*): each candidate's probe samples are judged by `adapt.critic` and
+scored with the balance score against gold (monitor.py); the sweep is `sweep.json` (`sweep/` lets it resume), the
+choice the manifest's `adapt/temperature`, `adapt/threshold` and `adapt/balance`. Deviation: B-STaR sweeps on the
+round's training queries with the full sample count; here on a seeded probe subset, to keep the sweep a small
+fraction of the round.
 """
 
 from __future__ import annotations

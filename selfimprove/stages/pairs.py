@@ -1,14 +1,10 @@
 """Preference pairs for DPO-style trainers.
 
-- `pairs` builds (chosen, rejected) pairs from the k samples per problem and their verdicts:
-  `correct_incorrect` pairs a sample the critic labelled correct with one it labelled incorrect;
-  `best_worst` pairs the highest-scored with the lowest-scored sample when their scores differ by at least
-  `min_margin` (then the second best with the second worst, ...). Identical texts are never paired and
-  duplicates are dropped before pairing; `max_pairs_per_problem` caps each problem's pairs.
-- `spin_pairs` builds SPIN's pairs (Chen et al., 2024): the task's gold solution is "chosen", the current
-  model's own generation for the same prompt is "rejected".
-
-Rows: the pair schema of records.py; `chosen_sample_id` and the scores are None for a gold solution.
+`pairs` pairs a problem's samples by a critic's verdicts: `correct_incorrect` a sample labelled correct with one
+labelled incorrect; `best_worst` the i-th best-scored with the i-th worst while their scores differ by at least
+`min_margin` (and by more than 0). Identical texts are never paired (duplicates are dropped first). `spin_pairs`
+builds SPIN's pairs (Chen et al., 2024): the task's gold solution is "chosen", the current model's own generation
+for the same prompt "rejected". Rows: records.py's pair schema (`chosen_sample_id` and scores None for gold).
 """
 
 from __future__ import annotations
@@ -23,8 +19,13 @@ from .base import Stage
 from .common import check_critic_choice, join_verdicts
 
 
-def _assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
+def _pair(ctx, rejected: dict, chosen: str, chosen_id: str | None = None, scores: tuple = (None, None)) -> dict:
+    """A pair row (records.py's schema): the text `chosen` over the sample `rejected`, on its problem's prompt."""
+    return {"prompt": ctx.task.prompt(rejected, hint=False), "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected["completion"]}],
+            "problem_id": rejected["problem_id"], "chosen_sample_id": chosen_id,
+            "rejected_sample_id": rejected["sample_id"], "chosen_score": scores[0], "rejected_score": scores[1],
+            "round": ctx.round}
 
 
 @STAGES.register("pairs")
@@ -59,7 +60,7 @@ class Pairs(Stage):
                                         load_rows(ctx.input_dir(c.verdicts) / "data"), c.critic, c.verdicts):
             by_problem[s["problem_id"]].append((s, verdict))
         rows, skipped = [], defaultdict(int)
-        for pid, group in by_problem.items():
+        for group in by_problem.values():
             judged, seen_texts = [], set()
             for s, verdict in sorted(group, key=lambda x: x[0]["index"]):
                 text = s["completion"].strip()
@@ -75,13 +76,8 @@ class Pairs(Stage):
             pairs = build_pairs(judged, c.rule, c.min_margin, c.max_pairs_per_problem)
             if not pairs:
                 skipped["problems_without_pair"] += 1
-            for (good, gv), (bad, bv) in pairs:
-                rows.append({
-                    "prompt": ctx.task.prompt(good, hint=False), "chosen": _assistant(good["completion"]),
-                    "rejected": _assistant(bad["completion"]), "problem_id": pid,
-                    "chosen_sample_id": good["sample_id"], "rejected_sample_id": bad["sample_id"],
-                    "chosen_score": float(gv["score"]), "rejected_score": float(bv["score"]), "round": ctx.round,
-                })
+            rows += [_pair(ctx, bad, good["completion"], good["sample_id"], (float(gv["score"]), float(bv["score"])))
+                     for (good, gv), (bad, bv) in pairs]
         save_rows(rows, ctx.out_dir / "data")
         return {"pairs": len(rows), "problems": len(by_problem),
                 "problems_with_pairs": len({r["problem_id"] for r in rows}), **skipped}
@@ -129,12 +125,7 @@ class SpinPairs(Stage):
             if s["completion"].strip() == gold.strip():
                 identical += 1  # the model already reproduces the gold response: nothing to contrast
                 continue
-            rows.append({
-                "prompt": ctx.task.prompt(s, hint=False), "chosen": _assistant(gold),
-                "rejected": _assistant(s["completion"]), "problem_id": s["problem_id"],
-                "chosen_sample_id": None, "rejected_sample_id": s["sample_id"],
-                "chosen_score": None, "rejected_score": None, "round": ctx.round,
-            })
+            rows.append(_pair(ctx, s, gold))
         if no_gold == len(samples) and samples:
             raise ValueError(f"task {type(ctx.task).__name__} has no reference solutions: SPIN needs gold responses")
         save_rows(rows, ctx.out_dir / "data")

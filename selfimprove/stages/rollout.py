@@ -1,14 +1,13 @@
 """Sampling problems from the engine: one or several attempts per trajectory, chunked and resumable.
 
-Every stage that samples goes through `sample_chunk`: attempt 1 answers the task's prompt (`sampling.n` samples per
-problem); each later attempt continues one trajectory (n = 1), with the same weights, in one more batched engine
-call, from the prompt `follow_up(previous prompt, previous completion)` builds (SCoRe's self-correction turn, say).
+Every stage that samples goes through `sample_chunk`: attempt 1 answers the task's prompt (`sampling.n` samples
+per problem); each later attempt continues one trajectory (n = 1), with the same weights, in one more batched
+engine call, from the prompt `follow_up(previous prompt, previous completion)` builds (SCoRe's self-correction).
 
 `sample_problems` cuts the problems into chunks, each one call per attempt with its own derived seeds, saved
-atomically as a shard before the next starts. A resumed run loads the finished shards and samples only the rest; as
-a chunk's samples depend only on (its problems, sampling, weights, seeds), they equal an uninterrupted run's.
-
-Rows follow the sample schema in records.py; a multi-attempt row's `attempts` holds one {prompt, completion,
+atomically as a shard before the next starts; a resumed run samples only the chunks without a shard, and as a
+chunk's samples depend only on (its problems, sampling, weights, seeds), they equal an uninterrupted run's.
+Rows follow records.py's sample schema; a multi-attempt row's `attempts` holds one {prompt, completion,
 finish_reason, num_tokens, token_ids, logprobs, seed} per attempt.
 """
 
@@ -32,8 +31,6 @@ def sample_chunk(*, engine, task, problems: list[dict], sampling: SamplingConfig
                  seeds: list[int], id_prefix: str, hint: bool = False, follow_up: FollowUp | None = None,
                  extra: dict | None = None) -> list[dict]:
     """`sampling.n` trajectories of `len(seeds)` attempts per problem (attempt t sampled with `seeds[t-1]`)."""
-    if len(seeds) > 1 and follow_up is None:
-        raise ValueError("several attempts need a follow_up prompt builder")
     prompts = [task.prompt(p, hint=hint) for p in problems]
     first = engine.generate(prompts, sampling, weights, seed=seeds[0])
     rows = []

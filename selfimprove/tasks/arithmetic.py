@@ -1,25 +1,21 @@
 """n-digit addition with a scratchpad rationale: the testbed on which a small model can visibly improve.
 
-In the spirit of STaR's own arithmetic experiment (Zelikman et al., 2022, §4.1: n-digit sums with a
-scratchpad, difficulty by digit count). Problems are generated from a seed. Splits are disjoint up to the order
-of the operands (`canonical`: `3 + 8` and `8 + 3` are one problem, so a model trained on one has seen the other):
-per digit count the generator draws unordered operand pairs, test first, then dev, then the few-shot exemplars,
-then train, each excluding every pair drawn before, and shows each pair in a random order. Both operands of an
-n-digit problem have exactly n digits (1-digit problems use 0-9).
+In the spirit of STaR's own arithmetic experiment (Zelikman et al., 2022, §4.1: n-digit sums with a scratchpad,
+difficulty by digit count). Problems are generated from a seed; both operands of an n-digit problem have exactly
+n digits (1-digit problems use 0-9). Splits are disjoint up to the order of the operands (`canonical`): per digit
+count the generator draws unordered operand pairs, test first, then dev, the few-shot exemplars and train, each
+excluding every pair drawn before, and shows each pair in a random order.
 
-Default difficulty mix: 2- and 3-digit sums. One-digit sums are left out because they cannot supply a clean
-test share: up to order there are only 55 of them, so the 75 test problems an equal share of 150 would give them
-do not exist, and even 50 (the old default's share) would leave 5 for dev, exemplars and train together. Mixes
-that include 1 digit are still accepted when their split sizes fit (`digits: [1, 2, 3]` with small `num_test`
-and `num_dev`); sizes that do not fit are refused at config load, naming the field and the largest value that fits.
+Default difficulty mix: 2- and 3-digit sums. Up to order there are only 55 one-digit sums: not the 75 test
+problems an equal share of 150 would give them, and even 50 (the old default's share) would leave 5 for dev,
+exemplars and train together. Mixes with 1 digit are accepted when their split sizes fit (`digits: [1, 2, 3]`
+with small `num_test` and `num_dev`; `_check_capacity` refuses sizes that do not).
 
-Prompt formats:
-- `chat` (default): an instruction to add digit by digit and end with "The answer is <number>."; the model
-  writes its own rationale. This prompt was chosen by its accuracy on what was then the test split, before dev
-  splits existed (docs/results.md marks the figures that need a rerun); choices from now on are made on `dev`.
-- `fewshot`: three worked column-by-column scratchpads (`scratchpad`) as earlier turns. Closer to the paper's
-  scratchpad; the embedded 135M model tends to copy the exemplars' digits.
-The gold scratchpad is every problem's `solution` (reference rationale for SFT/SPIN).
+Prompt formats: `chat` (default), an instruction to add digit by digit and end with "The answer is <number>.",
+the model writing its own rationale (chosen by its accuracy on what was then the test split, before dev splits
+existed: docs/results.md marks the figures that need a rerun; choices are now made on `dev`); `fewshot`, three
+worked column-by-column scratchpads (`scratchpad`, every problem's `solution`: the reference rationale for
+SFT/SPIN) as earlier turns, closer to the paper's (the embedded 135M model tends to copy the exemplars' digits).
 
 Deviation from the paper: STaR's scratchpad is a compact symbolic trace for a model fine-tuned on it; ours is
 worded for an instruct model, and by default the model's own wording is what STaR reinforces.
@@ -170,12 +166,9 @@ def _shares(total: int, parts: int) -> list[int]:
 
 
 def _check_capacity(digits: list[int], sizes: dict[str, int]) -> None:
-    """Refuse, at config load, split sizes the digit counts cannot fill with distinct problems (up to order).
-
-    Each digit count gets an equal share of every split, drawn in the order of `sizes`. A share that does not fit
-    in what is left of its digit count's pool could only be met by repeating problems or by silently making the
-    split smaller, so it is an error naming the field and the largest value that fits.
-    """
+    """Refuse, at config load, split sizes the digit counts cannot fill with distinct problems (up to order): a
+    share that does not fit in what is left of its pool could only be met by repeating problems or by silently
+    making the split smaller."""
     left = [_capacity(d) for d in digits]
     before: list[str] = []
     for split, size in sizes.items():

@@ -1,23 +1,16 @@
-"""The task interface. A task owns its data, its prompts, its answer extraction and its grading.
+"""The task interface. A task owns its data, its prompts, its answer extraction and its grading; nothing outside a
+task parses answers (critics and evaluation call `grade`).
 
-Nothing outside a task parses answers: critics and evaluation call `grade`.
-
-Problem rows (plain dicts, stored as dataset rows) always carry:
-- `problem_id`: stable across runs (derived from the source, never from a position in a shuffled list);
-- `question`: the problem text;
-- `answer`: the gold final answer as a string (`""` when the task has no gold answers);
-plus the task's own columns (digits, subject, level, reference solution, ...).
-
-Splits: every shipped task has `train`, `test` and `dev`, disjoint under the task's `canonical` form (two
-problems with the same canonical form are the same problem: a model trained on one has seen the other). `dev`
-is where choices are made (prompts, temperatures, thresholds, learning rates, round counts); `test` is only
-reported. tests/test_splits.py checks every registered task.
+Problem rows (plain dicts, stored as dataset rows) always carry `problem_id` (stable across runs: derived from the
+source, never from a position in a shuffled list), `question` and `answer` (the gold final answer as a string,
+`""` without gold), plus the task's own columns. Splits are as the README's *Tasks* says: disjoint under
+`canonical`, `dev` for choices, `test` only reported; tests/test_splits.py checks every registered task.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
@@ -28,11 +21,9 @@ from .overlap import carve, drop_seen
 
 @dataclass
 class Grade:
-    """A completion judged against the gold answer.
-
-    `strict` requires the task's answer format ("The answer is N."); `flexible` accepts the last answer-like
-    span anywhere (lm-evaluation-harness reports both for GSM8K). `correct` is the one a method acts on.
-    """
+    """A completion judged against the gold answer: `strict` requires the task's answer format ("The answer is
+    N."), `flexible` accepts the last answer-like span anywhere (lm-evaluation-harness reports both for GSM8K);
+    `correct` is the one a method acts on."""
 
     strict: bool | None  # None (both): no gold answer to judge against; the answers are still read
     flexible: bool | None
@@ -90,10 +81,8 @@ class Task:
         raise NotImplementedError
 
     def canonical(self, problem: dict) -> str:
-        """The form under which two problems are the same one; splits must be disjoint under it.
-
-        By default the question with runs of whitespace collapsed (an exact duplicate up to spacing); a task with
-        an equivalence of its own overrides it (arithmetic: `3 + 8` is `8 + 3`)."""
+        """The form under which two problems are the same one; splits must be disjoint under it. A task with an
+        equivalence of its own overrides it (arithmetic: `3 + 8` is `8 + 3`)."""
         return same_text(problem)
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
@@ -124,10 +113,9 @@ class Task:
 
 
 class PublishedTask(Task):
-    """A published dataset (GSM8K, MATH): shipped files under `seeds/`, or, for users with a network, a hub dataset
-    with the same columns (`source: <hub dataset>`). Test is as published; train drops every problem whose question
-    (up to spacing) is in test (tasks/overlap.py); dev is then a fixed slice of train (`num_dev` problems chosen by
-    random.Random(`dev_seed`)) and train the rest: choices are made on dev, never on test.
+    """A published dataset (GSM8K, MATH): shipped files under `seeds/`, or a hub dataset with the same columns
+    (`source: <hub dataset>`). Test is as published; train drops every problem whose question (up to spacing) is
+    in test; dev is then a seeded slice of train (`num_dev`, `dev_seed`) and train the rest.
 
     Subclasses set the class attributes below and two classmethods: `problem(row, split, index, source)`, a data
     row as a problem, and `describe(source, hub_splits)`, the train set as errors and logs name it."""
@@ -142,6 +130,7 @@ class PublishedTask(Task):
     class Config:
         source: str = "seeds"  # "seeds" (shipped files) or a hub dataset name, e.g. "openai/gsm8k"
         hub_config: str | None = None
+        hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})  # ours → hub's
         prompt_format: Literal["chat", "fewshot"] = "chat"
         num_shots: int = 4  # fewshot: worked train solutions shown as earlier turns
         num_dev: int = 500  # held out of train for choices (prompt, temperature, ...); dev_seed picks which
@@ -154,12 +143,9 @@ class PublishedTask(Task):
     def problems(self, split: str) -> list[dict]:
         self.check_split(split)
         c = self.config
-        return [dict(p) for p in _published(type(self), c.source, c.hub_config, self.hub_splits(), c.num_dev,
-                                            c.dev_seed)[split]]
-
-    def hub_splits(self) -> tuple[tuple[str, str], ...]:
-        """(our split, the hub dataset's split) pairs, read with `source: <hub dataset>`."""
-        return ("test", "test"), ("train", "train")
+        hub_splits = tuple(sorted(c.hub_splits.items()))  # hashable: _published caches by its arguments
+        problems = _published(type(self), c.source, c.hub_config, hub_splits, c.num_dev, c.dev_seed)[split]
+        return [dict(p) for p in problems]
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
         shots = [(s["question"], s["solution"]) for s in self.shots()] if self.config.prompt_format == "fewshot" else []

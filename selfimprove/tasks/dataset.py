@@ -167,9 +167,8 @@ class DatasetTask(Task):
 
 
 def _has(config, split: str) -> bool:
-    if split == "dev" and config.dev is None:
-        return config.dev_fraction > 0 and config.train is not None
-    return getattr(config, split) is not None
+    # dev_fraction carves dev out of train, which Config.__post_init__ has made sure is given
+    return getattr(config, split) is not None or (split == "dev" and config.dev_fraction > 0)
 
 
 def _grader(spec: GraderSpec):

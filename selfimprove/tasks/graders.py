@@ -1,15 +1,5 @@
-"""Graders of the `dataset` task: how a gold answer is read and a completion judged against it.
-
-A grader is a registered component (`grader: numeric`, or `grader: {name: math_verify, grading_timeout: 10}`, or a
-dotted path `package.module:Name` to your own `Grader` subclass). Strict = the answer format the prompt asks for,
-flexible = a looser reading, as for GSM8K:
-- `numeric` (GSM8K's extraction, tasks/numeric.py): strict "The answer is N", flexible the last number. A gold
-  answer may be a bare number or end in "#### N" / "The answer is N.".
-- `math_verify` (MATH's grading, tasks/math.py, under `grading_timeout`): strict the last \\boxed{}, flexible
-  Math-Verify's own extraction; gold answers are LaTeX (a boxed gold answer is unboxed).
-- `exact`: normalised string equality (case, runs of spaces, surrounding quotes or bold, a final period are
-  ignored); strict the rest of the line after the last "The answer is", flexible the last non-empty line.
-"""
+"""Graders of the `dataset` task: how a gold answer is read and a completion judged against it, strict by the
+answer format the prompt asks for, flexible by a looser reading (each grader's rules: docs/tasks.md)."""
 
 from __future__ import annotations
 

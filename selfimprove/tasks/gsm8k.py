@@ -1,9 +1,7 @@
-"""GSM8K (Cobbe et al., 2021): grade-school math word problems with integer answers.
-
-Data: `seeds/gsm8k/{train,test}.jsonl` (copied unchanged from openai/grade-school-math, MIT) or, for users with
-a network, any hub dataset with the same `question`/`answer` columns (`source: openai/gsm8k`); splits as
-`PublishedTask` makes them (the shipped files share no question). Gold answers follow `#### ` in the solution.
-Prompts ask for "The answer is <number>." (with "The answer is N." small models echo the letter N, docs/cpu.md).
+"""GSM8K (Cobbe et al., 2021): grade-school math word problems with integer answers, from `seeds/gsm8k/` (copied
+unchanged from openai/grade-school-math, MIT) or a hub dataset (the README's *Tasks*). Gold answers follow `#### `
+in the solution. Prompts ask for "The answer is <number>." (with "The answer is N." small models echo the letter
+N, docs/cpu.md).
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
 """MATH (Hendrycks et al., 2021): competition problems with LaTeX answers, graded with Math-Verify.
 
 `math500` tests on MATH500 (PRM800K's 500-problem test split), `math` on the full 5,000; both train on PRM800K's
-train split rebuilt, minus the task's test problems (docs/tasks.md says what that leaves, and how a hub dataset
-is read instead).
-
-Grading (the only place MATH answers are parsed):
-- strict: the content of the *last* `\\boxed{...}` in the completion (brace-matched), verified equal to the
-  gold answer by Math-Verify; no box, no credit.
-- flexible: Math-Verify's own extraction over the whole completion (boxed, "final answer is", LaTeX
-  environments, then bare expressions), verified the same way.
-Every Math-Verify call runs under `grading_timeout` seconds (selfimprove.timeouts); a pathological expression
-that runs past it counts as no answer / not equal, so it cannot stall a run.
+train split rebuilt, minus the task's test problems (docs/tasks.md). Grading, the only place MATH answers are
+parsed, is as the README's *Tasks* says: strict = the last `\\boxed{...}` (brace-matched), flexible = Math-Verify's
+own extraction, each verified by Math-Verify under `grading_timeout` (selfimprove.timeouts), past which a
+pathological expression counts as no answer / not equal instead of stalling the run.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..registry import TASKS
 from ..timeouts import TimedOut, call_with_timeout
@@ -64,16 +58,12 @@ class MathTask(PublishedTask):
 
     @dataclass
     class Config(PublishedTask.Config):
-        hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
         grading_timeout: float = 5.0  # seconds per Math-Verify parse or comparison
 
         def __post_init__(self):
             if self.grading_timeout <= 0:
                 raise ValueError("grading_timeout must be > 0 seconds")
             super().__post_init__()
-
-    def hub_splits(self) -> tuple[tuple[str, str], ...]:
-        return tuple(sorted(self.config.hub_splits.items()))
 
     def shots(self) -> list[dict]:
         # Short solutions only: a 2k-token context holds four of them plus the problem.
@@ -103,22 +93,19 @@ class MathTask(PublishedTask):
     def _parse(self, text: str) -> list:
         from math_verify import parse
 
-        try:
-            return call_with_timeout(self.config.grading_timeout, parse, text, parsing_timeout=None)
-        except TimedOut:
-            log.warning("MATH grading: parsing timed out after %ss", self.config.grading_timeout)
-            return []
+        return self._timed("parsing", parse, text, parsing_timeout=None) or []
 
     def _verify(self, gold: list, pred: list) -> bool:
         from math_verify import verify
 
-        if not gold or not pred:
-            return False
+        return bool(gold and pred and self._timed("comparison", verify, gold, pred, timeout_seconds=None))
+
+    def _timed(self, what: str, fn, *args, **kwargs):
         try:
-            return bool(call_with_timeout(self.config.grading_timeout, verify, gold, pred, timeout_seconds=None))
-        except TimedOut:
-            log.warning("MATH grading: comparison timed out after %ss", self.config.grading_timeout)
-            return False
+            return call_with_timeout(self.config.grading_timeout, fn, *args, **kwargs)
+        except TimedOut:  # counts as no answer / not equal
+            log.warning("MATH grading: %s timed out after %ss", what, self.config.grading_timeout)
+            return None
 
     @classmethod
     def problem(cls, row: dict, split: str, index: int, source: str) -> dict:

@@ -37,10 +37,8 @@ def normalize_number(text: str | None) -> str | None:
 
 
 def extract_strict(completion: str, pick: str = "last") -> str | None:
-    """The number of the last (default: the model's final commitment) or first answer statement.
-
-    lm-evaluation-harness's GSM8K strict-match takes the first "The answer is N."; `pick="first"` reproduces it.
-    """
+    """The number of the last answer statement (the model's final commitment) or, as lm-evaluation-harness's GSM8K
+    strict-match takes it, the first."""
     matches = sorted((m.start(), m.group(1)) for pattern in STRICT_PATTERNS for m in pattern.finditer(completion))
     return normalize_number(matches[-1 if pick == "last" else 0][1]) if matches else None
 

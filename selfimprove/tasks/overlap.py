@@ -4,14 +4,9 @@ seeded dev slice carved out of train.
 A problem that appears in two splits is one problem: a model trained on it has seen the held-out copy. The
 held-out split wins: a train (or dev) problem whose canonical form (`Task.canonical`; by default the question
 with runs of whitespace collapsed) is in a held-out split is dropped, and the number dropped is logged, since a
-split that shrinks without a word misleads whoever reads its size.
-
-What the shipped data holds (measured on the files in `seeds/`): GSM8K's train and test share no question, even
-up to spacing and case. MATH's `train_reconstructed.jsonl` holds 4,501 questions of the full 5,000-problem test
-set (the 4,500 PRM800K moved into train, and one original train problem that repeats a test problem's text) and
-none of MATH500: `math` drops those 4,501, `math500` drops nothing. A question repeated within one split is left
-alone (MATH's train repeats two), unless the dev slice takes one copy: then the other leaves train (`math` drops
-one such problem with the default dev slice).
+split that shrinks without a word misleads whoever reads its size. A question repeated within one split is left
+alone, unless the dev slice takes one copy: then the other leaves train. What this drops from the shipped GSM8K
+and MATH data: docs/tasks.md.
 """
 
 from __future__ import annotations
