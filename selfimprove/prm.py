@@ -89,7 +89,16 @@ def load_model(base: str, pad_token_id: int, adapter: str | None = None, lora: L
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForTokenClassification
 
-    model = AutoModelForTokenClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    # The base has no head, and transformers warns that it "should be trained" at every load: training adds it,
+    # and a trained adapter replaces it, so the warning is noise here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_token_id
     if adapter is not None:
         task = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("task_type")

@@ -230,8 +230,8 @@ def test_labels_sit_on_the_last_token_of_each_step(tiny_model):
     prompt = [{"role": "user", "content": "1 + 2"}]
     example = training_example(tokenizer, prompt, ["a b.", "c d."], [1.0, 0.0], max_length=1024)
     ids, labels = example["input_ids"], example["labels"]
-    # the chat template's 33 tokens end "...<|im_start|>assistant\n"; then "a b.\nc d." is 8 tokens: a step's last
-    # token is its full stop, and the newline between steps belongs to neither label
+    # the chat template's 34 tokens end "...<|im_start|>assistant\n"; then "a b.\nc d." is 7 tokens: a step's last
+    # token is its full stop, and the newline between steps carries no label
     assert len(ids) == 41
     assert tokenizer.convert_ids_to_tokens(ids)[30:] == ["<|im_start|>", "ass", "istant", "Ċ", "a", "Ġb", ".", "Ċ",
                                                          "c", "Ġd", "."]
