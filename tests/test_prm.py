@@ -1,8 +1,17 @@
-"""Process rewards, part 1-2: steps, arithmetic's exact step oracle, Monte-Carlo step labels (Math-Shepherd) and
-their agreement with the oracle. Hand-worked cases on in-memory data and a scripted engine whose rollout outcomes
-are known; one run of the stage on the tiny random model end to end."""
+"""Process rewards: steps, arithmetic's exact step oracle, Monte-Carlo step labels (Math-Shepherd) and their
+agreement with the oracle (parts 1-2); the process reward model, its stage and its critic (part 3). Hand-worked
+cases on in-memory data and a scripted engine whose rollout outcomes are known; the tiny random model for label
+placement, fitting and resuming; the step-label stage and the PRM pipeline on it end to end."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +194,209 @@ def test_the_stage_on_the_tiny_model_end_to_end(tmp_path, tiny_model):
         assert r["oracle"] == [True] * len(r["steps"]) and r["hard"][-1] is True  # gold scratchpads
     assert metrics["rollouts"] == 2 * sum(len(r["steps"]) - 1 for r in rows)
     assert 0.0 <= metrics["agreement/hard@2"] <= 1.0
+
+
+# -- part 3: the process reward model --------------------------------------------------------------------------------
+def test_aggregates_by_hand():
+    from selfimprove.prm import aggregate
+
+    steps = [0.9, 0.2, 0.8]
+    assert aggregate(steps, "min") == 0.2
+    assert aggregate(steps, "prod") == pytest.approx(0.144)  # 0.9 * 0.2 = 0.18; * 0.8 = 0.144
+    assert aggregate(steps, "last") == 0.8
+
+
+def test_the_critic_aggregates_and_keeps_the_step_scores():
+    from selfimprove.critics.base import CriticContext
+    from selfimprove.critics.prm import PRMCritic
+
+    critic = PRMCritic(build(PRMCritic.Config, {"weights": "train_prm", "aggregate": "prod"}, "test"),
+                       CriticContext(task=TASK))  # the model loads on the first judge() only
+    verdict = critic.verdict([0.9, 0.2, 0.8])
+    assert verdict.score == pytest.approx(0.144) and verdict.label is False and verdict.error is None
+    assert verdict.rationale == "prod 0.1440 of step scores [0.9000, 0.2000, 0.8000]"
+    assert critic.verdict([]).error == "the response has no steps" and critic.verdict([]).score is None
+    assert "cut off 1 of 2 steps" in critic.verdict([None, 0.7]).error
+    with pytest.raises(Exception, match="weights"):
+        build(PRMCritic.Config, {"aggregate": "min"}, "test")  # which PRM is not optional
+    with pytest.raises(Exception, match="aggregate"):
+        build(PRMCritic.Config, {"weights": "train_prm", "aggregate": "mean"}, "test")
+
+
+def test_labels_sit_on_the_last_token_of_each_step(tiny_model):
+    from selfimprove.prm import encode, load_tokenizer, training_example
+
+    tokenizer = load_tokenizer(tiny_model)
+    prompt = [{"role": "user", "content": "1 + 2"}]
+    example = training_example(tokenizer, prompt, ["a b.", "c d."], [1.0, 0.0], max_length=1024)
+    ids, labels = example["input_ids"], example["labels"]
+    # the chat template's 34 tokens end "...<|im_start|>assistant\n"; then "a b.\nc d." is 7 tokens: a step's last
+    # token is its full stop, and the newline between steps carries no label
+    assert len(ids) == 41
+    assert tokenizer.convert_ids_to_tokens(ids)[30:] == ["<|im_start|>", "ass", "istant", "Ċ", "a", "Ġb", ".", "Ċ",
+                                                         "c", "Ġd", "."]
+    assert {i: label for i, label in enumerate(labels) if label != -100} == {36: 1.0, 40: 0.0}
+    # truncation keeps the end: 5 tokens still hold both steps' ends, 3 only the second's
+    assert encode(tokenizer, prompt, ["a b.", "c d."], 5) == (ids[-5:], [0, 4])
+    assert encode(tokenizer, prompt, ["a b.", "c d."], 3) == (ids[-3:], [None, 2])
+    # a text prompt is extended as it is, with no template around it
+    text_ids, positions = encode(tokenizer, "Q: 1 + 2\nA: ", ["a b.", "c d."], 1024)
+    assert tokenizer.decode(text_ids) == "Q: 1 + 2\nA: a b.\nc d."
+    assert positions == [len(text_ids) - 5, len(text_ids) - 1]
+
+
+# Per sum: a first step always right, a second right for odd a only, a last always wrong.
+PRM_EXAMPLES = [{"prompt": [{"role": "user", "content": f"{a} + {a}"}],
+                 "steps": [f"{a} and {a}.", f"so {2 * a}.", "done."], "targets": [1.0, float(a % 2), 0.0]}
+                for a in range(6)]
+
+
+def prm_settings(**optim):
+    from selfimprove.prm import PrmTraining
+    from selfimprove.trainers.common import LoraSettings, Optimization
+
+    return PrmTraining(lora=LoraSettings(r=4, alpha=8, dropout=0.1),
+                       optim=Optimization(**{"learning_rate": 1e-2, "batch_size": 6, "logging_steps": 1, **optim}))
+
+
+def test_a_tiny_prm_fits_a_handful_of_labels(tiny_model, tmp_path):
+    from selfimprove.metrics import auroc_interval
+    from selfimprove.prm import ProcessRewardModel, train
+
+    metrics = train(PRM_EXAMPLES, tiny_model, tmp_path / "adapter", tmp_path / "work", seed=0,
+                    settings=prm_settings(max_steps=30, checkpoint_every=0))
+    assert metrics["examples"] == 6 and metrics["labelled_steps"] == 18 and metrics["steps"] == 30
+    assert metrics["final_loss"] < metrics["first_loss"] / 4  # from ~log 2
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "TOKEN_CLS" and "score" in config["modules_to_save"]  # the head is in the adapter
+    prm = ProcessRewardModel(tiny_model, str(tmp_path / "adapter"), max_length=1024, device="cpu")
+    scores = prm.step_scores([e["prompt"] for e in PRM_EXAMPLES], [e["steps"] for e in PRM_EXAMPLES], batch_size=4)
+    assert [len(s) for s in scores] == [3] * 6
+    flat, targets = [s for ss in scores for s in ss], [t == 1.0 for e in PRM_EXAMPLES for t in e["targets"]]
+    assert auroc_interval(flat, targets)[0] == 1.0  # every right step above every wrong one
+    assert [s >= 0.5 for s in flat] == targets
+    # one batch or several: the same scores (right padding moves no step)
+    assert prm.step_scores([PRM_EXAMPLES[3]["prompt"]], [PRM_EXAMPLES[3]["steps"]], 1)[0] == pytest.approx(
+        scores[3], abs=1e-5)
+
+
+def _train_prm(tiny_model: str, work: Path) -> dict:
+    from selfimprove.prm import train
+
+    return train(PRM_EXAMPLES, tiny_model, work.parent / "adapter", work, seed=0,
+                 settings=prm_settings(max_steps=5, batch_size=2, checkpoint_every=2, learning_rate=1e-3))
+
+
+def test_a_killed_prm_training_resumes_to_the_same_adapter(tiny_model, tmp_path):
+    """6 examples in batches of 2, 5 steps, a checkpoint every 2, dropout on: killed (SIGKILL) in step 5, then
+    run again on the same work folder, it ends with the uninterrupted run's adapter, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    full = _train_prm(tiny_model, tmp_path / "full" / "work")
+    killed = tmp_path / "killed" / "work"
+    killed.mkdir(parents=True)
+    ready, log = tmp_path / "killed" / "ready", tmp_path / "killed" / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.test_prm", tiny_model, str(killed), str(ready)],
+                                cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert proc.poll() is None, f"the training process ended before step 5:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, "the training process never reached step 5"
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()
+    resumed = _train_prm(tiny_model, killed)
+    assert full["resumed_from_step"] == 0 and resumed["resumed_from_step"] == 4 and resumed["steps"] == 5
+    a, b = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (tmp_path / "full", tmp_path / "killed"))
+    assert a.keys() == b.keys() and any("score" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), {k: (a[k] - b[k]).abs().max().item() for k in a}
+
+
+def test_held_out_problems_take_every_sample_of_a_problem():
+    from selfimprove.stages.prm import held_out_problems
+
+    ids = ["a", "a", "b", "b", "c", "d", "e"]
+    held = held_out_problems(ids, 0.4, seed=3)
+    assert len(held) == 2 and held <= set(ids)  # 0.4 of 5 problems
+    assert held == held_out_problems(ids, 0.4, seed=3)
+    assert held_out_problems(ids, 0.0, seed=3) == set() and len(held_out_problems(ids, 0.01, seed=3)) == 1
+    with pytest.raises(ValueError, match="none to train on"):
+        held_out_problems(["a", "b"], 0.9, seed=0)
+
+
+def test_step_metrics_by_hand():
+    from selfimprove.stages.prm import step_metrics
+
+    rows = [{"hard": [True, False], "soft": [0.75, 0.0], "oracle": [True, False]},
+            {"hard": [True, True, False], "soft": [0.5, 0.25, 0.0], "oracle": None}]
+    scores = [[0.9, 0.3], [0.6, 0.25, 0.2]]
+    m = step_metrics(rows, scores, "hard")
+    # right: 0.9, 0.6, 0.25; wrong: 0.3, 0.2. At 0.5 all but 0.25 are classed right: 4 of 5. Of the 6 (right,
+    # wrong) pairs only 0.25 < 0.3 is in the wrong order: AUROC 5/6.
+    assert m["held_out/steps"] == 5 and m["held_out/positive_rate"] == pytest.approx(0.6)
+    assert m["held_out/step_accuracy"] == pytest.approx(0.8)
+    assert m["held_out/step_auroc"] == pytest.approx(5 / 6)
+    # the oracle: on the first row only, both steps ranked and classed right; one of each: no interval
+    assert m["held_out/oracle_steps"] == 2 and m["held_out/oracle_step_accuracy"] == 1.0
+    assert m["held_out/oracle_step_auroc"] == 1.0 and m["held_out/oracle_step_auroc_ci_low"] is None
+    # soft labels count as right at >= 0.5: 0.75, 0.5 (scores 0.9, 0.6) against 0.0, 0.25, 0.0 (0.3, 0.25, 0.2)
+    soft = step_metrics(rows, scores, "soft")
+    assert soft["held_out/step_auroc"] == 1.0 and soft["held_out/step_accuracy"] == 1.0
+    # a step truncation cut off has no score and is left out
+    assert step_metrics(rows, [[0.9, None], [0.6, 0.25, 0.2]], "hard")["held_out/steps"] == 4
+
+
+def test_the_tiny_prm_pipeline_end_to_end(engine, tmp_path):
+    """generate → step_labels → train_prm → generate_test → critique with the prm critic, on the tiny random
+    model: the plumbing (the adapter, its held-out scores, the critic reading it), not the PRM's quality."""
+    from selfimprove.artifacts import read_json
+    from selfimprove.pipeline import Runner, load_pipeline
+
+    run = tmp_path / "run"
+    Runner(load_pipeline(Path(__file__).parent / "pipelines" / "tiny_prm.yaml"), run, engine=engine,
+           log=lambda *_: None).run()
+    stage = run / "round_001" / "train_prm"
+    metrics = read_json(stage / "manifest.json")["metrics"]
+    assert json.loads((stage / "adapter" / "adapter_config.json").read_text())["task_type"] == "TOKEN_CLS"
+    weights = read_json(stage / "weights.json")
+    assert weights["adapter"] == str(stage / "adapter") and weights["adapter_hash"]
+    assert metrics["held_out/problems"] == 2 and metrics["steps"] == 3  # 0.34 of 6 problems; max_steps
+    held = load_rows(stage / "held_out")
+    assert len(held) == metrics["held_out/samples"] and len({r["problem_id"] for r in held}) == 2
+    assert all(len(r["scores"]) == len(r["steps"]) and all(0 < s < 1 for s in r["scores"]) for r in held)
+    assert metrics["held_out/steps"] == sum(len(r["steps"]) for r in held)
+    # the PRM is never the policy: the test answers come from the base model
+    tests = load_rows(run / "round_001" / "generate_test" / "data")
+    assert {r["weights"]["label"] for r in tests} == {"base"}
+    verdicts = [r for r in load_rows(run / "round_001" / "critique" / "data") if r["critic"] == "prm"]
+    assert len(verdicts) == len(tests)
+    for v in verdicts:
+        if v["error"] is None:  # min of the step scores it lists
+            steps = [float(x) for x in v["rationale"].split("[")[1].rstrip("]").split(", ")]
+            assert v["score"] == pytest.approx(min(steps), abs=1e-4) and v["label"] == (v["score"] >= 0.5)
+    assert sum(v["error"] is None for v in verdicts) > 0
+
+
+def _train_prm_until_killed(tiny_model: str, work: str, ready: str) -> None:
+    """The child process of the resume test: the same training, hanging in step 5 until it is killed."""
+    from transformers import Trainer
+
+    original = Trainer.training_step
+
+    def hang_in_step_5(self, *args, **kwargs):
+        if self.state.global_step == 4:  # steps 1-4 done, checkpoint-4 written
+            Path(ready).touch()
+            time.sleep(600)
+        return original(self, *args, **kwargs)
+
+    Trainer.training_step = hang_in_step_5
+    _train_prm(tiny_model, Path(work))
+
+
+if __name__ == "__main__":
+    _train_prm_until_killed(*sys.argv[1:])

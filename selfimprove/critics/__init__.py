@@ -4,7 +4,7 @@ The built-in ones, one module each, are the README's *Critics built in*; a criti
 
 from __future__ import annotations
 
-from . import answer, combine, likelihood, llm_judge, majority, reward_model, self_verify  # noqa: F401  (register)
+from . import answer, combine, likelihood, llm_judge, majority, prm, reward_model, self_verify  # noqa: F401  (register)
 from .base import Critic, CriticContext, Verdict
 
 __all__ = ["Critic", "CriticContext", "Verdict"]
