@@ -149,7 +149,7 @@ def _json_dict(read) -> dict | None:
 
 # -- engine processes never outlive the run ----------------------------------------------------------------------
 
-class ChildReaper:
+class ChildReaper(contextlib.AbstractContextManager):
     """Until `stop()`, a watchdog kills this process's descendants if this process dies (SIGKILL included).
     Use it as `with reap_children_on_exit(run_dir):`.
 
@@ -178,9 +178,6 @@ class ChildReaper:
         self._token_before = os.environ.get(RUN_TOKEN)
         os.environ[RUN_TOKEN] = token
 
-    def __enter__(self) -> "ChildReaper":
-        return self
-
     def __exit__(self, *exc) -> None:
         self.stop()
 
@@ -192,12 +189,7 @@ class ChildReaper:
             os.environ.pop(RUN_TOKEN, None)
         else:
             os.environ[RUN_TOKEN] = self._token_before
-        watchdog.terminate()  # SIGTERM: exit without killing
-        try:
-            watchdog.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait()
+        _terminate(watchdog, grace_s=5)  # SIGTERM: exit without killing
 
 
 reap_children_on_exit = ChildReaper
@@ -399,15 +391,20 @@ def _supervise(argv: list[str]) -> int:
     child = subprocess.Popen(cmd)  # same process group: vLLM's processes all land in it
     while child.poll() is None and not stop and os.getppid() == parent:
         time.sleep(0.25)
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    _terminate(child, STOP_GRACE_S)
     _stop_rest_of_group()
     return child.returncode  # set: the child was waited for
+
+
+def _terminate(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace_s`; returns once it has exited."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _stop_rest_of_group() -> None:

@@ -61,6 +61,13 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
 
 
+def weights_version(weights: Weights, model_path: str) -> str | None:
+    """The adapter's content hash (None: the base), once `weights` are known to be on the engine's base model."""
+    if os.path.realpath(weights.base) != os.path.realpath(model_path):
+        raise ValueError(f"engine serves {model_path}, asked for weights on base {weights.base}")
+    return None if weights.adapter is None else weights.adapter_hash or adapter_hash(weights.adapter)
+
+
 def lora_id(ids: dict[str, int], weights: Weights) -> int:
     """vLLM's integer id for `weights`' adapter, allocated in `ids`. vLLM caches a loaded adapter by this id, so it
     follows the adapter's content hash, not its folder: a retrained adapter written over an old one's folder gets
@@ -174,8 +181,7 @@ class VLLMEngine(Engine):
 
     def _use(self, weights: Weights):
         """Make `weights` the ones the next call generates with; return the LoRARequest if any."""
-        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
-            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
+        identity = weights_version(weights, self.model_path)
         if self.adapter_mode == "lora":
             if weights.adapter is None:
                 return None
@@ -183,7 +189,6 @@ class VLLMEngine(Engine):
 
             number = lora_id(self._lora_ids, weights)
             return LoRARequest(f"{weights.label}#{number}", number, weights.adapter)
-        identity = weights.adapter_hash or (adapter_hash(weights.adapter) if weights.adapter else None)
         if identity == self._loaded[1]:
             return None
         if weights.adapter is None or plain_lora(weights.adapter):
