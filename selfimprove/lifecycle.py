@@ -370,10 +370,10 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def signal_group(pgid: int, sig: int, leader_only: bool = False) -> None:
-    """Signal a process group (or only its leader); one already gone is no error."""
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group; one already gone is no error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        (os.kill if leader_only else os.killpg)(pgid, sig)
+        os.killpg(pgid, sig)
 
 
 # -- the supervisor of one server (serve.py): `python -m selfimprove.lifecycle --supervise PARENT_PID -- CMD...` --

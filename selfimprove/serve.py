@@ -94,14 +94,15 @@ class Server:
             return "(no log)"
 
     def answers(self) -> bool:
-        """Bound (its port known) and answering /health with 200; learns the port on the way."""
+        """Bound (its port known) and answering /health with 200; learns the port, and that it is no longer
+        starting, on the way."""
         import httpx
 
         ports = [self.port] if self.port else _listening_ports(self.process.pid, self.host)
         for port in ports:
             with contextlib.suppress(httpx.HTTPError):  # not listening yet, or another of its sockets
                 if httpx.get(f"http://{_url_host(self.host)}:{port}/health", timeout=2.0).status_code == 200:
-                    self.port = port
+                    self.port, self.starting = port, False
                     return True
         return False
 
@@ -127,7 +128,6 @@ class Servers(contextlib.AbstractContextManager):
                     raise ServerStartError(f"vLLM server {server.url} exited with code {server.process.returncode} "
                                            f"while starting; log {server.log}:\n{server.log_tail()}")
                 if server.answers():
-                    server.starting = False
                     waiting.remove(server)
             if not waiting:
                 return
@@ -145,7 +145,6 @@ class Servers(contextlib.AbstractContextManager):
                 continue
             if server.alive():
                 if server.starting and server.restarts and server.answers():
-                    server.starting = False
                     log(f"server {server.url} is back (restart {server.restarts} of {self.max_restarts})")
                 continue
             if server.restart_at is None:
@@ -171,7 +170,7 @@ class Servers(contextlib.AbstractContextManager):
         for server in self.servers:
             server.given_up = True  # no restarts from here on
             if server.alive():
-                signal_group(server.process.pid, signal.SIGTERM, leader_only=True)
+                server.process.terminate()
         deadline = time.monotonic() + STOP_GRACE_S + 30  # the supervisor's own grace periods, plus its sweep
         for server in self.servers:
             if server.process is None:

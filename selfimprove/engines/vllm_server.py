@@ -179,10 +179,7 @@ class VLLMServerEngine(Engine):
                     self.adapter_mode = "lora" if on_gpu else "merged"
                 self.launched = launch(self.model_path, config.launch, config.host, config.port, config,
                                        config.start_timeout_s, on_gpu=on_gpu, lora=self.adapter_mode == "lora")
-                urls = self.launched.urls
-            else:
-                urls = config.urls
-            self._servers = [_Server(u, config) for u in urls]
+            self._servers = [_Server(u, config) for u in (self.launched.urls if self.launched else config.urls)]
             for server in self._servers:
                 self._connect(server)
             if self.adapter_mode == "auto":
