@@ -17,7 +17,6 @@ when the launcher is gone.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -149,7 +148,7 @@ def _json_dict(read) -> dict | None:
 
 # -- engine processes never outlive the run ----------------------------------------------------------------------
 
-class ChildReaper:
+class ChildReaper(contextlib.AbstractContextManager):
     """Until `stop()`, a watchdog kills this process's descendants if this process dies (SIGKILL included).
     Use it as `with reap_children_on_exit(run_dir):`.
 
@@ -162,24 +161,22 @@ class ChildReaper:
     def __init__(self, run_dir: str | Path | None = None, interval_s: float = 0.5):
         token = secrets.token_hex(8)
         me = psutil.Process()
-        args = [sys.executable, "-m", "selfimprove.lifecycle", "--pid", str(me.pid),
-                "--create-time", repr(me.create_time()), "--token", token, "--interval", str(interval_s)]
+        watch = {"pid": me.pid, "create_time": me.create_time(), "token": token, "record": None,
+                 "interval_s": interval_s}  # `_watch`'s arguments
         if run_dir is not None:
             kill_stale_processes(run_dir)
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            args += ["--record", str(Path(run_dir) / PROCESS_FILE)]
+            watch["record"] = str(Path(run_dir) / PROCESS_FILE)
         env = {k: v for k, v in os.environ.items() if k != RUN_TOKEN}
         package_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         # Its own session: a Ctrl-C or a kill of the run's process group must not take the watchdog with it.
         self.watchdog: subprocess.Popen | None = subprocess.Popen(
-            args, env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            [sys.executable, "-m", "selfimprove.lifecycle", "--watch", json.dumps(watch)], env=env,
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         # Set after the watchdog started, so it does not carry the token it hunts for.
         self._token_before = os.environ.get(RUN_TOKEN)
         os.environ[RUN_TOKEN] = token
-
-    def __enter__(self) -> "ChildReaper":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -192,12 +189,7 @@ class ChildReaper:
             os.environ.pop(RUN_TOKEN, None)
         else:
             os.environ[RUN_TOKEN] = self._token_before
-        watchdog.terminate()  # SIGTERM: exit without killing
-        try:
-            watchdog.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait()
+        _terminate(watchdog, grace_s=5)  # SIGTERM: exit without killing
 
 
 reap_children_on_exit = ChildReaper
@@ -258,9 +250,10 @@ def _kill_all(remembered: dict[int, float], token: str | None, spare: set[int],
 
 # -- the watchdog process -----------------------------------------------------------------------------------------
 
-def _watch(pid: int, create_time: float, token: str, record: Path | None, interval_s: float) -> list[int]:
+def _watch(pid: int, create_time: float, token: str, record: str | Path | None, interval_s: float) -> list[int]:
     """Remember `pid`'s descendants until it is gone, then kill those still alive; a SIGTERM ends the watch
     without killing. Returns the pids killed."""
+    record = Path(record) if record else None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop() raises KeyboardInterrupt; SIGINT is ignored
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     remembered: dict[int, float] = {}
@@ -274,9 +267,7 @@ def _watch(pid: int, create_time: float, token: str, record: Path | None, interv
                 current = {p.pid: p for p in parent.children(recursive=True) if p.pid != me}
             except psutil.Error:
                 current = {}
-            for child_pid, child in current.items():
-                with contextlib.suppress(psutil.Error):
-                    remembered[child_pid] = child.create_time()
+            remembered.update({p: child.create_time() for p, child in current.items()})  # children() cached them
             # Forget the ones that ended; keep the ones that are only reparented (their parent exited).
             remembered = {p: t for p, t in remembered.items() if p in current or _process(p, t) is not None}
             if remembered != before:
@@ -365,23 +356,10 @@ def _write_record(path: Path | None, pid: int, create_time: float, token: str, c
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m selfimprove.lifecycle",
-                                     description="watchdog: kill a process's descendants once it is gone")
-    parser.add_argument("--pid", type=int, required=True)
-    parser.add_argument("--create-time", type=float, required=True)
-    parser.add_argument("--token", required=True)
-    parser.add_argument("--interval", type=float, default=0.5)
-    parser.add_argument("--record", type=Path)
-    args = parser.parse_args(argv)
-    _watch(args.pid, args.create_time, args.token, args.record, args.interval)
-    return 0
-
-
-def signal_group(pgid: int, sig: int, leader_only: bool = False) -> None:
-    """Signal a process group (or only its leader); one already gone is no error."""
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group; one already gone is no error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        (os.kill if leader_only else os.killpg)(pgid, sig)
+        os.killpg(pgid, sig)
 
 
 # -- the supervisor of one server (serve.py): `python -m selfimprove.lifecycle --supervise PARENT_PID -- CMD...` --
@@ -399,15 +377,20 @@ def _supervise(argv: list[str]) -> int:
     child = subprocess.Popen(cmd)  # same process group: vLLM's processes all land in it
     while child.poll() is None and not stop and os.getppid() == parent:
         time.sleep(0.25)
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    _terminate(child, STOP_GRACE_S)
     _stop_rest_of_group()
     return child.returncode  # set: the child was waited for
+
+
+def _terminate(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace_s`; returns once it has exited."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _stop_rest_of_group() -> None:
@@ -444,5 +427,8 @@ def _stop_rest_of_group() -> None:
             proc.kill()
 
 
-if __name__ == "__main__":
-    sys.exit(_supervise(sys.argv[2:]) if sys.argv[1:2] == ["--supervise"] else _main())
+if __name__ == "__main__":  # `--watch ARGUMENTS_JSON` (ChildReaper) or `--supervise ...` (serve.py)
+    if sys.argv[1] == "--watch":
+        _watch(**json.loads(sys.argv[2]))
+    else:
+        sys.exit(_supervise(sys.argv[2:]))

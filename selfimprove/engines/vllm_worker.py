@@ -5,8 +5,13 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
+
+# An in-place reload warns "Failed to load weights" for every layer it got no checkpoint weight for: those an
+# adapter does not touch, and those that have none (RotaryEmbedding, a tied ParallelLMHead). Each is put back as it
+# was, which is what we want; to a user the warning reads as a failure, so it is not shown. Set once, on import:
+# in a process that loads this extension, every in-place reload is the engine's.
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
 
 class WorkerExtension:
@@ -54,29 +59,9 @@ class WorkerExtension:
                 raise KeyError(f"weights {absent[:3]} are not in the base checkpoint {base}")
         weights = [(n, merge_weight(state["pristine"][n], *factors[n]) if n in factors else state["pristine"][n])
                    for n in sorted(names)]
-        with _expected_warnings_quiet():
-            self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         state["touched"] = set(factors)
         return len(weights)
-
-    def reload_folder(self, weights_path: str) -> None:
-        """vLLM's in-place `reload_weights` from a model folder, without its expected warnings."""
-        with _expected_warnings_quiet():
-            self.reload_weights(weights_path=weights_path)
-
-
-@contextmanager
-def _expected_warnings_quiet():
-    """An in-place reload warns "Failed to load weights" for every layer it got no checkpoint weight for: those
-    an adapter does not touch, and those that have none (RotaryEmbedding, a tied ParallelLMHead). Each is put
-    back as it was, which is what we want; to a user the warning reads as a failure, so it is not shown."""
-    quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        quiet.setLevel(level)
 
 
 def _with_fused_siblings(names: set[str], packed: dict[str, list[str]]) -> set[str]:
