@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .step_labels import chat_continuation
-from .trainers.common import (LoraSettings, Optimization, common_args, fit, make_trainer, save_adapter,
-                              training_metrics)
+from .trainers.common import LoraSettings, Optimization, common_args, fit, make_trainer
 
 Aggregate = Literal["min", "prod", "last"]
 
@@ -154,12 +153,10 @@ def train(examples: list[dict], base: str, adapter_out: Path, work_dir: Path, se
     args = TrainingArguments(**common_args(settings.optim, work_dir, seed, round_index), remove_unused_columns=False)
     trainer = make_trainer(Trainer, model=model, args=args, train_dataset=dataset, compute_loss_func=step_loss,
                            data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id))
-    resumed_from = fit(trainer, {"trainer": "prm", "config": asdict(settings), "examples": examples, "base": base,
-                                 "seed": seed, "round": round_index})
-    save_adapter(trainer.model, adapter_out)
+    metrics = fit(trainer, {"trainer": "prm", "config": asdict(settings), "examples": examples, "base": base,
+                            "seed": seed, "round": round_index}, adapter_out, started)
     labelled = sum(sum(label != -100 for label in row["labels"]) for row in dataset)
-    return {"examples": len(examples), "labelled_steps": labelled,
-            **training_metrics(trainer.state.log_history, started, resumed_from)}
+    return {"examples": len(examples), "labelled_steps": labelled, **metrics}
 
 
 class ProcessRewardModel:
