@@ -31,6 +31,8 @@ from ..critics.calls import CriticCalls, check_error_budget, judge_all
 from ..models import model_identity
 from ..records import Rollout, SamplingConfig, Weights, adapter_hash
 from ..registry import STAGES, CriticSpec, ObjectiveSpec, TrainerSpec
+from ..trainers import rl_launch
+from ..trainers.launch import Launch
 from .base import Stage
 from .common import ProblemSelection
 from .rollout import sample_chunk
@@ -59,6 +61,7 @@ class RL(Stage):
         # How many versions old a rollout may be (module docstring): 0 = strictly on-policy, each step sampled with
         # the newest policy; k >= 1 samples the next step with version s+1-k while step s trains.
         max_staleness: int = 0
+        launch: Launch = field(default_factory=Launch)  # training processes (trainers/rl_launch.py); 1: this one
 
         def __post_init__(self):
             if self.steps < 1 or self.problems_per_step < 1:
@@ -74,10 +77,18 @@ class RL(Stage):
             if not getattr(self.trainer.target, "online", False):
                 raise ValueError(f"trainer {self.trainer.name!r} is an offline trainer; an rl stage needs an online "
                                  f"one (policy_gradient)")
+            rl_launch.check(self.launch)
 
     def run(self) -> dict:
         c, ctx = self.config, self.ctx
-        trainer = c.trainer.build()
+        if c.launch.num_processes == 1:
+            return self._run(c.trainer.build())
+        with rl_launch.LaunchedPolicy(c.launch, c.trainer, ctx.out_dir / "trainer", ctx.out_dir / "train.log",
+                                      f"stage {ctx.stage} (round {ctx.round})") as trainer:
+            return self._run(trainer)
+
+    def _run(self, trainer) -> dict:
+        c, ctx = self.config, self.ctx
         objective = c.objective.build()
         versions = ctx.out_dir / "versions"
         start = ctx.weights(c.weights)

@@ -166,24 +166,25 @@ def run(launch: Launch, trainer: TrainerSpec, rows: list[dict], base_path: str, 
             "policy_adapter": policy_adapter, "adapter_out": str(adapter_out.resolve()), "seed": seed,
             "round_index": round_index, "config": config}
     write_json(folder / SPEC, spec)
-    command, env = _command(launch, config, work_dir, folder)  # first: a refused launch deletes nothing
+    command, env = worker_command(launch, config, work_dir, folder)  # first: a refused launch deletes nothing
     # Delete the checkpoints no process may resume (a checkpoint's meaning depends on the rows and on the spec but
     # where the adapter goes), while no process runs.
     resume_point(work_dir, {"spec": {k: v for k, v in spec.items() if k != "adapter_out"}, "rows": rows},
                  key_name=LAUNCH_KEY)
     started = time.time()
     code, tail = _stream(command, env, log_file)
-    result = _read(folder / RESULT)
+    result = read_or_none(folder / RESULT)
     if code != 0 or result is None:
-        raise LaunchFailed(_failure(label, n, command, code, _read(folder / FAILURES), tail, log_file))
+        raise LaunchFailed(failure(label, n, command, code, read_or_none(folder / FAILURES), tail, log_file))
     return {**result["metrics"], "processes": n, "launch_seconds": round(time.time() - started, 1)}
 
 
-def _command(launch: Launch, config: dict | None, work_dir: Path, folder: Path) -> tuple[list[str], dict]:
+def worker_command(launch: Launch, config: dict | None, work_dir: Path, folder: Path,
+                   module: str = "selfimprove.trainers.launch") -> tuple[list[str], dict]:
     import torch
 
     n, config, env = launch.num_processes, config or {}, dict(os.environ)
-    worker = ["-m", "selfimprove.trainers.launch", str(work_dir.resolve())]
+    worker = ["-m", module, str(work_dir.resolve())]  # what each process runs (rl_launch.py: the rl stage's)
     start = [sys.executable, "-m", "selfimprove.trainers.launch", "--start"]
     if torch.cuda.is_available():
         if config.get("distributed_type") == "MULTI_CPU":
@@ -233,15 +234,15 @@ def _stream(command: list[str], env: dict, log_file: Path) -> tuple[int, list[st
             raise
 
 
-def _read(path: Path) -> dict | None:
+def read_or_none(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _failure(label: str, n: int, command: list[str], code: int, failures: dict | None, tail: list[str],
-             log_file: Path) -> str:
+def failure(label: str, n: int, command: list[str], code: int, failures: dict | None, tail: list[str],
+            log_file: Path) -> str:
     launcher = "accelerate launch" if "accelerate" in command else "torchrun"
     lines = [f"{label}: training under {n} processes failed: {launcher} exited with code {code}."]
     for rank, failure in sorted((failures or {}).items(), key=lambda item: int(item[0])):

@@ -213,7 +213,9 @@ class PolicyGradient:
         return self.version
 
     def step(self, rollouts: list[Rollout], kl_weights: list[float], temperature: float, max_tokens: int,
-             max_staleness: int = 0) -> dict:
+             max_staleness: int = 0, shard=None) -> dict:
+        # shard (rl_launch.Shard, under several processes): which rollouts this process back-propagates, and the
+        # sum of gradients and statistics over the processes, which all see the whole batch
         """One optimizer step on `rollouts`; `kl_weights[t]` is the KL coefficient on attempt t+1's tokens,
         `max_tokens` the sampling budget per attempt (seq-mean-token-sum-norm's constant), `max_staleness` how many
         saved versions older than the current one the rollouts may come from.
@@ -249,8 +251,9 @@ class PolicyGradient:
         gaps = []  # per micro-batch: (trainer, sampler) log-probabilities of the tokens the sampler reported
         # Micro-batches of similar lengths (longest first): padding costs compute for nothing, and the batch loss
         # does not depend on how sequences are grouped (aggregate's denominators are batch-wide).
-        order = sorted(range(len(rollouts)), key=lambda i: -len(encoded[i][0]))
-        for start in range(0, len(rollouts), c.micro_batch_size):
+        indices = shard.mine(groups, [len(ids) for ids, _ in encoded]) if shard else range(len(rollouts))
+        order = sorted(indices, key=lambda i: -len(encoded[i][0]))
+        for start in range(0, len(order), c.micro_batch_size):
             members = order[start:start + c.micro_batch_size]
             ids, attention, owner, sampled = self._pad([encoded[i] for i in members], [sampler[i] for i in members])
             logp = self._logps(ids, attention, temperature)  # (B, T-1): log π of token i+1 given tokens ≤ i
@@ -280,6 +283,8 @@ class PolicyGradient:
                 sums[f"kl/attempt{t + 1}"] += ((kl.detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum().item()
             loss.backward()
             sums["loss"] += loss.item()
+        if shard:
+            sums, gaps = shard.reduce(self.params, sums, gaps)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm).item()
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             # Checked before the optimizer step: the saved policy stays the last finite one.
