@@ -150,7 +150,9 @@ def train(examples: list[dict], base: str, adapter_out: Path, work_dir: Path, se
     max_length = settings.optim.max_length
     dataset = Dataset.from_list([training_example(tokenizer, e["prompt"], e["steps"], e["targets"], max_length)
                                  for e in examples])
-    args = TrainingArguments(**common_args(settings.optim, work_dir, seed, round_index), remove_unused_columns=False)
+    args = common_args(settings.optim, work_dir, seed, round_index)
+    del args["max_length"]  # a TRL setting: transformers' TrainingArguments has none (examples are cut above)
+    args = TrainingArguments(**args, remove_unused_columns=False)
     trainer = make_trainer(Trainer, model=model, args=args, train_dataset=dataset, compute_loss_func=step_loss,
                            data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id))
     metrics = fit(trainer, {"trainer": "prm", "config": asdict(settings), "examples": examples, "base": base,
