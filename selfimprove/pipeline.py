@@ -32,6 +32,7 @@ from .console import library_logs
 from .lifecycle import RunLock, peak_memory_mib, reap_children_on_exit
 from .models import check_adapter_fits, check_chat_template, load_spec, prepare_model
 from .registry import EngineSpec, StageSpec, TaskSpec
+from .stages.common import check_weights
 from .trackers import TrackerSpec
 from .report import collect, markdown_table
 from .report_html import write_report
@@ -137,11 +138,10 @@ def _check_stages(config: PipelineConfig, where: str) -> None:
             if ref not in earlier:
                 raise ConfigError(f"{where}: {key}: refers to stage {ref!r}, which is not an earlier stage of the "
                                   f"round; earlier stages: {', '.join(earlier) or '(none)'}")
-        which = getattr(spec.config, "weights", None)
-        if which not in (None, "policy", "latest", "base") and not (
-                which in config.stages and config.stages[which].target.produces_weights):
-            raise ConfigError(f"{where}: {key}.weights: {which!r} is not policy, latest, base or a "
-                              f"weights-producing stage")
+        try:
+            check_weights(getattr(spec.config, "weights", None), config.stages)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {key}.{err}") from err
         problems = getattr(spec.config, "problems", None)
         if problems is not None and problems.split not in splits:
             raise ConfigError(f"{where}: {key}.problems.split: {problems.split!r}; task "

@@ -111,7 +111,7 @@ def test_judge_config_errors_name_the_field(tmp_path):
     base = root() / "pipelines" / "tiny_self_rewarding_judge.yaml"
     bad = {
         "stages.critique.critics=[{name: self_verify, id: judge, weights: evaluate}]": "'evaluate' is not base",
-        "stages.judge_data.weights=generate": "judge_data.weights: 'generate' is not policy, latest, base",
+        "stages.judge_data.weights=generate": "judge_data.weights: 'generate' is not base, policy, latest or a weights-producing",
         "stages.judge_data.measure.split=train": "measure.split and problems.split are both 'train'",
     }
     for override, message in bad.items():

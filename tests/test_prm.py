@@ -400,3 +400,23 @@ def _train_prm_until_killed(tiny_model: str, work: str, ready: str) -> None:
 
 if __name__ == "__main__":
     _train_prm_until_killed(*sys.argv[1:])
+
+
+def test_a_prm_adapter_is_named_only_where_process_rewards_are_read():
+    """A train_prm stage's adapter is a token-classification head: a generating stage or a yes/no judge naming it
+    is refused at load, and the prm critic must name a train_prm stage, not a language model's stage."""
+    from selfimprove.config import ConfigError
+    from selfimprove.pipeline import load_pipeline
+
+    base = Path(__file__).parent / "pipelines" / "tiny_prm.yaml"
+    load_pipeline(base, [])  # the shipped shape loads
+    bad = {
+        "stages.generate_test.weights=train_prm": "generate_test.weights: 'train_prm' is a train_prm stage",
+        "stages.critique.critics=[{name: self_verify, weights: train_prm}]": "'self_verify'.*'train_prm' is a "
+                                                                            "train_prm stage",
+        "stages.critique.critics=[{name: prm, weights: generate}]": "'generate' is not an earlier train_prm stage",
+        "stages.critique.critics=[{name: prm, weights: base}]": "'base' is not an earlier train_prm stage",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_pipeline(base, [override])

@@ -18,6 +18,7 @@ from .base import Critic, Verdict
 @CRITICS.register("prm")
 class PRMCritic(Critic):
     batched = True
+    reads_process_rewards = True  # its `weights:` must name a train_prm stage (stages/common.py check_weights)
 
     @dataclass
     class Config:

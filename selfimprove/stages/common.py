@@ -7,6 +7,35 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 
+def check_weights(which: str | None, stages: dict, prm: bool = False) -> None:
+    """`which` (a `weights:` field) names weights a language model can generate or judge with: None, base, policy,
+    latest, or one of `stages` (specs by name) that produces weights. A process reward model's adapter (a
+    train_prm stage's, `role: prm`) is a token-classification head, not a language model: only a reader of
+    process rewards (`prm=True`, which accepts nothing else) may name it."""
+    if which in (None, "base", "policy", "latest") and not prm:
+        return
+    spec = stages.get(which)
+    if spec is None or not spec.target.produces_weights:
+        raise ValueError(f"weights: {which!r} is not base, policy, latest or a weights-producing stage"
+                         if not prm else f"weights: {which!r} is not an earlier train_prm stage")
+    is_prm = getattr(spec.config, "role", None) == "prm"
+    if is_prm != prm:
+        raise ValueError(f"weights: {which!r} is a train_prm stage, whose adapter scores steps and cannot generate; "
+                         f"name a policy or judge stage, or base" if is_prm else
+                         f"weights: {which!r} is a {spec.name} stage, not a train_prm stage (a process reward model)")
+
+
+def check_critic_weights(critics: list, earlier: dict) -> None:
+    """Each critic's own `weights:` (self_verify's judge, prm's process reward model), as `check_weights` says."""
+    for critic in critics:
+        which = getattr(critic.config, "weights", None)  # (combine's `weights` is a mapping)
+        if isinstance(which, str):
+            try:
+                check_weights(which, earlier, prm=getattr(critic.target, "reads_process_rewards", False))
+            except ValueError as err:
+                raise ValueError(f"critic {critic.id!r}: {err}") from err
+
+
 @dataclass
 class ProblemSelection:
     """Training problems: `num_problems` of a split, a random subset (kept in the split's order) drawn afresh each

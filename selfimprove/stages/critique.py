@@ -25,7 +25,7 @@ from ..critics.quality import critic_quality
 from ..registry import STAGES, CriticSpec
 from ..timeouts import call_with_timeout
 from .base import Stage
-from .common import Chunking
+from .common import Chunking, check_critic_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,7 @@ class Critique(Stage):
 
     @classmethod
     def check(cls, config, earlier: dict) -> None:
-        for critic in config.critics:  # a judge with weights of its own (self_verify's `weights:`)
-            which = getattr(critic.config, "weights", None)  # (combine's `weights` is a mapping)
-            if isinstance(which, str) and which not in ("base", "policy", "latest") and not (
-                    which in earlier and earlier[which].target.produces_weights):
-                raise ValueError(f"critic {critic.id!r}: weights: {which!r} is not base, policy, latest or an "
-                                 f"earlier weights-producing stage of the round")
+        check_critic_weights(config.critics, earlier)
 
     @classmethod
     def critic_ids(cls, config) -> list[str]:

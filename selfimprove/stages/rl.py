@@ -34,7 +34,7 @@ from ..registry import STAGES, CriticSpec, ObjectiveSpec, TrainerSpec
 from ..trainers import rl_launch
 from ..trainers.launch import Launch
 from .base import Stage
-from .common import ProblemSelection
+from .common import ProblemSelection, check_critic_weights
 from .rollout import sample_chunk
 
 
@@ -252,6 +252,10 @@ class RL(Stage):
         for key in [k for k in steps[-1] if k.startswith(("kl/", "sampler_gap/"))]:
             out[f"{key}/last"] = steps[-1][key]
         return out
+
+    @classmethod
+    def check(cls, config, earlier: dict) -> None:
+        check_critic_weights([config.critic], earlier)
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
