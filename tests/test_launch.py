@@ -172,7 +172,7 @@ def test_a_failing_process_stops_the_others_and_the_error_names_stage_exit_code_
     message = str(caught.value)
     assert message.startswith("stage train (round 3): training under 2 processes failed: torchrun exited with code 1")
     assert "rank 1 (exit code 1): RuntimeError: rank 1 gives up" in message
-    assert "rank 0 (exit code -15: SIGTERM): stopped by that signal" in message  # stopped by torchrun
+    assert "rank 0 (exit code -15: SIGTERM): stopped by SIGTERM (by the launcher" in message  # stopped by torchrun
     failures = json.loads((tmp_path / "work" / "launch" / "failures.json").read_text())  # the elastic agent's record
     assert failures["1"]["exitcode"] == 1 and 'raise RuntimeError("rank 1 gives up")' in failures["1"]["traceback"]
     assert f"Full log: {tmp_path / 'stage' / 'train.log'}" in message

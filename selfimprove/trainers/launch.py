@@ -241,14 +241,22 @@ def read_or_none(path: Path) -> dict | None:
         return None
 
 
+# The launcher stops the others with SIGTERM: a SIGKILL came from elsewhere, on a CPU most often the kernel's OOM killer
+# (each process holds its own activations, so N processes need about N times one process's memory for them).
+SIGNALLED = {"SIGKILL": "killed by SIGKILL (not the launcher's signal, which is SIGTERM): if nothing else killed it, "
+                        "the kernel's out-of-memory killer (`dmesg | grep -i 'out of memory'`); a smaller trainer "
+                        "micro_batch_size or fewer processes need less memory",
+             "SIGTERM": "stopped by SIGTERM (by the launcher after another process failed, or killed)"}
+
+
 def failure(label: str, n: int, command: list[str], code: int, failures: dict | None, tail: list[str],
             log_file: Path) -> str:
     launcher = "accelerate launch" if "accelerate" in command else "torchrun"
     lines = [f"{label}: training under {n} processes failed: {launcher} exited with code {code}."]
     for rank, failure in sorted((failures or {}).items(), key=lambda item: int(item[0])):
         seen = f"exit code {failure['exitcode']}" + (f": {failure['signal']}" if failure["signal"] else "")
-        what = failure["error"] or ("stopped by that signal (by the launcher after another process failed, or "
-                                    "killed)" if failure["signal"] else "recorded no error")
+        what = failure["error"] or (SIGNALLED.get(failure["signal"], f"stopped by {failure['signal']}")
+                                    if failure["signal"] else "recorded no error")
         lines.append(f"  rank {rank} ({seen}): {what}")
     if failures is None:
         lines.append("  no process failure was recorded" + (" (every process finished, but rank 0 wrote no result)"
