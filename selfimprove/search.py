@@ -11,10 +11,12 @@ A trace is the response so far: its steps, each step that the model did not end 
 finished when the model ended the response (end of sequence, or its per-step token limit) or when it reaches
 `max_steps`. Within one parent, children with the same text are one child (a sample repeated adds nothing).
 
-Beam search (the PRM-guided step-level beam search of Snell et al., 2024, *Scaling LLM test-time compute*): each
-depth expands every open beam into E steps and keeps the `width` best of all their children by value (ties: the
-earlier child). A kept child that is finished is retired into the results and the beam narrows by one, so a
-problem ends with `width` finished traces at most, ranked by value.
+Beam search (after the PRM-guided beam search of Snell et al., 2024, *Scaling LLM test-time compute*, with
+`width` their N/M beams and E their M): each depth expands every open beam into E steps and keeps the `width`
+best of all their children by value (ties: the earlier child). A kept child that is finished is retired into the
+results and the beam narrows by one, so a problem ends with `width` finished traces at most, ranked by value.
+Deviations: the first step is sampled E times, not N; the PRM is this run's train_prm adapter on the base
+model, not theirs; finished traces are ranked by the same value that ranked them as partial traces.
 
 Tree search (ReST-MCTS*'s MCTS*, as its released code runs it), one iteration per problem per call:
 - selection: from the root, while the node has been expanded, go to the child of highest

@@ -13,6 +13,7 @@ import pytest
 import selfimprove.search as search_module
 from selfimprove.artifacts import load_rows, write_json
 from selfimprove.config import ConfigError, build
+from selfimprove.pipeline import derive_seed
 from selfimprove.records import Completion, SamplingConfig, Weights
 from selfimprove.search import Step, beam_search, results, select, tree_search
 from selfimprove.stages.common import Chunking
@@ -157,3 +158,213 @@ def test_tree_search_stops_when_no_open_leaf_is_left_and_falls_back_to_the_best_
     [root], _ = tree_search(1, expand, score, budget=2, max_steps=3, exploration=0.1, unvisited=0.8)
     [best] = results(root)  # nothing finished within the budget: the highest-valued leaf
     assert best.text == "A\nA1\n" and not best.finished and best.completion == "A\nA1"
+
+
+# -- the generate stage's `search:` setting ----------------------------------------------------------------------------
+TASK = Arithmetic(Arithmetic.Config(num_train=40, num_test=12, num_dev=12))
+NEWLINE, EOS = 10, 2
+
+
+class Tokenizer:
+    """A chat template in angle brackets; token 10 decodes to a newline, the end of sequence (2) to nothing."""
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def decode(self, ids, skip_special_tokens):
+        return "".join("\n" if i == NEWLINE else "" if i == EOS else "x" for i in ids)
+
+
+class StepEngine:
+    """Each trace (the text after <assistant>) continues with `steps[trace]`: (text, final) pairs, cycled to n;
+    a step that is not final stopped at a newline (its token ids end with one). Records every call."""
+
+    def __init__(self, steps: dict[str, list[tuple[str, bool]]]):
+        self.steps, self.calls, self.tokenizer = steps, [], Tokenizer()
+
+    def generate(self, prompts, sampling, weights, seed):
+        self.calls.append({"prompts": list(prompts), "n": sampling.n, "stop": sampling.stop, "seed": seed,
+                           "max_tokens": sampling.max_tokens})
+        out = []
+        for prompt in prompts:
+            options = self.steps[prompt.split("<assistant>", 1)[1]]
+            out.append([Completion(text, "stop", 3, [1, 1, EOS if final else NEWLINE])
+                        for text, final in (options * sampling.n)[: sampling.n]])
+        return out
+
+
+class StepPRM:
+    """P(step correct) = `table[step]`; records what it was built with and asked."""
+
+    built, table = [], {"7 + 8 = 15.": .9, "junk": .2, "The answer is 425.": .8, "The answer is 7.": .3}
+
+    def __init__(self, base, adapter, max_length, device):
+        StepPRM.built.append((base, adapter, max_length, device))
+
+    def step_scores(self, prompts, steps, batch_size):
+        return [[self.table[s] for s in st] for st in steps]
+
+    def close(self):
+        pass
+
+
+def test_to_step_tells_a_newline_from_the_end_of_the_response():
+    tok = Tokenizer()
+    assert to_step(Completion("a b", "stop", 3, [1, 1, NEWLINE]), tok) == Step("a b", False, 3, "stop")
+    assert to_step(Completion("a b", "stop", 3, [1, 1, EOS]), tok) == Step("a b", True, 3, "stop")
+    assert to_step(Completion("a b c", "length", 3, [1, 1, 1]), tok) == Step("a b c", True, 3, "length")
+    with pytest.raises(ValueError, match="token ids"):
+        to_step(Completion("a", "stop", 1), tok)
+
+
+def test_trace_values_by_hand():
+    assert trace_value([.9, .2, .8], "last") == .8 and trace_value([.9, .2, .8], "min") == .2
+    assert trace_value([.9, .5], "prod") == pytest.approx(.45)
+    assert trace_value([], "last") == 0.0 and trace_value([None, .7], "min") == .7  # cut off by max_length
+
+
+class Context:
+    def __init__(self, root, engine):
+        self.round, self.stage, self.task, self.base_model = 1, "search_test", TASK, "model"
+        self.out_dir, self._engine = root / "search_test", engine
+
+    def seed(self, *parts):
+        return derive_seed(*parts)
+
+    def engine(self):
+        return self._engine
+
+    def weights(self, which):
+        return Weights("model", "/prm/adapter") if which == "train_prm" else Weights("model")
+
+
+STEPS = {"": [("7 + 8 = 15.", False), ("junk", False)],
+         "7 + 8 = 15.\n": [("The answer is 425.", True), ("The answer is 7.", True)],
+         "junk\n": [("The answer is 7.", True)]}
+
+
+def test_the_generate_stage_searches_in_one_engine_call_per_depth_and_resumes(tmp_path, monkeypatch):
+    """Three problems in chunks of 2, beam width 2, 2 steps per trace. Per problem: depth 1 keeps "7 + 8 = 15."
+    (.9) and "junk" (.2); depth 2 has "...425." .8, "... 7." .3 under the first and "... 7." .3 under junk: the
+    2 best are 425 and the first "7." (ties keep the earlier), both finished."""
+    from selfimprove.stages.generate import Generate
+
+    monkeypatch.setattr("selfimprove.stages.search.ProcessRewardModel", StepPRM)
+    config = build(Generate.Config, {
+        "problems": {"split": "test", "num_problems": 3, "shuffle": False}, "chunking": {"size": 2},
+        "sampling": {"temperature": 1.0, "max_tokens": 5},
+        "search": {"strategy": "beam", "weights": "train_prm", "expansions": 2, "width": 2, "keep": "all_finished"},
+    }, "test")
+    engine = StepEngine(STEPS)
+    metrics = Generate(config, Context(tmp_path, engine)).run()
+    rows = load_rows(tmp_path / "search_test" / "data")
+    problems = TASK.problems("test")[:3]
+    assert [r["problem_id"] for r in rows] == [p["problem_id"] for p in problems for _ in range(2)]
+    assert [r["completion"] for r in rows[:2]] == ["7 + 8 = 15.\nThe answer is 425.", "7 + 8 = 15.\nThe answer is 7."]
+    first = rows[0]
+    assert first["finish_reason"] == "stop" and first["num_tokens"] == 6 and first["sample_id"].endswith("/0")
+    assert first["prompt"] == TASK.prompt(problems[0]) and first["token_ids"] is None
+    assert first["search"]["value"] == .8 and first["search"]["values"] == [.9, .8] and first["search"]["depth"] == 2
+    # per problem: 2 steps at the root, 2 under each of its 2 beams: 6 steps of 3 tokens
+    assert first["search"]["problem_tokens"] == 18 and first["search"]["expansions"] == 3
+    # chunk 1 (2 problems): the root call, then one call for all 4 beams; chunk 2 (1 problem): 1 + 1
+    assert [len(c["prompts"]) for c in engine.calls] == [2, 4, 1, 2]
+    assert {(c["n"], tuple(c["stop"]), c["max_tokens"]) for c in engine.calls} == {(2, ("\n",), 5)}
+    assert engine.calls[1]["prompts"][0] == Tokenizer().apply_chat_template(TASK.prompt(problems[0]), False, True) \
+        + "7 + 8 = 15.\n"
+    assert [c["seed"] for c in engine.calls] == [derive_seed("chunk", k, "call", j) for k in (0, 1) for j in (0, 1)]
+    assert first["seed"] == derive_seed("chunk", 0)
+    assert StepPRM.built[-1] == ("model", "/prm/adapter", 1024, "auto")
+    assert metrics["search/engine_calls"] == 4 and metrics["search/tokens_per_problem"] == 18
+    assert metrics["search/expansions_per_problem"] == 3 and metrics["search/finished_by_model"] == 1.0
+    assert metrics["samples"] == 6 and metrics["search/seconds_per_problem"] >= 0
+    assert Generate.report(metrics) == {"Search cost per problem": f"18 tokens, "
+                                                                  f"{metrics['search/seconds_per_problem']:.1f} s"}
+    # a rerun finds both shards: nothing is searched, the rows are the same
+    again = StepEngine({})
+    assert Generate(config, Context(tmp_path, again)).run() == metrics and again.calls == []
+    assert load_rows(tmp_path / "search_test" / "data") == rows
+
+
+def test_tree_search_keeps_the_best_finished_trace(tmp_path, monkeypatch):
+    monkeypatch.setattr("selfimprove.stages.search.ProcessRewardModel", StepPRM)
+    rows = search_problems(
+        search=build(Search, {"strategy": "tree", "weights": "train_prm", "expansions": 2, "budget": 3}, "test"),
+        engine=lambda: StepEngine(STEPS), task=TASK, problems=TASK.problems("test")[:1],
+        sampling=SamplingConfig(temperature=1.0), weights=Weights("model"),
+        prm_weights=lambda: Weights("model", "/prm/adapter"), chunking=Chunking(), shard_dir=tmp_path / "shards",
+        seed=lambda *parts: 0, round_index=1, stage="s", hint=False)
+    # 1: the root → 7+8 (.9), junk (.2); 2: 7+8 → 425 (.8), 7 (.3); 3: in 7+8, 425 (1.6) → finished: backup only
+    [row] = rows
+    assert row["completion"] == "7 + 8 = 15.\nThe answer is 425." and row["search"]["expansions"] == 2
+    assert row["search"]["strategy"] == "tree" and row["search"]["chunk_calls"] == 2
+
+
+@pytest.mark.parametrize("override, error", [
+    ("stages.search_test.search.weights=generate", "not an earlier train_prm stage"),
+    ("stages.search_test.sampling.n=2", "leave sampling.n at 1"),
+    ("stages.search_test.sampling.stop=[x]", "sampling.stop must be empty"),
+    ("stages.search_test.sampling.temperature=0", "copies of one step"),
+    ("stages.search_test.search.strategy=greedy", "is not one of"),
+    ("stages.search_test.search.width=0", "must be >= 1"),
+    ("stages.search_test.search.beams=2", "beams"),
+    ("stages.search_test.adapt.temperatures=[0.5]", "use one or the other"),
+])
+def test_config_errors_before_any_model_loads(override, error):
+    from selfimprove.pipeline import load_pipeline
+
+    with pytest.raises(ConfigError, match=error):
+        load_pipeline(Path(__file__).parent / "pipelines" / "tiny_search.yaml", [override])
+
+
+def test_the_shipped_pipeline_passes_check():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "selfimprove.cli", "run", "prm_search_arithmetic", "--check"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "ok (5 stages" in proc.stdout
+
+
+def test_the_tiny_search_pipeline_end_to_end(engine, tmp_path):
+    """generate → step_labels → train_prm → search_test (beam) → critique, and tree_test, on the tiny random model:
+    the plumbing (continuations, the PRM adapter scoring traces, the rows the critique stage grades), not the
+    search's quality. The random model's steps are mostly cut at the 6-token limit (ending the trace), so the
+    searches are shallow: the scripted tests above cover depth."""
+    from selfimprove.artifacts import read_json
+    from selfimprove.pipeline import Runner, load_pipeline
+
+    run = tmp_path / "run"
+    Runner(load_pipeline(Path(__file__).parent / "pipelines" / "tiny_search.yaml"), run, engine=engine,
+           log=lambda *_: None).run()
+    for stage, strategy in (("search_test", "beam"), ("tree_test", "tree")):
+        rows = load_rows(run / "round_001" / stage / "data")
+        metrics = read_json(run / "round_001" / stage / "manifest.json")["metrics"]
+        problems = list(dict.fromkeys(r["problem_id"] for r in rows))
+        assert len(problems) == 3 and {r["search"]["strategy"] for r in rows} == {strategy}
+        assert {r["weights"]["label"] for r in rows} == {"base"}  # the PRM is never the policy
+        for r in rows:
+            s = r["search"]
+            assert 1 <= s["depth"] <= 3 and len(s["values"]) == s["depth"] and r["completion"]
+            assert all(0 < v < 1 for v in s["values"]) and s["value"] == s["values"][-1]  # a leaf: its own value
+            assert r["finish_reason"] in ("stop", "length") and 0 < r["num_tokens"] <= s["problem_tokens"]
+        for p in problems:
+            ranked = [r["search"]["value"] for r in rows if r["problem_id"] == p]
+            assert ranked == sorted(ranked, reverse=True) and (strategy == "tree" or len(ranked) == 1)
+        assert metrics["search/engine_calls"] >= (2 if strategy == "beam" else 1)  # chunks of 2 problems, or 1
+        assert metrics["search/tokens_per_problem"] == sum(r["search"]["problem_tokens"] for r in
+                                                           {r["problem_id"]: r for r in rows}.values()) / 3
+    verdicts = load_rows(run / "round_001" / "critique" / "data")
+    assert sorted(v["sample_id"] for v in verdicts) == sorted(
+        r["sample_id"] for r in load_rows(run / "round_001" / "search_test" / "data"))
+
+
+def test_the_newline_is_read_from_real_tokens(tiny_model):
+    from selfimprove.prm import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    line = tokenizer.encode("7 + 8 = 15.\n", add_special_tokens=False)
+    assert to_step(Completion("7 + 8 = 15.", "stop", len(line), line), tokenizer).final is False
+    ended = tokenizer.encode("The answer is 425.", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert to_step(Completion("The answer is 425.", "stop", len(ended), ended), tokenizer).final is True
