@@ -1,4 +1,5 @@
-"""Generate: k samples per problem from the current policy (chunked and resumable: see rollout.py).
+"""Generate: k samples per problem from the current policy (chunked and resumable: see rollout.py), or, with
+`search`, responses built step by step by PRM-guided beam or tree search (stages/search.py).
 
 With `adapt`, the stage first chooses its sampling temperature (and a selection threshold) as B-STaR does (Zeng
 et al., 2024; the README's *The B-STaR monitor*): each candidate's probe samples are judged by `adapt.critic` and
@@ -24,6 +25,7 @@ from ..registry import STAGES, CriticSpec
 from .base import Stage
 from .common import Chunking, ProblemSelection, check_critic_choice, selected, unsolved_problem_ids
 from .rollout import sample_chunk, sample_problems
+from .search import Search, check as check_search, cost_metrics, report as search_report, search_problems
 
 
 @dataclass
@@ -60,10 +62,13 @@ class Generate(Stage):
         critic: str | None = None
         chunking: Chunking = field(default_factory=Chunking)
         adapt: Adapt | None = None  # B-STaR: choose this round's temperature (and selection threshold) first
+        search: Search | None = None  # build responses by PRM-guided search instead of sampling them whole
 
         def __post_init__(self):
             if self.critic is not None and self.unsolved_in is None:
                 raise ValueError("critic: only decides which problems count as solved in `unsolved_in`; set both")
+            if self.adapt is not None and self.search is not None:
+                raise ValueError("adapt and search: B-STaR's sweep samples whole responses; use one or the other")
             if self.adapt is not None and self.sampling.n < 2:
                 raise ValueError("adapt: the balance score compares several samples per problem: sampling.n >= 2")
 
@@ -75,6 +80,8 @@ class Generate(Stage):
     def check(cls, config, earlier: dict) -> None:
         if config.unsolved_in:
             check_critic_choice(config.critic, config.unsolved_in, earlier)
+        if config.search is not None:
+            check_search(config.search, config.sampling, earlier)
 
     @classmethod
     def needs_gold(cls, config) -> bool:
@@ -89,14 +96,16 @@ class Generate(Stage):
         if c.adapt is not None:
             adapted = self._sweep(problems)
             sampling = dataclasses.replace(c.sampling, temperature=adapted["adapt/temperature"])
-        rows = sample_problems(
-            engine=ctx.engine, task=ctx.task, problems=problems, sampling=sampling, weights=ctx.weights(c.weights),
-            hint=c.hint, chunking=c.chunking, shard_dir=ctx.out_dir / "shards", seed=ctx.seed,
-            round_index=ctx.round, stage=ctx.stage,
-        )
+        common = dict(engine=ctx.engine, task=ctx.task, problems=problems, sampling=sampling,
+                      weights=ctx.weights(c.weights), hint=c.hint, chunking=c.chunking,
+                      shard_dir=ctx.out_dir / "shards", seed=ctx.seed, round_index=ctx.round, stage=ctx.stage)
+        if c.search is None:
+            rows = sample_problems(**common)
+        else:
+            rows = search_problems(**common, search=c.search, prm_weights=lambda: ctx.weights(c.search.weights))
         save_rows(rows, ctx.out_dir / "data")
         return {"problems": len(problems), "samples": len(rows), "tokens": sum(r["num_tokens"] for r in rows),
-                **adapted}
+                **adapted, **(cost_metrics(rows) if c.search is not None and rows else {})}
 
     def _sweep(self, problems: list[dict]) -> dict:
         """Each candidate temperature's probe samples, judged and scored; the best (temperature, threshold)."""
@@ -144,7 +153,7 @@ class Generate(Stage):
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
         if "adapt/temperature" not in metrics:
-            return {}
+            return search_report(metrics)
         threshold = metrics["adapt/threshold"]
         return {"B-STaR choice": f"T={metrics['adapt/temperature']:g}"
                                  + (f", score>={threshold:g}" if threshold is not None else "")
