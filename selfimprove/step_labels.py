@@ -44,6 +44,16 @@ def step_prefixes(steps: list[str]) -> list[str]:
     return ["\n".join(steps[: i + 1]) + "\n" for i in range(len(steps))]
 
 
+def chat_tokenizer(engine, base: str):
+    """The chat template's tokenizer: the engine's own where it exposes one, else the base model's."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    return tokenizer
+
+
 def chat_continuation(tokenizer) -> Callable[[Prompt, str], str]:
     """`continuation(prompt, prefix)`: a raw text prompt that continues the assistant's reply `prefix` to the
     chat `prompt` (rendered by `tokenizer`'s chat template with the generation prompt); a text prompt is just

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import selfimprove.search as search_module
-from selfimprove.artifacts import load_rows, write_json
+from selfimprove.artifacts import load_rows
 from selfimprove.config import ConfigError, build
 from selfimprove.pipeline import derive_seed
 from selfimprove.records import Completion, SamplingConfig, Weights

@@ -31,11 +31,9 @@ from ..artifacts import load_rows, save_rows
 from ..prm import Aggregate, ProcessRewardModel, aggregate
 from ..records import Completion, SamplingConfig, Weights
 from ..search import Step, beam_search, results, tree_search
-from ..step_labels import chat_continuation
+from ..step_labels import chat_continuation, chat_tokenizer
 from ..trainers.common import Optimization
-from .common import Chunking
-from .prm import TrainPRM
-from .step_labels import _tokenizer
+from .common import Chunking, check_weights
 
 
 @dataclass
@@ -45,7 +43,7 @@ class Search:
     strategy: Literal["beam", "tree"]
     weights: str  # the train_prm stage (earlier in the round) whose PRM values the traces
     expansions: int = 4  # E: steps sampled for each expanded trace
-    max_steps: int = 16  # a trace is finished at this many steps
+    max_steps: int = 16  # a trace is finished at this many steps (blank lines count: a run of them ends too)
     value: Aggregate = "last"  # a trace's value from its steps' P(correct)
     keep: Literal["best", "all_finished"] = "best"  # rows per problem: the best finished trace, or all, ranked
     width: int = 4  # beam: traces kept per depth
@@ -65,9 +63,10 @@ class Search:
 
 def check(search: Search, sampling: SamplingConfig, earlier: dict) -> None:
     """Config-time checks of a generate stage's `search` against its sampling and the round's earlier stages."""
-    spec = earlier.get(search.weights)
-    if spec is None or spec.target is not TrainPRM:
-        raise ValueError(f"search.weights: {search.weights!r} is not an earlier train_prm stage of the round")
+    try:
+        check_weights(search.weights, earlier, prm=True)
+    except ValueError as err:
+        raise ValueError(f"search.{err}") from err
     if sampling.n != 1:
         raise ValueError("search: search.expansions sets the samples per step and keep the rows per problem; "
                          "leave sampling.n at 1")
@@ -156,7 +155,7 @@ def search_problems(*, search: Search, engine: Callable, task, problems: list[di
                 if which.adapter is None:
                     raise ValueError(f"search.weights: {search.weights!r} gave the base model: no train_prm stage "
                                      f"has finished")
-                tokenizer = _tokenizer(engine(), weights.base)
+                tokenizer = chat_tokenizer(engine(), weights.base)
                 prm = ProcessRewardModel(which.base, which.adapter, search.max_length, search.device)
             chunk_rows = search_chunk(search=search, engine=engine(), prm=prm, tokenizer=tokenizer, task=task,
                                       problems=part, sampling=sampling, weights=weights,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..artifacts import load_rows, save_rows
 from ..records import SamplingConfig
 from ..registry import STAGES
-from ..step_labels import chat_continuation, mc_step_labels, oracle_agreement
+from ..step_labels import chat_continuation, chat_tokenizer, mc_step_labels, oracle_agreement
 from .base import Stage
 from .common import Chunking
 
@@ -60,7 +60,7 @@ class StepLabels(Stage):
                 continue
             if engine is None:
                 engine = ctx.engine()
-                continuation = chat_continuation(_tokenizer(engine, weights.base))
+                continuation = chat_continuation(chat_tokenizer(engine, weights.base))
             wanted = set(problem_ids)
             chunk = mc_step_labels(engine, ctx.task, [s for s in samples if s["problem_id"] in wanted], c.rollouts,
                                    c.sampling, weights, ctx.seed("rollouts", k), continuation)
@@ -76,13 +76,3 @@ class StepLabels(Stage):
     def report(cls, metrics: dict) -> dict[str, str]:
         k = max((int(key.split("@")[1]) for key in metrics if key.startswith("agreement/hard@")), default=None)
         return {} if k is None else {f"MC label agreement (K={k})": f"{metrics[f'agreement/hard@{k}']:.3f}"}
-
-
-def _tokenizer(engine, base: str):
-    """The chat template's tokenizer: the engine's own where it exposes one, else the base model's."""
-    tokenizer = getattr(engine, "tokenizer", None)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    return tokenizer
