@@ -55,6 +55,10 @@ def load_tokenizer(base: str):
     return tokenizer
 
 
+# Tokens per response a PRM trains on by default (optim.max_length), and what its readers score at most by default.
+MAX_LENGTH = Optimization.max_length
+
+
 def encode(tokenizer, prompt, steps: list[str], max_length: int) -> tuple[list[int], list[int | None]]:
     """Token ids of prompt + steps, and per step the index of its last token (None where truncation cut it off).
 

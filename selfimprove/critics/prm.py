@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..prm import Aggregate, ProcessRewardModel, aggregate
+from ..prm import MAX_LENGTH, Aggregate, ProcessRewardModel, aggregate
 from ..registry import CRITICS
-from ..trainers.common import Optimization
 from .base import Critic, Verdict
 
 
@@ -26,7 +25,7 @@ class PRMCritic(Critic):
         aggregate: Aggregate = "min"
         threshold: float | None = 0.5  # label = score >= threshold; None: scores only
         batch_size: int = 8
-        max_length: int = Optimization.max_length  # tokens per response, at most: by default what it trained on
+        max_length: int = MAX_LENGTH  # tokens per response, at most: by default what it trained on
         device: str = "auto"  # "auto" = cuda when available, else cpu
 
     def __init__(self, config: "PRMCritic.Config", context):

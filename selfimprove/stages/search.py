@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ..artifacts import load_rows, save_rows
-from ..prm import Aggregate, ProcessRewardModel, aggregate
+from ..prm import MAX_LENGTH, Aggregate, ProcessRewardModel, aggregate
 from ..records import Completion, SamplingConfig, Weights
 from ..search import Step, beam_search, results, tree_search
 from ..step_labels import chat_continuation, chat_tokenizer
-from ..trainers.common import Optimization
 from .common import Chunking, check_weights
 
 
@@ -51,7 +50,7 @@ class Search:
     exploration: float = 0.5  # tree: the UCT constant
     unvisited: float = 0.8  # tree: selection bonus of a never-visited child (ReST-MCTS*'s `inf`)
     batch_size: int = 16  # traces per PRM forward pass
-    max_length: int = Optimization.max_length  # PRM input tokens, at most: by default what it trained on
+    max_length: int = MAX_LENGTH  # PRM input tokens, at most: by default what it trained on
     device: str = "auto"  # the PRM's: "auto" = cuda when available, else cpu
 
     def __post_init__(self):
