@@ -6,11 +6,7 @@ placement, fitting and resuming; the step-label stage and the PRM pipeline on it
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ from selfimprove.step_labels import chat_continuation, mc_step_labels, oracle_ag
 from selfimprove.records import SamplingConfig
 from selfimprove.tasks.arithmetic import Arithmetic, scratchpad
 from selfimprove.tasks.gsm8k import GSM8K
+from tests.kill_in_step import hang_in_step, kill_in_step
 
 TASK = Arithmetic(Arithmetic.Config(num_train=40, num_test=12, num_dev=12))
 # 157 + 268: 7 + 8 = 15 (write 5, carry 1); 5 + 6 + 1 = 12 (write 2, carry 1); 1 + 2 + 1 = 4; 425.
@@ -297,18 +294,7 @@ def test_a_killed_prm_training_resumes_to_the_same_adapter(tiny_model, tmp_path)
     killed = tmp_path / "killed" / "work"
     killed.mkdir(parents=True)
     ready, log = tmp_path / "killed" / "ready", tmp_path / "killed" / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.test_prm", tiny_model, str(killed), str(ready)],
-                                cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while not ready.exists():
-            assert proc.poll() is None, f"the training process ended before step 5:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, "the training process never reached step 5"
-            time.sleep(0.1)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_in_step("tests.test_prm", [tiny_model, str(killed)], ready, log)
     assert not (tmp_path / "killed" / "adapter").exists()
     resumed = _train_prm(tiny_model, killed)
     assert full["resumed_from_step"] == 0 and resumed["resumed_from_step"] == 4 and resumed["steps"] == 5
@@ -382,26 +368,6 @@ def test_the_tiny_prm_pipeline_end_to_end(engine, tmp_path):
     assert sum(v["error"] is None for v in verdicts) > 0
 
 
-def _train_prm_until_killed(tiny_model: str, work: str, ready: str) -> None:
-    """The child process of the resume test: the same training, hanging in step 5 until it is killed."""
-    from transformers import Trainer
-
-    original = Trainer.training_step
-
-    def hang_in_step_5(self, *args, **kwargs):
-        if self.state.global_step == 4:  # steps 1-4 done, checkpoint-4 written
-            Path(ready).touch()
-            time.sleep(600)
-        return original(self, *args, **kwargs)
-
-    Trainer.training_step = hang_in_step_5
-    _train_prm(tiny_model, Path(work))
-
-
-if __name__ == "__main__":
-    _train_prm_until_killed(*sys.argv[1:])
-
-
 def test_a_prm_adapter_is_named_only_where_process_rewards_are_read():
     """A train_prm stage's adapter is a token-classification head: a generating stage or a yes/no judge naming it
     is refused at load, and the prm critic must name a train_prm stage, not a language model's stage."""
@@ -420,3 +386,9 @@ def test_a_prm_adapter_is_named_only_where_process_rewards_are_read():
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):
             load_pipeline(base, [override])
+
+
+if __name__ == "__main__":  # the child process of the resume test: the same training, killed in step 5
+    tiny_model, work, ready = sys.argv[1:]
+    hang_in_step(ready)
+    _train_prm(tiny_model, Path(work))

@@ -10,12 +10,8 @@ dropout on so that a wrongly restored RNG state would show.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,8 +21,8 @@ from selfimprove.trainers.common import (COMPLETE, LoraSettings, Optimization, T
                                          resume_point)
 from selfimprove.trainers.dpo import DPO
 from selfimprove.trainers.sft import SFT
+from tests.kill_in_step import hang_in_step, kill_in_step
 
-REPO = Path(__file__).resolve().parents[1]
 
 ROWS = [{"prompt": [{"role": "user", "content": f"{a} + {a + 1} = ?"}],
          "completion": [{"role": "assistant", "content": f"It is {2 * a + 1}."}]} for a in range(6)]
@@ -96,18 +92,7 @@ def sft_runs(tiny_model, tmp_path_factory) -> SimpleNamespace:
     killed = root / "killed" / "work"
     ready, log = root / "killed" / "ready", root / "killed" / "log"
     killed.mkdir(parents=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.test_train_resume", tiny_model, str(killed), str(ready)],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while not ready.exists():
-            assert proc.poll() is None, f"the training process ended before step 5:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, "the training process never reached step 5"
-            time.sleep(0.1)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_in_step("tests.test_train_resume", [tiny_model, str(killed)], ready, log)
     assert complete_checkpoints(killed) == ["checkpoint-2", "checkpoint-4"]
     assert not (root / "killed" / "adapter").exists()
     return SimpleNamespace(full=root / "full", killed=killed)
@@ -220,21 +205,7 @@ def test_a_nan_loss_stops_training_before_it_reaches_the_adapter(tiny_model, tmp
     assert all(torch.isfinite(t).all() for t in tensors(tmp_path / "work" / "checkpoint-1").values())
 
 
-def _train_until_killed(tiny_model: str, work: str, ready: str) -> None:
-    """The child process of `sft_runs`: the same SFT training, hanging in step 5 until it is killed."""
-    from transformers import Trainer
-
-    original = Trainer.training_step
-
-    def hang_in_step_5(self, *args, **kwargs):
-        if self.state.global_step == 4:  # steps 1-4 done, checkpoint-4 written
-            Path(ready).touch()
-            time.sleep(600)
-        return original(self, *args, **kwargs)
-
-    Trainer.training_step = hang_in_step_5
+if __name__ == "__main__":  # the child process of `sft_runs`: the same SFT training, killed in step 5
+    tiny_model, work, ready = sys.argv[1:]
+    hang_in_step(ready)
     train_sft(tiny_model, Path(work), Path(work).parent / "adapter")
-
-
-if __name__ == "__main__":
-    _train_until_killed(*sys.argv[1:])
