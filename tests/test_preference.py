@@ -9,6 +9,8 @@ import pytest
 from selfimprove.artifacts import load_rows, read_json, save_rows
 from selfimprove.pipeline import Runner, load_pipeline
 from selfimprove.shipped import root
+from selfimprove.stages.common import ProblemSelection
+from selfimprove.stages.gold import GoldData
 from selfimprove.stages.pairs import Pairs, SpinPairs, build_pairs
 from selfimprove.tasks.arithmetic import Arithmetic
 
@@ -157,3 +159,50 @@ def test_iterative_dpo_round_changes_and_serves_the_adapter(engine, tmp_path):
     tensors = load_file(Path(w1["adapter"]) / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in tensors.items())  # B starts at zero: it moved
     assert read_json(run / "round_002" / "evaluate" / "manifest.json")["metrics"]["weights"] == "round_002/train"
+
+
+def test_gold_data_rows_are_the_tasks_worked_solutions(tmp_path):
+    task = Arithmetic(Arithmetic.Config(num_train=20, num_test=3))
+    out = tmp_path / "gold_data"
+    out.mkdir()
+    ctx = SimpleNamespace(task=task, out_dir=out, round=1, stage="gold_data", seed=lambda *_: 0)
+    config = GoldData.Config(problems=ProblemSelection(num_problems=3, shuffle=False))
+    assert GoldData(config, ctx).run() == {"examples": 3, "without_gold": 0}
+    first = task.problems("train")[:3]
+    rows = load_rows(out / "data")
+    assert [r["problem_id"] for r in rows] == [p["problem_id"] for p in first]
+    # e.g. "17 + 25": the scratchpad worked column by column, ending in "The answer is 42."
+    assert [r["completion"] for r in rows] == [[{"role": "assistant", "content": p["solution"]}] for p in first]
+    assert rows[0]["completion"][0]["content"].endswith(f"The answer is {first[0]['answer']}.")
+    assert rows[0]["prompt"] == task.prompt(first[0]) and rows[0]["source"] == "gold"
+
+
+def test_gold_data_refuses_a_task_without_worked_solutions(tmp_path):
+    task = SimpleNamespace(problems=lambda split: [{"problem_id": "p"}], reference_solution=lambda p: None,
+                           prompt=lambda p: "q")
+    ctx = SimpleNamespace(task=task, out_dir=tmp_path, round=1, stage="gold_data", seed=lambda *_: 0)
+    with pytest.raises(ValueError, match="has no reference solutions"):
+        GoldData(GoldData.Config(), ctx).run()
+
+
+def test_spin_starts_from_the_model_fine_tuned_on_gold(engine, tmp_path):
+    """SPIN as the paper runs it: SFT on the gold data first, then SPIN iterations from that adapter."""
+    sft = tmp_path / "sft.yaml"
+    sft.write_text("include: sft_gold_arithmetic\nmodel: tiny-random-llama\nevaluate_base: false\n"
+                   "engine: {in_process: true, max_model_len: 1024}\ntask: {num_train: 100, num_test: 12}\n"
+                   "stages:\n  gold_data: {problems: {num_problems: 8}}\n"
+                   "  train: {trainer: {lora: {r: 4, alpha: 8}, optim: {max_steps: 2, max_length: 512}}}\n"
+                   "  evaluate: {problems: {num_problems: 4}, sampling: {max_tokens: 8}}\n")
+    Runner(load_pipeline(sft), tmp_path / "sft", engine=engine, log=quiet).run()
+    adapter = tmp_path / "sft" / "round_001" / "train" / "adapter"
+    gold = load_rows(tmp_path / "sft" / "round_001" / "gold_data" / "data")
+    assert len(gold) == 8 and all(r["source"] == "gold" for r in gold)
+    spin = tmp_path / "spin"
+    Runner(load_pipeline(root() / "pipelines" / "tiny_spin.yaml", [f"adapter={adapter}", "rounds=1"]), spin,
+           engine=engine, log=quiet).run()
+    w1 = read_json(spin / "round_001" / "train" / "weights.json")
+    assert w1["init"]["adapter"] == str(adapter.resolve())  # the SFT model is where SPIN starts...
+    # ...and the opponent whose answers are rejected, from round 0's evaluation on
+    assert read_json(spin / "round_000" / "evaluate" / "manifest.json")["metrics"]["weights"] == "initial adapter"
+    assert {r["weights"]["adapter_hash"] for r in load_rows(spin / "round_001" / "generate" / "data")} == {
+        read_json(tmp_path / "sft" / "round_001" / "train" / "weights.json")["adapter_hash"]}
