@@ -320,6 +320,21 @@ class MemoryLog:
             self.last, self.last_time = mib, now
 
 
+def give_back_freed_memory() -> None:
+    """Return memory freed by a finished stage to the operating system. glibc's allocator keeps freed heap pages
+    (a training's activations and optimizer state) resident for reuse: after an SFT stage of the main job the run's
+    process stayed at ~4 GiB though the trainer was gone; `malloc_trim` gives it back (2.6 -> 0.6 GiB after a short
+    SFT, benchmarks/README.md P6). Elsewhere (another libc, macOS) only the garbage collection runs."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mib(run_dir: str | Path, since: float, until: float) -> float | None:
     """The highest summed memory the watchdog saw between two times (None when it recorded none)."""
     path = Path(run_dir) / MEMORY_FILE

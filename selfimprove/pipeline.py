@@ -29,7 +29,7 @@ from .config import ConfigError, build, flatten, to_dict
 from .yamlio import apply_overrides, load_yaml
 from .records import Weights
 from .console import library_logs
-from .lifecycle import RunLock, peak_memory_mib, reap_children_on_exit
+from .lifecycle import RunLock, give_back_freed_memory, peak_memory_mib, reap_children_on_exit
 from .models import check_adapter_fits, check_chat_template, load_spec, prepare_model
 from .registry import EngineSpec, StageSpec, TaskSpec
 from .stages.common import check_weights
@@ -255,6 +255,8 @@ class Runner:
             return
         folder.mkdir(parents=True, exist_ok=True)
         self.log(f"[round {round_index}] {name} ({spec.name}) ...")
+        if spec.target.trains_offline:
+            self._release_engine(f"[round {round_index}] {name}")
         started = time.time()
         at_start = dict(getattr(self._engine, "failover", {}))
         stage = spec.build(StageRun(self, round_index, name))
@@ -265,6 +267,8 @@ class Runner:
         except Exception as err:  # noqa: BLE001 - named, logged and re-raised for the user
             raise StageFailed(self._failure(round_index, name, spec.name, err)) from err
         seconds = time.time() - started
+        del stage
+        give_back_freed_memory()
         # A served engine's failover during this stage (servers lost, requests moved, their seconds), if any.
         failover = {k: round(v - at_start.get(k, 0), 2) for k, v in getattr(self._engine, "failover", {}).items()}
         if any(failover.values()):
@@ -328,6 +332,16 @@ class Runner:
             self.log(f"starting engine {spec.name} on {self.base_model}")
             self._engine = spec.build(self.base_model, seed=self.pipeline.config.seed)
         return self._engine
+
+    def _release_engine(self, before: str) -> None:
+        """Close the run's own engine, when it allows it, before a stage that trains without it: on CPU its
+        processes hold ~4.7 GiB (weights, KV cache) that training can use; the next stage that generates starts
+        a fresh one (benchmarks/README.md, P6)."""
+        if self._owns_engine and getattr(self._engine, "release_for_training", False):
+            self.log(f"{before}: engine stopped while it trains (a later stage that generates starts it again)")
+            self._engine.close()
+            self._engine = None
+            give_back_freed_memory()
 
     def weights(self, round_index: int, which: str, before: str) -> Weights:
         """StageContext.weights for stage `before` of round `round_index`."""

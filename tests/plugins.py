@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from selfimprove.critics import Critic, Verdict
 from selfimprove.critics.llm_judge import JudgeBackend
+from selfimprove.engines.hf_engine import HFEngine
 from selfimprove.trackers import Tracker
 
 
@@ -83,3 +84,17 @@ class RecordingTracker(Tracker):
     def _write(self, row):
         with (self.run_dir / "recorded.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class ReleasableHFEngine(HFEngine):
+    """The hf engine, releasable while a stage trains; every start and close is appended to `events`."""
+
+    release_for_training = True
+    events: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events.append("start")
+
+    def close(self) -> None:
+        self.events.append("close")

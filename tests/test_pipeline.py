@@ -183,3 +183,23 @@ def test_an_empty_selection_stops_with_the_reason_or_skips_training(engine, tmp_
     weights = read_json(tmp_path / "skip" / "round_001" / "train" / "weights.json")
     assert weights["trained"] is False and weights["adapter"] is None
     assert read_json(tmp_path / "skip" / "round_001" / "evaluate" / "manifest.json")["metrics"]["weights"] == "base"
+
+
+def test_the_engine_is_stopped_while_a_stage_trains_and_started_again_after(tmp_path):
+    """An engine that allows it is closed before the train stage (its memory goes to training) and a fresh one
+    serves the next stage that generates; rerunning the finished run starts none."""
+    from tests.plugins import ReleasableHFEngine
+
+    ReleasableHFEngine.events.clear()
+    lines = []
+    pipeline = load_pipeline(TINY_STAR, ["rounds=1", "evaluate_base=false", "engine={name: 'tests.plugins:ReleasableHFEngine'}",
+                                         "stages.generate.problems.num_problems=4", "stages.evaluate.problems.num_problems=2"])
+    Runner(pipeline, tmp_path / "run", log=lines.append).run()
+    # generate starts it, rationalize reuses it, train closes it, evaluate starts another
+    assert ReleasableHFEngine.events == ["start", "close", "start", "close"]
+    at = {key: next(i for i, line in enumerate(lines) if key in line)
+          for key in ("train (train) ...", "train: engine stopped", "train_seconds=", "evaluate (evaluate) ...")}
+    assert at["train (train) ..."] < at["train: engine stopped"] < at["train_seconds="] < at["evaluate (evaluate) ..."]
+    assert sum("starting engine" in line for line in lines) == 2
+    ev = read_json(tmp_path / "run" / "round_001" / "evaluate" / "manifest.json")["metrics"]
+    assert ev["weights"] == "round_001/train"  # the fresh engine serves the trained adapter

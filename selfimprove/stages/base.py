@@ -45,6 +45,9 @@ class StageContext(Protocol):
 class Stage:
     produces_weights = False
     evaluates = False  # it only measures weights: round 0 (the base model's evaluation) runs exactly these stages
+    # It trains without sampling: the runner may stop an engine that allows it (`release_for_training`) for the
+    # stage, to free the engine's memory, and the next stage that generates starts a fresh one.
+    trains_offline = False
     outputs: tuple[str, ...] = ("data",)
     Config: type
 

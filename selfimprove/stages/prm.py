@@ -43,6 +43,7 @@ from .train import NothingToTrain
 @STAGES.register("train_prm")
 class TrainPRM(Stage):
     produces_weights = True
+    trains_offline = True
     outputs = ("adapter", "weights.json", "held_out")
 
     @dataclass

@@ -34,6 +34,7 @@ class NothingToTrain(RuntimeError):
 @STAGES.register("train")
 class Train(Stage):
     produces_weights = True
+    trains_offline = True
     outputs = ("adapter", "weights.json")
 
     @dataclass
