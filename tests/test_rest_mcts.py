@@ -1,19 +1,25 @@
-"""ReST-MCTS*'s loop: train_prm's `init: previous` continues the previous round's PRM (its weights bit for bit
-at learning rate 0, its fit as the first loss, its lineage in weights.json) and resumes only checkpoints of the
-same start."""
+"""ReST-MCTS*'s loop (pipelines/rest_mcts_arithmetic.yaml): train_prm's `init: previous` continues the previous
+round's PRM (its weights bit for bit at learning rate 0, its fit as the first loss, its lineage in weights.json),
+resumes only checkpoints of the same start; the shipped pipeline passes --check; the tiny loop runs both rounds
+end to end on the tiny random model, and a redone round-2 train_prm continues the same adapter again."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from selfimprove.artifacts import read_json, save_rows
+import pytest
+
+from selfimprove.artifacts import load_rows, read_json, save_rows
 from selfimprove.config import build
 from selfimprove.pipeline import derive_seed
 from selfimprove.records import Weights
 from selfimprove.stages.prm import TrainPRM
 from tests.test_prm import PRM_EXAMPLES, prm_settings
 
+REPO = Path(__file__).resolve().parents[1]
 
 
 def adapter_tensors(folder: Path) -> dict:
@@ -128,3 +134,64 @@ def test_a_continued_training_resumes_only_its_own_start(tiny_model, tmp_path):
     shutil.rmtree(tmp_path / "a")
     shutil.copytree(tmp_path / "fresh", tmp_path / "a")  # the same path, another adapter
     assert fit("changed", tmp_path / "a")["resumed_from_step"] == 0
+
+
+def test_the_shipped_pipeline_passes_check():
+    proc = subprocess.run([sys.executable, "-m", "selfimprove.cli", "run", "rest_mcts_arithmetic", "--check"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok (8 stages x 2 rounds)" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def loop_run(engine, tmp_path_factory) -> Path:
+    from selfimprove.pipeline import Runner, load_pipeline
+
+    run = tmp_path_factory.mktemp("rest_mcts") / "run"
+    Runner(load_pipeline(REPO / "tests" / "pipelines" / "tiny_rest_mcts.yaml"), run, engine=engine,
+           log=lambda *_: None).run()
+    return run
+
+
+def test_the_tiny_loop_end_to_end(loop_run):
+    """Two rounds of generate → step_labels → train_prm → search_train → critique → filter → train → evaluate on
+    the tiny random model: each round's search runs with the round's policy and PRM, the PRM continues round 1's,
+    the policy trains from the base on that round's searched traces, and evaluate reads the round's policy."""
+    def stage(r: int, name: str) -> Path:
+        return loop_run / f"round_{r:03d}" / name
+
+    assert sorted(p.name for p in (loop_run / "round_000").iterdir()) == ["evaluate"]
+    prm1, prm2 = (read_json(stage(r, "train_prm") / "weights.json") for r in (1, 2))
+    assert prm1["init"]["label"] == "base" and prm1["init"]["adapter"] is None
+    assert prm2["init"] == {k: prm1[k] for k in ("base", "adapter", "label", "adapter_hash")}
+    assert prm2["adapter_hash"] != prm1["adapter_hash"]  # and it trained on
+    for r, policy in ((1, "base"), (2, "round_001/train")):
+        for name in ("generate", "search_train"):
+            assert {row["weights"]["label"] for row in load_rows(stage(r, name) / "data")} == {policy}, (r, name)
+        searched = load_rows(stage(r, "search_train") / "data")
+        assert {row["search"]["strategy"] for row in searched} == {"tree"}
+        assert len({row["problem_id"] for row in searched}) == 3
+        verdicts = load_rows(stage(r, "critique") / "data")
+        assert sorted(v["sample_id"] for v in verdicts) == sorted(row["sample_id"] for row in searched)
+        kept = load_rows(stage(r, "filter") / "data")
+        assert kept and {i for row in kept for i in row["sample_ids"]} <= {row["sample_id"] for row in searched}
+        assert all(row["source"] == "search_train" for row in kept)
+        train = read_json(stage(r, "train") / "weights.json")
+        assert train["trained"] and train["init"]["label"] == "base"  # the policy's SFT restarts from the base
+        assert train["policy"]["label"] == policy
+    for r, weights in ((0, "base"), (1, "round_001/train"), (2, "round_002/train")):
+        assert read_json(stage(r, "evaluate") / "manifest.json")["metrics"]["weights"] == weights
+
+
+def test_a_redone_round_2_prm_continues_the_same_adapter(loop_run, engine):
+    """A round-2 train_prm run again (its manifest gone, as after a kill before it was recorded) finds round 1's
+    adapter again and, training being deterministic on CPU, ends with the same PRM."""
+    from selfimprove.pipeline import Runner, load_pipeline
+
+    folder = loop_run / "round_002" / "train_prm"
+    before = read_json(folder / "weights.json")
+    (folder / "manifest.json").unlink()
+    Runner(load_pipeline(REPO / "tests" / "pipelines" / "tiny_rest_mcts.yaml"), loop_run, engine=engine,
+           log=lambda *_: None).run()
+    after = read_json(folder / "weights.json")
+    assert after["init"] == before["init"] and after["adapter_hash"] == before["adapter_hash"]
