@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .records import adapter_hash
 from .step_labels import chat_continuation
 from .trainers.common import LoraSettings, Optimization, common_args, fit, make_trainer
 
@@ -85,9 +86,10 @@ def training_example(tokenizer, prompt, steps: list[str], targets: list[float], 
     return {"input_ids": ids, "labels": labels}
 
 
-def load_model(base: str, pad_token_id: int, adapter: str | None = None, lora: LoraSettings | None = None):
-    """The PRM: base + one-logit token-classification head, with the trained `adapter` (frozen) or a fresh LoRA
-    adapter from `lora` (trainable, head included)."""
+def load_model(base: str, pad_token_id: int, adapter: str | None = None, lora: LoraSettings | None = None,
+               trainable: bool = False):
+    """The PRM: base + one-logit token-classification head, with the trained `adapter` (frozen, or `trainable`
+    to continue training it, head included) or a fresh LoRA adapter from `lora` (trainable, head included)."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForTokenClassification
@@ -108,7 +110,7 @@ def load_model(base: str, pad_token_id: int, adapter: str | None = None, lora: L
         if task != "TOKEN_CLS":
             raise ValueError(f"{adapter} is a {task} adapter, not a process reward model's (TOKEN_CLS): name a "
                              f"train_prm stage")
-        return PeftModel.from_pretrained(model, adapter)
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                             target_modules=list(lora.target_modules), task_type="TOKEN_CLS"))
 
@@ -141,16 +143,20 @@ def step_loss(outputs, labels, num_items_in_batch=None):
 
 
 def train(examples: list[dict], base: str, adapter_out: Path, work_dir: Path, seed: int, settings: PrmTraining,
-          round_index: int = 1) -> dict:
+          round_index: int = 1, init_adapter: str | None = None) -> dict:
     """Fit a PRM adapter on `examples` ({prompt, steps, targets}: one target in [0, 1] per step) and write it to
-    `adapter_out`; resumes from the newest complete checkpoint of the same training in `work_dir`."""
+    `adapter_out`; resumes from the newest complete checkpoint of the same training in `work_dir`.
+
+    `init_adapter`: a trained PRM adapter to continue (its LoRA shape and head; `settings.lora` is then unused),
+    instead of a fresh one. Its content hash is part of what identifies the training, so checkpoints of a training
+    that started elsewhere are never resumed."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, set_seed
 
     started = time.time()
     tokenizer = load_tokenizer(base)
     set_seed(seed)  # the head and the LoRA weights are initialised here, before the Trainer seeds anything
-    model = load_model(base, tokenizer.pad_token_id, lora=settings.lora)
+    model = load_model(base, tokenizer.pad_token_id, adapter=init_adapter, lora=settings.lora, trainable=True)
     max_length = settings.optim.max_length
     dataset = Dataset.from_list([training_example(tokenizer, e["prompt"], e["steps"], e["targets"], max_length)
                                  for e in examples])
@@ -159,8 +165,9 @@ def train(examples: list[dict], base: str, adapter_out: Path, work_dir: Path, se
     args = TrainingArguments(**args, remove_unused_columns=False)
     trainer = make_trainer(Trainer, model=model, args=args, train_dataset=dataset, compute_loss_func=step_loss,
                            data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id))
+    init = {"init": init_adapter, "init_hash": adapter_hash(init_adapter)} if init_adapter else {}
     metrics = fit(trainer, {"trainer": "prm", "config": asdict(settings), "examples": examples, "base": base,
-                            "seed": seed, "round": round_index}, adapter_out, started)
+                            "seed": seed, "round": round_index, **init}, adapter_out, started)
     labelled = sum(sum(label != -100 for label in row["labels"]) for row in dataset)
     return {"examples": len(examples), "labelled_steps": labelled, **metrics}
 

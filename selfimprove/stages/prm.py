@@ -12,6 +12,13 @@ narrower than the evidence warrants. Every held-out row is kept, with its step s
 Writes `adapter/` (PEFT, TOKEN_CLS: the head inside) and `weights.json`, which the `prm` critic names with
 `weights:`. The adapter is never the policy: a PRM cannot generate, so `policy` and `latest` pass it by.
 
+`init: base` (the default) fits a fresh adapter and head every round; `init: previous` continues this same
+stage's adapter of the previous round (round 1, having none, starts fresh), so that a PRM trained each round on
+the new policy's labels keeps what it learnt from earlier rounds (ReST-MCTS*'s loop, pipelines/
+rest_mcts_arithmetic.yaml). It is found as every stage's earlier weights are (the runner's `weights`: the newest
+finished round before this one), and `weights.json` records it under `init`; the trainer's checkpoints are keyed
+on its content hash, so a resumed stage continues the same start and never another's.
+
 Deviations from Math-Shepherd's PRM:
 - Model: a LoRA adapter (plus the new head, trained in full) on the run's base model, 135M parameters by
   default, instead of fully fine-tuning a 7B-70B model.
@@ -50,6 +57,7 @@ class TrainPRM(Stage):
     class Config:
         data: str = "step_labels"  # the step_labels stage whose rows are trained on
         labels: Literal["hard", "soft"] = "hard"
+        init: Literal["base", "previous"] = "base"  # a fresh adapter, or this stage's of the previous round
         held_out: float = 0.2  # fraction of the problems kept out of training to measure the PRM on
         training: PrmTraining = field(default_factory=PrmTraining)
         eval_batch_size: int = 16  # responses per forward pass when scoring the held-out steps
@@ -80,9 +88,11 @@ class TrainPRM(Stage):
         if not examples:
             raise NothingToTrain(f"stage {ctx.stage} (round {ctx.round}): no response with steps to train on among "
                                  f"the {len(rows)} rows of stage {c.data!r} outside the held-out problems")
+        # Naming this stage itself gives its weights of the newest finished earlier round (the base in round 1).
+        start = ctx.weights(ctx.stage) if c.init == "previous" else ctx.weights("base")
         adapter_dir, work = ctx.out_dir / "adapter", ctx.out_dir / "trainer"
         metrics = train(examples, ctx.base_model, adapter_dir, work, seed=ctx.seed("train"), settings=c.training,
-                        round_index=ctx.round)
+                        round_index=ctx.round, init_adapter=start.adapter)
         tested = [r for r in rows if r["problem_id"] in held]
         prm = ProcessRewardModel(ctx.base_model, str(adapter_dir), c.training.optim.max_length)
         scores = prm.step_scores([r["prompt"] for r in tested], [r["steps"] for r in tested], c.eval_batch_size)
@@ -90,7 +100,8 @@ class TrainPRM(Stage):
         save_rows([{**r, "scores": s} for r, s in zip(tested, scores)], ctx.out_dir / "held_out")
         write_json(ctx.out_dir / "weights.json", {
             "base": ctx.base_model, "base_identity": model_identity(ctx.base_model), "adapter": str(adapter_dir),
-            "adapter_hash": adapter_hash(adapter_dir), "label": f"round_{ctx.round:03d}/{ctx.stage}", "trained": True,
+            "adapter_hash": adapter_hash(adapter_dir), "label": f"round_{ctx.round:03d}/{ctx.stage}",
+            "init": start.to_dict(), "trained": True,
         })
         shutil.rmtree(work, ignore_errors=True)  # kept until now: a kill while scoring resumes without retraining
         return {**metrics, "held_out/problems": len(held), "held_out/samples": len(tested),
