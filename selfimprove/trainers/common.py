@@ -234,14 +234,16 @@ def is_complete(folder: Path, step: int) -> bool:
         return False
 
 
-def load_policy(base_path: str, init_adapter: str | None, lora: LoraSettings):
-    """The model to train and the peft_config to hand TRL (None when the model already carries the adapter)."""
+def load_policy(base_path: str, init_adapter: str | None, lora: LoraSettings, dtype="auto"):
+    """The model to train and the peft_config to hand TRL (None when the model already carries the adapter);
+    `dtype`: the frozen base's, "auto" for the folder's."""
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    # The frozen base stays in the folder's dtype (bf16 for the embedded model: ~1.4x faster per step on this
-    # CPU than fp32); PEFT keeps the trainable adapter weights in fp32 (autocast_adapter_dtype).
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    # By default the frozen base stays in the folder's dtype (bf16 for the embedded model: on a CPU 1.30x faster
+    # per SFT step and 1.50x per RL update than float32, with a quarter less memory: benchmarks/README.md P15);
+    # PEFT keeps the trainable adapter weights in fp32 (autocast_adapter_dtype).
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if init_adapter:
         return PeftModel.from_pretrained(model, init_adapter, is_trainable=True), None
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

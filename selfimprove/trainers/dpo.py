@@ -10,6 +10,14 @@ The reference model, by `reference`:
   when it starts a fresh adapter, the previous policy is merged into a separate reference model.
   SPIN's opponent is exactly this: iteration t trains against iteration t-1.
 `loss_type` and `beta` pass through to TRL (`sigmoid` is the original logistic DPO loss, which SPIN uses too).
+
+Precision: on a CPU the policy and any separate reference are float32 (`training_dtype`), unlike SFT and the RL
+update, which train on the base in its folder's dtype (bf16 for the embedded model). A bf16 forward pass adds each
+layer's LoRA output to bf16 activations and rounds the sum back to bf16, which drops most of a young adapter's
+effect; DPO's loss is made of exactly that effect (the policy-reference log-ratio). After 6 steps bf16 read half
+the reward margin float32 read for the same adapter (benchmarks/README.md P15): the adapters still agreed (at
+small margins the loss weighs all pairs alike), but the loss and margins the stage reports, and the weighting of
+pairs once margins grow, were wrong by that much. float32 costs 1.29x per step there.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ class DPO:
         c = self.config
         started = time.time()
         tokenizer = AutoTokenizer.from_pretrained(base_path)
-        model, peft_config = load_policy(base_path, init_adapter, c.lora)
+        model, peft_config = load_policy(base_path, init_adapter, c.lora, dtype=training_dtype())
         ref_model, reference = self._reference(base_path, init_adapter, policy_adapter)
         dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
         args = DPOConfig(**common_args(c.optim, work_dir, seed, round_index), beta=c.beta,
@@ -79,11 +87,18 @@ class DPO:
         return _plain_model(base_path, policy_adapter), f"policy {policy_adapter} (merged copy)"
 
 
-def _plain_model(base_path: str, adapter: str | None):
+def training_dtype():
+    """The policy's and the reference's dtype: float32 on a CPU (the module docstring says why); on a GPU the
+    folder's, under TRL's bf16 autocast (not measured here)."""
     import torch
+
+    return "auto" if torch.cuda.is_available() else torch.float32
+
+
+def _plain_model(base_path: str, adapter: str | None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if not torch.cuda.is_available() else "auto"
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    # the policy's dtype: a reference in another precision would add their rounding difference to every margin
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=training_dtype())
     return model if adapter is None else PeftModel.from_pretrained(model, adapter).merge_and_unload()
