@@ -50,7 +50,8 @@ class PipelineConfig:
     description: str = ""
     engine: EngineSpec = field(default_factory=lambda: EngineSpec.named("vllm"))
     task: TaskSpec | None = None  # required: what the pipeline's problems are (None only to name it in the error)
-    stages: dict[str, StageSpec] = field(default_factory=dict)  # stage name → {type: ..., parameters}; run in order
+    # stage name → {type: ..., parameters}, run in order; null drops a stage an included pipeline has
+    stages: dict[str, StageSpec | None] = field(default_factory=dict)
     report_to: list[TrackerSpec] = field(default_factory=list)  # experiment trackers (trackers.py): trackio, ...
 
     def __post_init__(self):
@@ -60,6 +61,9 @@ class PipelineConfig:
             raise ValueError("rounds must be >= 0")
         if self.task is None:
             raise ValueError("task: required, e.g. `task: {name: arithmetic}` (selfimprove list names the tasks)")
+        # A variant (an including file, an override) drops a stage by nulling it: label-free data has no use for the
+        # evaluate stage of the pipeline it includes.
+        self.stages = {name: spec for name, spec in self.stages.items() if spec is not None}
         if not self.stages:
             raise ValueError("stages: a pipeline needs at least one stage")
 
@@ -146,10 +150,11 @@ def _check_stages(config: PipelineConfig, where: str) -> None:
         if problems is not None and problems.split not in splits:
             raise ConfigError(f"{where}: {key}.problems.split: {problems.split!r}; task "
                               f"{config.task.name!r} has splits {', '.join(splits)}")
-        if spec.target.needs_gold(spec.config) and not config.task.target.has_gold(config.task.config):
+        without_gold = spec.target.needs_gold(spec.config)
+        if without_gold and not config.task.target.has_gold(config.task.config):
             raise ConfigError(f"{where}: {key}: stage {spec.name!r} needs gold answers, and task "
                               f"{config.task.name!r} has none (label-free data): give the task its answer column "
-                              f"(task.columns.answer), or drop the stage")
+                              f"(task.columns.answer), or {without_gold}")
         try:
             spec.target.check(spec.config, earlier)
         except ValueError as err:

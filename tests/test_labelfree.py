@@ -79,6 +79,27 @@ def test_likelihood_per_token_and_sum_differ_as_worked_by_hand():
     assert [v.score for v in total[:3]] == [-2.0, -3.0, -2.0]  # the total prefers the short one
 
 
+class PromptLogprobEngine(LogprobEngine):
+    """choice_logprobs from a table keyed by (the prompt's last turn, the completion text)."""
+
+    def choice_logprobs(self, prompts, choices, weights):
+        self.calls.append((len(prompts), list(choices)))
+        return [{c: self.table[p[-1]["content"], c] for c in choices} for p in prompts]
+
+
+def test_likelihood_scores_each_sample_under_its_own_prompt():
+    # the same text is likely after one question and unlikely after the other: log p(y | x) of the sample's own x
+    engine = PromptLogprobEngine({("question p", "The answer is 5."): -2.0, ("question q", "The answer is 5."): -8.0,
+                                  ("question q", "The answer is 6."): -4.0})
+    batch = [sample("p", "The answer is 5.", "", 0, num_tokens=4), sample("q", "The answer is 5.", "", 0, num_tokens=4),
+             sample("q", "The answer is 6.", "", 1, num_tokens=2)]
+    verdicts = build({"name": "likelihood"}, engine).judge(batch)
+    assert [v.score for v in verdicts] == [-0.5, -2.0, -2.0]
+    assert engine.calls == [(1, ["The answer is 5."]), (1, ["The answer is 5.", "The answer is 6."])]
+    critic = build({"name": "likelihood"}, engine)
+    assert critic.stats(batch, verdicts) == {"auroc": None}  # no gold: nothing to rank against
+
+
 def test_likelihood_auroc_against_gold():
     engine = LogprobEngine({"The answer is 5.": -1.0, "The answer is 6.": -4.0, "The answer is 7.": -2.0})
     batch = [sample("p", t, "5", k, num_tokens=1) for k, t in

@@ -11,6 +11,8 @@ from .base import Critic, Verdict
 
 @CRITICS.register("answer")
 class AnswerCritic(Critic):
+    reads_gold = True  # refused on label-free data at config load (stages.base.gold_critics)
+
     @dataclass
     class Config:
         mode: Literal["strict", "flexible"] = "strict"  # strict: the task's answer format is required

@@ -68,11 +68,19 @@ class Stage:
         """Checks against the round's earlier stages (`earlier`: name → registry.StageSpec) at config load."""
 
     @classmethod
-    def needs_gold(cls, config) -> bool:
-        """Whether the stage reads gold answers or solutions (refused on label-free data at config load)."""
-        return cls.evaluates
+    def needs_gold(cls, config) -> str | None:
+        """None when the stage reads no gold answers or solutions; else how to do without them. On label-free data
+        the stage is refused at config load, and the error offers this after "give the task its answer column, or"."""
+        return "drop the stage (set it to null), which grades against gold" if cls.evaluates else None
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:
         """Cells this stage adds to its round's row of the run report, from its metrics."""
         return {}
+
+
+def gold_critics(critics) -> str | None:
+    """The ids of the critics among `critics` (CriticSpecs) that grade against gold answers, quoted, or None: a
+    stage built on them reads gold (`needs_gold`). A critic class says so with `reads_gold = True`."""
+    ids = [repr(critic.id) for critic in critics if getattr(critic.target, "reads_gold", False)]
+    return ", ".join(ids) or None

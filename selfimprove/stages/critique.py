@@ -24,7 +24,7 @@ from ..critics.calls import CriticCalls, check_error_budget, judge_all
 from ..critics.quality import critic_quality
 from ..registry import STAGES, CriticSpec
 from ..timeouts import call_with_timeout
-from .base import Stage
+from .base import Stage, gold_critics
 from .common import Chunking, check_critic_weights
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,14 @@ class Critique(Stage):
     @classmethod
     def check(cls, config, earlier: dict) -> None:
         check_critic_weights(config.critics, earlier)
+
+    @classmethod
+    def needs_gold(cls, config) -> str | None:
+        ids = gold_critics(config.critics)
+        if ids:
+            return (f"take critic {ids} out of critics: (it grades against gold), leaving label-free ones (majority, "
+                    f"likelihood, self_verify, ...)")
+        return None
 
     @classmethod
     def critic_ids(cls, config) -> list[str]:

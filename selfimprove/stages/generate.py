@@ -22,7 +22,7 @@ from ..critics.calls import CriticCalls, judge_all
 from ..monitor import N_STAR, choose_setting, exploitation
 from ..records import SamplingConfig
 from ..registry import STAGES, CriticSpec
-from .base import Stage
+from .base import Stage, gold_critics
 from .common import Chunking, ProblemSelection, check_critic_choice, selected, unsolved_problem_ids
 from .rollout import sample_chunk, sample_problems
 from .search import Search, check as check_search, cost_metrics, report as search_report, search_problems
@@ -84,8 +84,13 @@ class Generate(Stage):
             check_search(config.search, config.sampling, earlier)
 
     @classmethod
-    def needs_gold(cls, config) -> bool:
-        return config.hint  # the hint shows the gold answer
+    def needs_gold(cls, config) -> str | None:
+        if config.hint:
+            return "set hint: false (the hint shows the gold answer)"
+        if config.adapt is not None and gold_critics([config.adapt.critic]):
+            return (f"give adapt a label-free critic (adapt.critic: majority, ...): critic {config.adapt.critic.id!r} "
+                    f"grades against gold")
+        return None
 
     outputs = ("data", "sweep.json")
 

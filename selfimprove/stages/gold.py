@@ -28,8 +28,8 @@ class GoldData(Stage):
         problems: ProblemSelection = field(default_factory=ProblemSelection)
 
     @classmethod
-    def needs_gold(cls, config) -> bool:
-        return True
+    def needs_gold(cls, config) -> str | None:
+        return "drop the stage (set it to null), which trains on the task's worked solutions"
 
     def run(self) -> dict:
         ctx = self.ctx

@@ -33,7 +33,7 @@ from ..records import Rollout, SamplingConfig, Weights, adapter_hash
 from ..registry import STAGES, CriticSpec, ObjectiveSpec, TrainerSpec
 from ..trainers import rl_launch
 from ..trainers.launch import Launch
-from .base import Stage
+from .base import Stage, gold_critics
 from .common import ProblemSelection, check_critic_weights
 from .rollout import sample_chunk
 
@@ -256,6 +256,13 @@ class RL(Stage):
     @classmethod
     def check(cls, config, earlier: dict) -> None:
         check_critic_weights([config.critic], earlier)
+
+    @classmethod
+    def needs_gold(cls, config) -> str | None:
+        if gold_critics([config.critic]):
+            return (f"reward with a label-free critic (critic: majority, or likelihood): critic {config.critic.id!r} "
+                    f"grades against gold")
+        return None
 
     @classmethod
     def report(cls, metrics: dict) -> dict[str, str]:

@@ -45,8 +45,8 @@ class StepLabels(Stage):
         return [config.samples]
 
     @classmethod
-    def needs_gold(cls, config) -> bool:
-        return True  # rollouts are graded against the gold answer
+    def needs_gold(cls, config) -> str | None:
+        return "drop the stage (set it to null), whose rollouts are graded against the gold answer"
 
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
