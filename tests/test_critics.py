@@ -71,6 +71,8 @@ def test_majority_vote_gsm8k():
     assert [(v.label, v.score) for v in out[5:7]] == [(False, 0.0), (False, 0.0)]
     assert [v.label for v in out[7:]] == [True, False]  # a tie goes to the answer seen first
     assert not any(v.label for v in judge({"name": "majority", "min_share": 0.5}, samples[:5]))
+    # TTRL's reward: 1 for agreeing with the majority (5, which "5.0" is), 0 otherwise
+    assert [v.score for v in judge({"name": "majority", "score": "agreement"}, samples)] == [1, 1, 0, 0, 0, 0, 0, 1, 0]
 
 
 def test_majority_vote_math_equivalent_answers():

@@ -122,7 +122,7 @@ def test_a_stage_still_asking_for_gold_is_refused_naming_the_stage_and_the_fix(d
 
 # -- end to end on the tiny model ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("shipped, questions", [("ttrl_arithmetic", TRAIN), ("ttrl_arithmetic_testtime", TEST)])
-def test_ttrl_on_unlabelled_data_rewards_the_vote_share_and_logs_no_gold_metric(shipped, questions, engine, data,
+def test_ttrl_on_unlabelled_data_rewards_agreement_with_the_vote_and_logs_no_gold_metric(shipped, questions, engine, data,
                                                                                 tmp_path):
     runner, done = run(data, tmp_path, shipped, TINY_RL, engine)
     assert done == {(1, "rl")}  # no evaluating stage: round 0 runs nothing
@@ -132,11 +132,13 @@ def test_ttrl_on_unlabelled_data_rewards_the_vote_share_and_logs_no_gold_metric(
         rows = load_rows(rl / "versions" / f"{step:05d}" / "rollouts")
         assert no_gold(rows) and {r["question"] for r in rows} <= set(questions)
         assert set(Counter(r["problem_id"] for r in rows).values()) == {4}  # a group of 4 samples per problem
-        # each sample's reward is its own answer's share of its problem's votes (0 without an answer)
+        # each sample's reward is 1 when its answer is its problem's most voted one (the first seen of equal
+        # counts), else 0 (TTRL's reward)
         answers = [runner.task.grade(r, r["completion"]).answer for r in rows]
         votes = {pid: Counter(a for r, a in zip(rows, answers) if r["problem_id"] == pid and a is not None)
                  for pid in {r["problem_id"] for r in rows}}
-        assert [r["scores"] for r in rows] == [[votes[r["problem_id"]][a] / 4 if a is not None else 0.0]
+        winner = {pid: max(v, key=v.get) if v else None for pid, v in votes.items()}
+        assert [r["scores"] for r in rows] == [[float(a is not None and a == winner[r["problem_id"]])]
                                                for r, a in zip(rows, answers)]
         winners = [max(v.values(), default=0) / 4 for v in votes.values()]
         assert metrics["majority/majority_ratio"] == pytest.approx(sum(winners) / len(winners))

@@ -3,8 +3,10 @@
 Per problem, each sample's answer is what the task extracts (`task.grade(...).answer`); the most common one
 becomes the pseudo-label (ties go to the answer seen first, as in the evaluate stage's maj@k). A sample is
 labelled correct when the task's own grader accepts it against the pseudo-label, so equivalent answers written
-differently ("0.5" and "\\frac{1}{2}") agree even though the vote counts distinct strings. Its score is its
-own answer's vote share: the majority's share for the majority, less for minority answers, 0 without an answer.
+differently ("0.5" and "\\frac{1}{2}") agree even though the vote counts distinct strings. Its score, with
+`score: share` (the default), is its own answer's vote share: the majority's share for the majority, less for
+minority answers, 0 without an answer. With `score: agreement` it is 1 when the sample is labelled correct and 0
+otherwise: TTRL's reward (agreement with the majority), which pipelines/ttrl_arithmetic.yaml uses.
 The gold answer is never read for a verdict.
 
 `stats` reports what TTRL (Zuo et al., 2025) logs per RL step, and warns when the winning vote share stays high
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 from ..registry import CRITICS
 from .base import Critic, Verdict
@@ -31,6 +34,7 @@ class MajorityCritic(Critic):
     @dataclass
     class Config:
         min_share: float = 0.0  # label nothing correct unless the winning answer has at least this vote share
+        score: Literal["share", "agreement"] = "share"  # the sample's vote share, or 1/0 agreement (TTRL's reward)
         saturation: float = 0.95  # warn when the mean winning vote share stays at least this ...
         saturation_steps: int = 3  # ... for this many batches (rl steps) in a row
 
@@ -58,9 +62,11 @@ class MajorityCritic(Critic):
             confident = best / total >= self.config.min_share
             for i, mine in zip(indices, answers):
                 agrees = mine is not None and _agrees(task.grade({**samples[i], "answer": winner}, samples[i]["completion"]))
+                label = bool(agrees and confident)
+                share = votes[mine] / total if mine is not None else 0.0
                 verdicts[i] = Verdict(
-                    score=votes[mine] / total if mine is not None else 0.0,
-                    label=bool(agrees and confident),
+                    score=float(label) if self.config.score == "agreement" else share,
+                    label=label,
                     rationale=f"answer {mine!r}; pseudo-label {winner!r} with {best}/{total} votes",
                 )
         return verdicts
