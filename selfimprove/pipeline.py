@@ -150,11 +150,11 @@ def _check_stages(config: PipelineConfig, where: str) -> None:
         if problems is not None and problems.split not in splits:
             raise ConfigError(f"{where}: {key}.problems.split: {problems.split!r}; task "
                               f"{config.task.name!r} has splits {', '.join(splits)}")
-        without_gold = spec.target.needs_gold(spec.config)
-        if without_gold and not config.task.target.has_gold(config.task.config):
+        fix = spec.target.needs_gold(spec.config)  # None: the stage reads no gold
+        if fix and not config.task.target.has_gold(config.task.config):
             raise ConfigError(f"{where}: {key}: stage {spec.name!r} needs gold answers, and task "
                               f"{config.task.name!r} has none (label-free data): give the task its answer column "
-                              f"(task.columns.answer), or {without_gold}")
+                              f"(task.columns.answer), or {fix}")
         try:
             spec.target.check(spec.config, earlier)
         except ValueError as err:
