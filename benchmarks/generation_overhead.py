@@ -5,7 +5,7 @@ engine, measured side by side in one process (rows P1, P2, P3 and P7 of benchmar
         [--max-tokens 128] [--hf-problems 64] [--lora] [--out FILE]
 
 On one engine (`vllm`, merged mode, as real runs on a CPU use it), over the same arithmetic chat prompts:
-- P1: a generate stage's rollout (`sample_problems`: reseed RPC, rows, atomic shards on disk) at the default
+- P1: a generate stage's rollout (`sample_problems`: seeded requests, rows, atomic shards on disk) at the default
   chunking, and in chunks of `--chunk-size`, vs raw `vllm.LLM.chat` on the same prompts and sampling (greedy,
   so the work is identical); tokens per second of each;
 - P2: generation with a round's weights (an SFT adapter, merged into the running engine) vs the base, both at a

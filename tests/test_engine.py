@@ -32,6 +32,38 @@ def test_n_samples_and_seeds(engine, tiny_model):
     assert all(x.num_tokens <= 12 and x.finish_reason in ("stop", "length") for row in a for x in row)
 
 
+SCHEDULING_SCRIPT = """
+import json, sys
+from selfimprove.engines.vllm_engine import VLLMEngine
+from selfimprove.records import SamplingConfig, Weights
+if __name__ == "__main__":
+    model, prompts = sys.argv[1], json.loads(sys.argv[2])
+    # the real runs' layout (the engine core in its own process), scheduling 2 sequences at a time
+    eng = VLLMEngine(VLLMEngine.Config(max_num_seqs=2, max_model_len=1024), model, seed=5)
+    out = eng.generate(prompts, SamplingConfig(n=3, temperature=1.0, max_tokens=12), Weights(model), seed=11)
+    print("RESULT" + json.dumps([[c.text for c in row] for row in out]))
+    eng.close()
+"""
+
+
+def test_samples_do_not_depend_on_scheduling(engine, tiny_model, tmp_path):
+    """A prompt's samples depend on (prompt, its index, sampling, weights, seed), not on how the engine batches
+    and schedules its requests: the in-process engine with 256 sequences at a time and an engine whose core runs
+    in its own process, 2 sequences at a time and started with another seed, give the same samples. With one
+    global generator reseeded per call (the earlier design) the noise a request drew depended on its row in each
+    step's batch, and the same run sampled differently twice."""
+    script = tmp_path / "scheduling.py"
+    script.write_text(SCHEDULING_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), tiny_model, json.dumps(PROMPTS)], capture_output=True,
+                          text=True, timeout=600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
+    assert line, proc.stderr[-3000:]
+    here = texts(engine.generate(PROMPTS, SamplingConfig(n=3, temperature=1.0, max_tokens=12), Weights(tiny_model),
+                                 seed=11))
+    assert len({t for row in here for t in row}) > 6  # sampled, not one greedy answer per prompt
+    assert json.loads(line[len("RESULT"):]) == here
+
+
 def test_stop_strings_and_raw_prompts(engine, tiny_model):
     out = engine.generate(["1 2 3 4", "a b c"], SamplingConfig(n=2, temperature=1.0, max_tokens=30, stop=["e"]),
                           Weights(tiny_model), seed=3)

