@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from selfimprove.engines.vllm_engine import lora_id
 from selfimprove.records import SamplingConfig, Weights, adapter_hash
@@ -18,6 +17,17 @@ PROMPTS = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in ran
 
 def texts(outputs):
     return [[c.text for c in row] for row in outputs]
+
+
+def run_script(tmp_path, name: str, text: str, *args: str):
+    """Run `text` as a script in its own process (an engine with another configuration) and return what it printed
+    after "RESULT", as JSON."""
+    script = tmp_path / name
+    script.write_text(text)
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
+    assert line, proc.stderr[-3000:]
+    return json.loads(line[len("RESULT"):])
 
 
 def test_n_samples_and_seeds(engine, tiny_model):
@@ -52,16 +62,11 @@ def test_samples_do_not_depend_on_scheduling(engine, tiny_model, tmp_path):
     in its own process, 2 sequences at a time and started with another seed, give the same samples. With one
     global generator reseeded per call (the earlier design) the noise a request drew depended on its row in each
     step's batch, and the same run sampled differently twice."""
-    script = tmp_path / "scheduling.py"
-    script.write_text(SCHEDULING_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), tiny_model, json.dumps(PROMPTS)], capture_output=True,
-                          text=True, timeout=600)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
-    assert line, proc.stderr[-3000:]
+    there = run_script(tmp_path, "scheduling.py", SCHEDULING_SCRIPT, tiny_model, json.dumps(PROMPTS))
     here = texts(engine.generate(PROMPTS, SamplingConfig(n=3, temperature=1.0, max_tokens=12), Weights(tiny_model),
                                  seed=11))
     assert len({t for row in here for t in row}) > 6  # sampled, not one greedy answer per prompt
-    assert json.loads(line[len("RESULT"):]) == here
+    assert there == here
 
 
 def test_stop_strings_and_raw_prompts(engine, tiny_model):
@@ -113,14 +118,8 @@ if __name__ == "__main__":
 def test_per_request_lora_path(tiny_model, tiny_adapter, tmp_path):
     """adapter_mode=lora (the GPU default) serves the adapter per request; it needs its own engine (enable_lora),
     so it runs in a subprocess."""
-    script = tmp_path / "lora.py"
-    script.write_text(LORA_SCRIPT)
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")  # the script overwrites it
-    proc = subprocess.run([sys.executable, str(script), tiny_model, str(adapter)], capture_output=True, text=True,
-                          timeout=600)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
-    assert line, proc.stderr[-3000:]
-    result = json.loads(line[len("RESULT"):])
+    result = run_script(tmp_path, "lora.py", LORA_SCRIPT, tiny_model, str(adapter))
     assert all(t.startswith(TARGET[:10]) for t in result["tuned"]), result["tuned"][:2]
     assert not any(t.startswith(TARGET[:10]) for t in result["base"])
     assert result["overwritten"] == result["base"]  # the new adapter in the old folder, not vLLM's cached one

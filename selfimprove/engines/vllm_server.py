@@ -525,7 +525,6 @@ class VLLMServerEngine(Engine):
         return AutoTokenizer.from_pretrained(self.model_path)
 
 
-
 def _config_field(config_repr: str, name: str) -> str | None:
     """A top-level `name=value` from the server's printed VllmConfig (what /server_info returns)."""
     found = re.search(rf"{name}=([^,]*)", config_repr)
