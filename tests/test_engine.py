@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-
 from selfimprove.engines.vllm_engine import lora_id
 from selfimprove.records import SamplingConfig, Weights, adapter_hash
 from selfimprove.tasks.arithmetic import Arithmetic
