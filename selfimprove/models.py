@@ -77,6 +77,11 @@ class ModelSpec:
                              + (" (or parts)" if self.source == "gguf_package" else ""))
 
 
+# Bumped whenever preparing a folder changes what it holds, so that folders prepared by earlier code are redone.
+# 2: add_bos_token reaches tokenizer.json (it did not); descriptions can set eos_token and chat_template.
+PREPARATION = 2
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SELFIMPROVE_CACHE", Path.home() / ".cache" / "selfimprove"))
 
@@ -105,7 +110,8 @@ def prepare_model(ref: str) -> Path:
     if spec.source == "local":
         return Path(spec.path).expanduser().resolve()
     out = cache_dir() / "models" / spec.name
-    fingerprint = hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:16]
+    identity = {**to_dict(spec), "preparation": PREPARATION}
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     marker = out / "prepared.json"
     if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
         return out
@@ -178,32 +184,41 @@ def _from_gguf(spec: ModelSpec, gguf: Path, out: Path) -> None:
 
 
 def _set_tokens(spec: ModelSpec, folder: Path) -> None:
-    """Apply the description's `add_bos_token`, `eos_token` and `chat_template` to a prepared folder's files."""
+    """Apply the description's `add_bos_token`, `eos_token` and `chat_template` to a prepared folder.
+
+    The tokenizer is loaded with them and saved again: transformers 5 reads whether to add BOS from tokenizer.json's
+    post-processor, not from tokenizer_config.json, so editing the latter alone would change nothing."""
     settings = {}
     if spec.add_bos_token is not None:
         settings["add_bos_token"] = spec.add_bos_token
     if spec.eos_token is not None:
+        settings["eos_token"] = spec.eos_token
+    if settings:
         from transformers import AutoTokenizer
 
-        vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
-        if spec.eos_token not in vocab:
-            raise ConfigError(f"model {spec.name!r}: eos_token: {spec.eos_token!r} is not a token of its tokenizer")
-        eos = vocab[spec.eos_token]
-        settings["eos_token"] = spec.eos_token
-        for name in ("config.json", "generation_config.json"):
-            path = folder / name
-            if not path.exists():
-                continue
-            config = json.loads(path.read_text())
-            old = config.get("eos_token_id")
-            old = [] if old is None else [old] if isinstance(old, int) else list(old)
-            config["eos_token_id"] = [eos] + [i for i in old if i != eos]  # the turn's end first, the old EOS kept
-            path.write_text(json.dumps(config, indent=2))
-    if settings:
-        path = folder / "tokenizer_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=2))
+        if spec.eos_token is not None:
+            vocab = AutoTokenizer.from_pretrained(folder).get_vocab()  # as it was: loading with it would add it
+            if spec.eos_token not in vocab:
+                raise ConfigError(f"model {spec.name!r}: eos_token: {spec.eos_token!r} is not a token of its "
+                                  f"tokenizer")
+            _set_eos_ids(folder, vocab[spec.eos_token])
+        AutoTokenizer.from_pretrained(folder, **settings).save_pretrained(folder)
     if spec.chat_template is not None:
         (folder / "chat_template.jinja").write_text(spec.chat_template)
+
+
+def _set_eos_ids(folder: Path, eos: int) -> None:
+    """`eos` first among the EOS ids of config.json and generation_config.json, the old ones kept after it (a
+    generation stops on any of them; vLLM and transformers both read the list)."""
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        config = json.loads(path.read_text())
+        old = config.get("eos_token_id")
+        old = [] if old is None else [old] if isinstance(old, int) else list(old)
+        config["eos_token_id"] = [eos] + [i for i in old if i != eos]
+        path.write_text(json.dumps(config, indent=2))
 
 
 def _from_hub(spec: ModelSpec, out: Path) -> None:

@@ -67,8 +67,9 @@ def test_a_gguf_split_over_packages_prepares_as_the_whole_file(tmp_path, monkeyp
 
 
 def test_a_description_gives_a_model_its_turn_format(tmp_path, monkeypatch, tiny_model):
-    """`eos_token` becomes the tokenizer's EOS and the first EOS id of both configs (the old one kept after it), and
-    `chat_template` is the template the prepared tokenizer renders with."""
+    """`eos_token` becomes the tokenizer's EOS and the first EOS id of both configs (the old one kept after it),
+    `add_bos_token` makes the tokenizer start a text with BOS (SmolLM2's does not), and `chat_template` is the
+    template the prepared tokenizer renders with."""
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("SELFIMPROVE_CACHE", str(tmp_path / "cache"))
@@ -78,11 +79,13 @@ def test_a_description_gives_a_model_its_turn_format(tmp_path, monkeypatch, tiny
                 "{%- endfor -%}{%- if add_generation_prompt -%}[assistant]{%- endif -%}")
     spec = (f"source: random\ntokenizer_from: {tiny_model}\nconfig: {{hidden_size: 64, num_hidden_layers: 1, "
             f"num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}}\ndtype: float32\n"
-            f"eos_token: <|endoftext|>\nchat_template: {json.dumps(template)}\n")
+            f"add_bos_token: true\neos_token: <|endoftext|>\nchat_template: {json.dumps(template)}\n")
     folder = prepare_model(_describe(tmp_path, "turns", spec))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert end != old_eos and tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == end
+    assert base("2 + 2").input_ids[0] != base.bos_token_id
+    assert tokenizer("2 + 2").input_ids == [tokenizer.bos_token_id] + base("2 + 2").input_ids
     for name in ("config.json", "generation_config.json"):
         assert json.loads((folder / name).read_text())["eos_token_id"] == [end, old_eos], name
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "2 + 2?"}], tokenize=False,
