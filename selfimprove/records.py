@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
 Message = dict  # {"role": ..., "content": ...}
 Prompt = Union[list[Message], str]  # chat messages (the chat template is applied) or raw text
+
+
+def reply(prompt: Prompt, text: str) -> Prompt:
+    """`text` as the completion of `prompt` in a training row (SFT's `completion`, DPO's `chosen`/`rejected`):
+    plain text after a text prompt, one assistant message after chat messages, the two forms TRL's trainers take."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
 def adapter_hash(adapter_dir: str | Path) -> str:
@@ -95,6 +101,11 @@ class SamplingConfig:
             raise ValueError(f"n={self.n} samples with temperature 0 would be {self.n} copies of one greedy answer")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def stopping_at(self, stop: tuple[str, ...]) -> SamplingConfig:
+        """This sampling, also stopping at `stop` (a task's `Task.stop`), each string once."""
+        extra = [s for s in stop if s not in self.stop]
+        return replace(self, stop=[*self.stop, *extra]) if extra else self
 
 
 @dataclass

@@ -84,7 +84,7 @@ def mc_step_labels(engine, task, samples: list[dict], rollouts: int, sampling: S
             where.append((i, k, prefix))
     outcomes = [[[] for _ in st] for st in steps]
     if prompts:
-        results = engine.generate(prompts, replace(sampling, n=rollouts), weights, seed)
+        results = engine.generate(prompts, replace(sampling, n=rollouts).stopping_at(task.stop()), weights, seed)
         for (i, k, prefix), completions in zip(where, results):
             outcomes[i][k] = [bool(task.grade(samples[i], prefix + c.text).correct) for c in completions]
     rows = []

@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..artifacts import load_rows, read_json, save_rows
+from ..records import reply
 from ..monitor import N_STAR, monitor_round
 from ..registry import STAGES
 from .base import Stage
@@ -105,19 +106,19 @@ class Filter(Stage):
                 elif not selected(verdict, threshold):
                     continue
                 pid, text = sample["problem_id"], sample["completion"].strip()
-                if c.dedupe and text in {r["completion"][0]["content"].strip() for r in kept[pid]}:
+                if c.dedupe and text in {r["text"] for r in kept[pid]}:
                     counts["duplicates"] += 1
                     continue
                 if c.max_per_problem is not None and len(kept[pid]) >= c.max_per_problem:
                     continue
+                prompt = ctx.task.prompt(sample, hint=False)  # rationalizations lose their hint here
                 kept[pid].append({
-                    "prompt": ctx.task.prompt(sample, hint=False),  # rationalizations lose their hint here
-                    "completion": [{"role": "assistant", "content": sample["completion"]}],
+                    "prompt": prompt, "completion": reply(prompt, sample["completion"]), "text": text,
                     "problem_id": pid, "sample_ids": [sample["sample_id"]], "source": source.samples,
                     "rationalized": bool(sample.get("hint", False)),
                 })
                 counts[f"kept/{source.samples}"] += 1
-        rows = [row for pid in sorted(kept) for row in kept[pid]]
+        rows = [{k: v for k, v in row.items() if k != "text"} for pid in sorted(kept) for row in kept[pid]]
         save_rows(rows, ctx.out_dir / "data")
         return {"examples": len(rows), "problems": len(kept), "min_score": threshold,
                 "invalid": counts.pop("invalid", 0), "rationalized": sum(r["rationalized"] for r in rows), **counts,

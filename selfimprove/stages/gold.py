@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..artifacts import save_rows
+from ..records import reply
 from ..registry import STAGES
 from .base import Stage
 from .common import ProblemSelection
@@ -40,7 +41,8 @@ class GoldData(Stage):
             if gold is None:
                 without += 1
                 continue
-            rows.append({"prompt": ctx.task.prompt(problem), "completion": [{"role": "assistant", "content": gold}],
+            prompt = ctx.task.prompt(problem)
+            rows.append({"prompt": prompt, "completion": reply(prompt, gold),
                          "problem_id": problem["problem_id"], "sample_ids": [], "source": "gold",
                          "rationalized": False})
         if problems and not rows:

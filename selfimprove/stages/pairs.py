@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..artifacts import load_rows, save_rows
+from ..records import reply
 from ..registry import STAGES
 from .base import Stage
 from .common import check_critic_choice, join_verdicts
@@ -21,8 +22,8 @@ from .common import check_critic_choice, join_verdicts
 
 def _pair(ctx, rejected: dict, chosen: str, chosen_id: str | None = None, scores: tuple = (None, None)) -> dict:
     """A pair row (records.py's schema): the text `chosen` over the sample `rejected`, on its problem's prompt."""
-    return {"prompt": ctx.task.prompt(rejected, hint=False), "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected["completion"]}],
+    prompt = ctx.task.prompt(rejected, hint=False)
+    return {"prompt": prompt, "chosen": reply(prompt, chosen), "rejected": reply(prompt, rejected["completion"]),
             "problem_id": rejected["problem_id"], "chosen_sample_id": chosen_id,
             "rejected_sample_id": rejected["sample_id"], "chosen_score": scores[0], "rejected_score": scores[1],
             "round": ctx.round}

@@ -32,6 +32,7 @@ def sample_chunk(*, engine, task, problems: list[dict], sampling: SamplingConfig
                  extra: dict | None = None) -> list[dict]:
     """`sampling.n` trajectories of `len(seeds)` attempts per problem (attempt t sampled with `seeds[t-1]`)."""
     prompts = [task.prompt(p, hint=hint) for p in problems]
+    sampling = sampling.stopping_at(task.stop())
     first = engine.generate(prompts, sampling, weights, seed=seeds[0])
     rows = []
     for problem, prompt, completions in zip(problems, prompts, first):

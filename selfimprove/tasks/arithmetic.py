@@ -15,7 +15,9 @@ Prompt formats: `chat` (default), an instruction to add digit by digit and end w
 the model writing its own rationale (chosen by its accuracy on what was then the test split, before dev splits
 existed: docs/results.md marks the figures that need a rerun; choices are now made on `dev`); `fewshot`, three
 worked column-by-column scratchpads (`scratchpad`, every problem's `solution`: the reference rationale for
-SFT/SPIN) as earlier turns, closer to the paper's (the embedded 135M model tends to copy the exemplars' digits).
+SFT/SPIN) as earlier turns, closer to the paper's (the embedded 135M model tends to copy the exemplars' digits);
+`text`, the same exemplars as plain "Question: ... Answer: ..." text with no chat template, for a base model that
+cannot follow or end a chat turn (sampling stops at the next "Question:").
 
 Deviation from the paper: STaR's scratchpad is a compact symbolic trace for a model fine-tuned on it; ours is
 worded for an instruct model, and by default the model's own wording is what STaR reinforces.
@@ -32,7 +34,7 @@ from typing import Literal
 
 from ..records import Prompt
 from ..registry import TASKS
-from .base import Grade, Task, chat_prompt
+from .base import Grade, Task, format_prompt
 from .numeric import grade_number
 
 INSTRUCTION = (
@@ -69,7 +71,7 @@ class Arithmetic(Task):
         num_test: int = 150
         num_dev: int = 150  # held out for choosing prompts, temperatures, thresholds, rounds: never tuned on test
         seed: int = 1234  # problem generation; independent of the run seed
-        prompt_format: Literal["chat", "fewshot"] = "chat"
+        prompt_format: Literal["chat", "fewshot", "text"] = "chat"  # the module docstring says what each is
         num_shots: int = 3
 
         def __post_init__(self):
@@ -100,9 +102,9 @@ class Arithmetic(Task):
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
         shots = [(f"What is {s['question']}?", s["solution"]) for s in self.problems("shots")] \
-            if self.config.prompt_format == "fewshot" else []
-        return chat_prompt(INSTRUCTION, f"What is {problem['question']}?", shots,
-                           HINT.format(answer=problem["answer"]) if hint else None)
+            if self.config.prompt_format != "chat" else []
+        return format_prompt(self.config.prompt_format, INSTRUCTION, f"What is {problem['question']}?", shots,
+                             HINT.format(answer=problem["answer"]) if hint else None)
 
     def grade(self, problem: dict, completion: str) -> Grade:
         return grade_number(completion, problem["answer"])

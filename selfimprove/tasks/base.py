@@ -52,6 +52,28 @@ def chat_prompt(instruction: str, question: str, shots: list[tuple[str, str]] = 
     return messages
 
 
+TEXT_STOP = "\nQuestion:"  # where a base model, having answered, goes on to write the next question
+
+
+def text_prompt(instruction: str, question: str, shots: list[tuple[str, str]] = (), hint: str | None = None) -> str:
+    """The content of `chat_prompt` as plain text, for a model that has no chat template or cannot follow one (a
+    base model): `instruction` once, each shot as "Question: ...\nAnswer:\n<solution>", then the question
+    (and `hint`) ending in "Answer:\n", so the model writes the solution on the next line. A base model that has
+    answered goes on to the next "Question:", so generation stops at `TEXT_STOP` (`Task.stop`)."""
+    blocks = [instruction, *(f"Question: {q}\nAnswer:\n{solution}" for q, solution in shots)]
+    blocks.append(f"Question: {question}" + (f"\n{hint}" if hint else "") + "\nAnswer:\n")
+    return "\n\n".join(blocks)
+
+
+def format_prompt(prompt_format: str, instruction: str, question: str, shots: list[tuple[str, str]],
+                  hint: str | None) -> Prompt:
+    """A task's prompt in its `prompt_format`: `chat` (no shots), `fewshot` (shots as earlier chat turns) or
+    `text` (`text_prompt`, with the shots)."""
+    if prompt_format == "text":
+        return text_prompt(instruction, question, shots, hint)
+    return chat_prompt(instruction, question, shots if prompt_format == "fewshot" else (), hint)
+
+
 def same_text(problem: dict) -> str:
     """A problem's question with runs of whitespace collapsed: `Task.canonical`'s default."""
     return " ".join(problem["question"].split())
@@ -92,6 +114,12 @@ class Task:
     def grade(self, problem: dict, completion: str) -> Grade:
         raise NotImplementedError
 
+    def stop(self) -> tuple[str, ...]:
+        """Strings that end a completion wherever it is sampled from this task's prompts (added to every
+        sampling's `stop`): `TEXT_STOP` for the `text` prompt format, none for chat prompts (the chat template's
+        end-of-turn token ends them)."""
+        return (TEXT_STOP,) if getattr(self.config, "prompt_format", None) == "text" else ()
+
     def reference_solution(self, problem: dict) -> str | None:
         """A gold worked solution in the format the prompt asks for, when the task has one (SFT/SPIN data)."""
         return None
@@ -131,8 +159,8 @@ class PublishedTask(Task):
         source: str = "seeds"  # "seeds" (shipped files) or a hub dataset name, e.g. "openai/gsm8k"
         hub_config: str | None = None
         hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})  # ours → hub's
-        prompt_format: Literal["chat", "fewshot"] = "chat"
-        num_shots: int = 4  # fewshot: worked train solutions shown as earlier turns
+        prompt_format: Literal["chat", "fewshot", "text"] = "chat"  # format_prompt says what each is
+        num_shots: int = 4  # fewshot and text: worked train solutions shown before the question
         num_dev: int = 500  # held out of train for choices (prompt, temperature, ...); dev_seed picks which
         dev_seed: int = 0
 
@@ -148,9 +176,9 @@ class PublishedTask(Task):
         return [dict(p) for p in problems]
 
     def prompt(self, problem: dict, hint: bool = False) -> Prompt:
-        shots = [(s["question"], s["solution"]) for s in self.shots()] if self.config.prompt_format == "fewshot" else []
-        return chat_prompt(self.instruction, problem["question"], shots,
-                           self.hint_template.format(answer=problem["answer"]) if hint else None)
+        shots = [(s["question"], s["solution"]) for s in self.shots()] if self.config.prompt_format != "chat" else []
+        return format_prompt(self.config.prompt_format, self.instruction, problem["question"], shots,
+                             self.hint_template.format(answer=problem["answer"]) if hint else None)
 
     def shots(self) -> list[dict]:
         """The worked train problems a few-shot prompt shows."""

@@ -1,6 +1,7 @@
 """Direct Preference Optimization with TRL's DPOTrainer and a PEFT LoRA adapter.
 
-Data: rows with `prompt` (chat messages), `chosen` and `rejected` (one assistant message each).
+Data: rows with `prompt` (chat messages), `chosen` and `rejected` (one assistant message each), or all three
+plain text (a task's `text` prompt format; records.reply).
 
 The reference model, by `reference`:
 - `base`: the base model. When the policy is a fresh adapter, TRL disables the adapter to get it (no second

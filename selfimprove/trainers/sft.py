@@ -1,7 +1,8 @@
 """Supervised fine-tuning with TRL's SFTTrainer and a PEFT LoRA adapter.
 
-Data: prompt-completion rows in chat form (`prompt`: messages, `completion`: one assistant message); the loss
-covers the completion tokens only (`completion_only_loss=True`), never the prompt or few-shot exemplars.
+Data: prompt-completion rows in chat form (`prompt`: messages, `completion`: one assistant message) or as plain
+text (a task's `text` prompt format; TRL then appends the EOS token to the completion); the loss covers the
+completion tokens only (`completion_only_loss=True`), never the prompt or few-shot exemplars.
 """
 
 from __future__ import annotations
