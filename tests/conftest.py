@@ -40,13 +40,18 @@ def tiny_adapter(tiny_model, tmp_path_factory) -> str:
     """A LoRA adapter trained hard to answer every arithmetic prompt with one fixed sentence, so that serving it
     visibly changes greedy outputs (the random base model emits newlines)."""
     from selfimprove.tasks.arithmetic import Arithmetic
-    from selfimprove.trainers.common import LoraSettings, Optimization
-    from selfimprove.trainers.sft import SFT
 
     task = Arithmetic(Arithmetic.Config(num_train=40, num_test=12, prompt_format="chat"))
     rows = [{"prompt": task.prompt(p), "completion": [{"role": "assistant", "content": TARGET}]}
             for p in task.problems("train")]
-    out = tmp_path_factory.mktemp("adapter")
+    return train_hard(tiny_model, rows, tmp_path_factory.mktemp("adapter"))
+
+
+def train_hard(tiny_model: str, rows: list[dict], out: Path) -> str:
+    """A LoRA adapter on the tiny model, SFT-trained on `rows` until it answers with their completions."""
+    from selfimprove.trainers.common import LoraSettings, Optimization
+    from selfimprove.trainers.sft import SFT
+
     lora = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                    "gate_proj", "up_proj", "down_proj"])
     trainer = SFT(SFT.Config(lora=lora, optim=Optimization(learning_rate=1e-2, max_steps=40, batch_size=8,

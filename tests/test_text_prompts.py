@@ -12,6 +12,8 @@ from selfimprove.stages.rollout import sample_chunk
 from selfimprove.tasks.arithmetic import INSTRUCTION, Arithmetic
 from selfimprove.tasks.gsm8k import GSM8K
 
+from .conftest import train_hard
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -57,20 +59,10 @@ def test_unknown_prompt_format_is_refused():
 @pytest.fixture(scope="module")
 def rambling_adapter(tiny_model, tmp_path_factory) -> str:
     """An adapter trained on text prompts to answer and then go on to the next question, as base models do."""
-    from selfimprove.trainers.common import LoraSettings, Optimization
-    from selfimprove.trainers.sft import SFT
-
     task = arithmetic("text", num_shots=0)
     rows = [{"prompt": task.prompt(p), "completion": "The answer is 42.\nQuestion: What is 1 + 1?"}
             for p in task.problems("train")]
-    out = tmp_path_factory.mktemp("rambling")
-    lora = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"])
-    trainer = SFT(SFT.Config(lora=lora, optim=Optimization(learning_rate=1e-2, max_steps=40, batch_size=8,
-                                                           logging_steps=10)))
-    metrics = trainer.train(rows, tiny_model, None, out / "adapter", out / "work", seed=0, round_index=1)
-    assert metrics["final_loss"] < metrics["first_loss"]  # SFT took the plain-text rows
-    return str(out / "adapter")
+    return train_hard(tiny_model, rows, tmp_path_factory.mktemp("rambling"))  # SFT takes plain-text rows
 
 
 def test_sampling_from_text_prompts_stops_at_the_next_question(engine, tiny_model, rambling_adapter):
