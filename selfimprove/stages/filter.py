@@ -28,8 +28,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..artifacts import load_rows, read_json, save_rows
-from ..records import reply
 from ..monitor import N_STAR, monitor_round
+from ..records import reply
 from ..registry import STAGES
 from .base import Stage
 from .common import check_critic_choice, join_verdicts, selected
@@ -80,6 +80,7 @@ class Filter(Stage):
     def run(self) -> dict:
         ctx, c = self.ctx, self.config
         kept: dict[str, list[dict]] = defaultdict(list)
+        seen: dict[str, set[str]] = defaultdict(set)  # per problem, the kept completions (stripped), for dedupe
         counts: dict[str, int] = defaultdict(int)
         chosen = (read_json(ctx.input_dir(c.min_score_from) / "manifest.json")["metrics"].get("adapt/threshold")
                   if c.min_score_from else None)
@@ -106,19 +107,20 @@ class Filter(Stage):
                 elif not selected(verdict, threshold):
                     continue
                 pid, text = sample["problem_id"], sample["completion"].strip()
-                if c.dedupe and text in {r["text"] for r in kept[pid]}:
+                if c.dedupe and text in seen[pid]:
                     counts["duplicates"] += 1
                     continue
                 if c.max_per_problem is not None and len(kept[pid]) >= c.max_per_problem:
                     continue
                 prompt = ctx.task.prompt(sample, hint=False)  # rationalizations lose their hint here
                 kept[pid].append({
-                    "prompt": prompt, "completion": reply(prompt, sample["completion"]), "text": text,
+                    "prompt": prompt, "completion": reply(prompt, sample["completion"]),
                     "problem_id": pid, "sample_ids": [sample["sample_id"]], "source": source.samples,
                     "rationalized": bool(sample.get("hint", False)),
                 })
+                seen[pid].add(text)
                 counts[f"kept/{source.samples}"] += 1
-        rows = [{k: v for k, v in row.items() if k != "text"} for pid in sorted(kept) for row in kept[pid]]
+        rows = [row for pid in sorted(kept) for row in kept[pid]]
         save_rows(rows, ctx.out_dir / "data")
         return {"examples": len(rows), "problems": len(kept), "min_score": threshold,
                 "invalid": counts.pop("invalid", 0), "rationalized": sum(r["rationalized"] for r in rows), **counts,

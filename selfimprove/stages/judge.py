@@ -37,7 +37,7 @@ from ..critics import CriticContext
 from ..critics.self_verify import SelfVerifyCritic
 from ..metrics import auroc_interval, paired_difference
 from ..registry import STAGES
-from ..records import SamplingConfig, reply as as_reply
+from ..records import SamplingConfig, reply
 from .base import Stage
 from .common import EvalProblems, ProblemSelection
 from .rollout import sample_chunk
@@ -68,7 +68,7 @@ def judgement_rows(pairs: list[tuple[dict, dict]], scores: list[tuple[float, flo
             continue
         for sample, answer in ((good, c.yes), (bad, c.no)):
             prompt = judge.conversation(sample)
-            rows.append({"prompt": prompt, "completion": as_reply(prompt, answer),
+            rows.append({"prompt": prompt, "completion": reply(prompt, answer),
                          "problem_id": good["problem_id"], "sample_ids": [sample["sample_id"]], "source": source,
                          "rationalized": False})
     return rows
